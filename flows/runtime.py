@@ -1,0 +1,146 @@
+"""What every flow process sets up before Prefect runs: telemetry off, and which Prefect API to talk to.
+
+Prefect's ephemeral server costs ~12 s in every process that starts a flow; DVC runs one process per stage,
+so that tax would be paid per stage. Instead, unless `PREFECT_API_URL` names a server, the first stage starts
+a local `prefect server` on loopback (state in `.prefect/`, kept running for the next stages and for the UI)
+and every later process just connects to it (~2 s). `REFVG_PREFECT_SERVER=ephemeral` restores the ephemeral
+per-process mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from refvg.tracking import disable_telemetry
+
+disable_telemetry()  # before prefect / mlflow are imported anywhere in this process
+
+PREFECT_HOME = Path(os.environ.get("REFVG_PREFECT_HOME", ".prefect")).resolve()
+SERVER_STATE = PREFECT_HOME / "server.json"
+log = logging.getLogger("refvg.flows")
+
+
+def _healthy(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_server(home: Path = PREFECT_HOME, timeout: float = 90.0) -> str:
+    """Start `prefect server` detached on loopback (or reuse the one recorded in `home`); returns its API URL."""
+    state = home / "server.json"
+    if state.exists():
+        url = json.loads(state.read_text())["api_url"]
+        if _healthy(url):
+            return url
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "true", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    with open(home / "server.log", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # outlives this stage
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {home / 'server.log'}")
+        if _healthy(url):
+            state.write_text(json.dumps({"api_url": url, "pid": proc.pid}))
+            print(f"refvg: started a Prefect server at {url[:-4]} (UI; state in {home}); "
+                  f"stop it with: python -m flows.runtime stop", file=sys.stderr)
+            return url
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
+
+
+def stop_local_server(home: Path = PREFECT_HOME) -> bool:
+    state = home / "server.json"
+    if not state.exists():
+        return False
+    pid = json.loads(state.read_text())["pid"]
+    try:
+        os.killpg(pid, 15)
+    except ProcessLookupError:
+        pass
+    state.unlink()
+    return True
+
+
+def prefect_api_url() -> str | None:
+    """The API this process's flows report to; None means Prefect's ephemeral server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    if os.environ.get("REFVG_PREFECT_SERVER", "local") == "ephemeral":
+        return None
+    return start_local_server()
+
+
+def run(flow_fn, **kwargs):
+    """Run a flow against the chosen API."""
+    url = prefect_api_url()
+    if url is None:
+        return flow_fn(**kwargs)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return flow_fn(**kwargs)
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def timed_main(flow_fn, **kwargs) -> None:
+    """Entry point of a stage process: runs the flow and records how the process spent its time
+    (`.refvg/timings.jsonl`, read by benchmarks/pipeline.py)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    result = run(flow_fn, **kwargs)
+    record = {"flow": flow_fn.name, "args": kwargs, "flow_seconds": time.perf_counter() - t0,
+              "process_seconds": time.time() - _process_start(), "work_seconds": (result or {}).get("work_seconds")}
+    path = Path(".refvg/timings.jsonl")
+    path.parent.mkdir(exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing: fall back to "now", which under-reports
+        return time.time()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Manage the local Prefect server the stages share.")
+    parser.add_argument("action", choices=["start", "stop", "url"])
+    action = parser.parse_args().action
+    if action == "stop":
+        print("stopped" if stop_local_server() else "no local server recorded")
+    else:
+        print(start_local_server())

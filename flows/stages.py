@@ -1,0 +1,131 @@
+"""The pipeline's stages as Prefect flows: thin wrappers that call `refvg.stages` and log to MLflow.
+
+Each flow returns a small dict (what it wrote, its figures, and `work_seconds`: the time spent in the
+library's data work and model compute, which the overhead benchmark subtracts from wall time).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flows import runtime  # noqa: F401  (telemetry off before prefect is imported)
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from refvg import stages
+from refvg.config import Config, load_config
+from refvg.data.prepare import prepared_path
+from refvg.data.text import TOKENIZER_DIR
+from refvg.engine.trainer import BEST
+from refvg.tracking import Tracker, stage_run
+
+log = logging.getLogger("refvg.flows")
+
+
+@task(cache_policy=NO_CACHE)
+def work(fn, *args, **kwargs):
+    """Data work or model compute. Not retried: a failure there is a bug or bad data, and a repeat hides it."""
+    return fn(*args, **kwargs)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def transfer(fn, *args, **kwargs):
+    """Moving files to the tracking store, which can blip: retried."""
+    return fn(*args, **kwargs)
+
+
+def upload(fn, *args, name: str) -> None:
+    """Run a transfer; if it still fails after its retries, report it and let the stage finish (its outputs
+    are on disk and in DVC already)."""
+    state = transfer.with_options(name=name)(fn, *args, return_state=True)
+    if state.is_failed():
+        log.warning("%s failed after retries: %s", name, state.message)
+
+
+def log_files(tracker: Tracker, paths: list[Path]) -> None:
+    def _all():
+        for p in paths:
+            tracker.log_artifact(p)
+
+    upload(_all, name="log-artifacts")
+
+
+@flow(name="generate")
+def generate_flow(params: str = "params.yaml") -> dict:
+    cfg = load_config(params)
+    with stage_run(cfg, "generate", params={"synthetic": cfg.synthetic.model_dump(mode="json")}) as tracker:
+        t0 = time.perf_counter()
+        summary = work.with_options(name="generate-refshapes")(stages.generate, cfg)
+        seconds = time.perf_counter() - t0
+        tracker.log_metrics({"generate_seconds": seconds, **_numbers(summary)})
+    return {"summary": summary, "work_seconds": seconds}
+
+
+@flow(name="prepare")
+def prepare_flow(params: str = "params.yaml") -> dict:
+    cfg = load_config(params)
+    with stage_run(cfg, "prepare", params={"data": cfg.data.model_dump(mode="json")}) as tracker:
+        t0 = time.perf_counter()
+        manifest = work.with_options(name="prepare-dataset", retries=1)(stages.prepare, cfg)
+        seconds = time.perf_counter() - t0
+        counts = {f"{split}.{k}": v for split, c in manifest["splits"].items() for k, v in c.items()}
+        tracker.log_metrics({**counts, "skipped.total": manifest["skipped"]["total"],
+                             **{f"skipped.{r}": n for r, n in manifest["skipped"]["counts"].items()},
+                             "prepare_seconds": seconds})
+        log_files(tracker, [prepared_path(cfg) / "manifest.json"])
+    return {"manifest": manifest, "work_seconds": seconds}
+
+
+@flow(name="train")
+def train_flow(method: str, params: str = "params.yaml") -> dict:
+    cfg = load_config(params)
+    run_cfg = cfg.for_method(method)
+    with stage_run(cfg, f"train@{method}", run_name=f"train {method}",
+                   params={"method": cfg.methods[method].model_dump(mode="json"), **run_cfg.model_dump(mode="json")}) as tracker:
+        result = work.with_options(name=f"train-{method}")(
+            stages.train_method, cfg, method, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
+        ckpt = stages.checkpoint_dir(cfg, method)
+        tracker.log_metrics({"best_val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
+                             "train_samples_per_second": result.samples_per_second})
+        upload(tracker.log_model, ckpt / BEST, ckpt / TOKENIZER_DIR, name="log-model")
+    return {"best_score": result.best_score, "best_epoch": result.best_epoch,
+            "samples_per_second": result.samples_per_second, "work_seconds": result.compute_seconds}
+
+
+@flow(name="evaluate")
+def evaluate_flow(method: str, params: str = "params.yaml") -> dict:
+    cfg = load_config(params)
+    with stage_run(cfg, f"evaluate@{method}", run_name=f"evaluate {method}",
+                   params={"method": method, "eval": cfg.eval.model_dump(mode="json")}) as tracker:
+        rep = work.with_options(name=f"evaluate-{method}")(stages.evaluate_method, cfg, method)
+        tracker.log_metrics({f"{split}.{k}": v for split, m in rep.metrics.items() for k, v in m.items()})
+        log_files(tracker, [rep.metrics_path, *rep.figures, *rep.plot_data])
+    return {"metrics": rep.metrics, "work_seconds": rep.seconds}
+
+
+@flow(name="report")
+def report_flow(params: str = "params.yaml") -> dict:
+    cfg = load_config(params)
+    with stage_run(cfg, "report") as tracker:
+        t0 = time.perf_counter()
+        summary = work.with_options(name="write-report")(stages.report, cfg)
+        seconds = time.perf_counter() - t0
+        log_files(tracker, [summary, summary.with_name("comparison.png")])
+    print(summary.read_text())
+    return {"summary": str(summary), "work_seconds": seconds}
+
+
+def _numbers(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cfg_methods(params: str) -> list[str]:
+    cfg: Config = load_config(params)
+    return list(cfg.methods)

@@ -1,0 +1,79 @@
+"""Dataset over a prepared split and the collate that builds the batch every model consumes.
+
+Batch contract: "image" uint8 [B, S, S, 3] (normalised on the device by the engine, so host->device copies
+stay 4x smaller), "pixel_mask" bool [B, S, S] (True = padding), "input_ids" / "attention_mask" long [B, L],
+"box" float [B, 4] target cxcywh normalised to the square, "index" long [B] (row in the split).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from refvg.data.transforms import Letterbox, xyxy_to_cxcywh
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(prepared: Path) -> dict:
+    path = Path(prepared) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no prepared dataset here; run the `prepare` stage first (dvc repro prepare)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class PreparedSplit(Dataset):
+    def __init__(self, prepared_dir: Path, split: str, language_blind: bool = False):
+        split_dir = Path(prepared_dir) / split
+        if not (split_dir / "samples.json").exists():
+            raise FileNotFoundError(f"{split_dir}: split {split!r} was not prepared (see manifest.json)")
+        self.split = split
+        self.records: list[dict] = json.loads((split_dir / "samples.json").read_text(encoding="utf-8"))
+        self.images = np.load(split_dir / "images.npy", mmap_mode="r", allow_pickle=False)
+        tokens = np.load(split_dir / "tokens.npy", allow_pickle=False)
+        self.pad_token_id = int(read_manifest(prepared_dir)["pad_token_id"])
+        self.input_ids = torch.from_numpy(tokens[:, 0].astype(np.int64))
+        self.attention_mask = torch.from_numpy(tokens[:, 1].astype(np.int64))
+        if language_blind:
+            self._blind()
+        self.size = self.images.shape[1]
+        self.letterboxes = [Letterbox(r["image_width"], r["image_height"], self.size) for r in self.records]
+        boxes = np.stack([lb.box_to_square(r["bbox_xyxy"]) for lb, r in zip(self.letterboxes, self.records)]) \
+            if self.records else np.zeros((0, 4))
+        self.boxes = torch.from_numpy(xyxy_to_cxcywh(boxes)).float()
+        self._pad_masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _blind(self) -> None:
+        """The language-blind control: every expression becomes the empty one ([CLS] [SEP])."""
+        sep = self.input_ids.gather(1, self.attention_mask.sum(1, keepdim=True) - 1).squeeze(1)
+        self.input_ids[:, 1] = sep
+        self.input_ids[:, 2:] = self.pad_token_id
+        self.attention_mask[:, :2] = 1
+        self.attention_mask[:, 2:] = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _pad_mask(self, lb: Letterbox) -> torch.Tensor:
+        key = (lb.content_w, lb.content_h)
+        if key not in self._pad_masks:  # few distinct image sizes: build each padding mask once
+            self._pad_masks[key] = torch.from_numpy(lb.padding_mask())
+        return self._pad_masks[key]
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        return {
+            "image": torch.from_numpy(np.array(self.images[rec["image_index"]])),  # a copy: the map is read-only
+            "pixel_mask": self._pad_mask(self.letterboxes[i]),
+            "input_ids": self.input_ids[i],
+            "attention_mask": self.attention_mask[i],
+            "box": self.boxes[i],
+            "index": torch.tensor(i),
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

@@ -1,0 +1,55 @@
+"""Tokenisation: a pretrained `transformers` tokenizer, or a WordPiece one built offline from the training
+expressions (the default, since nothing can be downloaded). Both end up as a `PreTrainedTokenizerFast` saved
+with `save_pretrained`, so later stages load either the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+
+TOKENIZER_DIR = "tokenizer"  # where a prepared dataset and a checkpoint folder keep their tokenizer
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_wordpiece_tokenizer(expressions: Iterable[str], vocab_size: int) -> BertTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer trained on `expressions` (training split only, so val/test
+    words the tokenizer never saw map to sub-words or [UNK] exactly as a real pretrained vocabulary would)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1)
+    tok.train_from_iterator(list(expressions), trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
+
+
+def get_tokenizer(
+    out_dir: Path, pretrained: Optional[str], train_expressions: Iterable[str], vocab_size: int
+) -> PreTrainedTokenizerBase:
+    """Build (or load the pretrained) tokenizer and save it to `out_dir` for the later stages."""
+    if pretrained:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    else:
+        tokenizer = build_wordpiece_tokenizer(train_expressions, vocab_size)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, expressions: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (input_ids, attention_mask), int32 [N, max_tokens], padded and truncated."""
+    enc = tokenizer(
+        expressions, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np"
+    )
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)

@@ -1,0 +1,161 @@
+"""Visual and text encoders built from `transformers`: a pretrained name/folder, or a small config.
+
+Small configs keep the default pipeline runnable on a CPU with no model hub; `pretrained` swaps in the
+real weights without touching the grounding models, which only see feature maps and token features.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    BertConfig,
+    BertModel,
+    ResNetConfig,
+    ResNetModel,
+    SwinConfig,
+    SwinModel,
+)
+
+from refvg.config import TextConfig, VisualConfig
+
+SWIN_PATCH = 4
+
+
+class _Frozen(nn.Module):
+    """Base for encoders that may be frozen: frozen weights also keep BatchNorm/dropout in eval mode,
+    otherwise running statistics would still drift while 'frozen'."""
+
+    frozen: bool = False
+
+    def _freeze(self, module: nn.Module) -> None:
+        self.frozen = True
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode and not self.frozen)
+        return self
+
+
+class VisualBackbone(_Frozen):
+    """pixel_values [B,3,H,W] -> feature maps [B,C_i,H_i,W_i], one per `out_stages` entry."""
+
+    def __init__(self, cfg: VisualConfig, image_size: int = 128):
+        super().__init__()
+        self.kind = cfg.kind
+        self.out_stages = tuple(cfg.out_stages)
+        if cfg.kind == "resnet":
+            self.body = _resnet(cfg)
+            c = self.body.config
+            first = 2 if c.downsample_in_first_stage else 1
+            channels = list(c.hidden_sizes)
+            strides = [4 * first * 2**i for i in range(len(channels))]
+        else:
+            self.body = _swin(cfg, image_size)
+            c = self.body.config
+            channels = [c.embed_dim * 2**i for i in range(len(c.depths))]
+            strides = [c.patch_size * 2**i for i in range(len(c.depths))]
+        n = len(channels)
+        if not self.out_stages or any(not 0 <= s < n for s in self.out_stages):
+            raise ValueError(f"out_stages {self.out_stages} invalid for a {cfg.kind} with {n} stages")
+        self.out_channels = [channels[s] for s in self.out_stages]
+        self.strides = [strides[s] for s in self.out_stages]
+        self.num_stages = n
+        if cfg.freeze:
+            self._freeze(self.body)
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if self.kind == "resnet":
+            # hidden_states[0] is the stem output; stage i is hidden_states[i + 1].
+            out = self.body(pixel_values, output_hidden_states=True)
+            return [out.hidden_states[s + 1] for s in self.out_stages]
+        # Pre-downsampling maps, so stage i really is at stride patch*2**i with embed_dim*2**i channels.
+        out = self.body(
+            pixel_values, output_hidden_states=True, output_hidden_states_before_downsampling=True
+        )
+        maps = list(out.reshaped_hidden_states[1:])
+        # The last stage's tokens also exist layer-normed as last_hidden_state; using that one keeps
+        # the final norm trained (and avoids unused parameters under DDP).
+        b, c, h, w = maps[-1].shape
+        maps[-1] = out.last_hidden_state.transpose(1, 2).reshape(b, c, h, w)
+        return [maps[s] for s in self.out_stages]
+
+
+def _resnet(cfg: VisualConfig) -> ResNetModel:
+    if cfg.pretrained is not None:
+        return ResNetModel.from_pretrained(cfg.pretrained)
+    config = ResNetConfig(
+        embedding_size=cfg.hidden_sizes[0],
+        hidden_sizes=list(cfg.hidden_sizes),
+        depths=list(cfg.depths),
+        layer_type="basic",
+    )
+    return ResNetModel(config)
+
+
+def _swin(cfg: VisualConfig, image_size: int) -> SwinModel:
+    if cfg.pretrained is not None:
+        return SwinModel.from_pretrained(cfg.pretrained, attn_implementation="sdpa", add_pooling_layer=False)
+    if len(cfg.num_heads) != len(cfg.depths):
+        raise ValueError(f"swin needs one num_heads entry per stage: {cfg.num_heads} vs depths {cfg.depths}")
+    # Largest window <= 7 that tiles the last stage exactly; earlier stages are multiples of it,
+    # so no stage pays for window padding.
+    last = max(1, image_size // (SWIN_PATCH * 2 ** (len(cfg.depths) - 1)))
+    window = max(w for w in range(1, min(7, last) + 1) if last % w == 0)
+    config = SwinConfig(
+        image_size=image_size,
+        patch_size=SWIN_PATCH,
+        embed_dim=cfg.embed_dim,
+        depths=list(cfg.depths),
+        num_heads=list(cfg.num_heads),
+        window_size=window,
+        attn_implementation="sdpa",
+    )
+    return SwinModel(config, add_pooling_layer=False)
+
+
+def build_visual_backbone(cfg: VisualConfig, image_size: int = 128) -> VisualBackbone:
+    """`image_size` only shapes the small Swin config (window size); pretrained models ignore it."""
+    return VisualBackbone(cfg, image_size)
+
+
+class TextEncoder(_Frozen):
+    """(input_ids [B,L], attention_mask [B,L]) -> token features [B,L,hidden_size]."""
+
+    def __init__(self, cfg: TextConfig, vocab_size: int, pad_token_id: int, max_positions: int = 64):
+        super().__init__()
+        if cfg.pretrained is not None:
+            self.body = AutoModel.from_pretrained(cfg.pretrained, attn_implementation="sdpa")
+            if getattr(self.body, "pooler", None) is not None:
+                self.body.pooler = None  # unused; would leave grad-less parameters under DDP
+            rows = self.body.get_input_embeddings().num_embeddings
+            if vocab_size > rows:
+                raise ValueError(
+                    f"tokenizer has {vocab_size} ids but {cfg.pretrained} embeds only {rows}; "
+                    "use the tokenizer that belongs to the pretrained text model"
+                )
+        else:
+            config = BertConfig(
+                vocab_size=vocab_size,
+                hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                intermediate_size=cfg.intermediate_size,
+                max_position_embeddings=max(64, max_positions),
+                pad_token_id=pad_token_id,
+                attn_implementation="sdpa",
+            )
+            self.body = BertModel(config, add_pooling_layer=False)
+        self.hidden_size = self.body.config.hidden_size
+        if cfg.freeze:
+            self._freeze(self.body)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def build_text_encoder(
+    cfg: TextConfig, vocab_size: int, pad_token_id: int, max_positions: int = 64
+) -> TextEncoder:
+    return TextEncoder(cfg, vocab_size, pad_token_id, max_positions)

@@ -1,0 +1,66 @@
+"""TransVG (Deng et al., ICCV 2021): backbones -> one visual-linguistic transformer -> [REG] -> box.
+
+No proposals and no hand-made fusion: the [REG] token attends jointly to text and visual tokens and
+regresses the box directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from refvg.config import Config
+from refvg.losses import grounding_box_loss
+from refvg.models.backbones import build_text_encoder, build_visual_backbone
+from refvg.models.registry import register_model
+from refvg.models.vl import BoxHead, VLTransformer
+
+
+class TransVG(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        max_len = max(64, cfg.data.max_tokens)
+        self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
+        self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max_len)
+        self.vl = VLTransformer(self.visual.out_channels[-1], self.text.hidden_size, m.fusion, max_len)
+        self.head = BoxHead(m.fusion.d_model)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        visual = self.visual(batch["image"])[-1]
+        text = self.text(batch["input_ids"], batch["attention_mask"])
+        reg, _ = self.vl(visual, batch["pixel_mask"], text, batch["attention_mask"])
+        return {"pred_boxes": self.head(reg)}
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        w = self.cfg.train.loss
+        return grounding_box_loss(outputs["pred_boxes"], batch["box"], w.l1_weight, w.giou_weight)
+
+    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+        return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)
+
+
+def backbone_param_groups(
+    model: nn.Module, backbone_prefixes: tuple[str, ...], lr: float, lr_backbone: float, weight_decay: float
+) -> list[dict]:
+    """Optimizer groups: backbone parameters (names starting with a prefix) at lr_backbone, the rest at
+    lr; biases and norm weights (every <=1-D parameter) without weight decay. Frozen ones are left out."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (name.startswith(backbone_prefixes), p.ndim > 1)
+            groups.setdefault(key, []).append(p)
+    out = []
+    for (is_backbone, decay), params in sorted(groups.items()):
+        out.append({
+            "name": f"{'backbone' if is_backbone else 'head'}_{'decay' if decay else 'no_decay'}",
+            "params": params,
+            "lr": lr_backbone if is_backbone else lr,
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+    return out
+
+
+@register_model("transvg")
+def build_transvg(cfg: Config, vocab_size: int, pad_token_id: int) -> TransVG:
+    return TransVG(cfg, vocab_size, pad_token_id)

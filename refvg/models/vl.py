@@ -1,0 +1,164 @@
+"""Visual-linguistic fusion shared by the transformer grounding models (TransVG, QRNet).
+
+Token layout fed to the encoder: [REG] + text tokens + visual tokens. The [REG] output is what the
+box head reads, so it must never be masked; that also guarantees no attention row is fully masked.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refvg.config import FusionConfig
+
+
+def downsample_mask(pixel_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """bool [B,S,S] (True = padding) -> bool [B,h,w] at a feature map's resolution."""
+    return F.interpolate(pixel_mask[:, None].float(), size=size, mode="nearest")[:, 0].bool()
+
+
+def sine_position_2d(mask: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """DETR-style 2-D sine encoding, normalised over the unpadded content: bool [B,h,w] -> [B,h,w,dim].
+
+    Coordinates count only real pixels, so a letterboxed image's content gets the same encoding
+    whatever the amount of padding next to it."""
+    if dim % 4:
+        raise ValueError(f"d_model must be divisible by 4 for the 2-D sine encoding, got {dim}")
+    valid = (~mask).float()
+    y = valid.cumsum(1)
+    x = valid.cumsum(2)
+    eps = 1e-6
+    y = y / (y[:, -1:, :] + eps) * 2 * math.pi
+    x = x / (x[:, :, -1:] + eps) * 2 * math.pi
+    half = dim // 2
+    freq = temperature ** (2 * (torch.arange(half // 2, device=mask.device).float()) / half)
+    px = x[..., None] / freq
+    py = y[..., None] / freq
+    px = torch.cat([px.sin(), px.cos()], dim=-1)
+    py = torch.cat([py.sin(), py.cos()], dim=-1)
+    return torch.cat([py, px], dim=-1)
+
+
+def cell_coords(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """[1, h*w, 8] FAOA-style spatial features of each feature-map cell, in the letterboxed square's frame
+    (the frame boxes are predicted in): x0, y0, x1, y1, cx, cy, 1/w, 1/h."""
+    ys = torch.arange(h, device=like.device, dtype=like.dtype)
+    xs = torch.arange(w, device=like.device, dtype=like.dtype)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    x0, y0 = x / w, y / h
+    x1, y1 = (x + 1) / w, (y + 1) / h
+    feats = [x0, y0, x1, y1, (x0 + x1) / 2, (y0 + y1) / 2, torch.full_like(x, 1 / w), torch.full_like(y, 1 / h)]
+    return torch.stack(feats, -1).view(1, h * w, 8)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm encoder layer on `scaled_dot_product_attention`.
+
+    Positions are added to queries and keys only (DETR style), so values carry content alone; with a
+    fused qkv weight that is W_qk @ pos added to q and k, computed without a second full projection."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        """x [B,N,D]; pos [B or 1,N,D] or None; keep bool [B,N] (True = a real key) or None."""
+        b, n, d = x.shape
+        h = self.norm1(x)
+        qkv = self.qkv(h)
+        if pos is not None:
+            qk_pos = F.linear(pos.to(qkv.dtype), self.qkv.weight[: 2 * d].to(qkv.dtype))
+            qkv = torch.cat([qkv[..., : 2 * d] + qk_pos, qkv[..., 2 * d :]], dim=-1)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn_mask = keep[:, None, None, :] if keep is not None else None
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class VLTransformer(nn.Module):
+    """Fuses one visual feature map with text token features; returns ([REG] [B,D], tokens [B,1+L+N,D]).
+
+    Token order in the output: [REG], the L text tokens, then the h*w visual tokens (row-major)."""
+
+    def __init__(self, visual_dim: int, text_dim: int, cfg: FusionConfig, max_text_len: int = 64):
+        super().__init__()
+        d = cfg.d_model
+        self.d_model = d
+        self.visual_proj = nn.Linear(visual_dim + 8, d)
+        self.text_proj = nn.Linear(text_dim, d)
+        self.text_pos = nn.Embedding(max_text_len, d)
+        self.reg_token = nn.Parameter(torch.zeros(1, 1, d))
+        # The [REG] token has no position of its own; the type embeddings tell the three kinds apart.
+        self.type_embed = nn.Parameter(torch.zeros(3, d))
+        self.layers = nn.ModuleList(
+            TransformerLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.num_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        nn.init.normal_(self.reg_token, std=0.02)
+        nn.init.normal_(self.type_embed, std=0.02)
+        nn.init.normal_(self.text_pos.weight, std=0.02)
+
+    def forward(
+        self,
+        visual: torch.Tensor,
+        pixel_mask: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual [B,C,h,w]; pixel_mask bool [B,S,S] (True = padding); text [B,L,Ct]; text_mask [B,L] (1 = real)."""
+        b, _, fh, fw = visual.shape
+        L = text.shape[1]
+        if L > self.text_pos.num_embeddings:
+            raise ValueError(f"{L} text tokens exceed max_text_len {self.text_pos.num_embeddings}")
+        vis_pad = downsample_mask(pixel_mask, (fh, fw)).flatten(1)  # [B,N]
+        v = self.visual_proj(torch.cat([visual.flatten(2).transpose(1, 2), cell_coords(fh, fw, visual).expand(b, -1, -1)], -1))
+        t = self.text_proj(text)
+        dtype = v.dtype
+        reg = self.reg_token.to(dtype).expand(b, -1, -1)
+        x = torch.cat([reg, t, v], dim=1)
+
+        v_pos = sine_position_2d(vis_pad.view(b, fh, fw), self.d_model).flatten(1, 2)
+        t_pos = self.text_pos.weight[:L].expand(b, -1, -1)
+        te = self.type_embed
+        types = torch.cat([te[:1], te[1:2].expand(L, -1), te[2:].expand(fh * fw, -1)])
+        zeros = v_pos.new_zeros(b, 1, self.d_model)
+        pos = (torch.cat([zeros, t_pos.float(), v_pos], dim=1) + types.float()).to(dtype)
+
+        keep = torch.cat(
+            [torch.ones(b, 1, dtype=torch.bool, device=x.device), text_mask.bool(), ~vis_pad], dim=1
+        )
+        x = x + pos
+        for layer in self.layers:
+            x = layer(x, None, keep)
+        x = self.norm(x)
+        return x[:, 0], x
+
+
+class BoxHead(nn.Module):
+    """[B,D] -> [B,4] cxcywh in [0,1] (3-layer MLP, sigmoid)."""
+
+    def __init__(self, d_model: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or d_model
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).sigmoid()

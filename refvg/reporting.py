@@ -1,0 +1,64 @@
+"""The `report` stage: every method's metrics side by side (markdown table + bar chart)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from refvg.config import Config  # noqa: E402
+
+
+def collect(cfg: Config) -> dict[str, dict]:
+    """method -> metrics payload, for each method of params.yaml that has been evaluated."""
+    out = {}
+    for method in cfg.methods:
+        path = Path(cfg.eval.metrics_dir) / f"{method}.json"
+        if path.exists():
+            out[method] = json.loads(path.read_text())
+    return out
+
+
+def write_summary(cfg: Config, out_dir: Path) -> Path:
+    results = collect(cfg)
+    splits = [s for s in cfg.data.splits if any(s in r["splits"] for r in results.values())]
+    lines = [
+        f"# refvg results on {cfg.data.dataset}",
+        "",
+        "Acc@0.5 per split (fraction of expressions whose predicted box has IoU >= 0.5 with the target), "
+        "and the mean accuracy over IoU thresholds 0.5:0.95 on val.",
+        "",
+        "| method | model | language | " + " | ".join(splits) + " | val Acc@0.5:0.95 |",
+        "|---|---|---|" + "---|" * len(splits) + "---|",
+    ]
+    for method, r in results.items():
+        accs = [f"{r['splits'][s]['acc@0.5']:.3f}" if s in r["splits"] else "-" for s in splits]
+        strict = r["splits"].get("val", {}).get("acc@0.5:0.95")
+        lang = "blind (control)" if r.get("language_blind") else "yes"
+        strict_txt = f"{strict:.3f}" if strict is not None else "-"
+        lines.append(f"| {method} | {r['model']} | {lang} | " + " | ".join(accs) + f" | {strict_txt} |")
+    missing = [m for m in cfg.methods if m not in results]
+    if missing:
+        lines += ["", f"Not evaluated yet: {', '.join(missing)}."]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "summary.md"
+    summary.write_text("\n".join(lines) + "\n")
+    _bar_chart(results, splits, out_dir / "comparison.png")
+    return summary
+
+
+def _bar_chart(results: dict, splits: list[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * max(len(results), 1) * max(len(splits), 1) / 2, 3.5), dpi=100)
+    width = 0.8 / max(len(results), 1)
+    for i, (method, r) in enumerate(results.items()):
+        xs = [j + i * width for j in range(len(splits))]
+        ax.bar(xs, [r["splits"].get(s, {}).get("acc@0.5", 0) for s in splits], width, label=method)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits)
+    ax.set(ylabel="Acc@0.5", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""The pipeline's stages as plain library functions: generate, prepare, train, evaluate, report.
+
+The CLI, the Prefect flows and the tests all call these; none of them imports MLflow or Prefect. Each
+returns what it produced (paths, metrics) so the caller decides what to log.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from refvg.config import Config
+from refvg.data.dataset import PreparedSplit, read_manifest
+from refvg.data.text import TOKENIZER_DIR
+from refvg.data.prepare import prepare_dataset, prepared_path
+from refvg.engine.checkpoint import load_checkpoint
+from refvg.engine.evaluator import box_metrics, predict_split
+from refvg.engine.runtime import resolve_device, seed_everything
+from refvg.engine.trainer import BEST, TrainResult, train
+from refvg.models import build_model
+
+
+def synthetic_dir(cfg: Config) -> Path:
+    return Path(cfg.data.root) / "refshapes"
+
+
+def generate(cfg: Config) -> dict:
+    from refvg.data.synthetic import generate_refshapes
+
+    return generate_refshapes(synthetic_dir(cfg), cfg.synthetic, split_by=cfg.data.split_by)
+
+
+def prepare(cfg: Config) -> dict:
+    return prepare_dataset(cfg)
+
+
+def checkpoint_dir(cfg: Config, method: str) -> Path:
+    return Path(cfg.train.checkpoint_dir) / method
+
+
+def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> TrainResult:
+    rcfg = cfg.for_method(method)  # raises for a method params.yaml does not declare
+    mcfg = cfg.methods[method]
+    prepared = prepared_path(rcfg)
+    manifest = read_manifest(prepared)
+    train_set = PreparedSplit(prepared, "train", language_blind=mcfg.language_blind)
+    val_set = PreparedSplit(prepared, "val", language_blind=mcfg.language_blind)
+    seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
+    model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
+    device = resolve_device(rcfg.train.device)
+    # A checkpoint folder is self-contained: the tokenizer travels with the weights.
+    shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return box_metrics(predict_split(m, val_set, rcfg.eval.batch_size, device, rcfg.train.amp), rcfg.eval.iou_thresholds)
+
+    return train(
+        model, train_set, rcfg, checkpoint_dir(cfg, method), method=method, evaluate=evaluate,
+        on_epoch_end=on_epoch_end,
+        extra_state={"model_name": mcfg.model, "language_blind": mcfg.language_blind,
+                     "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"]},
+    )
+
+
+def load_trained(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """Rebuild a model from one of our checkpoints (its own config, not today's params.yaml)."""
+    state = load_checkpoint(path, map_location=device)
+    cfg = Config.model_validate(state["config"])
+    model = build_model(state["model_name"], cfg, vocab_size=state["vocab_size"], pad_token_id=state["pad_token_id"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, state
+
+
+@dataclass
+class EvalReport:
+    method: str
+    metrics: dict  # split -> summary
+    metrics_path: Path
+    figures: list[Path] = field(default_factory=list)
+    plot_data: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def evaluate_method(cfg: Config, method: str) -> EvalReport:
+    from refvg.visualize import plot_accuracy_vs_iou, plot_qualitative
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    model, mcfg_run, state = load_trained(checkpoint_dir(cfg, method) / BEST, device)
+    prepared = prepared_path(cfg)
+    manifest = read_manifest(prepared)
+    ecfg = cfg.eval
+    preds, metrics = [], {}
+    for split in cfg.data.splits:
+        if split not in manifest["splits"]:
+            continue
+        ds = PreparedSplit(prepared, split, language_blind=state["language_blind"])
+        p = predict_split(model, ds, ecfg.batch_size, device, cfg.train.amp)
+        preds.append(p)
+        metrics[split] = box_metrics(p, ecfg.iou_thresholds)
+    payload = {
+        "method": method, "model": state["model_name"], "language_blind": state["language_blind"],
+        "best_epoch": state["best_epoch"], "dataset": manifest["dataset"], "splits": metrics,
+    }
+    metrics_path = Path(ecfg.metrics_dir) / f"{method}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    plots = Path(ecfg.plots_dir) / method
+    plots.mkdir(parents=True, exist_ok=True)
+    curve = plots / "acc_vs_iou.json"
+    curve.write_text(json.dumps([
+        {"split": p.split, "threshold": t, "accuracy": a}
+        for p in preds for t, a in _acc_curve(p.ious, ecfg.iou_thresholds).items()
+    ], indent=1))
+    figures = [plots / "acc_vs_iou.png", plots / "qualitative.png"]
+    plot_accuracy_vs_iou(preds, ecfg.iou_thresholds, f"{method} on {manifest['dataset']}", figures[0])
+    val = next((p for p in preds if p.split == "val"), preds[0])
+    ds = PreparedSplit(prepared, val.split)
+    pick = np.random.default_rng(0).permutation(len(ds))[: ecfg.num_qualitative]
+    scale = np.array([[ds.letterboxes[i].scale] for i in pick])
+    crops = [np.asarray(ds.images[ds.records[i]["image_index"]])[: ds.letterboxes[i].content_h, : ds.letterboxes[i].content_w]
+             for i in pick]
+    plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
+                     val.gt_xyxy[pick] * scale, val.ious[pick], figures[1])
+    return EvalReport(method, metrics, metrics_path, figures, [curve], time.perf_counter() - t0)
+
+
+def _acc_curve(ious: np.ndarray, thresholds) -> dict:
+    from refvg.metrics import accuracy_at_iou
+
+    return {float(t): float(a) for t, a in accuracy_at_iou(ious, thresholds).items()}
+
+
+def report(cfg: Config, out_dir: Path = Path("reports")) -> Path:
+    """reports/summary.md: one row per method of params.yaml, Acc@0.5 per split, from metrics/<method>.json."""
+    from refvg.reporting import write_summary
+
+    return write_summary(cfg, out_dir)

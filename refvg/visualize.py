@@ -1,0 +1,54 @@
+"""Figures: accuracy vs IoU threshold, and grids of qualitative predictions (predicted vs true box, with the
+expression). Matplotlib with the Agg backend: no display needed."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from refvg.engine.evaluator import SplitPredictions  # noqa: E402
+from refvg.metrics import accuracy_at_iou  # noqa: E402
+
+
+def plot_accuracy_vs_iou(preds: Sequence[SplitPredictions], thresholds, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for p in preds:
+        acc = accuracy_at_iou(p.ious, thresholds)
+        ax.plot(list(acc), list(acc.values()), marker="o", label=f"{p.split} (n={len(p.ious)})")
+    ax.set(xlabel="IoU threshold", ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_qualitative(
+    images: Sequence[np.ndarray], expressions: Sequence[str], pred_xyxy: np.ndarray, gt_xyxy: np.ndarray,
+    ious: np.ndarray, path: Path, cols: int = 4,
+) -> None:
+    """One panel per sample: green = ground truth, red = prediction, both in the panel's pixel frame."""
+    n = len(images)
+    if n == 0:
+        return
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, text, p, g, iou in zip(axes.flat, images, expressions, pred_xyxy, gt_xyxy, ious):
+        ax.imshow(img)
+        for box, color in ((g, "lime"), (p, "red")):
+            ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
+                                       fill=False, edgecolor=color, linewidth=2))
+        ax.set_title("\n".join(textwrap.wrap(f'"{text}"', 34)[:3]) + f"\nIoU {iou:.2f}", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

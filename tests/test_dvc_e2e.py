@@ -1,0 +1,83 @@
+"""End to end, as a user runs it: `dvc repro` in a real git repo on the tiny dataset, every stage a Prefect
+flow process reporting to a real Prefect API and a real MLflow sqlite store; then a no-op repro and an
+experiment with a changed param."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, write_params
+
+pytestmark = pytest.mark.e2e
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, prefect_api) -> tuple[Path, dict]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("refvg", "flows"):
+        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    write_params(repo, synthetic={"num_images": 32, "image_size": 64, "seed": 0})
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_api,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh(["git", "init", "-q"], repo, env)
+    sh(["dvc", "init", "-q"], repo, env)
+    sh(["dvc", "config", "core.analytics", "false"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "init"], repo, env)
+    return repo, env
+
+
+def test_dvc_repro_noop_and_experiment(dvc_repo, tmp_path):
+    repo, env = dvc_repo
+    out = sh(["dvc", "repro"], repo, env)
+    for stage in ("generate", "prepare", "train@transvg", "evaluate@transvg", "train@transvg_blind", "report"):
+        assert f"'{stage}'" in out.stdout, f"stage {stage} did not run:\n{out.stdout}"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert {"generate", "prepare", "train@transvg", "evaluate@transvg_blind", "report"} <= set(lock["stages"])
+    metrics = json.loads((repo / "metrics/transvg.json").read_text())
+    assert {"val", "testA", "testB"} <= set(metrics["splits"])
+    summary = (repo / "reports/summary.md").read_text()
+    assert "\n| transvg | transvg | yes |" in summary and "\n| transvg_blind | transvg | blind" in summary
+
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    assert "metrics/transvg.json" in json.dumps(shown)
+
+    t0 = time.perf_counter()
+    noop = sh(["dvc", "repro"], repo, env)
+    assert "didn't change, skipping" in noop.stdout and "Running stage" not in noop.stdout
+    assert time.perf_counter() - t0 < 30
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("refvg").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
+    assert len(parents) == 1  # one process per stage, still one parent run
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 7
+
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "pipeline ran"], repo, env)
+    exp = sh(["dvc", "exp", "run", "-S", "train.lr=0.001", "-n", "lr-up"], repo, env)
+    assert "train@transvg" in exp.stdout
+    shown = sh(["dvc", "exp", "show", "--json"], repo, env).stdout
+    assert "lr-up" in shown and "0.001" in shown
+
+    bad = subprocess.run(["dvc", "exp", "run", "-S", "train.lrr=1"], cwd=repo, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "train.lrr" in bad.stdout + bad.stderr

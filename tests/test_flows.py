@@ -1,0 +1,72 @@
+"""The Prefect flows against Prefect's test harness, logging to a real MLflow sqlite store."""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from refvg.config import load_config
+from refvg.data.dataset import PreparedSplit
+from refvg.data.prepare import prepared_path
+
+
+def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_uri):
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.pipeline import pipeline_flow
+
+    state = pipeline_flow(params="params.yaml", generate=False, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert set(result["metrics"]) == {"transvg", "transvg_blind"} and result["work_seconds"] > 0
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("refvg")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
+    assert len(parents) == 1, "one pipeline = one parent run"
+    children = {r.data.tags["refvg.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"prepare", "train@transvg", "evaluate@transvg", "train@transvg_blind",
+                             "evaluate@transvg_blind", "report"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    train = children["train@transvg"]
+    assert train.data.params["train.lr"] == "0.0005" and train.data.tags["git.commit"]
+    history = client.get_metric_history(train.info.run_id, "val/acc_at_0.5")
+    assert [m.step for m in history] == [1, 2]  # one point per epoch
+    evaluate = children["evaluate@transvg"]
+    assert "val.acc_at_0.5" in evaluate.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"transvg.json", "acc_vs_iou.png", "qualitative.png"} <= artifacts
+    assert "skipped.total" in children["prepare"].data.metrics
+
+    # The logged model is a pyfunc: image + expression -> box, loaded without unpickling anything.
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    model = next(m for m in models if m.source_run_id == train.info.run_id)
+    pyfunc = mlflow.pyfunc.load_model(model.model_uri)
+    cfg = load_config("params.yaml")
+    rec = PreparedSplit(prepared_path(cfg), "val").records[0]
+    out = pyfunc.predict(pd.DataFrame({"image": [os.path.join(cfg.data.image_dir, rec["file_name"])],
+                                       "expression": [rec["sentence"]]}))
+    assert list(out.columns) == ["x0", "y0", "x1", "y1"] and len(out) == 1
+
+    with get_client(sync_client=True) as prefect:
+        flow_runs = prefect.read_flow_runs(limit=200, sort=FlowRunSort.START_TIME_ASC)
+        names = {prefect.read_flow(r.flow_id).name for r in flow_runs}
+    assert all(r.state.is_completed() for r in flow_runs)
+    assert {"refvg-pipeline", "prepare", "train", "evaluate", "report"} <= names
+
+
+def test_unreachable_tracking_store_does_not_stop_a_stage(in_tiny, prefect_api, monkeypatch, caplog):
+    from flows.stages import report_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    out = report_flow(params="params.yaml")
+    assert os.path.exists(out["summary"])
+    assert "runs untracked" in caplog.text

@@ -1,0 +1,161 @@
+import pytest
+import torch
+from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel, SwinConfig, SwinModel
+
+from refvg.config import Config, TextConfig, VisualConfig
+from refvg.models import build_model, list_models, register_model
+from refvg.models.backbones import build_text_encoder, build_visual_backbone
+
+VOCAB, PAD = 200, 0
+
+
+def make_batch(b=4, size=64, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixel_mask = torch.zeros(b, size, size, dtype=torch.bool)
+    pixel_mask[:, :, size * 3 // 4 :] = True  # letterbox padding on the right
+    attention_mask = torch.ones(b, length, dtype=torch.long)
+    attention_mask[:, length // 2 :] = 0
+    input_ids = torch.randint(1, VOCAB, (b, length), generator=g) * attention_mask
+    box = torch.cat([0.3 + 0.4 * torch.rand(b, 2, generator=g), 0.1 + 0.3 * torch.rand(b, 2, generator=g)], 1)
+    return {
+        "image": torch.randn(b, 3, size, size, generator=g),
+        "pixel_mask": pixel_mask,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "box": box,
+        "meta": [{}] * b,
+    }
+
+
+def make_model(kind="resnet", **fusion):
+    torch.manual_seed(0)
+    cfg = Config.model_validate({"model": {"visual": {"kind": kind}, "fusion": {"dropout": 0.0, **fusion}}})
+    return build_model("transvg", cfg, VOCAB, PAD)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "swin"])
+def test_transvg_shapes_loss_and_grads(kind):
+    model = make_model(kind)
+    batch = make_batch()
+    out = model(batch)
+    pred = out["pred_boxes"]
+    assert pred.shape == (4, 4) and pred.dtype == torch.float32
+    assert ((pred >= 0) & (pred <= 1)).all()
+    losses = model.compute_loss(out, batch)
+    assert set(losses) == {"loss", "l1", "giou"} and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    for part in (model.visual, model.text, model.vl, model.head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
+
+
+def test_transvg_overfits_one_batch():
+    model = make_model()
+    batch = make_batch()
+    opt = torch.optim.AdamW(model.param_groups(1e-3, 1e-3, 0.0))
+    first = None
+    for _ in range(25):
+        loss = model.compute_loss(model(batch), batch)["loss"]
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.6 * first
+
+
+def test_prediction_depends_on_expression():
+    model = make_model().eval()
+    batch = make_batch()
+    other = dict(batch, input_ids=batch["input_ids"].roll(1, dims=1) * batch["attention_mask"])
+    with torch.no_grad():
+        assert not torch.allclose(model(batch)["pred_boxes"], model(other)["pred_boxes"])
+
+
+def test_transvg_bf16_autocast():
+    model = make_model()
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+        loss = model.compute_loss(out, batch)["loss"]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+
+
+def test_param_groups_split_backbone_and_decay():
+    model = make_model()
+    groups = {g["name"]: g for g in model.param_groups(lr=1e-3, lr_backbone=1e-4, weight_decay=0.1)}
+    assert groups["backbone_decay"]["lr"] == 1e-4 and groups["head_decay"]["lr"] == 1e-3
+    assert groups["head_no_decay"]["weight_decay"] == 0.0 and groups["backbone_decay"]["weight_decay"] == 0.1
+    assert all(p.ndim <= 1 for g in groups.values() if "no_decay" in g["name"] for p in g["params"])
+    n = sum(len(g["params"]) for g in groups.values())
+    assert n == len(list(model.parameters()))
+
+
+def test_frozen_backbones_stay_frozen_and_eval():
+    vis = build_visual_backbone(VisualConfig(freeze=True))
+    txt = build_text_encoder(TextConfig(freeze=True), VOCAB, PAD)
+    for enc in (vis, txt):
+        enc.train()
+        assert not any(p.requires_grad for p in enc.parameters())
+        assert not any(m.training for m in enc.modules())
+
+
+def test_visual_backbone_stages():
+    vis = build_visual_backbone(VisualConfig(out_stages=(0, 1, 2)))
+    maps = vis(torch.randn(2, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == vis.out_channels == [32, 64, 128]
+    assert [64 // m.shape[-1] for m in maps] == vis.strides == [4, 8, 16]
+    swin = build_visual_backbone(VisualConfig(kind="swin", out_stages=(0, 2)), image_size=64)
+    maps = swin(torch.randn(2, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == swin.out_channels == [32, 128]
+    assert [64 // m.shape[-1] for m in maps] == swin.strides == [4, 16]
+    with pytest.raises(ValueError, match="out_stages"):
+        build_visual_backbone(VisualConfig(out_stages=(3,)))
+
+
+def _assert_same_weights(saved: torch.nn.Module, loaded: torch.nn.Module):
+    ref, got = saved.state_dict(), loaded.state_dict()
+    shared = [k for k in got if k in ref]
+    assert len(shared) >= len(got) * 0.9
+    for k in shared:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+def test_pretrained_resnet_from_local_folder(tmp_path):
+    torch.manual_seed(1)
+    ref = ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic"))
+    ref.save_pretrained(tmp_path / "resnet")
+    vis = build_visual_backbone(VisualConfig(pretrained=str(tmp_path / "resnet"), out_stages=(1,)))
+    _assert_same_weights(ref, vis.body)
+    assert vis.out_channels == [24] and vis(torch.randn(1, 3, 64, 64))[0].shape == (1, 24, 8, 8)
+
+
+def test_pretrained_swin_from_local_folder(tmp_path):
+    torch.manual_seed(1)
+    ref = SwinModel(SwinConfig(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4))
+    ref.save_pretrained(tmp_path / "swin")
+    vis = build_visual_backbone(VisualConfig(kind="swin", pretrained=str(tmp_path / "swin"), out_stages=(1,)))
+    _assert_same_weights(ref, vis.body)
+    assert vis(torch.randn(1, 3, 64, 64))[0].shape == (1, 32, 8, 8)
+
+
+def test_pretrained_text_encoder_from_local_folder(tmp_path):
+    torch.manual_seed(1)
+    ref = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64))
+    ref.save_pretrained(tmp_path / "bert")
+    txt = build_text_encoder(TextConfig(pretrained=str(tmp_path / "bert")), VOCAB, PAD)
+    _assert_same_weights(ref, txt.body)
+    assert txt.hidden_size == 32
+    ids = torch.randint(1, VOCAB, (2, 7))
+    assert txt(ids, torch.ones_like(ids)).shape == (2, 7, 32)
+    with pytest.raises(ValueError, match="tokenizer"):
+        build_text_encoder(TextConfig(pretrained=str(tmp_path / "bert")), VOCAB + 1, PAD)
+
+
+def test_registry():
+    assert "transvg" in list_models()
+    with pytest.raises(ValueError) as err:
+        build_model("nope", Config(), VOCAB, PAD)
+    assert "nope" in str(err.value) and "transvg" in str(err.value)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("transvg")(lambda cfg, v, p: None)

@@ -1,0 +1,263 @@
+import copy
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from refvg.config import SyntheticConfig
+from refvg.data.refer import (
+    BadRecordError, RefSample, ReferDataset, SkipLog, find_refs_file, load_refs, load_transvg_split,
+)
+from refvg.data.synthetic import generate_refshapes
+
+CFG = SyntheticConfig(num_images=20, image_size=80, val_fraction=0.2, test_fraction=0.25, seed=1)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    generate_refshapes(root / "refshapes", CFG)
+    with open(root / "refshapes" / "refs(unc).p", "rb") as f:
+        refs = pickle.load(f)
+    instances = json.loads((root / "refshapes" / "instances.json").read_text())
+    return root, refs, instances
+
+
+def _write(tmp_path, refs, instances, fmt="json"):
+    """A dataset dir with the given (possibly corrupted) records; images stay in the generated set."""
+    d = tmp_path / "ds"
+    d.mkdir(exist_ok=True)
+    (d / "instances.json").write_text(json.dumps(instances))
+    if fmt == "json":
+        (d / "refs(unc).json").write_text(json.dumps(refs))
+    else:
+        with open(d / "refs(unc).p", "wb") as f:
+            # Protocol 2 would spell bytes as a call to _codecs.encode, a global the reader refuses.
+            pickle.dump(refs, f, protocol=4)
+    return tmp_path
+
+
+def test_reads_generated_set(raw):
+    root, refs, _ = raw
+    ds = ReferDataset(root, "refshapes")
+    everything = ds.all_samples()
+    assert sum(map(len, everything.values())) == sum(len(r["sentences"]) for r in refs)
+    for split in ("train", "val", "testA", "testB"):
+        expected = sum(len(r["sentences"]) for r in refs if r["split"] == split)
+        assert len(ds.samples(split)) == expected > 0
+    assert ds.skips.total == 0 and ds.skips.to_dict()["counts"] == {}
+    s = ds.samples("val")[0]
+    assert isinstance(s, RefSample) and s.sample_id == f"{s.ref_id}:{s.sent_id}"
+    assert ds.image_path(s).is_file() and s.sentence == s.sentence.strip()
+    assert ds.category_names[s.category_id] in ("circle", "square", "triangle", "diamond", "cross", "star")
+    with pytest.raises(ValueError, match="testA"):
+        ds.samples("test")
+
+
+def test_json_refs_read_like_pickle(raw, tmp_path):
+    root, refs, instances = raw
+    root_json = _write(tmp_path, refs, instances, "json")
+    a = ReferDataset(root, "refshapes").all_samples()
+    b = ReferDataset(root_json, "ds", image_dir=root / "refshapes" / "images").all_samples()
+    assert a == b
+
+
+def test_find_refs_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"refs\(umd\)\.p.*refs\(umd\)\.json"):
+        find_refs_file(tmp_path, "umd")
+    (tmp_path / "refs(umd).json").write_text("[]")
+    assert find_refs_file(tmp_path, "umd").name == "refs(umd).json"
+    (tmp_path / "refs(umd).p").write_bytes(pickle.dumps([]))
+    assert find_refs_file(tmp_path, "umd").name == "refs(umd).p"
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, raw):
+    marker = tmp_path / "pwned"
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "refs(unc).p").write_bytes(pickle.dumps([{"ref_id": 0, "x": _Evil(marker)}], protocol=2))
+    shutil.copy(raw[0] / "refshapes" / "instances.json", d / "instances.json")
+    with pytest.raises(BadRecordError, match=r"refs\(unc\)\.p.*system"):
+        load_refs(d / "refs(unc).p")
+    with pytest.raises(BadRecordError):
+        ReferDataset(tmp_path, "evil")
+    assert not marker.exists()
+
+
+def test_load_refs_formats(tmp_path):
+    # A Python-2 style protocol-0 pickle: a list holding one dict {'sent': 'a red circle'}.
+    py2 = b"(lp0\n(dp1\nS'sent'\np2\nS'a red circle'\np3\nsa."
+    (tmp_path / "old.p").write_bytes(py2)
+    assert load_refs(tmp_path / "old.p") == [{"sent": "a red circle"}]
+    (tmp_path / "garbage.p").write_bytes(b"\x80\x02not a pickle")
+    with pytest.raises(BadRecordError, match="garbage.p"):
+        load_refs(tmp_path / "garbage.p")
+    (tmp_path / "refs.yaml").write_text("[]")
+    with pytest.raises(BadRecordError, match="unsupported"):
+        load_refs(tmp_path / "refs.yaml")
+    (tmp_path / "dict.json").write_text("{}")
+    with pytest.raises(BadRecordError, match="list"):
+        load_refs(tmp_path / "dict.json")
+    (tmp_path / "ints.json").write_text("[1, 2]")
+    with pytest.raises(BadRecordError, match="record #0"):
+        load_refs(tmp_path / "ints.json")
+
+
+def _ann(instances, ann_id):
+    return next(a for a in instances["annotations"] if a["id"] == ann_id)
+
+
+def _img(instances, image_id):
+    return next(i for i in instances["images"] if i["id"] == image_id)
+
+
+def _missing_file(refs, inst):
+    _img(inst, refs[0]["image_id"])["file_name"] = "does_not_exist.png"
+
+
+def _out_of_image(refs, inst):
+    img = _img(inst, refs[0]["image_id"])
+    _ann(inst, refs[0]["ann_id"])["bbox"] = [img["width"] - 5.0, 2.0, 20.0, 10.0]
+
+
+def _zero_area(refs, inst):
+    _ann(inst, refs[0]["ann_id"])["bbox"][2] = 0.0
+
+
+def _empty_expression(refs, inst):
+    refs[0]["sentences"][0].update(sent="   ", raw="")
+
+
+def _too_long(refs, inst):
+    refs[0]["sentences"][0].update(sent="red " * 200)
+
+
+def _missing_image_record(refs, inst):
+    _ann(inst, refs[0]["ann_id"])["image_id"] = 987654
+
+
+def _unknown_split(refs, inst):
+    refs[0]["split"] = "test"
+
+
+def _missing_annotation(refs, inst):
+    refs[0]["ann_id"] = 10**7
+
+
+CASES = {
+    "missing_image_file": _missing_file,
+    "bbox_out_of_image": _out_of_image,
+    "bbox_zero_area": _zero_area,
+    "empty_expression": _empty_expression,
+    "expression_too_long": _too_long,
+    "missing_image_record": _missing_image_record,
+    "unknown_split": _unknown_split,
+    "missing_annotation": _missing_annotation,
+}
+SENTENCE_LEVEL = {"empty_expression", "expression_too_long"}
+
+
+@pytest.mark.parametrize("reason", sorted(CASES))
+def test_bad_records(reason, raw, tmp_path):
+    root, refs, instances = raw
+    refs, instances = copy.deepcopy(refs), copy.deepcopy(instances)
+    CASES[reason](refs, instances)
+    bad = refs[0]
+    _write(tmp_path, refs, instances)
+    images = root / "refshapes" / "images"
+    total = sum(len(r["sentences"]) for r in refs)
+
+    ds = ReferDataset(tmp_path, "ds", image_dir=images, on_bad_record="skip", max_expression_chars=100)
+    got = ds.all_samples()
+    assert ds.skips.counts.get(reason, 0) >= 1 and set(ds.skips.counts) == {reason}
+    assert ds.skips.examples and f"ref_id={bad['ref_id']}" in ds.skips.examples[0]
+    kept = sum(map(len, got.values()))
+    if reason in SENTENCE_LEVEL:
+        assert kept == total - 1
+    else:
+        # A whole ref goes (every ref on the image, for a missing image file); all refs have equal sentences.
+        assert kept == total - ds.skips.total * len(bad["sentences"])
+        assert all(s.ref_id != bad["ref_id"] for split in got.values() for s in split)
+    ds.all_samples()
+    assert ds.skips.total == sum(ds.skips.counts.values())  # counted once, not per call
+
+    strict = ReferDataset(tmp_path, "ds", image_dir=images, on_bad_record="error", max_expression_chars=100)
+    with pytest.raises(BadRecordError) as err:
+        strict.all_samples()
+    msg = str(err.value)
+    assert "refs(unc).json" in msg and f"ref_id={bad['ref_id']}" in msg and reason in msg
+    if reason in SENTENCE_LEVEL:
+        assert f"sent_id={bad['sentences'][0]['sent_id']}" in msg
+
+
+def test_unknown_split_raises_for_any_split_in_error_mode(raw, tmp_path):
+    root, refs, instances = raw
+    refs = copy.deepcopy(refs)
+    refs[-1]["split"] = "trainval"
+    _write(tmp_path, refs, instances)
+    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record="error")
+    with pytest.raises(BadRecordError, match="unknown_split"):
+        ds.samples("train")
+
+
+def test_non_utf8_expression_in_pickle(raw, tmp_path):
+    root, refs, instances = raw
+    refs = copy.deepcopy(refs)
+    refs[0]["sentences"][0]["sent"] = b"\xff\xfe red"
+    refs[1]["sentences"][0]["sent"] = "  caf\u00e9 circle  ".encode("utf-8")
+    _write(tmp_path, refs, instances, fmt="pickle")
+    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images")
+    samples = [s for split in ds.all_samples().values() for s in split]
+    assert ds.skips.counts == {"non_utf8_expression": 1}
+    assert any(s.sentence == "caf\u00e9 circle" for s in samples)
+
+
+def test_mask_shape(raw):
+    root, refs, instances = raw
+    ds = ReferDataset(root, "refshapes")
+    s = ds.samples("train")[0]
+    m = ds.mask(s.ann_id)
+    assert m.dtype == np.uint8 and m.shape == (s.image_height, s.image_width)
+    x, y, w, h = s.bbox
+    assert m.sum() > 0.3 * w * h
+    ys, xs = np.nonzero(m)
+    assert xs.min() >= x - 1 and xs.max() <= x + w + 1 and ys.min() >= y - 1 and ys.max() <= y + h + 1
+    with pytest.raises(KeyError):
+        ds.mask(10**7)
+
+
+def test_transvg_split_round_trip(raw, tmp_path):
+    root, _, _ = raw
+    images = root / "refshapes" / "images"
+    ref = ReferDataset(root, "refshapes").samples("val")
+    entries = [[s.file_name, s.ann_id, list(s.bbox), s.sentence, []] for s in ref]
+    entries.append([ref[0].file_name, "mask_0.png", torch.tensor(ref[0].bbox), "  the thing ", []])
+    torch.save(entries, tmp_path / "val.pth")
+    got = load_transvg_split(tmp_path / "val.pth", images, "val")
+    assert len(got) == len(entries)
+    for s, g in zip(ref, got):
+        assert (g.file_name, g.ann_id, g.bbox, g.sentence, g.split) == (s.file_name, s.ann_id, s.bbox, s.sentence, "val")
+        assert (g.image_width, g.image_height) == (s.image_width, s.image_height)
+        assert g.category_id == -1 and g.sample_id == f"{g.ref_id}:{g.sent_id}"
+    assert got[-1].ann_id == -1 and got[-1].sentence == "the thing" and got[-1].image_id == got[0].image_id
+    assert [g.ref_id for g in got] == list(range(len(got)))
+
+    entries.append(["missing.png", 1, [0, 0, 1, 1], "x", []])
+    torch.save(entries, tmp_path / "bad.pth")
+    with pytest.raises(BadRecordError, match="missing_image_file"):
+        load_transvg_split(tmp_path / "bad.pth", images, "val")
+    skips = SkipLog()
+    assert len(load_transvg_split(tmp_path / "bad.pth", images, "val", on_bad_record="skip", skips=skips)) == len(got)
+    assert skips.counts == {"missing_image_file": 1}

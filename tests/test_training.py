@@ -1,0 +1,152 @@
+"""Prepare -> dataset -> train -> evaluate -> report through the library (no orchestration), on the tiny set."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refvg import stages
+from refvg.config import load_config
+from refvg.data.dataset import PreparedSplit, collate, read_manifest
+from refvg.data.prepare import prepare_dataset, prepared_path
+from refvg.data.refer import BadRecordError
+from refvg.engine.checkpoint import CheckpointError, load_checkpoint
+from refvg.engine.trainer import BEST, LAST
+from tests.conftest import write_params
+
+
+def test_prepare_writes_manifest_arrays_and_tokenizer(in_tiny):
+    cfg = load_config("params.yaml")
+    prepared = prepared_path(cfg)
+    manifest = read_manifest(prepared)
+    assert set(manifest["splits"]) == {"train", "val", "testA", "testB"}
+    assert manifest["skipped"]["total"] == 0
+    assert (prepared / "tokenizer" / "tokenizer.json").exists()
+    train = PreparedSplit(prepared, "train")
+    assert len(train) == manifest["splits"]["train"]["samples"]
+    assert train.images.shape[1:] == (64, 64, 3) and train.images.dtype == np.uint8
+    assert ((train.boxes >= 0) & (train.boxes <= 1)).all()
+
+
+def test_batch_contract_and_blind_control(in_tiny):
+    prepared = prepared_path(load_config("params.yaml"))
+    batch = collate([PreparedSplit(prepared, "train")[i] for i in range(4)])
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 64, 64, 3)
+    assert batch["pixel_mask"].dtype == torch.bool and batch["box"].shape == (4, 4)
+    assert (batch["attention_mask"].sum(1) > 2).all()  # real expressions
+    blind = PreparedSplit(prepared, "train", language_blind=True)
+    b = collate([blind[i] for i in range(4)])
+    assert (b["attention_mask"].sum(1) == 2).all()  # [CLS] [SEP] only
+    assert len(set(map(tuple, b["input_ids"].tolist()))) == 1  # every expression the same
+
+
+def test_train_evaluate_report(in_tiny):
+    cfg = load_config("params.yaml")
+    epochs_seen = []
+    result = stages.train_method(cfg, "transvg", on_epoch_end=lambda m, e: epochs_seen.append((e, m)))
+    assert [e for e, _ in epochs_seen] == [1, 2]
+    assert {"train/loss", "train/l1", "train/giou", "val/acc@0.5", "lr"} <= set(epochs_seen[0][1])
+    assert np.isfinite(epochs_seen[-1][1]["train/loss"])
+    ckpt = stages.checkpoint_dir(cfg, "transvg")
+    assert (ckpt / BEST).exists() and (ckpt / LAST).exists() and (ckpt / "tokenizer").is_dir()
+
+    rep = stages.evaluate_method(cfg, "transvg")
+    payload = json.loads(rep.metrics_path.read_text())
+    assert set(payload["splits"]) == {"train", "val", "testA", "testB"}
+    val = payload["splits"]["val"]
+    assert 0 <= val["acc@0.5"] <= 1 and val["n"] == read_manifest(prepared_path(cfg))["splits"]["val"]["samples"]
+    assert val["acc@0.5:0.95"] <= val["acc@0.5"]
+    assert all(p.exists() and p.stat().st_size > 0 for p in rep.figures)
+    summary = stages.report(cfg).read_text()
+    assert "| transvg |" in summary and "Not evaluated yet: transvg_blind" in summary
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_training_is_deterministic_and_resumes_exactly(in_tiny, tmp_path):
+    cfg = load_config("params.yaml")
+    stages.train_method(cfg, "transvg")
+    reference = _weights(stages.checkpoint_dir(cfg, "transvg") / LAST)
+
+    # Same seed, same data: bitwise the same weights on CPU.
+    shutil.rmtree(stages.checkpoint_dir(cfg, "transvg"))
+    stages.train_method(cfg, "transvg")
+    again = _weights(stages.checkpoint_dir(cfg, "transvg") / LAST)
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+
+    # Interrupted after epoch 1, then the same command: resumes and ends identical.
+    shutil.rmtree(stages.checkpoint_dir(cfg, "transvg"))
+
+    def stop_after_first(metrics, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.train_method(cfg, "transvg", on_epoch_end=stop_after_first)
+    assert load_checkpoint(stages.checkpoint_dir(cfg, "transvg") / LAST)["epoch"] == 1
+    result = stages.train_method(cfg, "transvg")
+    assert result.resumed_from_epoch == 1
+    resumed = _weights(stages.checkpoint_dir(cfg, "transvg") / LAST)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_loader_refuses_foreign_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": _Exploit()}))
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a refvg checkpoint"):
+        load_checkpoint(foreign)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(garbage)
+
+
+def _copy_raw(tiny_workdir, dst):
+    shutil.copytree(tiny_workdir / "data" / "raw", dst / "data" / "raw")
+
+
+def test_prepare_counts_a_corrupt_image_or_names_it(tiny_workdir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _copy_raw(tiny_workdir, tmp_path)
+    images = sorted((tmp_path / "data/raw/refshapes/images").iterdir())
+    victim = images[0]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated file
+    cfg = load_config(write_params(tmp_path))
+    manifest = prepare_dataset(cfg)
+    assert manifest["skipped"]["counts"].get("corrupt_image", 0) >= 1
+    assert any(victim.name in e for e in manifest["skipped"]["examples"])
+
+    cfg = load_config(write_params(tmp_path, data={"image_size": 64, "on_bad_record": "error"}))
+    with pytest.raises(BadRecordError, match=victim.name):
+        prepare_dataset(cfg)
+    assert not (tmp_path / "data/prepared/refshapes.tmp").exists()  # no half-prepared leftovers
+
+
+def test_predict_on_a_raw_image(in_tiny):
+    from refvg.engine.predict import Grounder
+
+    cfg = load_config("params.yaml")
+    stages.train_method(cfg, "transvg")
+    rec = PreparedSplit(prepared_path(cfg), "val").records[0]
+    image = Image.open(os.path.join(cfg.data.image_dir, rec["file_name"]))
+    box = Grounder(stages.checkpoint_dir(cfg, "transvg") / BEST).predict([image], [rec["sentence"]])[0]
+    assert box.shape == (4,) and 0 <= box[0] <= box[2] <= image.width and 0 <= box[1] <= box[3] <= image.height
