@@ -144,6 +144,8 @@ class TextEncoder(_Frozen):
                 intermediate_size=cfg.intermediate_size,
                 max_position_embeddings=max(64, max_positions),
                 pad_token_id=pad_token_id,
+                hidden_dropout_prob=cfg.dropout,
+                attention_probs_dropout_prob=cfg.dropout,
                 attn_implementation="sdpa",
             )
             self.body = BertModel(config, add_pooling_layer=False)

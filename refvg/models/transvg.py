@@ -12,7 +12,7 @@ from refvg.config import Config
 from refvg.losses import grounding_box_loss
 from refvg.models.backbones import build_text_encoder, build_visual_backbone
 from refvg.models.registry import register_model
-from refvg.models.vl import BoxHead, VLTransformer
+from refvg.models.vl import VLTransformer, build_box_head, downsample_mask
 
 
 class TransVG(nn.Module):
@@ -24,13 +24,15 @@ class TransVG(nn.Module):
         self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
         self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max_len)
         self.vl = VLTransformer(self.visual.out_channels[-1], self.text.hidden_size, m.fusion, max_len)
-        self.head = BoxHead(m.fusion.d_model)
+        self.head = build_box_head(m.fusion)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         visual = self.visual(batch["image"])[-1]
         text = self.text(batch["input_ids"], batch["attention_mask"])
-        reg, _ = self.vl(visual, batch["pixel_mask"], text, batch["attention_mask"])
-        return {"pred_boxes": self.head(reg)}
+        reg, tokens = self.vl(visual, batch["pixel_mask"], text, batch["attention_mask"])
+        grid = visual.shape[-2:]
+        visual_pad = downsample_mask(batch["pixel_mask"], grid).flatten(1)
+        return {"pred_boxes": self.head(reg, tokens[:, -grid[0] * grid[1]:], visual_pad, grid)}
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.train.loss

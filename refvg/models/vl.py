@@ -127,7 +127,8 @@ class VLTransformer(nn.Module):
         if L > self.text_pos.num_embeddings:
             raise ValueError(f"{L} text tokens exceed max_text_len {self.text_pos.num_embeddings}")
         vis_pad = downsample_mask(pixel_mask, (fh, fw)).flatten(1)  # [B,N]
-        v = self.visual_proj(torch.cat([visual.flatten(2).transpose(1, 2), cell_coords(fh, fw, visual).expand(b, -1, -1)], -1))
+        coords = cell_coords(fh, fw, visual).expand(b, -1, -1)
+        v = self.visual_proj(torch.cat([visual.flatten(2).transpose(1, 2), coords], -1))
         t = self.text_proj(text)
         dtype = v.dtype
         reg = self.reg_token.to(dtype).expand(b, -1, -1)
@@ -143,6 +144,8 @@ class VLTransformer(nn.Module):
         keep = torch.cat(
             [torch.ones(b, 1, dtype=torch.bool, device=x.device), text_mask.bool(), ~vis_pad], dim=1
         )
+        # Positions go into the tokens themselves (not only queries and keys, as in DETR), so attention
+        # outputs carry where they read from: backbones trained from scratch have no other location cue.
         x = x + pos
         for layer in self.layers:
             x = layer(x, None, keep)
@@ -151,7 +154,7 @@ class VLTransformer(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """[B,D] -> [B,4] cxcywh in [0,1] (3-layer MLP, sigmoid)."""
+    """[REG] output -> [B,4] cxcywh in [0,1] (3-layer MLP, sigmoid): TransVG's head."""
 
     def __init__(self, d_model: int, hidden: int | None = None):
         super().__init__()
@@ -160,5 +163,29 @@ class BoxHead(nn.Module):
             nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x).sigmoid()
+    def forward(self, reg: torch.Tensor, visual_tokens: torch.Tensor | None = None,
+                visual_pad: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.mlp(reg).sigmoid()
+
+
+class AttentionBoxHead(BoxHead):
+    """[REG] attends over the fused visual tokens; centre = attention-weighted cell centres + a bounded
+    offset (at most one cell), size = sigmoid of the MLP. Returns [B,4] cxcywh in [0,1]."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model)
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+
+    def forward(self, reg, visual_tokens=None, visual_pad=None, grid=None):
+        h, w = grid
+        logits = (self.key(visual_tokens) @ self.query(reg).unsqueeze(-1)).squeeze(-1) / reg.shape[-1] ** 0.5
+        attn = logits.float().masked_fill(visual_pad, torch.finfo(torch.float32).min).softmax(-1)
+        centre = attn @ cell_coords(h, w, attn)[0, :, 4:6]
+        raw = self.mlp(reg).float()
+        cell = torch.tensor([1 / w, 1 / h], device=raw.device)
+        return torch.cat([(centre + torch.tanh(raw[:, :2]) * cell).clamp(0, 1), raw[:, 2:].sigmoid()], -1)
+
+
+def build_box_head(cfg: FusionConfig) -> BoxHead:
+    return AttentionBoxHead(cfg.d_model) if cfg.box_head == "attention" else BoxHead(cfg.d_model)
