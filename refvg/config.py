@@ -29,7 +29,7 @@ class SyntheticConfig(_Strict):
     num_images: int = Field(1200, gt=0)
     image_size: int = Field(128, ge=64)
     min_objects: int = Field(3, ge=2)
-    max_objects: int = Field(5, ge=2)
+    max_objects: int = Field(4, ge=2)
     expressions_per_ref: int = Field(2, ge=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
@@ -54,7 +54,7 @@ class DataConfig(_Strict):
     split_by: Literal["unc", "umd", "google"] = "unc"
     image_dir: str = "data/raw/refshapes/images"
     prepared_dir: str = "data/prepared"
-    image_size: int = Field(128, ge=32)
+    image_size: int = Field(64, ge=32)
     max_tokens: int = Field(20, ge=4)
     splits: tuple[str, ...] = SPLITS
     # "skip": drop a bad record, count it with its reason in the prepare manifest; "error": stop on it.
@@ -71,7 +71,7 @@ class VisualConfig(_Strict):
     embed_dim: int = 32  # swin only
     num_heads: tuple[int, ...] = (2, 4, 8)  # swin only
     # Which backbone stages feed the grounding model (0-based); the last is the one TransVG uses.
-    out_stages: tuple[int, ...] = (2,)
+    out_stages: tuple[int, ...] = (1,)
     freeze: bool = False
 
 
@@ -82,7 +82,7 @@ class TextConfig(_Strict):
     num_heads: int = 2
     intermediate_size: int = 128
     vocab_size: int = Field(1000, ge=50)  # size of the WordPiece vocabulary built offline
-    dropout: float = Field(0.1, ge=0, lt=1)  # small config only; a pretrained model keeps its own
+    dropout: float = Field(0.0, ge=0, lt=1)  # small config only; a pretrained model keeps its own
     freeze: bool = False
 
 
@@ -91,7 +91,7 @@ class FusionConfig(_Strict):
     num_layers: int = 2
     num_heads: int = 4
     ffn_dim: int = 256
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     # "mlp": the paper's head, an MLP on the [REG] output. "attention": [REG] also attends over the fused
     # visual tokens and the box centre is the attention-weighted cell centre plus an MLP offset; it reads
     # location off the feature map instead of decoding it, and converges several times faster from scratch.
@@ -107,13 +107,15 @@ class ModelConfig(_Strict):
 class LossConfig(_Strict):
     l1_weight: float = 5.0
     giou_weight: float = 2.0
+    # Weight of -log(read-out attention mass inside the target box); only with fusion.box_head "attention".
+    attention_weight: float = Field(1.0, ge=0)
 
 
 class TrainConfig(_Strict):
     epochs: int = Field(12, gt=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(5e-4, gt=0)
-    lr_backbone: float = Field(2e-4, ge=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    lr_backbone: float = Field(3e-4, ge=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"

@@ -42,7 +42,7 @@ def test_transvg_shapes_loss_and_grads(kind):
     assert pred.shape == (4, 4) and pred.dtype == torch.float32
     assert ((pred >= 0) & (pred <= 1)).all()
     losses = model.compute_loss(out, batch)
-    assert set(losses) == {"loss", "l1", "giou"} and torch.isfinite(losses["loss"])
+    assert {"loss", "l1", "giou", "attention"} <= set(losses) and torch.isfinite(losses["loss"])
     losses["loss"].backward()
     for part in (model.visual, model.text, model.vl, model.head):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
@@ -159,3 +159,26 @@ def test_registry():
     assert "nope" in str(err.value) and "transvg" in str(err.value)
     with pytest.raises(ValueError, match="already registered"):
         register_model("transvg")(lambda cfg, v, p: None)
+
+
+def test_box_heads_and_grounding_attention_loss():
+    from refvg.models.vl import attention_in_box_loss
+
+    # The paper's MLP head is still available and trains without the attention term.
+    model = make_model(box_head="mlp")
+    b = make_batch(2)
+    out = model(b)
+    assert "readout_attention" not in out and set(model.compute_loss(out, b)) == {"loss", "l1", "giou"}
+
+    # All attention on the cell holding the box centre -> ~0 loss; all of it elsewhere -> large.
+    grid = (4, 4)
+    box = torch.tensor([[0.3, 0.3, 0.1, 0.1]])  # centre in cell (row 1, col 1)
+    on = torch.zeros(1, 16)
+    on[0, 5] = 1.0
+    off = torch.zeros(1, 16)
+    off[0, 15] = 1.0
+    assert attention_in_box_loss(on, grid, box) < 1e-5
+    assert attention_in_box_loss(off, grid, box) > 10
+    # A big box counts every cell whose centre it covers.
+    spread = torch.full((1, 16), 1 / 16)
+    assert torch.isclose(attention_in_box_loss(spread, grid, torch.tensor([[0.5, 0.5, 1.0, 1.0]])), torch.tensor(0.0), atol=1e-5)

@@ -46,7 +46,7 @@ COLOURS = {
 }
 SIZES = ("small", "big")
 # Side of an object's box as a fraction of the image's shorter side; the gap keeps "small"/"big" unambiguous.
-SIZE_RANGES = {"small": (0.13, 0.19), "big": (0.26, 0.34)}
+SIZE_RANGES = {"small": (0.18, 0.24), "big": (0.32, 0.40)}
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
 NOUNS = ("shape", "object")
 EXTREME_DIRS = ("left", "right", "top", "bottom")

@@ -12,7 +12,7 @@ from refvg.config import Config
 from refvg.losses import grounding_box_loss
 from refvg.models.backbones import build_text_encoder, build_visual_backbone
 from refvg.models.registry import register_model
-from refvg.models.vl import VLTransformer, build_box_head, downsample_mask
+from refvg.models.vl import AttentionBoxHead, VLTransformer, attention_in_box_loss, build_box_head, downsample_mask
 
 
 class TransVG(nn.Module):
@@ -32,11 +32,18 @@ class TransVG(nn.Module):
         reg, tokens = self.vl(visual, batch["pixel_mask"], text, batch["attention_mask"])
         grid = visual.shape[-2:]
         visual_pad = downsample_mask(batch["pixel_mask"], grid).flatten(1)
-        return {"pred_boxes": self.head(reg, tokens[:, -grid[0] * grid[1]:], visual_pad, grid)}
+        out = {"pred_boxes": self.head(reg, tokens[:, -grid[0] * grid[1]:], visual_pad, grid)}
+        if isinstance(self.head, AttentionBoxHead):
+            out["readout_attention"], out["grid"] = self.head.last_attention, tuple(grid)
+        return out
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.train.loss
-        return grounding_box_loss(outputs["pred_boxes"], batch["box"], w.l1_weight, w.giou_weight)
+        losses = grounding_box_loss(outputs["pred_boxes"], batch["box"], w.l1_weight, w.giou_weight)
+        if "readout_attention" in outputs and w.attention_weight > 0:
+            losses["attention"] = attention_in_box_loss(outputs["readout_attention"], outputs["grid"], batch["box"])
+            losses["loss"] = losses["loss"] + w.attention_weight * losses["attention"]
+        return losses
 
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
         return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)

@@ -181,10 +181,23 @@ class AttentionBoxHead(BoxHead):
         h, w = grid
         logits = (self.key(visual_tokens) @ self.query(reg).unsqueeze(-1)).squeeze(-1) / reg.shape[-1] ** 0.5
         attn = logits.float().masked_fill(visual_pad, torch.finfo(torch.float32).min).softmax(-1)
+        self.last_attention = attn  # [B, h*w]: what the grounding-attention loss supervises
         centre = attn @ cell_coords(h, w, attn)[0, :, 4:6]
         raw = self.mlp(reg).float()
         cell = torch.tensor([1 / w, 1 / h], device=raw.device)
         return torch.cat([(centre + torch.tanh(raw[:, :2]) * cell).clamp(0, 1), raw[:, 2:].sigmoid()], -1)
+
+
+def attention_in_box_loss(attn: torch.Tensor, grid: tuple[int, int], box_cxcywh: torch.Tensor) -> torch.Tensor:
+    """-log of the read-out attention mass on cells whose centre lies in the target box (the nearest cell
+    when the box is smaller than a cell): a dense signal that tells the [REG] token where to look."""
+    h, w = grid
+    centres = cell_coords(h, w, attn)[0, :, 4:6]  # [N, 2]
+    cx, cy, bw, bh = box_cxcywh.float().unbind(-1)
+    half_w = torch.maximum(bw / 2, torch.full_like(bw, 0.5 / w))[:, None]
+    half_h = torch.maximum(bh / 2, torch.full_like(bh, 0.5 / h))[:, None]
+    inside = ((centres[None, :, 0] - cx[:, None]).abs() <= half_w) & ((centres[None, :, 1] - cy[:, None]).abs() <= half_h)
+    return -torch.log((attn * inside).sum(-1).clamp_min(1e-6)).mean()
 
 
 def build_box_head(cfg: FusionConfig) -> BoxHead:
