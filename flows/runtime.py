@@ -116,7 +116,13 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 def timed_main(flow_fn, **kwargs) -> None:
     """Entry point of a stage process: runs the flow and records how the process spent its time
     (`.refvg/timings.jsonl`, read by benchmarks/pipeline.py)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Prefect configures the root logger its own way; give refvg's loggers (per-epoch lines, skips) a handler.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    lib = logging.getLogger("refvg")
+    lib.setLevel(logging.INFO)
+    lib.addHandler(handler)
+    lib.propagate = False
     t0 = time.perf_counter()
     result = run(flow_fn, **kwargs)
     record = {"flow": flow_fn.name, "args": kwargs, "flow_seconds": time.perf_counter() - t0,

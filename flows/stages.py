@@ -6,6 +6,7 @@ library's data work and model compute, which the overhead benchmark subtracts fr
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from refvg.data.text import TOKENIZER_DIR
 from refvg.engine.trainer import BEST
 from refvg.tracking import Tracker, stage_run
 
-log = logging.getLogger("refvg.flows")
+log = logging.getLogger("refvg.flows.stages")
 
 
 @task(cache_policy=NO_CACHE)
@@ -113,6 +114,9 @@ def report_flow(params: str = "params.yaml") -> dict:
         seconds = time.perf_counter() - t0
         log_files(tracker, [summary, summary.with_name("comparison.png")])
     print(summary.read_text())
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    print(f"metrics: {cfg.eval.metrics_dir}/<method>.json (dvc metrics show), plots: {cfg.eval.plots_dir}/<method>/, "
+          f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri})")
     return {"summary": str(summary), "work_seconds": seconds}
 
 

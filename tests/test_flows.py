@@ -35,7 +35,7 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     train = children["train@transvg"]
-    assert train.data.params["train.lr"] == "0.0005" and train.data.tags["git.commit"]
+    assert train.data.params["train.lr"] == str(load_config("params.yaml").train.lr) and train.data.tags["git.commit"]
     history = client.get_metric_history(train.info.run_id, "val/acc_at_0.5")
     assert [m.step for m in history] == [1, 2]  # one point per epoch
     evaluate = children["evaluate@transvg"]

@@ -107,7 +107,9 @@ def train(
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, {}
-        bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True)
+        # disable=None: a live bar on a terminal, nothing in logs (the per-epoch line below is logged anyway)
+        bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=None, mininterval=1.0)
         for batch in bar:
             batch = to_device(batch, device)
             with autocast(device, tcfg.amp):
