@@ -1,33 +1,40 @@
 """Times the default pipeline and what the orchestration (Prefect + MLflow + DVC) costs on top of it.
 
-    python benchmarks/pipeline.py              # bare run, then dvc repro -f, then a no-op dvc repro
-    python benchmarks/pipeline.py --skip-bare  # only the orchestrated runs
+    python benchmarks/pipeline.py          # cold dvc repro -f, no-op dvc repro, itemised overhead
+    python benchmarks/pipeline.py --bare   # first the same stages bare, for a direct comparison
 
-1. Bare: every stage through the `refvg` CLI, one process per stage exactly like DVC would start them, but
-   with no Prefect, no MLflow and no DVC. This is data work + model compute + Python/torch start-up.
-2. Orchestrated: `dvc repro -f`, every stage a Prefect flow logging to MLflow.
-The orchestration overhead is the difference of the two wall times. Also printed: per-stage wall and work
-seconds of the orchestrated run (from `.refvg/timings.jsonl`, which every stage process appends to),
-training samples/s per method, val Acc@0.5 per method, and the wall time of `dvc repro` with nothing changed.
+1. Orchestrated, cold: `dvc repro -f` with a Prefect server that is not running yet and has no state (a
+   temporary REFVG_PREFECT_HOME), every stage a Prefect flow logging to MLflow.
+2. `dvc repro` with nothing changed.
+3. The orchestration share, itemised by benchmarks/overhead.py (per-stage medians; a difference of two
+   pipeline wall times is within this machine's run-to-run noise).
+4. With --bare, first every stage through the `refvg` CLI, one process per stage as DVC starts them, with
+   no Prefect, MLflow or DVC, and the plain difference of the two walls.
+Also printed: per-stage wall and work seconds (from `.refvg/timings.jsonl`, which every stage process
+appends to), training samples/s and val Acc@0.5 per method.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+import overhead  # benchmarks/overhead.py (this script's folder is on sys.path)
+
 TIMINGS = Path(".refvg/timings.jsonl")
 
 
-def run(cmd: list[str]) -> float:
+def run(cmd: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     return time.perf_counter() - t0
 
 
@@ -43,14 +50,18 @@ def bare_pipeline(params: dict) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--skip-bare", action="store_true")
+    ap.add_argument("--bare", action="store_true", help="also run the stages bare first")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the overhead measurements")
     args = ap.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
 
-    bare = {} if args.skip_bare else bare_pipeline(params)
+    bare = bare_pipeline(params) if args.bare else {}
     start = TIMINGS.stat().st_size if TIMINGS.exists() else 0
-    wall = run(["dvc", "repro", "-f"])
-    noop = run(["dvc", "repro"])
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "REFVG_PREFECT_HOME": home}
+        wall = run(["dvc", "repro", "-f"], env)
+        noop = run(["dvc", "repro"], env)
+        subprocess.run([sys.executable, "-m", "flows.runtime", "stop"], env=env, check=True)
     with TIMINGS.open() as f:
         f.seek(start)
         stages = [json.loads(line) for line in f if line.strip()]
@@ -71,6 +82,7 @@ def main() -> None:
         print(f"bare pipeline (refvg CLI, same stages, same processes): {bare_wall:.1f} s")
         print(f"orchestration overhead (Prefect + MLflow + DVC): {overhead:.1f} s = {100 * overhead / wall:.1f} % of the pipeline's wall time")
     print(f"dvc repro with nothing changed: {noop:.1f} s")
+    overhead.report(overhead.measure(args.repeats), wall, args.repeats)
     for m in params["methods"]:
         path = Path(params["eval"]["metrics_dir"]) / f"{m}.json"
         if path.exists():

@@ -96,6 +96,9 @@ class FusionConfig(_Strict):
     # visual tokens and the box centre is the attention-weighted cell centre plus an MLP offset; it reads
     # location off the feature map instead of decoding it, and converges several times faster from scratch.
     box_head: Literal["mlp", "attention"] = "attention"
+    # Attention head only: the box is read from the cells within this many cells of the attention peak
+    # (null: from the whole map). A soft average over the whole map lands between two candidate objects.
+    readout_radius: Optional[int] = Field(1, ge=0)
 
 
 class ModelConfig(_Strict):
@@ -112,12 +115,12 @@ class LossConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(12, gt=0)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    lr_backbone: float = Field(3e-4, ge=0)
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    lr_backbone: float = Field(1e-3, ge=0)
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(50, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: tuple[float, ...] = (0.7, 0.9)  # fractions of total steps, for schedule "step"
     grad_clip: float = Field(1.0, ge=0)  # 0 disables

@@ -182,3 +182,40 @@ def test_box_heads_and_grounding_attention_loss():
     # A big box counts every cell whose centre it covers.
     spread = torch.full((1, 16), 1 / 16)
     assert torch.isclose(attention_in_box_loss(spread, grid, torch.tensor([[0.5, 0.5, 1.0, 1.0]])), torch.tensor(0.0), atol=1e-5)
+
+
+def test_local_readout_picks_the_peak_object_not_the_midpoint():
+    from refvg.models.vl import local_attention
+
+    # Attention split between two objects (cells (0,0) and (3,3) of a 4x4 map), slightly more on the first.
+    attn = torch.zeros(2, 16)
+    attn[:, 0], attn[:, 15] = 0.55, 0.45
+    attn[1, 1] = 0.0
+    local = local_attention(attn, 4, 4, radius=1)
+    assert torch.allclose(local.sum(-1), torch.ones(2))
+    assert local[:, 15].eq(0).all() and torch.allclose(local[:, 0], torch.ones(2))
+    # Neighbours of the peak keep their share; farther cells are dropped.
+    spread = torch.tensor([[0.4, 0.2, 0.2, 0.0] + [0.1, 0.0, 0.0, 0.0] + [0.1] + [0.0] * 7])
+    kept = local_attention(spread, 4, 4, radius=1)
+    assert torch.allclose(kept[0, [0, 1, 4]], torch.tensor([0.4, 0.2, 0.1]) / 0.7) and kept[0, [2, 8]].eq(0).all()
+    # Gradients reach the kept attention weights.
+    logits = torch.randn(1, 16, requires_grad=True)
+    local_attention(logits.softmax(-1), 4, 4, radius=1)[0, :5].sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+    # The head's centre follows the local read-out: on the stronger object, not between the two.
+    head = make_model().head
+    assert head.readout_radius == 1
+    d = head.query.in_features
+    with torch.no_grad():
+        head.query.weight.zero_(), head.query.bias.fill_(1.0)  # q = ones
+        head.key.weight.copy_(torch.eye(d)), head.key.bias.zero_()  # k = token
+        head.mlp[-1].weight.zero_(), head.mlp[-1].bias.zero_()  # no offset: the centre is the read-out alone
+        tokens = torch.zeros(1, 16, d)
+        tokens[0, 0], tokens[0, 15] = 2.0, 2.0 - 0.4 / d**0.5  # logits 0.4 apart, others ~0: 0.6 / 0.4 of the mass
+        args = (torch.zeros(1, d), tokens, torch.zeros(1, 16, dtype=torch.bool), (4, 4))
+        local_box = head(*args)
+        head.readout_radius = None
+        global_box = head(*args)
+    assert (local_box[0, :2] < 0.2).all(), local_box  # cell (0,0) has its centre at 0.125
+    assert (global_box[0, :2] > 0.35).all(), global_box  # the soft average lands mid-way (~0.43)

@@ -170,22 +170,41 @@ class BoxHead(nn.Module):
 
 class AttentionBoxHead(BoxHead):
     """[REG] attends over the fused visual tokens; centre = attention-weighted cell centres + a bounded
-    offset (at most one cell), size = sigmoid of the MLP. Returns [B,4] cxcywh in [0,1]."""
+    offset (at most one cell), offset and size from an MLP over [REG] and the attended visual features
+    (the object's own features know its extent; [REG] alone regresses sizes poorly). [B,4] cxcywh in [0,1]."""
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, readout_radius: int | None = 1):
         super().__init__(d_model)
+        self.readout_radius = readout_radius
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
+        self.mlp[0] = nn.Linear(2 * d_model, d_model)
 
     def forward(self, reg, visual_tokens=None, visual_pad=None, grid=None):
         h, w = grid
         logits = (self.key(visual_tokens) @ self.query(reg).unsqueeze(-1)).squeeze(-1) / reg.shape[-1] ** 0.5
         attn = logits.float().masked_fill(visual_pad, torch.finfo(torch.float32).min).softmax(-1)
         self.last_attention = attn  # [B, h*w]: what the grounding-attention loss supervises
-        centre = attn @ cell_coords(h, w, attn)[0, :, 4:6]
-        raw = self.mlp(reg).float()
+        centres = cell_coords(h, w, attn)[0, :, 4:6]
+        if self.readout_radius is not None:
+            attn = local_attention(attn, h, w, self.readout_radius)
+        centre = attn @ centres
+        attended = (attn.to(visual_tokens.dtype).unsqueeze(1) @ visual_tokens).squeeze(1)
+        raw = self.mlp(torch.cat([reg, attended], -1)).float()
         cell = torch.tensor([1 / w, 1 / h], device=raw.device)
         return torch.cat([(centre + torch.tanh(raw[:, :2]) * cell).clamp(0, 1), raw[:, 2:].sigmoid()], -1)
+
+
+def local_attention(attn: torch.Tensor, h: int, w: int, radius: int) -> torch.Tensor:
+    """Attention [B, h*w] kept only within `radius` cells (Chebyshev) of its peak, renormalised. The peak is
+    chosen without gradient; the kept weights stay differentiable."""
+    peak = attn.detach().argmax(-1)
+    py, px = peak // w, peak % w
+    ys = torch.arange(h, device=attn.device).repeat_interleave(w)
+    xs = torch.arange(w, device=attn.device).repeat(h)
+    near = ((ys[None] - py[:, None]).abs() <= radius) & ((xs[None] - px[:, None]).abs() <= radius)
+    local = attn * near
+    return local / local.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def attention_in_box_loss(attn: torch.Tensor, grid: tuple[int, int], box_cxcywh: torch.Tensor) -> torch.Tensor:
@@ -201,4 +220,4 @@ def attention_in_box_loss(attn: torch.Tensor, grid: tuple[int, int], box_cxcywh:
 
 
 def build_box_head(cfg: FusionConfig) -> BoxHead:
-    return AttentionBoxHead(cfg.d_model) if cfg.box_head == "attention" else BoxHead(cfg.d_model)
+    return AttentionBoxHead(cfg.d_model, cfg.readout_radius) if cfg.box_head == "attention" else BoxHead(cfg.d_model)
