@@ -1,9 +1,8 @@
 """DVC stage `evaluate@<method>`: `python -m flows.evaluate --method <method>`."""
 from flows.runtime import stage_parser, timed_main
-from flows.stages import evaluate_flow
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("--method", required=True, help="a key of the methods table in params.yaml")
     args = parser.parse_args()
-    timed_main(evaluate_flow, method=args.method, params=args.params)
+    timed_main("flows.stages:evaluate_flow", method=args.method, params=args.params)

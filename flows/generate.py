@@ -1,7 +1,6 @@
 """DVC stage `generate`: `python -m flows.generate`."""
 from flows.runtime import stage_parser, timed_main
-from flows.stages import generate_flow
 
 if __name__ == "__main__":
     args = stage_parser(__doc__).parse_args()
-    timed_main(generate_flow, params=args.params)
+    timed_main("flows.stages:generate_flow", params=args.params)

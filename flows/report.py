@@ -1,7 +1,6 @@
 """DVC stage `report`: `python -m flows.report`."""
 from flows.runtime import stage_parser, timed_main
-from flows.stages import report_flow
 
 if __name__ == "__main__":
     args = stage_parser(__doc__).parse_args()
-    timed_main(report_flow, params=args.params)
+    timed_main("flows.stages:report_flow", params=args.params)

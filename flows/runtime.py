@@ -3,12 +3,14 @@
 Prefect's ephemeral server costs ~12 s in every process that starts a flow; DVC runs one process per stage,
 so that tax would be paid per stage. Instead, unless `PREFECT_API_URL` names a server, the first stage starts
 a local `prefect server` on loopback (state in `.prefect/`, kept running for the next stages and for the UI)
-and every later process just connects to it (~2 s). `REFVG_PREFECT_SERVER=ephemeral` restores the ephemeral
-per-process mode.
+and every later process just connects to it (~2 s). The first stage starts it before importing its libraries,
+so the boot (~18 s on a fresh state, mostly database migrations) overlaps those imports.
+`REFVG_PREFECT_SERVER=ephemeral` restores the ephemeral per-process mode.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -18,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from refvg.tracking import disable_telemetry
 
@@ -42,13 +45,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_server(home: Path = PREFECT_HOME, timeout: float = 90.0) -> str:
-    """Start `prefect server` detached on loopback (or reuse the one recorded in `home`); returns its API URL."""
+def _recorded_server(home: Path) -> str | None:
+    """The API URL of the server recorded in `home`, if it answers."""
     state = home / "server.json"
     if state.exists():
         url = json.loads(state.read_text())["api_url"]
         if _healthy(url):
             return url
+    return None
+
+
+def spawn_local_server(home: Path = PREFECT_HOME) -> tuple[str, subprocess.Popen]:
+    """Start `prefect server` detached on loopback without waiting for it; returns (API URL, process)."""
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -60,18 +68,27 @@ def start_local_server(home: Path = PREFECT_HOME, timeout: float = 90.0) -> str:
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # outlives this stage
         )
+    return url, proc
+
+
+def wait_for_server(url: str, proc: subprocess.Popen, home: Path = PREFECT_HOME, timeout: float = 90.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"prefect server exited with {proc.returncode}; see {home / 'server.log'}")
         if _healthy(url):
-            state.write_text(json.dumps({"api_url": url, "pid": proc.pid}))
+            (home / "server.json").write_text(json.dumps({"api_url": url, "pid": proc.pid}))
             print(f"refvg: started a Prefect server at {url[:-4]} (UI; state in {home}); "
                   f"stop it with: python -m flows.runtime stop", file=sys.stderr)
             return url
         time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
+
+
+def start_local_server(home: Path = PREFECT_HOME) -> str:
+    """The local server's API URL: the one recorded in `home` if it answers, else a new one."""
+    return _recorded_server(home) or wait_for_server(*spawn_local_server(home), home)
 
 
 def stop_local_server(home: Path = PREFECT_HOME) -> bool:
@@ -87,18 +104,24 @@ def stop_local_server(home: Path = PREFECT_HOME) -> bool:
     return True
 
 
-def prefect_api_url() -> str | None:
-    """The API this process's flows report to; None means Prefect's ephemeral server."""
+def begin_prefect_api() -> Callable[[], str | None]:
+    """Choose the API this process's flows report to and, if the local server must be started, start it
+    now; the returned callable waits for it and gives its URL (None: Prefect's ephemeral server). A stage
+    calls this before importing its libraries, so a cold server boots while they import."""
     if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+        url = os.environ["PREFECT_API_URL"]
+        return lambda: url
     if os.environ.get("REFVG_PREFECT_SERVER", "local") == "ephemeral":
-        return None
-    return start_local_server()
+        return lambda: None
+    url = _recorded_server(PREFECT_HOME)
+    if url:
+        return lambda: url
+    spawned = spawn_local_server(PREFECT_HOME)
+    return lambda: wait_for_server(*spawned, PREFECT_HOME)
 
 
-def run(flow_fn, **kwargs):
-    """Run a flow against the chosen API."""
-    url = prefect_api_url()
+def run(flow_fn, url: str | None, **kwargs):
+    """Run a flow against the API at `url` (None: the ephemeral server)."""
     if url is None:
         return flow_fn(**kwargs)
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -113,9 +136,10 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def timed_main(flow_fn, **kwargs) -> None:
-    """Entry point of a stage process: runs the flow and records how the process spent its time
-    (`.refvg/timings.jsonl`, read by benchmarks/pipeline.py)."""
+def timed_main(flow_ref, **kwargs) -> None:
+    """Entry point of a stage process: runs a flow (`flow_ref`: the flow, or "module:name" to import it once
+    the server is booting) and records how the process spent its time (`.refvg/timings.jsonl`, read by
+    benchmarks/pipeline.py)."""
     # Prefect configures the root logger its own way; give refvg's loggers (per-epoch lines, skips) a handler.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -124,7 +148,13 @@ def timed_main(flow_fn, **kwargs) -> None:
     lib.addHandler(handler)
     lib.propagate = False
     t0 = time.perf_counter()
-    result = run(flow_fn, **kwargs)
+    api_url = begin_prefect_api()
+    if isinstance(flow_ref, str):
+        module, name = flow_ref.split(":")
+        flow_fn = getattr(importlib.import_module(module), name)  # prefect, mlflow, torch: seconds of imports
+    else:
+        flow_fn = flow_ref
+    result = run(flow_fn, api_url(), **kwargs)
     record = {"flow": flow_fn.name, "args": kwargs, "flow_seconds": time.perf_counter() - t0,
               "process_seconds": time.time() - _process_start(), "work_seconds": (result or {}).get("work_seconds")}
     path = Path(".refvg/timings.jsonl")

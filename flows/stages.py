@@ -16,9 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from refvg import stages
 from refvg.config import Config, load_config
-from refvg.data.prepare import prepared_path
 from refvg.data.text import TOKENIZER_DIR
-from refvg.engine.trainer import BEST
 from refvg.tracking import Tracker, stage_run
 
 log = logging.getLogger("refvg.flows.stages")
@@ -74,7 +72,7 @@ def prepare_flow(params: str = "params.yaml") -> dict:
         tracker.log_metrics({**counts, "skipped.total": manifest["skipped"]["total"],
                              **{f"skipped.{r}": n for r, n in manifest["skipped"]["counts"].items()},
                              "prepare_seconds": seconds})
-        log_files(tracker, [prepared_path(cfg) / "manifest.json"])
+        log_files(tracker, [stages.prepared_manifest(cfg)])
     return {"manifest": manifest, "work_seconds": seconds}
 
 
@@ -86,10 +84,9 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
                    params={"method": cfg.methods[method].model_dump(mode="json"), **run_cfg.model_dump(mode="json")}) as tracker:
         result = work.with_options(name=f"train-{method}")(
             stages.train_method, cfg, method, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
-        ckpt = stages.checkpoint_dir(cfg, method)
         tracker.log_metrics({"best_val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
                              "train_samples_per_second": result.samples_per_second})
-        upload(tracker.log_model, ckpt / BEST, ckpt / TOKENIZER_DIR, name="log-model")
+        upload(tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR, name="log-model")
     return {"best_score": result.best_score, "best_epoch": result.best_epoch,
             "samples_per_second": result.samples_per_second, "work_seconds": result.compute_seconds}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import pandas as pd
-import pytest
 from mlflow.tracking import MlflowClient
 
 from refvg.config import load_config

@@ -50,7 +50,7 @@ def test_train_evaluate_report(in_tiny):
     cfg = load_config("params.yaml")
     epochs_seen = []
     result = stages.train_method(cfg, "transvg", on_epoch_end=lambda m, e: epochs_seen.append((e, m)))
-    assert [e for e, _ in epochs_seen] == [1, 2]
+    assert [e for e, _ in epochs_seen] == [1, 2] and result.best_checkpoint.exists()
     assert {"train/loss", "train/l1", "train/giou", "val/acc@0.5", "lr"} <= set(epochs_seen[0][1])
     assert np.isfinite(epochs_seen[-1][1]["train/loss"])
     ckpt = stages.checkpoint_dir(cfg, "transvg")

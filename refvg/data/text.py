@@ -4,10 +4,12 @@ with `save_pretrained`, so later stages load either the same way."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
-from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers costs seconds to import; stages that only need TOKENIZER_DIR skip it
+    from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
 TOKENIZER_DIR = "tokenizer"  # where a prepared dataset and a checkpoint folder keep their tokenizer
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -17,6 +19,7 @@ def build_wordpiece_tokenizer(expressions: Iterable[str], vocab_size: int) -> Be
     """A BERT-style uncased WordPiece tokenizer trained on `expressions` (training split only, so val/test
     words the tokenizer never saw map to sub-words or [UNK] exactly as a real pretrained vocabulary would)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -35,6 +38,8 @@ def get_tokenizer(
     out_dir: Path, pretrained: Optional[str], train_expressions: Iterable[str], vocab_size: int
 ) -> PreTrainedTokenizerBase:
     """Build (or load the pretrained) tokenizer and save it to `out_dir` for the later stages."""
+    from transformers import AutoTokenizer
+
     if pretrained:
         tokenizer = AutoTokenizer.from_pretrained(pretrained)
     else:
@@ -44,6 +49,8 @@ def get_tokenizer(
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -38,6 +38,10 @@ class TrainResult:
     compute_seconds: float = 0.0  # forward/backward/step and validation: the work, not the orchestration
     resumed_from_epoch: int = 0
 
+    @property
+    def best_checkpoint(self) -> Path:
+        return Path(self.checkpoint_dir) / BEST
+
 
 def lr_lambda(tcfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """Linear warmup, then cosine to zero, step decay (x0.1 at each milestone) or constant."""
