@@ -20,7 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -31,12 +33,21 @@ def wall(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def cold_server_start() -> float:
+@contextmanager
+def fresh_prefect_home() -> Iterator[dict]:
+    """An environment whose stages start their local Prefect server in a new, empty state folder (as on a
+    fresh machine); that server is stopped on exit."""
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "REFVG_PREFECT_HOME": home}
-        seconds = wall([sys.executable, "-m", "flows.runtime", "url"], env)
-        wall([sys.executable, "-m", "flows.runtime", "stop"], env)
-    return seconds
+        try:
+            yield env
+        finally:
+            subprocess.run([sys.executable, "-m", "flows.runtime", "stop"], env=env, check=True, capture_output=True)
+
+
+def cold_server_start() -> float:
+    with fresh_prefect_home() as env:
+        return wall([sys.executable, "-m", "flows.runtime", "url"], env)
 
 
 def measure(repeats: int = 3) -> dict[str, float]:

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,11 +55,9 @@ def main() -> None:
 
     bare = bare_pipeline(params) if args.bare else {}
     start = TIMINGS.stat().st_size if TIMINGS.exists() else 0
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "REFVG_PREFECT_HOME": home}
+    with overhead.fresh_prefect_home() as env:
         wall = run(["dvc", "repro", "-f"], env)
         noop = run(["dvc", "repro"], env)
-        subprocess.run([sys.executable, "-m", "flows.runtime", "stop"], env=env, check=True)
     with TIMINGS.open() as f:
         f.seek(start)
         stages = [json.loads(line) for line in f if line.strip()]

@@ -86,9 +86,18 @@ def wait_for_server(url: str, proc: subprocess.Popen, home: Path = PREFECT_HOME,
     raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
 
 
+def begin_local_server(home: Path = PREFECT_HOME) -> Callable[[], str]:
+    """The server recorded in `home` if it answers, else a new one started now; the callable waits for it
+    and returns its API URL."""
+    url = _recorded_server(home)
+    if url:
+        return lambda: url
+    spawned = spawn_local_server(home)
+    return lambda: wait_for_server(*spawned, home)
+
+
 def start_local_server(home: Path = PREFECT_HOME) -> str:
-    """The local server's API URL: the one recorded in `home` if it answers, else a new one."""
-    return _recorded_server(home) or wait_for_server(*spawn_local_server(home), home)
+    return begin_local_server(home)()
 
 
 def stop_local_server(home: Path = PREFECT_HOME) -> bool:
@@ -113,11 +122,7 @@ def begin_prefect_api() -> Callable[[], str | None]:
         return lambda: url
     if os.environ.get("REFVG_PREFECT_SERVER", "local") == "ephemeral":
         return lambda: None
-    url = _recorded_server(PREFECT_HOME)
-    if url:
-        return lambda: url
-    spawned = spawn_local_server(PREFECT_HOME)
-    return lambda: wait_for_server(*spawned, PREFECT_HOME)
+    return begin_local_server(PREFECT_HOME)
 
 
 def run(flow_fn, url: str | None, **kwargs):
