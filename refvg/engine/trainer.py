@@ -124,7 +124,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            n = batch["box"].shape[0]
+            n = batch["image"].shape[0]  # weakly supervised batches carry no box
             seen += n
             loss_sum += losses["loss"].item() * n
             for k, v in losses.items():
