@@ -101,10 +101,24 @@ class FusionConfig(_Strict):
     readout_radius: Optional[int] = Field(1, ge=0)
 
 
+class QRNetConfig(_Strict):
+    """QRNet's query-modulated backbone. Its multiscale fusion reads every `model.visual.out_stages` map."""
+
+    # Query-aware dynamic attention inside every backbone stage up to the last out stage; false: the
+    # ablation, a backbone that never sees the expression (the multiscale fusion stays query-aware).
+    qd_att: bool = True
+    qd_att_rank: int = Field(16, gt=0)  # rank of the dynamic linear layer's query-generated weights
+    qd_att_key_dim: int = Field(64, gt=0)
+    # The out stage whose grid the fused map (the fusion transformer's visual tokens) takes; null: the
+    # finest. Small RefShapes objects need stride 8; at 640 px stride 32 keeps the token count at 400.
+    fusion_stage: Optional[int] = None
+
+
 class ModelConfig(_Strict):
     visual: VisualConfig = VisualConfig()
     text: TextConfig = TextConfig()
     fusion: FusionConfig = FusionConfig()
+    qrnet: QRNetConfig = QRNetConfig()
 
 
 class LossConfig(_Strict):
@@ -135,6 +149,9 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     batch_size: int = Field(64, gt=0)
+    # Splits scored by the evaluate stage. Not train by default: it is the largest split and costs more
+    # than the rest together; add it to look for overfitting.
+    splits: tuple[str, ...] = ("val", "testA", "testB")
     iou_thresholds: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
     num_qualitative: int = Field(16, ge=0)
     metrics_dir: str = "metrics"

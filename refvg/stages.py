@@ -121,7 +121,7 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
     manifest = read_manifest(prepared)
     ecfg = cfg.eval
     preds, metrics = [], {}
-    for split in cfg.data.splits:
+    for split in ecfg.splits:
         if split not in manifest["splits"]:
             continue
         ds = PreparedSplit(prepared, split, language_blind=state["language_blind"])

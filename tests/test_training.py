@@ -58,7 +58,7 @@ def test_train_evaluate_report(in_tiny):
 
     rep = stages.evaluate_method(cfg, "transvg")
     payload = json.loads(rep.metrics_path.read_text())
-    assert set(payload["splits"]) == {"train", "val", "testA", "testB"}
+    assert set(payload["splits"]) == {"val", "testA", "testB"}
     val = payload["splits"]["val"]
     assert 0 <= val["acc@0.5"] <= 1 and val["n"] == read_manifest(prepared_path(cfg))["splits"]["val"]["samples"]
     assert val["acc@0.5:0.95"] <= val["acc@0.5"]

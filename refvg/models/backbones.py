@@ -39,7 +39,11 @@ class _Frozen(nn.Module):
 
 
 class VisualBackbone(_Frozen):
-    """pixel_values [B,3,H,W] -> feature maps [B,C_i,H_i,W_i], one per `out_stages` entry."""
+    """pixel_values [B,3,H,W] -> feature maps [B,C_i,H_i,W_i], one per `out_stages` entry.
+
+    Runs stage by stage, so a caller can refine each stage's map before the next stage sees it
+    (`modulate(stage, map) -> map`: QRNet's query-aware attention). Stages after the last one in
+    `out_stages` are dropped at build time: they would cost compute and leave grad-less parameters (DDP)."""
 
     def __init__(self, cfg: VisualConfig, image_size: int = 128):
         super().__init__()
@@ -59,26 +63,55 @@ class VisualBackbone(_Frozen):
         n = len(channels)
         if not self.out_stages or any(not 0 <= s < n for s in self.out_stages):
             raise ValueError(f"out_stages {self.out_stages} invalid for a {cfg.kind} with {n} stages")
+        self.stage_channels = channels[: max(self.out_stages) + 1]
         self.out_channels = [channels[s] for s in self.out_stages]
         self.strides = [strides[s] for s in self.out_stages]
-        self.num_stages = n
+        self.num_stages = len(self.stage_channels)
+        self._drop_unused_stages(n)
         if cfg.freeze:
             self._freeze(self.body)
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def _drop_unused_stages(self, total: int) -> None:
+        keep = self.num_stages
         if self.kind == "resnet":
-            # hidden_states[0] is the stem output; stage i is hidden_states[i + 1].
-            out = self.body(pixel_values, output_hidden_states=True)
-            return [out.hidden_states[s + 1] for s in self.out_stages]
-        # Pre-downsampling maps, so stage i really is at stride patch*2**i with embed_dim*2**i channels.
-        out = self.body(
-            pixel_values, output_hidden_states=True, output_hidden_states_before_downsampling=True
-        )
-        maps = list(out.reshaped_hidden_states[1:])
-        # The last stage's tokens also exist layer-normed as last_hidden_state; using that one keeps
-        # the final norm trained (and avoids unused parameters under DDP).
-        b, c, h, w = maps[-1].shape
-        maps[-1] = out.last_hidden_state.transpose(1, 2).reshape(b, c, h, w)
+            del self.body.encoder.stages[keep:]
+            self.body.pooler = None
+            return
+        del self.body.encoder.layers[keep:]
+        if keep < total:
+            # The kept last stage's patch merging fed a dropped stage; the final LayerNorm is sized for the
+            # model's true last stage, which is gone.
+            self.body.encoder.layers[-1].downsample = None
+            self.body.layernorm = None
+
+    def forward(self, pixel_values: torch.Tensor, modulate=None) -> list[torch.Tensor]:
+        wanted = set(self.out_stages)
+        maps: dict[int, torch.Tensor] = {}
+        if self.kind == "resnet":
+            x = self.body.embedder(pixel_values)
+            for i, stage in enumerate(self.body.encoder.stages):
+                x = stage(x)
+                if modulate is not None:
+                    x = modulate(i, x)
+                if i in wanted:
+                    maps[i] = x
+            return [maps[s] for s in self.out_stages]
+        tokens, (h, w) = self.body.embeddings(pixel_values)
+        for i, stage in enumerate(self.body.encoder.layers):
+            for block in stage.blocks:
+                tokens = block(tokens, (h, w))[0]
+            if i == len(self.body.encoder.layers) - 1 and self.body.layernorm is not None:
+                tokens = self.body.layernorm(tokens)  # the pretrained model's final norm, kept trained
+            b, _, c = tokens.shape
+            fmap = tokens.transpose(1, 2).reshape(b, c, h, w)
+            if modulate is not None:
+                fmap = modulate(i, fmap)
+                tokens = fmap.flatten(2).transpose(1, 2)
+            if i in wanted:
+                maps[i] = fmap
+            if stage.downsample is not None:
+                tokens = stage.downsample(tokens, (h, w))
+                h, w = (h + 1) // 2, (w + 1) // 2
         return [maps[s] for s in self.out_stages]
 
 

@@ -23,12 +23,22 @@ class TransVG(nn.Module):
         max_len = max(64, cfg.data.max_tokens)
         self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
         self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max_len)
-        self.vl = VLTransformer(self.visual.out_channels[-1], self.text.hidden_size, m.fusion, max_len)
+        visual_dim = self.build_neck()
+        self.vl = VLTransformer(visual_dim, self.text.hidden_size, m.fusion, max_len)
         self.head = build_box_head(m.fusion)
 
+    def build_neck(self) -> int:
+        """Modules between the backbones and the fusion transformer (none in TransVG, whose transformer reads
+        the backbone's last out stage); returns the channels of the map the transformer consumes."""
+        return self.visual.out_channels[-1]
+
+    def visual_features(self, batch: dict, text: torch.Tensor) -> torch.Tensor:
+        """The one visual map [B,C,h,w] fused with the text. TransVG's backbone never sees the expression."""
+        return self.visual(batch["image"])[-1]
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        visual = self.visual(batch["image"])[-1]
         text = self.text(batch["input_ids"], batch["attention_mask"])
+        visual = self.visual_features(batch, text)
         reg, tokens = self.vl(visual, batch["pixel_mask"], text, batch["attention_mask"])
         grid = visual.shape[-2:]
         visual_pad = downsample_mask(batch["pixel_mask"], grid).flatten(1)

@@ -1,0 +1,161 @@
+"""Training-step speed of the box models: forward + backward + AdamW step, after warm-up, median of repeats.
+
+    python benchmarks/train_step.py [--models transvg qrnet] [--image-size 64] [--batch 64]
+                                    [--real-size] [--device auto] [--variants fp32-eager bf16-eager ...]
+
+Prints samples/s and peak memory for fp32 vs bf16 autocast and eager vs `torch.compile`, and each variant's
+speed relative to fp32 eager of the same model. Every (model, variant) runs in its own process, so peak
+memory (CUDA: max allocated; CPU: peak RSS growth) and compile caches are its own.
+`--real-size`: the papers' sizes built from config (no download): Swin-T / ResNet-50 visual backbone,
+BERT-base text encoder, a 6-layer 256-d fusion transformer, stride-32 tokens (qrnet fuses strides 8/16/32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled")
+
+REAL_SIZE = {
+    "text": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "vocab_size": 30522},
+    "fusion": {"d_model": 256, "num_layers": 6, "num_heads": 8, "ffn_dim": 2048},
+}
+REAL_VISUAL = {
+    "transvg": {"kind": "resnet", "hidden_sizes": [256, 512, 1024, 2048], "depths": [3, 4, 6, 3], "out_stages": [3]},
+    "qrnet": {"kind": "swin", "embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24],
+              "out_stages": [1, 2, 3]},
+}
+
+
+def model_config(model: str, image_size: int, real_size: bool):
+    from refvg.config import Config, _deep_merge
+
+    raw = Config().model_dump(mode="python")
+    over: dict = {"data": {"image_size": image_size}}
+    if real_size:
+        over["model"] = {**REAL_SIZE, "visual": REAL_VISUAL[model]}
+        if model == "qrnet":
+            over["model"]["qrnet"] = {"fusion_stage": 3}
+    elif model == "qrnet":
+        over["model"] = {"visual": {"kind": "swin", "out_stages": [1, 2]}}  # the default pipeline's qrnet
+    return Config.model_validate(_deep_merge(raw, over))
+
+
+def synthetic_batch(cfg, batch: int, tokens: int = 12) -> dict:
+    import torch
+
+    s = cfg.data.image_size
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(batch, s, s, dtype=torch.bool)
+    mask[:, :, int(s * 0.8):] = True  # letterbox padding, as in real batches
+    return {
+        "image": torch.randint(0, 255, (batch, s, s, 3), dtype=torch.uint8, generator=g),
+        "pixel_mask": mask,
+        "input_ids": torch.randint(5, cfg.model.text.vocab_size, (batch, tokens), generator=g),
+        "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+        "box": torch.cat([0.3 + 0.4 * torch.rand(batch, 2, generator=g), 0.1 + 0.3 * torch.rand(batch, 2, generator=g)], 1),
+    }
+
+
+def run_one(model_name: str, variant: str, image_size: int, batch: int, steps: int, repeats: int,
+            real_size: bool, device_name: str) -> dict:
+    """One (model, variant) in this process: median samples/s over `repeats` timings of `steps` steps."""
+    import torch
+
+    from refvg.engine.runtime import autocast, resolve_device, seed_everything, to_device
+    from refvg.engine.trainer import build_optimizer
+    from refvg.models import build_model
+
+    precision, mode = variant.split("-")
+    cfg = model_config(model_name, image_size, real_size)
+    device = resolve_device(device_name)
+    seed_everything(0)
+    model = build_model(model_name, cfg, vocab_size=cfg.model.text.vocab_size, pad_token_id=0).to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if mode == "compiled" else model
+    opt = build_optimizer(model, cfg.train, device)
+    data = to_device(synthetic_batch(cfg, batch), device)
+    amp = "bf16" if precision == "bf16" else "off"
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step():
+        with autocast(device, amp):
+            loss = model.compute_loss(step_model(data), data)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    for _ in range(2):  # warm-up: compilation, allocator, autotuning
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        rates.append(steps * batch / (time.perf_counter() - t0))
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is KiB on Linux: the growth over the model's construction is the step's working set
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return {"model": model_name, "variant": variant, "samples_per_s": statistics.median(rates),
+            "peak_mib": peak_mib, "warmup_s": warmup_s, "device": str(device),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["transvg", "qrnet"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--real-size", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    common = dict(image_size=args.image_size, batch=args.batch, steps=args.steps, repeats=args.repeats,
+                  real_size=args.real_size, device_name=args.device)
+    if args.one:
+        print(json.dumps(run_one(*args.one, **common)))
+        return
+
+    rows = []
+    for model in args.models:
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--one", model, variant, "--image-size", str(args.image_size),
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
+                   "--device", args.device] + (["--real-size"] if args.real_size else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{model} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  done {model} {variant}", file=sys.stderr, flush=True)
+
+    size = "real-size" if args.real_size else "default pipeline size"
+    print(f"\ntrain step (forward + backward + AdamW), {args.image_size}x{args.image_size}, batch {args.batch}, {size}, "
+          f"device {rows[0]['device'] if rows else args.device}; median of {args.repeats} x {args.steps} steps")
+    print(f"{'model':<9}{'params M':>9}  {'variant':<15}{'samples/s':>10}{'vs fp32 eager':>15}{'peak MiB':>10}{'warm-up s':>11}")
+    for r in rows:
+        base = next((b for b in rows if b["model"] == r["model"] and b["variant"] == "fp32-eager"), None)
+        ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
+        print(f"{r['model']:<9}{r['params_m']:>9.1f}  {r['variant']:<15}{r['samples_per_s']:>10.1f}{ratio:>15}"
+              f"{r['peak_mib']:>10.0f}{r['warmup_s']:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()
