@@ -169,6 +169,10 @@ def timed_main(flow_ref, **kwargs) -> None:
 
 
 def _process_start() -> float:
+    from flows import launcher
+
+    if launcher.CLIENT_STARTED_AT is not None:  # in a stage worker's child: the process DVC started is its client
+        return launcher.CLIENT_STARTED_AT
     try:
         import psutil
 
