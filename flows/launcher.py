@@ -49,8 +49,8 @@ START_TIMEOUT_SECONDS = 180.0  # a worker's imports take ~10 s on a quiet 2-core
 # whose libraries were imported under other values would run the stage with the wrong settings.
 KEYED_ENV_PREFIXES = (
     "PREFECT_", "MLFLOW_", "PYTHON", "PYTORCH_", "TORCH", "CUDA_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_",
-    "HF_", "TRANSFORMERS_", "TOKENIZERS_", "SQLALCHEMY_", "MPL", "ARROW_", "LC_", "DO_NOT_TRACK", "TMPDIR",
-    "HOME", "LANG", "TZ", "NO_COLOR", "TERM", "COLUMNS",
+    "HF_", "TRANSFORMERS_", "TOKENIZERS_", "SQLALCHEMY_", "MPL", "ARROW_", "GIT_PYTHON", "LC_", "LANG", "TZ",
+    "DO_NOT_TRACK", "TMPDIR", "HOME", "NO_COLOR", "TERM", "COLUMNS",
 )
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 UNKEYED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # MLflow reads these per call, not at import

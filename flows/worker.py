@@ -38,17 +38,22 @@ from flows.launcher import send_message
 PRELOAD = (
     "torch", "transformers",
     "transformers.models.bert.modeling_bert", "transformers.models.resnet.modeling_resnet",
-    "transformers.models.swin.modeling_swin", "tokenizers",
+    "transformers.models.swin.modeling_swin", "transformers.models.bert.tokenization_bert", "tokenizers",
+    "torch.utils.serialization",
     "prefect", "prefect.flows", "prefect.tasks", "prefect.flow_engine", "prefect.task_engine",
     "prefect.cache_policies", "prefect.settings", "prefect.client.orchestration",
     "mlflow", "mlflow.tracking", "mlflow.entities", "mlflow.pyfunc", "mlflow.models",
     "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.tracking.sqlalchemy_workspace_store",
-    "mlflow.tracing.processor.otel", "mlflow.tracing.export", "opentelemetry.sdk.metrics",
+    "mlflow.tracing.processor.otel", "mlflow.tracing.processor.base_mlflow", "mlflow.tracing.export.utils",
+    "mlflow.tracing.utils.environment", "mlflow.models.display_utils", "opentelemetry.sdk.metrics",
+    "git",  # GitPython: mlflow's git context when a model is logged
     "sqlalchemy", "sqlalchemy.dialects.sqlite", "alembic", "alembic.command", "alembic.config",
     "prefect.utilities.visualization", "anyio._backends._asyncio", "pydantic.v1",
     "numpy", "pandas", "PIL.Image", "PIL.ImageDraw", "PIL.PngImagePlugin", "PIL.JpegImagePlugin",
     "matplotlib", "matplotlib.pyplot", "matplotlib.backends.backend_agg", "pycocotools.coco",
     "pycocotools.mask", "pydantic", "yaml", "tqdm", "psutil",
+    "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.PpmImagePlugin", "rich._emoji_codes",
+    "tabulate",  # torch._dynamo's atexit handler imports it in every process that imported torch
 )
 # Our code: never kept in the worker, so a child imports the client's current copy.
 PROJECT_PACKAGES = ("refvg", "flows")
@@ -377,6 +382,11 @@ def main() -> None:
     forget_project_modules()
     t0 = time.perf_counter()
     missing = preload()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        # A CUDA context does not survive fork: children could not use the GPU. Exiting sends clients in-process.
+        log("an import initialised CUDA; a forked child could not use the GPU: not serving")
+        os._exit(3)
     threads = sorted(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else []
     log(f"imported {len(PRELOAD) - len(missing)} libraries in {time.perf_counter() - t0:.1f} s"
         + (f" (not installed: {', '.join(missing)})" if missing else "")

@@ -177,6 +177,7 @@ def test_real_stage_gives_the_same_outputs_through_the_worker(tmp_path, prefect_
                   if r.data.tags.get("refvg.stage") == "generate"]
         metrics = {k: v for k, v in run.data.metrics.items() if not k.endswith("_seconds")}
         timing = json.loads((work / ".refvg/timings.jsonl").read_text().splitlines()[-1])
+        assert timing["via_worker"] == (mode == "worker")
         results[mode] = (files, run.data.params, metrics, run.info.status, timing["flow"])
     assert results["worker"][0], "generate wrote no files"
     assert results["worker"] == results["in-process"]
