@@ -93,9 +93,9 @@ def worker_key(env: dict[str, str], interpreter_flags: list[str] | None = None) 
     here = Path(__file__).resolve().parent
     parts = {
         "python": [sys.executable, sys.version, flags],
-        # [0] is the folder of the stage's entry (the project): not the libraries', and a child gets the
-        # client's whole sys.path anyway, so workers are shared between checkouts.
-        "sys.path": sys.path[1:],
+        # [0] is the project: importing from there, or caching what is installed there (its egg-info), a worker
+        # started for another checkout could differ. So each project gets its own worker.
+        "sys.path": sys.path,
         "site": {p: os.stat(p).st_mtime_ns for p in sites},
         "env": sorted((k, v) for k, v in env.items() if k.startswith(KEYED_ENV_PREFIXES) and k not in UNKEYED_ENV),
         "settings": [_digest(p) for p in (profiles, *(Path(name) for name in CWD_SETTINGS_FILES))],
@@ -203,7 +203,7 @@ def _start_worker(path: Path, env: dict[str, str]) -> None:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "flows.worker",
-             "--socket", str(path), "--idle", idle],
+             "--socket", str(path), "--idle", idle, "--sys-path", json.dumps(sys.path)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # outlives this stage, and a Ctrl-C at the terminal is not for it
         )

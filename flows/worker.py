@@ -333,6 +333,18 @@ def forget_project_modules() -> None:
             del sys.modules[name]
 
 
+def prewarm() -> None:
+    """Fill the per-process caches of the preloaded libraries that every stage would fill the same way."""
+    try:
+        from mlflow.utils.requirements_utils import _init_modules_to_packages_map
+    except ImportError:  # another mlflow version: the stages fill it themselves
+        return
+    # mlflow's log_model checks the model's requirements against the installed distributions, mapping all
+    # their files to modules once per process (1-3 s here); that depends only on sys.path and site-packages,
+    # both in the worker's key.
+    _init_modules_to_packages_map()
+
+
 def preload() -> list[str]:
     """Import PRELOAD; returns what could not be imported."""
     missing = []
@@ -375,13 +387,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--socket", required=True, type=Path)
     ap.add_argument("--idle", type=float, default=600.0, help="exit after this many seconds without a stage")
+    ap.add_argument("--sys-path", type=json.loads, help="the client's sys.path (JSON), which the key holds")
     args = ap.parse_args()
+    if args.sys_path:
+        sys.path[:] = args.sys_path
     from refvg.tracking import disable_telemetry
 
     disable_telemetry()  # before prefect / mlflow are imported, as in a stage process
     forget_project_modules()
     t0 = time.perf_counter()
     missing = preload()
+    prewarm()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         # A CUDA context does not survive fork: children could not use the GPU. Exiting sends clients in-process.

@@ -56,10 +56,12 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture
-def probe_dir(tmp_path) -> Path:
-    (tmp_path / "probe_stage.py").write_text(PROBE)
-    return tmp_path
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory) -> Path:
+    """One project folder for the probes, so they share a worker (a worker serves one project)."""
+    folder = tmp_path_factory.mktemp("probe")
+    (folder / "probe_stage.py").write_text(PROBE)
+    return folder
 
 
 def stage_env(**extra) -> dict:
@@ -122,8 +124,8 @@ def test_worker_key_follows_what_imports_read():
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_the_stage_dies_with_its_client(probe_dir, how):
-    pid_file = probe_dir / "child.pid"
+def test_the_stage_dies_with_its_client(probe_dir, how, tmp_path):
+    pid_file = tmp_path / "child.pid"
     client = subprocess.Popen([sys.executable, "-m", "probe_stage", "sleep", str(pid_file)], cwd=probe_dir,
                               env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
