@@ -9,11 +9,13 @@ on this process's state, imports the stage code fresh, runs it and reports its e
 process exits with. Signals this process gets (Ctrl-C, SIGTERM, SIGHUP) are forwarded to the child; if this
 process dies, the worker kills the child, and if the worker dies, this process kills the child.
 
-A worker only serves clients whose *key* it was started with: the interpreter and its flags, sys.path,
-the state of site-packages, the environment variables the pre-imported libraries read at import time
-(`KEYED_ENV_PREFIXES`), the settings files Prefect and matplotlib read from the working directory and
-Prefect's profiles, the CPU affinity and this module's and the worker's own source. A client with another key starts another worker; a worker that stays idle for
-`REFVG_STAGE_WORKER_IDLE` seconds (default 600) exits by itself.
+A worker only serves clients whose *key* it was started with: the interpreter and its flags, sys.path (so,
+the project: one worker per checkout), the state of site-packages, the environment variables the
+pre-imported libraries read at import time (`KEYED_ENV_PREFIXES`), the settings files Prefect and matplotlib
+read from the working directory and Prefect's profiles, the CPU affinity, and this module's and the worker's
+own source. A client with another key starts another worker; a worker idle for `REFVG_STAGE_WORKER_IDLE`
+seconds (default 600) exits by itself. The first stage of a pipeline starts the worker (it pays the imports
+once) and, as the in-process path does, the local Prefect server, which boots meanwhile.
 
     REFVG_STAGE_WORKER=0              run stages in-process, exactly as without the worker
     REFVG_STAGE_WORKER_DIR=PATH       where sockets and worker logs live (default: a per-user runtime dir)
@@ -30,7 +32,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -73,6 +74,8 @@ def runtime_dir(env: dict[str, str] = os.environ) -> Path:
     elif env.get("XDG_RUNTIME_DIR"):
         base = Path(env["XDG_RUNTIME_DIR"]) / "refvg"
     else:
+        import tempfile
+
         base = Path(tempfile.gettempdir()) / f"refvg-{os.getuid()}"
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = base.stat()
