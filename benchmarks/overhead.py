@@ -9,13 +9,14 @@ worker (flows/launcher.py).
   (`REFVG_STAGE_WORKER=0 python -m flows.report`, the path without the worker); the same through a warm
   stage worker (`python -m flows.report`, the default). Orchestration cost = each minus bare; also each
   one's time outside the stage's work (wall minus the work seconds the flow reports), an upper bound;
-- once per pipeline: the first stage on a fresh machine, which starts the local Prefect server (new state,
-  database created and migrated) and the stage worker (its imports) side by side, over a warm one; and
-  the server's start alone;
+- once per pipeline, the first stage over a warm one: on a fresh machine, where it starts the local Prefect
+  server (new state, database created and migrated; through the worker path it also starts the worker,
+  whose imports run while the server boots), and in a later pipeline through the worker path (the server
+  is up; the worker idled out and starts again); and the server's fresh start alone;
 - DVC's own work: `dvc status` (graph, hashes, lock file).
 With the wall time of a full `dvc repro` (benchmarks/pipeline.py passes it) it prints the share:
-(once-per-pipeline costs + stages x per-stage cost + DVC) / pipeline wall, for both paths. Needs a pipeline
-that has run once (metrics/ for the report stage).
+(once-per-pipeline cost + stages x per-stage cost + DVC) / pipeline wall, for both paths, fresh and later.
+Needs a pipeline that has run once (metrics/ for the report stage).
 """
 from __future__ import annotations
 
@@ -87,11 +88,16 @@ def _work_seconds(since: int) -> dict[bool, list[float]]:
 
 def measure(repeats: int = 5) -> dict[str, float]:
     since = TIMINGS.stat().st_size if TIMINGS.exists() else 0
-    rounds: dict[str, list[float]] = {"bare": [], "in_process": [], "worker": []}
+    # The first stage of a pipeline on a fresh machine starts the Prefect server (new state); through the
+    # worker path it also starts the worker, whose imports run while the server boots.
+    with fresh_prefect_home() as env:
+        first_fresh_in_process = wall(STAGE, {**env, "REFVG_STAGE_WORKER": "0"})
     with fresh_prefect_home() as env, fresh_worker_dir(env) as env:
-        # The first stage on a fresh machine starts the Prefect server (new state) and the stage worker; the
-        # server boots while the worker imports.
-        first = wall(STAGE, env)
+        first_fresh_worker = wall(STAGE, env)
+    wall([sys.executable, "-m", "flows.runtime", "url"])  # the project's server is up, as after a first run
+    rounds: dict[str, list[float]] = {"bare": [], "in_process": [], "worker": []}
+    with fresh_worker_dir() as env:
+        first_later_worker = wall(STAGE, env)  # a later pipeline: server up, the worker idled out long ago
         in_process = {**env, "REFVG_STAGE_WORKER": "0"}
         for _ in range(repeats):
             rounds["bare"].append(wall(BARE))
@@ -101,37 +107,50 @@ def measure(repeats: int = 5) -> dict[str, float]:
     med = {k: statistics.median(v) for k, v in rounds.items()}
     dvc = statistics.median(wall(["dvc", "status"]) for _ in range(repeats))
     return {
-        "server_start": cold_server_start(), "dvc": dvc, "bare_stage": med["bare"],
-        "in_process_stage": med["in_process"], "worker_stage": med["worker"], "first_stage": first,
+        "bare_stage": med["bare"], "in_process_stage": med["in_process"], "worker_stage": med["worker"],
         "in_process_per_stage": med["in_process"] - med["bare"], "worker_per_stage": med["worker"] - med["bare"],
-        "first_stage_extra": first - med["worker"],
         "in_process_outside_work": med["in_process"] - statistics.median(work[False]),
         "worker_outside_work": med["worker"] - statistics.median(work[True]),
+        "first_fresh_in_process": first_fresh_in_process, "first_fresh_worker": first_fresh_worker,
+        "first_later_worker": first_later_worker,
+        "once_fresh_in_process": first_fresh_in_process - med["in_process"],
+        "once_fresh_worker": first_fresh_worker - med["worker"],
+        "once_later_worker": first_later_worker - med["worker"],
+        "server_start": cold_server_start(), "dvc": dvc,
     }
 
 
 def report(costs: dict[str, float], pipeline_wall: float | None, repeats: int, stages: int | None = None) -> None:
     c = costs
     print(f"report stage, medians of {repeats} interleaved rounds:")
-    print(f"  bare (refvg CLI, no Prefect/MLflow):            {c['bare_stage']:6.2f} s")
-    print(f"  Prefect flow + MLflow run, own process:         {c['in_process_stage']:6.2f} s  "
-          f"-> orchestration {c['in_process_per_stage']:5.2f} s per stage ({c['in_process_outside_work']:.2f} s outside work)")
-    print(f"  same through the warm stage worker:             {c['worker_stage']:6.2f} s  "
-          f"-> orchestration {c['worker_per_stage']:5.2f} s per stage ({c['worker_outside_work']:.2f} s outside work)")
-    print(f"first stage on a fresh machine, worker path:      {c['first_stage']:6.2f} s  "
-          f"(+{c['first_stage_extra']:.2f} s over a warm worker and server, once per pipeline: server start + worker imports)")
-    print(f"  (the local Prefect server on fresh state, alone: {c['server_start']:.2f} s)")
-    print(f"dvc status (DVC's own graph/hash check):          {c['dvc']:6.2f} s")
-    if pipeline_wall:
-        n = stages or len(yaml.safe_load(Path("dvc.lock").read_text())["stages"])
-        for name, once, per_stage in (
-            ("own process per stage", c["server_start"], c["in_process_per_stage"]),
-            ("stage worker", c["first_stage_extra"], c["worker_per_stage"]),
-            ("stage worker, all outside work", c["first_stage_extra"], c["worker_outside_work"]),
-        ):
-            overhead = once + n * max(per_stage, 0.0) + c["dvc"]
-            print(f"pipeline, {name}: {n} stage processes, {pipeline_wall:.0f} s wall -> orchestration "
-                  f"~{overhead:.0f} s = {100 * overhead / pipeline_wall:.1f} % of the wall time")
+    print(f"  bare (refvg CLI, no Prefect/MLflow):         {c['bare_stage']:6.2f} s")
+    print(f"  Prefect flow + MLflow run, own process:      {c['in_process_stage']:6.2f} s  -> orchestration "
+          f"{c['in_process_per_stage']:5.2f} s per stage ({c['in_process_outside_work']:.2f} s outside work)")
+    print(f"  same through the warm stage worker:          {c['worker_stage']:6.2f} s  -> orchestration "
+          f"{c['worker_per_stage']:5.2f} s per stage ({c['worker_outside_work']:.2f} s outside work)")
+    print("first stage of a pipeline (once per pipeline: the extra over the stages above):")
+    print(f"  fresh machine, own process (starts the Prefect server):      {c['first_fresh_in_process']:6.2f} s "
+          f"(+{c['once_fresh_in_process']:.2f} s)")
+    print(f"  fresh machine, worker path (starts server and worker):       {c['first_fresh_worker']:6.2f} s "
+          f"(+{c['once_fresh_worker']:.2f} s)")
+    print(f"  later pipeline, worker path (server up, starts the worker):  {c['first_later_worker']:6.2f} s "
+          f"(+{c['once_later_worker']:.2f} s)")
+    print(f"  the local Prefect server on fresh state, alone:              {c['server_start']:6.2f} s")
+    print(f"dvc status (DVC's own graph/hash check):                       {c['dvc']:6.2f} s")
+    if not pipeline_wall:
+        return
+    n = stages or len(yaml.safe_load(Path("dvc.lock").read_text())["stages"])
+    print(f"pipeline of {n} stage processes, {pipeline_wall:.0f} s wall: orchestration (once + {n} x per stage + dvc)")
+    for name, once, per_stage in (
+        ("fresh machine, own process per stage", c["once_fresh_in_process"], c["in_process_per_stage"]),
+        ("fresh machine, stage worker", c["once_fresh_worker"], c["worker_per_stage"]),
+        ("fresh machine, stage worker, all outside work", c["once_fresh_worker"], c["worker_outside_work"]),
+        ("later run, own process per stage", 0.0, c["in_process_per_stage"]),
+        ("later run, stage worker", c["once_later_worker"], c["worker_per_stage"]),
+        ("later run, stage worker, all outside work", c["once_later_worker"], c["worker_outside_work"]),
+    ):
+        overhead = max(once, 0.0) + n * max(per_stage, 0.0) + c["dvc"]
+        print(f"  {name:47s} ~{overhead:4.0f} s = {100 * overhead / pipeline_wall:4.1f} %")
 
 
 def main() -> None:
