@@ -1,19 +1,27 @@
-"""What orchestration (Prefect + MLflow + DVC) costs per stage process, itemised.
+"""What orchestration (Prefect + MLflow + DVC) costs per stage process, itemised, with and without the stage
+worker (flows/launcher.py).
 
-    python benchmarks/overhead.py [--repeats 3] [--pipeline-wall SECONDS]
+    python benchmarks/overhead.py [--repeats 5] [--pipeline-wall SECONDS] [--stages N]
 
-- per stage: the `report` stage (almost no work of its own) as a Prefect flow logging to MLflow
-  (`python -m flows.report`) minus the same stage bare (`refvg report`), each in a fresh process as DVC
-  starts them; medians of `--repeats` runs;
-- once per pipeline: the first stage starting the local Prefect server on a fresh machine (new state,
-  database created and migrated);
+- per stage: the `report` stage (almost no work of its own), each in a fresh process as DVC starts them, three
+  ways in interleaved rounds (so a busy machine slows all three alike; medians of `--repeats` rounds):
+  bare (`refvg report`: no Prefect, no MLflow); as a Prefect flow + MLflow run in its own process
+  (`REFVG_STAGE_WORKER=0 python -m flows.report`, the path without the worker); the same through a warm
+  stage worker (`python -m flows.report`, the default). Orchestration cost = each minus bare; also each
+  one's time outside the stage's work (wall minus the work seconds the flow reports), an upper bound;
+- once per pipeline, the first stage over a warm one: on a fresh machine, where it starts the local Prefect
+  server (new state, database created and migrated; through the worker path it also starts the worker,
+  whose imports run while the server boots), and in a later pipeline through the worker path (the server
+  is up; the worker idled out and starts again); and the server's fresh start alone;
 - DVC's own work: `dvc status` (graph, hashes, lock file).
 With the wall time of a full `dvc repro` (benchmarks/pipeline.py passes it) it prints the share:
-(server start + stages x per-stage cost + DVC) / pipeline wall. Needs a pipeline that has run once.
+(once-per-pipeline cost + stages x per-stage cost + DVC) / pipeline wall, for both paths, fresh and later.
+Needs a pipeline that has run once (metrics/ for the report stage).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -25,6 +33,11 @@ from pathlib import Path
 from typing import Iterator
 
 import yaml
+
+
+STAGE = [sys.executable, "-m", "flows.report"]
+BARE = [sys.executable, "-m", "refvg.cli", "report"]
+TIMINGS = Path(".refvg/timings.jsonl")
 
 
 def wall(cmd: list[str], env: dict | None = None) -> float:
@@ -45,39 +58,108 @@ def fresh_prefect_home() -> Iterator[dict]:
             subprocess.run([sys.executable, "-m", "flows.runtime", "stop"], env=env, check=True, capture_output=True)
 
 
+@contextmanager
+def fresh_worker_dir(env: dict | None = None) -> Iterator[dict]:
+    """An environment whose stages start their own stage worker (none running yet); stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="refvg-w-") as folder:
+        env = {**(env or os.environ), "REFVG_STAGE_WORKER_DIR": folder}
+        try:
+            yield env
+        finally:
+            subprocess.run([sys.executable, "-m", "flows.launcher", "stop"], env=env, check=True, capture_output=True)
+
+
 def cold_server_start() -> float:
     with fresh_prefect_home() as env:
         return wall([sys.executable, "-m", "flows.runtime", "url"], env)
 
 
-def measure(repeats: int = 3) -> dict[str, float]:
-    cold = cold_server_start()
-    wall([sys.executable, "-m", "flows.runtime", "url"])  # the shared server is up, as after the first stage
-    flow = statistics.median(wall([sys.executable, "-m", "flows.report"]) for _ in range(repeats))
-    bare = statistics.median(wall([sys.executable, "-m", "refvg.cli", "report"]) for _ in range(repeats))
+def _work_seconds(since: int) -> dict[bool, list[float]]:
+    """Work seconds the report flows appended to the timings since byte `since`, by whether a worker ran them."""
+    out: dict[bool, list[float]] = {True: [], False: []}
+    with TIMINGS.open() as f:
+        f.seek(since)
+        for line in f:
+            rec = json.loads(line)
+            if rec["flow"] == "report":
+                out[bool(rec.get("via_worker"))].append(rec["work_seconds"])
+    return out
+
+
+def measure(repeats: int = 5) -> dict[str, float]:
+    since = TIMINGS.stat().st_size if TIMINGS.exists() else 0
+    # The first stage of a pipeline on a fresh machine starts the Prefect server (new state); through the
+    # worker path it also starts the worker, whose imports run while the server boots.
+    with fresh_prefect_home() as env:
+        first_fresh_in_process = wall(STAGE, {**env, "REFVG_STAGE_WORKER": "0"})
+    with fresh_prefect_home() as env, fresh_worker_dir(env) as env:
+        first_fresh_worker = wall(STAGE, env)
+    wall([sys.executable, "-m", "flows.runtime", "url"])  # the project's server is up, as after a first run
+    rounds: dict[str, list[float]] = {"bare": [], "in_process": [], "worker": []}
+    with fresh_worker_dir() as env:
+        first_later_worker = wall(STAGE, env)  # a later pipeline: server up, the worker idled out long ago
+        in_process = {**env, "REFVG_STAGE_WORKER": "0"}
+        for _ in range(repeats):
+            rounds["bare"].append(wall(BARE))
+            rounds["in_process"].append(wall(STAGE, in_process))
+            rounds["worker"].append(wall(STAGE, env))
+    work = _work_seconds(since)
+    med = {k: statistics.median(v) for k, v in rounds.items()}
     dvc = statistics.median(wall(["dvc", "status"]) for _ in range(repeats))
-    return {"server_start": cold, "flow_stage": flow, "bare_stage": bare, "per_stage": flow - bare, "dvc": dvc}
+    return {
+        "bare_stage": med["bare"], "in_process_stage": med["in_process"], "worker_stage": med["worker"],
+        "in_process_per_stage": med["in_process"] - med["bare"], "worker_per_stage": med["worker"] - med["bare"],
+        "in_process_outside_work": med["in_process"] - statistics.median(work[False]),
+        "worker_outside_work": med["worker"] - statistics.median(work[True]),
+        "first_fresh_in_process": first_fresh_in_process, "first_fresh_worker": first_fresh_worker,
+        "first_later_worker": first_later_worker,
+        "once_fresh_in_process": first_fresh_in_process - med["in_process"],
+        "once_fresh_worker": first_fresh_worker - med["worker"],
+        "once_later_worker": first_later_worker - med["worker"],
+        "server_start": cold_server_start(), "dvc": dvc,
+    }
 
 
-def report(costs: dict[str, float], pipeline_wall: float | None, repeats: int) -> None:
-    print(f"report stage as a Prefect flow + MLflow run: {costs['flow_stage']:.2f} s (median of {repeats})")
-    print(f"report stage bare (refvg CLI):                {costs['bare_stage']:.2f} s")
-    print(f"orchestration cost per stage process:         {costs['per_stage']:.2f} s")
-    print(f"dvc status (DVC's own graph/hash check):      {costs['dvc']:.2f} s")
-    print(f"local Prefect server start, fresh state (first stage only): {costs['server_start']:.2f} s")
-    if pipeline_wall:
-        n = len(yaml.safe_load(Path("dvc.lock").read_text())["stages"])
-        overhead = costs["server_start"] + n * costs["per_stage"] + costs["dvc"]
-        print(f"pipeline: {n} stage processes, {pipeline_wall:.0f} s wall -> orchestration "
-              f"~{overhead:.0f} s = {100 * overhead / pipeline_wall:.1f} % of the wall time")
+def report(costs: dict[str, float], pipeline_wall: float | None, repeats: int, stages: int | None = None) -> None:
+    c = costs
+    print(f"report stage, medians of {repeats} interleaved rounds:")
+    print(f"  bare (refvg CLI, no Prefect/MLflow):         {c['bare_stage']:6.2f} s")
+    print(f"  Prefect flow + MLflow run, own process:      {c['in_process_stage']:6.2f} s  -> orchestration "
+          f"{c['in_process_per_stage']:5.2f} s per stage ({c['in_process_outside_work']:.2f} s outside work)")
+    print(f"  same through the warm stage worker:          {c['worker_stage']:6.2f} s  -> orchestration "
+          f"{c['worker_per_stage']:5.2f} s per stage ({c['worker_outside_work']:.2f} s outside work)")
+    print("first stage of a pipeline (once per pipeline: the extra over the stages above):")
+    print(f"  fresh machine, own process (starts the Prefect server):      {c['first_fresh_in_process']:6.2f} s "
+          f"(+{c['once_fresh_in_process']:.2f} s)")
+    print(f"  fresh machine, worker path (starts server and worker):       {c['first_fresh_worker']:6.2f} s "
+          f"(+{c['once_fresh_worker']:.2f} s)")
+    print(f"  later pipeline, worker path (server up, starts the worker):  {c['first_later_worker']:6.2f} s "
+          f"(+{c['once_later_worker']:.2f} s)")
+    print(f"  the local Prefect server on fresh state, alone:              {c['server_start']:6.2f} s")
+    print(f"dvc status (DVC's own graph/hash check):                       {c['dvc']:6.2f} s")
+    if not pipeline_wall:
+        return
+    n = stages or len(yaml.safe_load(Path("dvc.lock").read_text())["stages"])
+    print(f"pipeline of {n} stage processes, {pipeline_wall:.0f} s wall: orchestration (once + {n} x per stage + dvc)")
+    for name, once, per_stage in (
+        ("fresh machine, own process per stage", c["once_fresh_in_process"], c["in_process_per_stage"]),
+        ("fresh machine, stage worker", c["once_fresh_worker"], c["worker_per_stage"]),
+        ("fresh machine, stage worker, all outside work", c["once_fresh_worker"], c["worker_outside_work"]),
+        ("later run, own process per stage", 0.0, c["in_process_per_stage"]),
+        ("later run, stage worker", c["once_later_worker"], c["worker_per_stage"]),
+        ("later run, stage worker, all outside work", c["once_later_worker"], c["worker_outside_work"]),
+    ):
+        overhead = max(once, 0.0) + n * max(per_stage, 0.0) + c["dvc"]
+        print(f"  {name:47s} ~{overhead:4.0f} s = {100 * overhead / pipeline_wall:4.1f} %")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--pipeline-wall", type=float, help="wall seconds of a full `dvc repro` (for the share)")
+    ap.add_argument("--stages", type=int, help="stage processes in that pipeline (default: those of dvc.lock)")
     args = ap.parse_args()
-    report(measure(args.repeats), args.pipeline_wall, args.repeats)
+    report(measure(args.repeats), args.pipeline_wall, args.repeats, args.stages)
 
 
 if __name__ == "__main__":

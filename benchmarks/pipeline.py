@@ -1,10 +1,12 @@
 """Times the default pipeline and what the orchestration (Prefect + MLflow + DVC) costs on top of it.
 
-    python benchmarks/pipeline.py          # cold dvc repro -f, no-op dvc repro, itemised overhead
-    python benchmarks/pipeline.py --bare   # first the same stages bare, for a direct comparison
+    python benchmarks/pipeline.py               # cold dvc repro -f, no-op dvc repro, itemised overhead
+    python benchmarks/pipeline.py --bare        # first the same stages bare, for a direct comparison
+    python benchmarks/pipeline.py --in-process  # every stage in its own process (REFVG_STAGE_WORKER=0)
 
 1. Orchestrated, cold: `dvc repro -f` with a Prefect server that is not running yet and has no state (a
-   temporary REFVG_PREFECT_HOME), every stage a Prefect flow logging to MLflow.
+   temporary REFVG_PREFECT_HOME) and no stage worker running yet (a temporary REFVG_STAGE_WORKER_DIR),
+   every stage a Prefect flow logging to MLflow.
 2. `dvc repro` with nothing changed.
 3. The orchestration share, itemised by benchmarks/overhead.py (per-stage medians; a difference of two
    pipeline wall times is within this machine's run-to-run noise).
@@ -49,20 +51,23 @@ def bare_pipeline(params: dict) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bare", action="store_true", help="also run the stages bare first")
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of the overhead measurements")
+    ap.add_argument("--in-process", action="store_true", help="no stage worker: each stage imports everything")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of the overhead measurements")
     args = ap.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
 
     bare = bare_pipeline(params) if args.bare else {}
     start = TIMINGS.stat().st_size if TIMINGS.exists() else 0
-    with overhead.fresh_prefect_home() as env:
+    with overhead.fresh_prefect_home() as env, overhead.fresh_worker_dir(env) as env:
+        if args.in_process:
+            env["REFVG_STAGE_WORKER"] = "0"
         wall = run(["dvc", "repro", "-f"], env)
         noop = run(["dvc", "repro"], env)
     with TIMINGS.open() as f:
         f.seek(start)
         stages = [json.loads(line) for line in f if line.strip()]
 
-    print(f"\n{'stage':26s} {'bare s':>7s} {'orchestrated s':>15s} {'work s':>7s}")
+    print(f"\n{'stage':26s} {'bare s':>7s} {'orchestrated s':>15s} {'work s':>7s}  worker")
     total_work = 0.0
     for s in stages:
         method = s["args"].get("method")
@@ -70,7 +75,7 @@ def main() -> None:
         work = s.get("work_seconds") or 0.0
         total_work += work
         print(f"{s['flow'] + ('@' + method if method else ''):26s} {bare.get(key, float('nan')):7.1f} "
-              f"{s['process_seconds']:15.1f} {work:7.1f}")
+              f"{s['process_seconds']:15.1f} {work:7.1f}  {'yes' if s.get('via_worker') else 'no'}")
     print(f"\norchestrated pipeline (dvc repro -f): {wall:.1f} s wall, of which data work + model compute {total_work:.1f} s")
     if bare:
         bare_wall = sum(bare.values())

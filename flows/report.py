@@ -1,6 +1,16 @@
 """DVC stage `report`: `python -m flows.report`."""
-from flows.runtime import stage_parser, timed_main
+from __future__ import annotations
+
+from flows.launcher import launch
+
+
+def main(argv: list[str] | None = None) -> None:
+    from flows.runtime import stage_parser, timed_main
+
+    parser = stage_parser(__doc__)
+    args = parser.parse_args(argv)
+    timed_main("flows.stages:report_flow", params=args.params)
+
 
 if __name__ == "__main__":
-    args = stage_parser(__doc__).parse_args()
-    timed_main("flows.stages:report_flow", params=args.params)
+    launch("flows.report", main)  # through the warm stage worker (flows/launcher.py), or in-process

@@ -161,14 +161,25 @@ def timed_main(flow_ref, **kwargs) -> None:
         flow_fn = flow_ref
     result = run(flow_fn, api_url(), **kwargs)
     record = {"flow": flow_fn.name, "args": kwargs, "flow_seconds": time.perf_counter() - t0,
-              "process_seconds": time.time() - _process_start(), "work_seconds": (result or {}).get("work_seconds")}
+              "process_seconds": time.time() - _process_start(), "work_seconds": (result or {}).get("work_seconds"),
+              "via_worker": _via_worker()}
     path = Path(".refvg/timings.jsonl")
     path.parent.mkdir(exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
+def _via_worker() -> bool:
+    from flows import launcher
+
+    return launcher.CLIENT_STARTED_AT is not None
+
+
 def _process_start() -> float:
+    from flows import launcher
+
+    if _via_worker():  # in a stage worker's child: the process DVC started is its client
+        return launcher.CLIENT_STARTED_AT
     try:
         import psutil
 

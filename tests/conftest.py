@@ -89,3 +89,23 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stage_worker_dir():
+    """Stage processes the tests start (DVC stages, probes) share stage workers (flows/launcher.py) kept in
+    a folder of this session, stopped at its end. Short path: it holds unix sockets."""
+    import shutil
+    import tempfile
+
+    from flows.launcher import DIR_ENV, stop_workers
+
+    folder = Path(tempfile.mkdtemp(prefix="refvg-w-"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv(DIR_ENV, str(folder))
+    try:
+        yield folder
+    finally:
+        stop_workers(folder)
+        patch.undo()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -49,6 +49,8 @@ def dvc_repo(tmp_path, prefect_api) -> tuple[Path, dict]:
 def test_dvc_repro_noop_and_experiment(dvc_repo, tmp_path):
     repo, env = dvc_repo
     out = sh(["dvc", "repro"], repo, env)
+    timings = [json.loads(line) for line in (repo / ".refvg/timings.jsonl").read_text().splitlines()]
+    assert len(timings) == 7 and all(t["via_worker"] for t in timings), "every stage ran in a stage worker's child"
     for stage in ("generate", "prepare", "train@transvg", "evaluate@transvg", "train@transvg_blind", "report"):
         assert f"'{stage}'" in out.stdout, f"stage {stage} did not run:\n{out.stdout}"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
