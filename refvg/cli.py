@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         raise SystemExit(f"refvg: {err}") from None
     if args.command == "train":
-        result = stages.train_method(cfg, args.method)
-        print(json.dumps({"best_val_acc@0.5": result.best_score, "best_epoch": result.best_epoch}))
+        from refvg.engine.distributed import env_rank
+
+        result = stages.train_method(cfg, args.method)  # under torchrun: one rank of a DDP run
+        if env_rank() == 0:
+            print(json.dumps({"best_val_acc@0.5": result.best_score, "best_epoch": result.best_epoch}))
     elif args.command == "evaluate":
         print(json.dumps(stages.evaluate_method(cfg, args.method).metrics, indent=2))
     elif args.command == "report":

@@ -57,6 +57,7 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     from refvg.data.dataset import PreparedSplit, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.engine.evaluator import box_metrics, predict_split
+    from refvg.engine.distributed import env_rank
     from refvg.engine.runtime import resolve_device, seed_everything
     from refvg.engine.trainer import train
     from refvg.models import build_model
@@ -70,8 +71,9 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
     model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
     device = resolve_device(rcfg.train.device)
-    # A checkpoint folder is self-contained: the tokenizer travels with the weights.
-    shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
+    # A checkpoint folder is self-contained: the tokenizer travels with the weights (written by rank 0 only).
+    if env_rank() == 0:
+        shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
 
     def evaluate(m: torch.nn.Module) -> dict:
         return box_metrics(predict_split(m, val_set, rcfg.eval.batch_size, device, rcfg.train.amp), rcfg.eval.iou_thresholds)
