@@ -34,10 +34,11 @@ def generate(cfg: Config) -> dict:
     return generate_refshapes(synthetic_dir(cfg), cfg.synthetic, split_by=cfg.data.split_by)
 
 
-def prepare(cfg: Config) -> dict:
-    from refvg.data.prepare import prepare_dataset
+def prepare(cfg: Config, run_shards=None) -> dict:
+    """`run_shards(letterbox_shard, shards)` runs the image shards (default: one after the other, here)."""
+    from refvg.data.prepare import prepare_dataset, run_sequentially
 
-    return prepare_dataset(cfg)
+    return prepare_dataset(cfg, run_shards=run_shards or run_sequentially)
 
 
 def prepared_manifest(cfg: Config) -> Path:
