@@ -73,6 +73,28 @@ def in_tiny(tiny_workdir, tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def untrained_checkpoint(cfg, folder: Path, model_name: str = "transvg") -> Path:
+    """A checkpoint folder (best.pt + tokenizer) of an untrained model, for tests about loading, moving or
+    drawing a model rather than about its accuracy (a real training run costs seconds)."""
+    import shutil
+
+    from refvg.data.dataset import read_manifest
+    from refvg.data.prepare import prepared_path
+    from refvg.engine.checkpoint import save_checkpoint
+    from refvg.engine.runtime import seed_everything
+    from refvg.models import build_model
+
+    manifest = read_manifest(prepared_path(cfg))
+    seed_everything(0)
+    model = build_model(model_name, cfg, manifest["vocab_size"], manifest["pad_token_id"])
+    ckpt = Path(folder) / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "model_name": model_name,
+                     "language_blind": False, "vocab_size": manifest["vocab_size"],
+                     "pad_token_id": manifest["pad_token_id"], "best_epoch": 0}, ckpt)
+    shutil.copytree(prepared_path(cfg) / "tokenizer", Path(folder) / "tokenizer", dirs_exist_ok=True)
+    return ckpt
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """Prefect's own test harness (a real, temporary API server) for the whole session; its URL is also what

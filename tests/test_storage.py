@@ -20,7 +20,7 @@ from refvg import storage
 from refvg.config import ConfigError, load_config
 from refvg.data.dataset import PreparedSplit
 from refvg.data.prepare import prepared_path
-from tests.conftest import ROOT, S3_CREDENTIALS, write_params
+from tests.conftest import ROOT, S3_CREDENTIALS, untrained_checkpoint, write_params
 from tests.faulty_endpoint import FaultyEndpoint
 
 ONE_EPOCH = {"epochs": 1, "batch_size": 16, "warmup_steps": 2}
@@ -93,23 +93,6 @@ def test_model_artifacts_in_s3_and_predict_from_the_registry(in_tiny, prefect_ap
     _assert_no_secret(caplog.text + capsys.readouterr().err, "the logs")
 
 
-def _untrained_model(cfg, folder: Path) -> tuple[Path, Path]:
-    """A checkpoint folder (weights + tokenizer) without spending time on training: what is uploaded is
-    what matters here."""
-    from refvg.data.dataset import read_manifest
-    from refvg.engine.checkpoint import save_checkpoint
-    from refvg.models import build_model
-
-    manifest = read_manifest(prepared_path(cfg))
-    model = build_model("transvg", cfg, manifest["vocab_size"], manifest["pad_token_id"])
-    ckpt = folder / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "model_name": "transvg",
-                     "language_blind": False, "vocab_size": manifest["vocab_size"],
-                     "pad_token_id": manifest["pad_token_id"], "best_epoch": 0}, ckpt)
-    shutil.copytree(prepared_path(cfg) / "tokenizer", folder / "tokenizer")
-    return ckpt, folder / "tokenizer"
-
-
 def test_endpoint_failing_mid_upload_retries_then_fails_clearly(in_tiny, mlflow_uri, s3_server, s3_bucket, capsys, caplog):
     from refvg.tracking import stage_run
 
@@ -117,7 +100,8 @@ def test_endpoint_failing_mid_upload_retries_then_fails_clearly(in_tiny, mlflow_
     try:
         settings = {**s3_bucket["settings"], "endpoint_url": endpoint.url}
         cfg = load_config(write_params(in_tiny, storage=settings, methods=ONLY_TRANSVG))
-        ckpt, tokenizer = _untrained_model(cfg, in_tiny / "model")
+        ckpt = untrained_checkpoint(cfg, in_tiny / "model")
+        tokenizer = ckpt.parent / "tokenizer"
         with stage_run(cfg, "train@transvg") as tracker:
             # A blip: two requests dropped, then the endpoint answers again; the retries carry the upload.
             endpoint.fail_next = 2
