@@ -34,7 +34,12 @@ def _predict(args) -> None:
     if local.is_dir() and (local / BEST).exists():
         local = local / BEST
     if local.is_file():
-        grounder = Grounder(local)
+        from refvg.engine.checkpoint import CheckpointError
+
+        try:
+            grounder = Grounder(local)
+        except CheckpointError as err:
+            raise SystemExit(f"refvg predict: {err}") from None
     elif "://" in args.model or args.model.startswith(("models:/", "runs:/")) or (local / "MLmodel").exists():
         from refvg.tracking import load_grounder
 

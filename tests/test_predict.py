@@ -112,5 +112,5 @@ def test_predict_names_what_is_wrong_with_its_input(in_tiny, capsys):
         main(["predict", "nothing.png", sentence, "--model", "no-such.pt"])
     foreign = in_tiny / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(Exception, match="foreign.pt: not a refvg checkpoint"):
+    with pytest.raises(SystemExit, match="foreign.pt: not a refvg checkpoint"):
         main(["predict", image_path, sentence, "--model", str(foreign)])

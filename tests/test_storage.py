@@ -63,7 +63,8 @@ def test_model_artifacts_in_s3_and_predict_from_the_registry(in_tiny, prefect_ap
 
     loc = s3_bucket["location"]
     write_params(in_tiny, storage=s3_bucket["settings"], train=ONE_EPOCH, methods=ONLY_TRANSVG)
-    train_flow(method="transvg", params="params.yaml")
+    state = train_flow(method="transvg", params="params.yaml", return_state=True)
+    assert state.is_completed(), state.message
 
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("refvg")
@@ -91,6 +92,14 @@ def test_model_artifacts_in_s3_and_predict_from_the_registry(in_tiny, prefect_ap
     for key in keys:
         _assert_no_secret(s3.get_object(Bucket=loc.bucket, Key=key)["Body"].read(), f"s3://{loc.bucket}/{key}")
     _assert_no_secret(caplog.text + capsys.readouterr().err, "the logs")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        [flow_run] = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])), limit=200)
+    assert logs, "the flow's logs reached Prefect"
+    _assert_no_secret(json.dumps([flow_run.parameters, [entry.message for entry in logs]]), "Prefect's run record")
 
 
 def test_endpoint_failing_mid_upload_retries_then_fails_clearly(in_tiny, mlflow_uri, s3_server, s3_bucket, capsys, caplog):

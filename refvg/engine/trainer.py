@@ -1,5 +1,6 @@
 """The training loop, in one place: AdamW, warmup + cosine/step schedule, grad clipping, bf16 autocast on
-CUDA, per-epoch validation, atomic checkpoints with optimizer/scheduler/RNG state, and resume.
+CUDA, per-epoch validation, atomic checkpoints with optimizer/scheduler/RNG state, and resume. Under
+`torchrun` the same loop runs data-parallel (refvg.engine.distributed).
 
 Tracking stays outside: the caller passes `on_epoch_end(metrics, epoch)` (the flows hook MLflow there), so
 this module runs the same under a test, a notebook, DVC, Prefect or torchrun.
