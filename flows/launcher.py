@@ -64,6 +64,8 @@ def enabled(env: dict[str, str] = os.environ) -> bool:
     """Whether stages go through a worker: not switched off, and the platform has what it needs."""
     if env.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         return False
+    if "WORLD_SIZE" in env:  # a torchrun rank: it must stay the launcher's child to join its process group
+        return False
     return hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
 
 

@@ -61,12 +61,55 @@ def generate_flow(params: str = "params.yaml") -> dict:
     return {"summary": summary, "work_seconds": seconds}
 
 
+@task(cache_policy=NO_CACHE, task_run_name="letterbox-{shard.split}-{shard.index}")
+def prepare_shard(fn, shard):
+    """One shard of prepare's image work (refvg.data.prepare.letterbox_shard); mapped over the shards."""
+    return fn(shard)
+
+
+def shard_task_runner(cfg: Config):
+    """Where prepare's shards run: Dask worker processes when prefect-dask is installed (or asked for),
+    else Prefect's thread pool."""
+    p = cfg.parallel
+    if p.prepare_runner in ("auto", "dask"):
+        # Dask logs every worker start and stop at INFO; the stage log keeps to what matters (its workers
+        # read this too, being started after it is set).
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            if p.prepare_runner == "dask":
+                raise RuntimeError("parallel.prepare_runner is 'dask' but prefect-dask is not installed: "
+                                   "pip install -c constraints.txt -e '.[dask]'") from None
+        else:
+            return DaskTaskRunner(cluster_kwargs={"n_workers": p.prepare_workers, "threads_per_worker": 1,
+                                                  "processes": True, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=p.prepare_workers)
+
+
+def run_shards_mapped(cfg: Config):
+    """A `run_shards` for refvg.data.prepare: the shards as mapped Prefect tasks on `shard_task_runner`."""
+    from prefect import unmapped
+
+    def run(fn, shards):
+        with shard_task_runner(cfg) as runner:
+            return runner.map(prepare_shard, {"fn": unmapped(fn), "shard": shards}).result()
+
+    return run
+
+
 @flow(name="prepare")
 def prepare_flow(params: str = "params.yaml") -> dict:
     cfg = load_config(params)
-    with stage_run(cfg, "prepare", params={"data": cfg.data.model_dump(mode="json")}) as tracker:
+    with stage_run(cfg, "prepare", params={"data": cfg.data.model_dump(mode="json"),
+                                           "parallel": cfg.parallel.model_dump(mode="json")}) as tracker:
         t0 = time.perf_counter()
-        manifest = work.with_options(name="prepare-dataset", retries=1)(stages.prepare, cfg)
+        if cfg.parallel.prepare_shards > 1:  # the shards are the tasks; a failed one fails the flow
+            manifest = stages.prepare(cfg, run_shards=run_shards_mapped(cfg))
+        else:
+            manifest = work.with_options(name="prepare-dataset", retries=1)(stages.prepare, cfg)
         seconds = time.perf_counter() - t0
         counts = {f"{split}.{k}": v for split, c in manifest["splits"].items() for k, v in c.items()}
         tracker.log_metrics({**counts, "skipped.total": manifest["skipped"]["total"],

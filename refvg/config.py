@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPLITS = ("train", "val", "testA", "testB")
 
@@ -175,6 +175,48 @@ class TrackingConfig(_Strict):
     experiment: str = "refvg"
 
 
+class StorageConfig(_Strict):
+    """S3, or any S3-compatible store (MinIO, Ceph, moto), for the DVC remote and MLflow's artifacts.
+
+    No credentials here, ever: boto3 finds them in the environment (AWS_ACCESS_KEY_ID, ...) or in an AWS
+    profile. REFVG_S3_BUCKET, REFVG_S3_PREFIX and REFVG_S3_ENDPOINT_URL override the values below."""
+
+    bucket: Optional[str] = None  # None: nothing goes to S3
+    prefix: str = "refvg"  # s3://<bucket>/<prefix>/dvc is the DVC remote, .../mlflow the MLflow artifacts
+    endpoint_url: Optional[str] = None  # None: AWS itself; e.g. http://127.0.0.1:9000 for a MinIO
+    region: str = "us-east-1"
+    profile: Optional[str] = None  # an AWS profile (~/.aws/credentials) instead of AWS_* variables
+    mlflow_artifacts: bool = True  # experiments created while a bucket is set keep their artifacts in S3
+    max_attempts: int = Field(5, ge=1)  # per request, botocore's "standard" retries (exponential backoff)
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+    dvc_remote: str = "s3"  # the name `refvg storage setup` gives the DVC remote
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, value: Optional[str]) -> Optional[str]:
+        from urllib.parse import urlsplit
+
+        if value is not None:
+            url = urlsplit(value)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"must be an http(s)://host[:port] URL, got {value!r}")
+            if url.username or url.password:
+                raise ValueError("must not carry credentials (user:password@); put them in the environment "
+                                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or an AWS profile")
+        return value
+
+
+class ParallelConfig(_Strict):
+    """How the `prepare` stage spreads its image work; the prepared dataset is identical either way."""
+
+    prepare_shards: int = Field(1, ge=1)  # 1: one process, no task mapping (the default pipeline)
+    # Where the shards run: "dask" (prefect-dask, one process per worker), "threads" (Prefect's thread
+    # pool), or "auto": dask when prefect-dask is installed, else threads.
+    prepare_runner: Literal["auto", "dask", "threads"] = "auto"
+    prepare_workers: int = Field(2, ge=1)
+
+
 class Config(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     data: DataConfig = DataConfig()
@@ -185,6 +227,8 @@ class Config(_Strict):
     methods: dict[str, MethodConfig] = Field(
         default_factory=lambda: {"transvg": MethodConfig(model="transvg")}
     )
+    storage: StorageConfig = StorageConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     def for_method(self, name: str) -> "Config":
         """The config a method actually runs with: its overrides merged into the shared sections."""

@@ -34,10 +34,11 @@ def generate(cfg: Config) -> dict:
     return generate_refshapes(synthetic_dir(cfg), cfg.synthetic, split_by=cfg.data.split_by)
 
 
-def prepare(cfg: Config) -> dict:
-    from refvg.data.prepare import prepare_dataset
+def prepare(cfg: Config, run_shards=None) -> dict:
+    """`run_shards(letterbox_shard, shards)` runs the image shards (default: one after the other, here)."""
+    from refvg.data.prepare import prepare_dataset, run_sequentially
 
-    return prepare_dataset(cfg)
+    return prepare_dataset(cfg, run_shards=run_shards or run_sequentially)
 
 
 def prepared_manifest(cfg: Config) -> Path:
@@ -57,6 +58,7 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     from refvg.data.dataset import PreparedSplit, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.engine.evaluator import box_metrics, predict_split
+    from refvg.engine.distributed import env_rank
     from refvg.engine.runtime import resolve_device, seed_everything
     from refvg.engine.trainer import train
     from refvg.models import build_model
@@ -70,8 +72,9 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
     model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
     device = resolve_device(rcfg.train.device)
-    # A checkpoint folder is self-contained: the tokenizer travels with the weights.
-    shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
+    # A checkpoint folder is self-contained: the tokenizer travels with the weights (written by rank 0 only).
+    if env_rank() == 0:
+        shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
 
     def evaluate(m: torch.nn.Module) -> dict:
         return box_metrics(predict_split(m, val_set, rcfg.eval.batch_size, device, rcfg.train.amp), rcfg.eval.iou_thresholds)

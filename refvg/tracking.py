@@ -73,8 +73,9 @@ class Tracker:
     """A stage's MLflow run. All calls go through the client with an explicit run id, so Prefect's task
     threads never depend on MLflow's thread-local "active run"."""
 
-    def __init__(self, client, run_id: Optional[str], failures: int = 0):
+    def __init__(self, client, run_id: Optional[str], failures: int = 0, s3=None):
         self.client, self.run_id, self.failures = client, run_id, failures
+        self.s3 = s3  # refvg.storage.S3Location when artifacts may live in S3
 
     @property
     def active(self) -> bool:
@@ -125,16 +126,70 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_model(self, checkpoint: Path, tokenizer_dir: Path, name: str = "model") -> Optional[str]:
-        """Log a pyfunc model (image + expression -> box) built from our checkpoint; returns its URI."""
+        """Log a pyfunc model (image + expression -> box) built from our checkpoint; returns its URI.
+
+        The logged model is finalised READY only once every file is in the artifact store. An upload that
+        fails (after the S3 client's retries) leaves it FAILED, with what it had uploaded deleted where the
+        store still answers, and raises StorageError naming the destination: never a half-uploaded model
+        that looks complete."""
         if not self.active:
             return None
-        from refvg.mlflow_model import log_grounding_model
+        from mlflow.entities import LoggedModelStatus
 
-        return log_grounding_model(self.run_id, checkpoint, tokenizer_dir, name).model_uri
+        from refvg.mlflow_model import log_grounding_model
+        from refvg.storage import StorageError, describe
+
+        before = {m.model_id for m in self._run_models()}
+        try:
+            info = log_grounding_model(self.run_id, checkpoint, tokenizer_dir, name)
+        except Exception as err:
+            partial = [m for m in self._run_models() if m.model_id not in before]
+            for m in partial:
+                self._safe("mark a failed model upload", self.client.finalize_logged_model, m.model_id,
+                           LoggedModelStatus.FAILED)
+                self._discard(m.artifact_location)
+            where = partial[0].artifact_location if partial else "the artifact store"
+            raise StorageError(f"uploading model {name!r} of run {self.run_id} to {display_uri(where)} failed: "
+                               f"{describe(err)}") from err
+        self.client.finalize_logged_model(info.model_id, LoggedModelStatus.READY)
+        return info.model_uri
+
+    def _run_models(self) -> list:
+        exp_id = self.client.get_run(self.run_id).info.experiment_id
+        found = self.client.search_logged_models(experiment_ids=[exp_id], filter_string=f"source_run_id = '{self.run_id}'")
+        return list(found)
+
+    def _discard(self, artifact_location: str) -> None:
+        """Best effort: the store may be the thing that is down; the FAILED status is what readers check."""
+        from refvg import storage
+
+        if not artifact_location.startswith("s3://"):
+            return
+        try:
+            if self.s3 is not None:
+                n = storage.delete_prefix(self.s3, artifact_location)
+                log.warning("deleted %d object(s) of the failed upload at %s", n, artifact_location)
+        except Exception as err:  # noqa: BLE001 - cleanup of a failure must not mask it
+            log.warning("could not delete the partial upload at %s (%s); it is marked FAILED",
+                        artifact_location, storage.describe(err))
+
+
+def display_uri(uri: str) -> str:
+    """A store URI for logs and messages: any user:password@ part is masked."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    return uri
 
 
 def _client(cfg: Config):
     disable_telemetry()
+    from refvg import storage
+
+    storage.apply_client_env(cfg)  # MLflow's own boto3 client: our endpoint, region and retry policy
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -147,7 +202,13 @@ def _experiment_id(client, cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         return exp.experiment_id
-    artifacts = Path(cfg.tracking.artifact_root).resolve().as_uri()
+    from refvg import storage
+
+    loc = storage.location(cfg)
+    if loc is not None and loc.mlflow_artifacts:
+        artifacts = loc.mlflow_url
+    else:
+        artifacts = Path(cfg.tracking.artifact_root).resolve().as_uri()
     try:
         return client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
     except Exception:  # noqa: BLE001 - another stage created it between our two calls
@@ -178,8 +239,10 @@ def stage_run(cfg: Config, stage: str, run_name: Optional[str] = None, params: O
         run = client.create_run(exp_id, run_name=run_name or stage, tags={
             "mlflow.parentRunId": parent, "refvg.stage": stage, "dvc.stage": stage,
             "git.commit": commit, "git.dirty": str(dirty), "refvg.kind": "stage"})
-        tracker = Tracker(client, run.info.run_id)
-        log.info("MLflow run %s (stage %s) in %s", run.info.run_id, stage, uri)
+        from refvg import storage
+
+        tracker = Tracker(client, run.info.run_id, s3=storage.location(cfg))
+        log.info("MLflow run %s (stage %s) in %s", run.info.run_id, stage, display_uri(uri))
     except Exception as err:  # noqa: BLE001 - an unreachable store must not stop the stage
         log.warning("MLflow store unreachable (%s: %s); stage %s runs untracked", type(err).__name__, err, stage)
         tracker = Tracker(None, None, failures=1)
@@ -193,3 +256,32 @@ def stage_run(cfg: Config, stage: str, run_name: Optional[str] = None, params: O
     tracker.end("FINISHED")
     if tracker.failures:
         log.warning("MLflow: %d tracking call(s) failed during stage %s", tracker.failures, stage)
+
+
+def load_grounder(model_uri: str, cfg: Config):
+    """A `Grounder` from an MLflow model: "models:/<name>/<version>", "models:/<model id>", "runs:/<run>/model",
+    an s3:// or local MLflow model folder. Loaded through the pyfunc flavour (our weights-only checkpoint,
+    nothing unpickled). A model whose upload did not complete is refused, with its status named."""
+    client, uri = _client(cfg)
+    import mlflow
+
+    model_id = _logged_model_id(client, model_uri)
+    if model_id is not None:
+        status = str(client.get_logged_model(model_id).status)
+        if status != "READY":
+            raise ValueError(f"{model_uri}: logged model {model_id} is {status}, not READY (its upload did not "
+                             f"complete); log it again")
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().grounder
+
+
+def _logged_model_id(client, model_uri: str) -> Optional[str]:
+    """The logged model behind a models:/ URI (None for other URIs, which name files directly)."""
+    if not model_uri.startswith("models:/"):
+        return None
+    parts = model_uri[len("models:/"):].strip("/").split("/")
+    if len(parts) == 1:
+        return parts[0]
+    name, version = parts[0], parts[1]
+    if version.isdigit():
+        return client.get_model_version(name, version).model_id
+    return client.get_model_version_by_alias(name, version).model_id

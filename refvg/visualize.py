@@ -52,3 +52,18 @@ def plot_qualitative(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def draw_grounding(image, box_xyxy, mask=None, color=(255, 0, 0)):
+    """The picture `refvg predict` writes: the image with the predicted box (and mask, tinted) drawn on it,
+    at the image's own resolution. Returns a new PIL image."""
+    from PIL import Image, ImageDraw
+
+    out = image.convert("RGB")
+    if mask is not None:
+        tint = np.asarray(out, dtype=np.float32)
+        tint[mask] = 0.5 * tint[mask] + 0.5 * np.asarray(color, dtype=np.float32)
+        out = Image.fromarray(tint.astype(np.uint8))
+    width = max(2, round(max(out.size) / 150))
+    ImageDraw.Draw(out).rectangle([float(v) for v in box_xyxy], outline=color, width=width)
+    return out

@@ -73,6 +73,28 @@ def in_tiny(tiny_workdir, tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def untrained_checkpoint(cfg, folder: Path, model_name: str = "transvg") -> Path:
+    """A checkpoint folder (best.pt + tokenizer) of an untrained model, for tests about loading, moving or
+    drawing a model rather than about its accuracy (a real training run costs seconds)."""
+    import shutil
+
+    from refvg.data.dataset import read_manifest
+    from refvg.data.prepare import prepared_path
+    from refvg.engine.checkpoint import save_checkpoint
+    from refvg.engine.runtime import seed_everything
+    from refvg.models import build_model
+
+    manifest = read_manifest(prepared_path(cfg))
+    seed_everything(0)
+    model = build_model(model_name, cfg, manifest["vocab_size"], manifest["pad_token_id"])
+    ckpt = Path(folder) / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "model_name": model_name,
+                     "language_blind": False, "vocab_size": manifest["vocab_size"],
+                     "pad_token_id": manifest["pad_token_id"], "best_epoch": 0}, ckpt)
+    shutil.copytree(prepared_path(cfg) / "tokenizer", Path(folder) / "tokenizer", dirs_exist_ok=True)
+    return ckpt
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """Prefect's own test harness (a real, temporary API server) for the whole session; its URL is also what
@@ -109,3 +131,68 @@ def stage_worker_dir():
         stop_workers(folder)
         patch.undo()
         shutil.rmtree(folder, ignore_errors=True)
+# Fake but recognisable: the tests grep logs, params, tags and files for them.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAREFVGTESTKEY4242", "AWS_SECRET_ACCESS_KEY": "refvgTestSecret/MustNeverBeLogged+42"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> str:
+    """moto's standalone S3-compatible server on a free loopback port, shared by the whole session."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start; see {log.name}")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, tmp_path, monkeypatch, request) -> dict:
+    """A fresh bucket on the session's S3 server, and credentials only in the environment (never a real
+    profile of the machine: the AWS config files point at nothing)."""
+    import re
+
+    from refvg import storage
+    from refvg.config import Config
+
+    for key, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    # Unset for the test, and unset again after it: storage.apply_client_env exports some of them.
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "AWS_MAX_ATTEMPTS",
+                "AWS_RETRY_MODE", *storage.ENV_OVERRIDES.values()):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{_free_port()}"
+    settings = {"bucket": bucket, "endpoint_url": s3_server, "max_attempts": 3}
+    loc = storage.location(Config.model_validate({"storage": settings}))
+    storage.ensure_bucket(loc)
+    return {"settings": settings, "location": loc}
+

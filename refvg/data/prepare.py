@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -25,6 +26,9 @@ from refvg.data.dataset import MANIFEST
 from refvg.data.refer import BadRecordError, ReferDataset, RefSample, SkipLog
 from refvg.data.text import TOKENIZER_DIR, encode, get_tokenizer
 from refvg.data.transforms import Letterbox, xywh_to_xyxy
+
+ShardRunner = Callable[[Callable[["Shard"], "ShardResult"], list["Shard"]], list["ShardResult"]]
+
 
 def prepared_path(cfg: Config) -> Path:
     return Path(cfg.data.prepared_dir) / cfg.data.dataset
@@ -36,42 +40,112 @@ def _load_image(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def _prepare_split(
-    refer: ReferDataset, samples: list[RefSample], size: int, split_dir: Path, skips: SkipLog, strict: bool
-) -> list[RefSample]:
-    """Letterbox the split's images into one array; returns the samples whose image decoded."""
-    image_index: dict[int, int] = {}
-    frames: list[np.ndarray] = []
-    kept: list[RefSample] = []
-    bad_images: set[int] = set()
+# ------------------------------------------------------------------ shards: the unit of parallel work
+# Decoding and letterboxing images is nearly all of `prepare`'s time and each image is independent, so a
+# split's images are cut into shards that can run anywhere (a loop, threads, Dask worker processes). A shard
+# takes and returns only small picklable values and writes its frames to a file in the output folder.
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    image_id: int
+    path: str
+    width: int  # as annotated: the boxes are in this frame
+    height: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    split: str
+    index: int
+    jobs: tuple[ImageJob, ...]
+    size: int  # letterbox size
+    out_path: str  # where the shard's frames go (.npy)
+    strict: bool  # data.on_bad_record == "error": raise on the first bad image instead of reporting it
+
+
+@dataclass
+class ShardResult:
+    split: str
+    index: int
+    out_path: str
+    image_ids: list[int]  # the images in the frames file, in order
+    bad: dict[int, tuple[str, str]] = field(default_factory=dict)  # image id -> (skip reason, detail)
+
+
+def image_jobs(refer: ReferDataset, samples: list[RefSample]) -> list[ImageJob]:
+    """The split's distinct images, in order of first use."""
+    seen: dict[int, ImageJob] = {}
     for s in samples:
-        if s.image_id in bad_images:
-            skips.add("corrupt_image", f"{refer.image_path(s)}: ref {s.ref_id} sent {s.sent_id}")
+        if s.image_id not in seen:
+            seen[s.image_id] = ImageJob(s.image_id, str(refer.image_path(s)), s.image_width, s.image_height)
+    return list(seen.values())
+
+
+def plan_shards(jobs_by_split: dict[str, list[ImageJob]], size: int, out_dir: Path, num_shards: int,
+                strict: bool) -> list[Shard]:
+    """Cut every split into shards of about total/num_shards images (1: one shard per split)."""
+    total = sum(len(j) for j in jobs_by_split.values())
+    per_shard = max(1, -(-total // num_shards))
+    shards = []
+    for split, jobs in jobs_by_split.items():
+        for k, start in enumerate(range(0, max(len(jobs), 1), per_shard)):
+            shards.append(Shard(split, k, tuple(jobs[start:start + per_shard]), size,
+                                str(out_dir / split / f".shard-{k:04d}.npy"), strict))
+    return shards
+
+
+def letterbox_shard(shard: Shard) -> ShardResult:
+    """Decode, check and letterbox a shard's images into one uint8 [n, S, S, 3] file."""
+    frames, ids, bad = [], [], {}
+    for job in shard.jobs:
+        try:
+            img = _load_image(Path(job.path))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            if shard.strict:
+                raise BadRecordError(f"{job.path}: image {job.image_id} cannot be decoded: {err}") from None
+            bad[job.image_id] = ("corrupt_image", str(err))
             continue
-        if s.image_id not in image_index:
-            path = refer.image_path(s)
-            try:
-                img = _load_image(path)
-            except (OSError, UnidentifiedImageError, ValueError) as err:
-                if strict:
-                    raise BadRecordError(f"{path}: image {s.image_id} cannot be decoded: {err}") from None
-                bad_images.add(s.image_id)
-                skips.add("corrupt_image", f"{path}: ref {s.ref_id} sent {s.sent_id}: {err}")
-                continue
-            if img.size != (s.image_width, s.image_height):
-                # Boxes are in the annotated size; a silently different file would shift every box.
-                reason = f"image is {img.size[0]}x{img.size[1]}, annotation says {s.image_width}x{s.image_height}"
-                if strict:
-                    raise BadRecordError(f"{path}: image {s.image_id}: {reason}")
-                bad_images.add(s.image_id)
-                skips.add("image_size_mismatch", f"{path}: {reason}")
-                continue
-            image_index[s.image_id] = len(frames)
-            frames.append(Letterbox(s.image_width, s.image_height, size).image(img))
-        kept.append(s)
+        if img.size != (job.width, job.height):
+            # Boxes are in the annotated size; a silently different file would shift every box.
+            reason = f"image is {img.size[0]}x{img.size[1]}, annotation says {job.width}x{job.height}"
+            if shard.strict:
+                raise BadRecordError(f"{job.path}: image {job.image_id}: {reason}")
+            bad[job.image_id] = ("image_size_mismatch", reason)
+            continue
+        ids.append(job.image_id)
+        frames.append(Letterbox(job.width, job.height, shard.size).image(img))
+    Path(shard.out_path).parent.mkdir(parents=True, exist_ok=True)
+    np.save(shard.out_path, np.stack(frames) if frames else np.zeros((0, shard.size, shard.size, 3), np.uint8))
+    return ShardResult(shard.split, shard.index, shard.out_path, ids, bad)
+
+
+def run_sequentially(fn: Callable[[Shard], ShardResult], shards: list[Shard]) -> list[ShardResult]:
+    return [fn(s) for s in shards]
+
+
+def assemble_split(samples: list[RefSample], results: list[ShardResult], split_dir: Path, skips: SkipLog,
+                   refer: ReferDataset) -> list[RefSample]:
+    """Join a split's shards into `images.npy` + `samples.json`; returns the samples whose image was kept
+    (the others are counted in `skips`, under their image's reason)."""
+    results = sorted(results, key=lambda r: r.index)
+    image_index: dict[int, int] = {}
+    bad: dict[int, tuple[str, str]] = {}
+    for r in results:
+        for image_id in r.image_ids:
+            image_index[image_id] = len(image_index)
+        bad.update(r.bad)
     split_dir.mkdir(parents=True, exist_ok=True)
-    images = np.stack(frames) if frames else np.zeros((0, size, size, 3), np.uint8)
-    np.save(split_dir / "images.npy", images)
+    _concat_frames([Path(r.out_path) for r in results], split_dir / "images.npy")
+    kept, reported = [], set()
+    for s in samples:
+        if s.image_id in bad:
+            reason, detail = bad[s.image_id]
+            where = f"{refer.image_path(s)}: ref {s.ref_id} sent {s.sent_id}"
+            skips.add(reason, f"{where}: {detail}" if s.image_id not in reported else where)
+            reported.add(s.image_id)
+            continue
+        kept.append(s)
     records = []
     for s in kept:
         rec = asdict(s)
@@ -82,11 +156,30 @@ def _prepare_split(
     return kept
 
 
-def prepare_dataset(cfg: Config, out_dir: Path | None = None) -> dict:
+def _concat_frames(parts: list[Path], out: Path) -> None:
+    if len(parts) == 1:  # the one-shard case (the default pipeline): no copy at all
+        os.replace(parts[0], out)
+        return
+    arrays = [np.load(p, mmap_mode="r") for p in parts]
+    n = sum(a.shape[0] for a in arrays)
+    merged = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n, *arrays[0].shape[1:]))
+    at = 0
+    for a in arrays:
+        merged[at:at + a.shape[0]] = a
+        at += a.shape[0]
+    merged.flush()
+    del merged, arrays
+    for p in parts:
+        p.unlink()
+
+
+def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardRunner = run_sequentially) -> dict:
     """Validate, letterbox and tokenize every split; returns the manifest (also written to disk).
 
-    Writes into a temporary sibling and renames at the end, so an interrupted run never leaves a
-    half-prepared dataset that looks complete."""
+    The image work is cut into `cfg.parallel.prepare_shards` shards and handed to `run_shards(letterbox_shard,
+    shards)`, which may run them anywhere (the prepare flow maps them over Dask workers); the result is
+    the same whatever runs them. Writes into a temporary sibling and renames at the end, so an interrupted
+    run never leaves a half-prepared dataset that looks complete."""
     d = cfg.data
     out_dir = Path(out_dir) if out_dir else prepared_path(cfg)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
@@ -106,11 +199,14 @@ def prepare_dataset(cfg: Config, out_dir: Path | None = None) -> dict:
         tokenizer = get_tokenizer(
             tmp_dir / TOKENIZER_DIR, cfg.model.text.pretrained, (s.sentence for s in by_split["train"]), cfg.model.text.vocab_size
         )
+        present = [split for split in d.splits if split not in missing]
+        jobs = {split: image_jobs(refer, by_split[split]) for split in present}
+        shards = plan_shards(jobs, d.image_size, tmp_dir, cfg.parallel.prepare_shards, strict)
+        results = run_shards(letterbox_shard, shards)
         counts = {}
-        for split in d.splits:
-            if split in missing:
-                continue
-            kept = _prepare_split(refer, by_split[split], d.image_size, tmp_dir / split, refer.skips, strict)
+        for split in present:
+            kept = assemble_split(by_split[split], [r for r in results if r.split == split], tmp_dir / split,
+                                  refer.skips, refer)
             ids, mask = encode(tokenizer, [s.sentence for s in kept], d.max_tokens)
             np.save(tmp_dir / split / "tokens.npy", np.stack([ids, mask], axis=1))
             counts[split] = {"samples": len(kept), "images": len({s.image_id for s in kept})}

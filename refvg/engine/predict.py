@@ -1,18 +1,38 @@
-"""Inference on raw inputs: an image and an expression in, a box in original pixels out.
+"""Inference on raw inputs: an image and an expression in, a box (and a mask, for models that segment) in
+original pixels out.
 
 Used by `refvg predict` and by the MLflow pyfunc model, so the preprocessing there is exactly the one the
 model was trained with (letterbox size, tokenizer, max tokens from the checkpoint's own config)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from refvg.data.text import TOKENIZER_DIR, encode, load_tokenizer
 from refvg.data.transforms import Letterbox, cxcywh_to_xyxy
 from refvg.engine.runtime import autocast, resolve_device, to_device
+
+
+@dataclass
+class Grounding:
+    box_xyxy: np.ndarray  # [4] original pixels
+    mask: Optional[np.ndarray] = None  # bool [H, W] original pixels, when the model segments
+
+
+def mask_to_original(mask_logits: torch.Tensor, lb: Letterbox) -> np.ndarray:
+    """A model's mask logits over the letterboxed square ([h, w], any resolution) -> bool [H, W] in the
+    original image: upsampled to the square, cropped to the image content, resized to the original size."""
+    square = F.interpolate(mask_logits.float()[None, None], size=(lb.size, lb.size), mode="bilinear",
+                           align_corners=False)[0, 0]
+    content = square[: lb.content_h, : lb.content_w].sigmoid()
+    full = F.interpolate(content[None, None], size=(lb.orig_h, lb.orig_w), mode="bilinear", align_corners=False)
+    return (full[0, 0] > 0.5).cpu().numpy()
 
 
 class Grounder:
@@ -24,21 +44,26 @@ class Grounder:
         self.tokenizer = load_tokenizer(tokenizer_dir or Path(checkpoint).parent / TOKENIZER_DIR)
 
     @torch.no_grad()
+    def ground(self, image: Image.Image, expression: str) -> Grounding:
+        size = self.cfg.data.image_size
+        lb = Letterbox(image.width, image.height, size)
+        ids, mask = encode(self.tokenizer, [expression], self.cfg.data.max_tokens)
+        batch = to_device({
+            "image": torch.from_numpy(lb.image(image))[None],
+            "pixel_mask": torch.from_numpy(lb.padding_mask())[None],
+            "input_ids": torch.from_numpy(ids).long(), "attention_mask": torch.from_numpy(mask).long(),
+        }, self.device)
+        with autocast(self.device, self.cfg.train.amp):
+            out = self.model(batch)
+        box = lb.box_from_square(cxcywh_to_xyxy(out["pred_boxes"].float())[0].cpu().numpy())
+        masks = out.get("pred_masks")  # segmentation models (CMSA): [B, (1,) h, w] logits over the square
+        if masks is None:
+            return Grounding(box)
+        return Grounding(box, mask_to_original(masks[0].reshape(masks.shape[-2:]), lb))
+
     def predict(self, images: list[Image.Image], expressions: list[str]) -> np.ndarray:
         """-> [N, 4] xyxy boxes in each image's original pixels."""
         if len(images) != len(expressions):
             raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
-        size = self.cfg.data.image_size
-        boxes = []
-        for img, text in zip(images, expressions):
-            lb = Letterbox(img.width, img.height, size)
-            ids, mask = encode(self.tokenizer, [text], self.cfg.data.max_tokens)
-            batch = to_device({
-                "image": torch.from_numpy(lb.image(img))[None],
-                "pixel_mask": torch.from_numpy(lb.padding_mask())[None],
-                "input_ids": torch.from_numpy(ids).long(), "attention_mask": torch.from_numpy(mask).long(),
-            }, self.device)
-            with autocast(self.device, self.cfg.train.amp):
-                pred = self.model(batch)["pred_boxes"].float()
-            boxes.append(lb.box_from_square(cxcywh_to_xyxy(pred)[0].cpu().numpy()))
+        boxes = [self.ground(img, text).box_xyxy for img, text in zip(images, expressions)]
         return np.stack(boxes) if boxes else np.zeros((0, 4))

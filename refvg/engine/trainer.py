@@ -1,5 +1,6 @@
 """The training loop, in one place: AdamW, warmup + cosine/step schedule, grad clipping, bf16 autocast on
-CUDA, per-epoch validation, atomic checkpoints with optimizer/scheduler/RNG state, and resume.
+CUDA, per-epoch validation, atomic checkpoints with optimizer/scheduler/RNG state, and resume. Under
+`torchrun` the same loop runs data-parallel (refvg.engine.distributed).
 
 Tracking stays outside: the caller passes `on_epoch_end(metrics, epoch)` (the flows hook MLflow there), so
 this module runs the same under a test, a notebook, DVC, Prefect or torchrun.
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from refvg.config import Config, TrainConfig
 from refvg.data.dataset import collate
+from refvg.engine import distributed
 from refvg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from refvg.engine.runtime import autocast, resolve_device, seed_everything, to_device
 
@@ -89,15 +91,20 @@ def train(
     same run (same method and config)."""
     tcfg = cfg.train
     out_dir = Path(out_dir)
-    device = resolve_device(tcfg.device)
+    device = distributed.setup(resolve_device(tcfg.device))  # under torchrun: join the group, this rank's GPU
+    main = distributed.is_main()  # only rank 0 logs, validates and writes checkpoints
     seed_everything(tcfg.seed)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if tcfg.compile else model
+    step_model = distributed.wrap(model, device)
+    step_model = torch.compile(step_model) if tcfg.compile else step_model
 
+    drop_last = len(train_set) > tcfg.batch_size
+    sampler = distributed.sampler(train_set, tcfg.seed, drop_last)
     loader = DataLoader(
-        train_set, batch_size=tcfg.batch_size, shuffle=True, drop_last=len(train_set) > tcfg.batch_size,
+        train_set, batch_size=distributed.local_batch_size(tcfg.batch_size), shuffle=sampler is None,
+        sampler=sampler, drop_last=drop_last,
         collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=tcfg.num_workers > 0, generator=torch.Generator().manual_seed(tcfg.seed),
     )
@@ -110,10 +117,12 @@ def train(
 
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, {}
         # disable=None: a live bar on a terminal, nothing in logs (the per-epoch line below is logged anyway)
         bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=None, mininterval=1.0)
+                   disable=None if main else True, mininterval=1.0)
         for batch in bar:
             batch = to_device(batch, device)
             with autocast(device, tcfg.amp):
@@ -130,10 +139,12 @@ def train(
             for k, v in losses.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) * n
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", sps=f"{seen / (time.perf_counter() - t0):.0f}")
+        totals = distributed.sum_over_ranks({"seen": seen, **parts_sum}, device)
+        seen, parts_sum = totals.pop("seen"), totals
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        val = evaluate(model)
+        val = distributed.from_main(evaluate(model) if main else None)
         val_seconds = time.perf_counter() - t1
         result.compute_seconds += train_seconds + val_seconds
         metrics = {f"train/{k}": v / max(seen, 1) for k, v in parts_sum.items()}
@@ -147,6 +158,8 @@ def train(
         is_best = score > result.best_score
         if is_best:
             result.best_score, result.best_epoch = score, epoch + 1
+        if not main:
+            continue
         state = _state(model, optimizer, scheduler, epoch + 1, key, result, cfg, method, extra_state)
         state["loader_rng"] = loader.generator.get_state()
         if is_best:
