@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from refvg import stages
 from refvg.config import Config, load_config
 from refvg.data.text import TOKENIZER_DIR
-from refvg.tracking import Tracker, stage_run
+from refvg.tracking import Tracker, display_uri, stage_run
 
 log = logging.getLogger("refvg.flows.stages")
 
@@ -154,7 +154,7 @@ def report_flow(params: str = "params.yaml") -> dict:
         seconds = time.perf_counter() - t0
         log_files(tracker, [summary, summary.with_name("comparison.png")])
     print(summary.read_text())
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    uri = display_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri)  # no user:password@
     print(f"metrics: {cfg.eval.metrics_dir}/<method>.json (dvc metrics show), plots: {cfg.eval.plots_dir}/<method>/, "
           f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri})")
     return {"summary": str(summary), "work_seconds": seconds}
