@@ -131,6 +131,12 @@ class TrainConfig(_Strict):
     compile: bool = False
     checkpoint_dir: str = "checkpoints"
     loss: LossConfig = LossConfig()
+    # Crash safety: last.pt is also written every this many steps (0: only at epoch ends), so a killed run
+    # loses at most this much work; resume is exact at any step.
+    checkpoint_every_steps: int = Field(500, ge=0)
+    # A step with a NaN/inf loss or gradient is skipped (no update) and counted; this many in a row stop the
+    # run with a clear error, the last good state in last.pt.
+    max_bad_steps: int = Field(10, ge=1)
 
 
 class EvalConfig(_Strict):

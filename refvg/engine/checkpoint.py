@@ -38,6 +38,15 @@ def save_checkpoint(state: dict, path: Path) -> None:
         raise
 
 
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temp files of writes a crash cut short (never a checkpoint: only the rename publishes one)."""
+    folder = Path(folder)
+    leftovers = sorted(folder.glob(".*.pt.*.tmp")) if folder.is_dir() else []
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return leftovers
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():

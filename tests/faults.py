@@ -1,0 +1,153 @@
+"""Fault injectors shared by the tests and `benchmarks/faults.py`.
+
+- `python -m tests.faults train ...`: a training process that kills itself with SIGKILL (kill -9: no handler,
+  no cleanup, no flush) at a chosen point: while fetching the N-th training sample, or half-way through its
+  K-th checkpoint write. Run it with `train_process`; rerun the same command to resume.
+- `MlflowServer`: a real `mlflow server` process on loopback that a test can kill and start again.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_at_item(n: int) -> None:
+    from refvg.data.dataset import PreparedSplit
+
+    fetch, fetched = PreparedSplit.__getitem__, [0]
+
+    def getitem(self, i):
+        if self.split == "train":
+            fetched[0] += 1
+            if fetched[0] == n:
+                _die()
+        return fetch(self, i)
+
+    PreparedSplit.__getitem__ = getitem
+
+
+def _kill_in_write(k: int) -> None:
+    """The k-th checkpoint write stops half-way through its bytes, then the process dies."""
+    import torch
+
+    save, writes = torch.save, [0]
+
+    def half_save(obj, f, *args, **kwargs):
+        writes[0] += 1
+        if writes[0] < k:
+            return save(obj, f, *args, **kwargs)
+        buf = io.BytesIO()
+        save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[: buf.tell() // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        _die()
+
+    torch.save = half_save
+
+
+def train_process(workdir: Path, method: str = "transvg", kill_at_item: int = 0, kill_in_write: int = 0,
+                  timeout: float = 600) -> subprocess.CompletedProcess:
+    """`refvg train` in a fresh Python process in `workdir`, optionally killed as described above."""
+    cmd = [sys.executable, "-m", "tests.faults", "train", "--method", method,
+           "--kill-at-item", str(kill_at_item), "--kill-in-write", str(kill_in_write)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _train_main(args) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.kill_at_item:
+        _kill_at_item(args.kill_at_item)
+    if args.kill_in_write:
+        _kill_in_write(args.kill_in_write)
+    from refvg import stages
+    from refvg.config import load_config
+
+    result = stages.train_method(load_config("params.yaml"), args.method)
+    print(json.dumps({"resumed_from_epoch": result.resumed_from_epoch, "resumed_from_step": result.resumed_from_step,
+                      "best_epoch": result.best_epoch, "best_score": result.best_score}))
+
+
+# ---------------------------------------------------------------- a real MLflow tracking server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 over an sqlite store in `folder`; `kill()` is kill -9, `start()` brings it
+    back on the same port and store (what a restarted tracking server looks like to its clients)."""
+
+    def __init__(self, folder: Path, port: Optional[int] = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        log = open(self.folder / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no background job workers: seconds off the start
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; see {self.folder / 'server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.kill()
+        raise RuntimeError(f"mlflow server did not answer within {timeout:.0f} s; see {self.folder / 'server.log'}")
+
+    def kill(self) -> None:
+        """kill -9 of the server and its workers (its own process group, started by us)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="refvg train in this folder, optionally killing itself")
+    p.add_argument("--method", default="transvg")
+    p.add_argument("--kill-at-item", type=int, default=0, help="SIGKILL while fetching this training sample (1-based)")
+    p.add_argument("--kill-in-write", type=int, default=0, help="SIGKILL half-way through this checkpoint write")
+    _train_main(parser.parse_args())
