@@ -21,11 +21,16 @@ def _predict(args) -> None:
 
     from refvg.engine.predict import Grounder
 
+    from refvg.engine.checkpoint import CheckpointError
+
     try:
         image = Image.open(args.image).convert("RGB")
     except OSError as err:
         raise SystemExit(f"refvg predict: cannot read image {args.image}: {err}") from None
-    box = Grounder(Path(args.model)).predict([image], [args.expression])[0]
+    try:
+        box = Grounder(Path(args.model)).predict([image], [args.expression])[0]
+    except (CheckpointError, ValueError) as err:  # a file that is not our checkpoint; an unusable expression
+        raise SystemExit(f"refvg predict: {err}") from None
     print(json.dumps({"image": str(args.image), "expression": args.expression,
                       "box_xyxy": [round(float(v), 1) for v in box]}))
     if args.out:

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 
 from refvg import stages
 from refvg.config import load_config
-from refvg.data.dataset import PreparedSplit, read_manifest
+from refvg.data.dataset import PreparedSplit, prepared_fingerprint, read_manifest
 from refvg.data.prepare import prepared_path
 from refvg.data.samplers import ResumableShuffle
 from refvg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -80,7 +80,8 @@ def test_resume_refuses_a_damaged_checkpoint_and_restarts_a_changed_run(in_tiny,
     # Ours, with the right key, but missing what resume needs (e.g. best.pt copied over last.pt).
     from refvg.engine.trainer import run_key
 
-    save_checkpoint({"run_key": run_key(cfg.for_method("transvg"), "transvg"), "model": {}}, ckpt / LAST)
+    key = run_key(cfg.for_method("transvg"), "transvg", prepared_fingerprint(prepared_path(cfg)))
+    save_checkpoint({"run_key": key, "model": {}}, ckpt / LAST)
     with pytest.raises(CheckpointError, match=r"not optimizer, scheduler"):
         stages.train_method(cfg, "transvg")
     # Another run's checkpoint (a knob that changes the result differs): a warning, then a fresh start.
@@ -97,6 +98,21 @@ def test_run_key_ignores_knobs_that_do_not_change_the_result(tmp_path):
                                        tracking={"experiment": "other"}))
     changed = load_config(write_params(tmp_path, train={"lr": 0.01}))
     assert run_key(base, "transvg") == run_key(neutral, "transvg") != run_key(changed, "transvg")
+    assert run_key(base, "transvg", "data-a") != run_key(base, "transvg", "data-b")
+
+
+def test_prepared_fingerprint_follows_the_data(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "train" / "samples.json").write_text('[{"sentence": "red circle"}]')
+    (tmp_path / "train" / "images.npy").write_bytes(b"\0" * 64)
+    before = prepared_fingerprint(tmp_path)
+    assert prepared_fingerprint(tmp_path) == before
+    (tmp_path / "train" / "samples.json").write_text('[{"sentence": "blue circle"}]')
+    assert prepared_fingerprint(tmp_path) != before
+    before = prepared_fingerprint(tmp_path)
+    (tmp_path / "train" / "images.npy").write_bytes(b"\1" * 65)  # rewritten by a new `prepare`
+    assert prepared_fingerprint(tmp_path) != before
 
 
 def test_sampler_position_restores_the_same_order():

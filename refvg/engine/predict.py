@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from refvg.data.refer import check_expression
 from refvg.data.text import TOKENIZER_DIR, encode, load_tokenizer
 from refvg.data.transforms import Letterbox, cxcywh_to_xyxy
 from refvg.engine.runtime import autocast, resolve_device, to_device
@@ -28,6 +29,8 @@ class Grounder:
         """-> [N, 4] xyxy boxes in each image's original pixels."""
         if len(images) != len(expressions):
             raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
+        # The checks prepare applied to the training expressions, before anything reaches the tokenizer.
+        expressions = [self._expression(i, text) for i, text in enumerate(expressions)]
         size = self.cfg.data.image_size
         boxes = []
         for img, text in zip(images, expressions):
@@ -42,3 +45,9 @@ class Grounder:
                 pred = self.model(batch)["pred_boxes"].float()
             boxes.append(lb.box_from_square(cxcywh_to_xyxy(pred)[0].cpu().numpy()))
         return np.stack(boxes) if boxes else np.zeros((0, 4))
+
+    def _expression(self, i: int, text) -> str:
+        try:
+            return check_expression(text, self.cfg.data.max_expression_chars)
+        except ValueError as err:
+            raise ValueError(f"expression #{i}: {err}") from None

@@ -99,10 +99,10 @@ class _EpochProgress:
     bad_in_a_row: int = 0
 
 
-def run_key(cfg: Config, method: str) -> str:
-    """Identifies what a checkpoint was trained for (method, config, library code); resume only continues a
-    run with the same key. The code is part of it because DVC keeps the checkpoint folder between runs: a
-    changed model must not pick up weights trained by the old one."""
+def run_key(cfg: Config, method: str, data_version: str = "") -> str:
+    """Identifies what a checkpoint was trained for (method, config, library code, data); resume only
+    continues a run with the same key. Code and data are part of it because DVC keeps the checkpoint folder
+    between runs: a changed model or dataset must not pick up weights trained on the old one."""
     dumped = cfg.model_dump(mode="json")
     for section, keys in RESUME_NEUTRAL.items():
         if keys is None:
@@ -110,7 +110,8 @@ def run_key(cfg: Config, method: str) -> str:
         else:
             for k in keys:
                 dumped[section].pop(k, None)
-    blob = json.dumps({"method": method, "cfg": dumped, "code": code_fingerprint()}, sort_keys=True)
+    blob = json.dumps({"method": method, "cfg": dumped, "code": code_fingerprint(), "data": data_version},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -135,10 +136,11 @@ def train(
     select_metric: str = "acc@0.5",
     on_epoch_end: Callable[[dict, int], None] = lambda metrics, epoch: None,
     extra_state: Optional[dict] = None,
+    data_version: str = "",
 ) -> TrainResult:
     """Train `model` on `train_set` for `cfg.train.epochs`; `evaluate(model)` scores it after each epoch and
     the best epoch by `select_metric` is kept as best.pt. Resumes from out_dir/last.pt when it belongs to the
-    same run (same method, config and code), mid-epoch included. `on_epoch_end(metrics, epoch)` is called
+    same run (same method, config, code and `data_version`), mid-epoch included. `on_epoch_end(metrics, epoch)` is called
     after each epoch and, on resume, once for each epoch restored from the checkpoint, so a tracker attached
     to the new process still gets the whole history."""
     tcfg = cfg.train
@@ -160,7 +162,7 @@ def train(
     total_steps = tcfg.epochs * steps_per_epoch
     optimizer = build_optimizer(model, tcfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
-    key = run_key(cfg, method)
+    key = run_key(cfg, method, data_version)
     result = TrainResult(checkpoint_dir=out_dir)
     for leftover in remove_partial_writes(out_dir):
         log.warning("removed %s, a checkpoint write cut short by a crash (the previous checkpoint is intact)", leftover)
