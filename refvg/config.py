@@ -173,6 +173,10 @@ class TrackingConfig(_Strict):
     tracking_uri: str = "sqlite:///mlruns.db"
     artifact_root: str = "mlartifacts"
     experiment: str = "refvg"
+    # Faults: calls the store refused until the stage ended are saved here (python -m refvg.tracking replay)
+    unlogged_dir: str = ".refvg/unlogged"
+    http_retries: int = Field(2, ge=0)  # per call to a tracking server (MLflow's default: 7, minutes of backoff)
+    http_timeout_s: int = Field(10, gt=0)
 
 
 class Config(_Strict):

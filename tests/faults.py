@@ -87,6 +87,27 @@ def _train_main(args) -> None:
                       "best_epoch": result.best_epoch, "best_score": result.best_score}))
 
 
+def log_process(workdir: Path, stage: str, steps: int, env: dict) -> subprocess.Popen:
+    """A stage process that only logs: one MLflow run, `steps` metric batches (what a pipeline stage does,
+    minus the work). Several at once on one store are two pipelines logging concurrently."""
+    cmd = [sys.executable, "-m", "tests.faults", "log", "--stage", stage, "--steps", str(steps)]
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _log_main(args) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from refvg.config import load_config
+    from refvg.tracking import stage_run
+
+    with stage_run(load_config("params.yaml"), args.stage, params={"stage": args.stage}) as tracker:
+        for step in range(1, args.steps + 1):
+            tracker.log_metrics({"loss": 1.0 / step, "acc": step / args.steps}, step=step)
+    print(json.dumps({"run_id": tracker.run_id, "failures": tracker.failures, "pending": len(tracker.pending)}))
+
+
 # ---------------------------------------------------------------- a real MLflow tracking server
 
 
@@ -150,4 +171,8 @@ if __name__ == "__main__":
     p.add_argument("--method", default="transvg")
     p.add_argument("--kill-at-item", type=int, default=0, help="SIGKILL while fetching this training sample (1-based)")
     p.add_argument("--kill-in-write", type=int, default=0, help="SIGKILL half-way through this checkpoint write")
-    _train_main(parser.parse_args())
+    p = sub.add_parser("log", help="a stage that only logs to MLflow")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    (_train_main if args.command == "train" else _log_main)(args)
