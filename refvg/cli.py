@@ -19,9 +19,8 @@ from refvg.config import ConfigError, load_config
 def _predict(args) -> None:
     from PIL import Image, ImageDraw
 
-    from refvg.engine.predict import Grounder
-
     from refvg.engine.checkpoint import CheckpointError
+    from refvg.engine.predict import Grounder
 
     try:
         image = Image.open(args.image).convert("RGB")

@@ -108,6 +108,69 @@ def _log_main(args) -> None:
     print(json.dumps({"run_id": tracker.run_id, "failures": tracker.failures, "pending": len(tracker.pending)}))
 
 
+def poison_loss(model, bad_calls: set[int], where: str = "loss") -> None:
+    """Make the loss (where="loss") or only the gradient (where="grad": a finite loss whose gradient is
+    d sqrt(x)/dx at 0 = inf) non-finite on the given calls of `model.compute_loss` (1-based)."""
+    import torch
+
+    compute, calls = model.compute_loss, [0]
+
+    def poisoned(outputs, batch):
+        calls[0] += 1
+        losses = compute(outputs, batch)
+        if calls[0] in bad_calls:
+            if where == "loss":
+                losses["loss"] = losses["loss"] * float("nan")
+            else:
+                losses["loss"] = losses["loss"] + torch.sqrt(outputs["pred_boxes"].sum() * 0)
+        return losses
+
+    model.compute_loss = poisoned
+
+
+def small_training(folder: Path, **overrides):
+    """The tiny model on 16 training samples in batches of 4 (4 steps per epoch, 2 epochs): the training
+    loop's logic at a fraction of a full run's cost. `folder` holds the tiny dataset (tests' `in_tiny`); its
+    params.yaml is rewritten. Returns (cfg, a function giving identically initialised models, the data)."""
+    import torch
+    from torch.utils.data import Subset
+
+    from refvg.config import load_config
+    from refvg.data.dataset import PreparedSplit, read_manifest
+    from refvg.data.prepare import prepared_path
+    from refvg.models import build_model
+    from tests.conftest import write_params
+
+    train = {"epochs": 2, "batch_size": 4, **overrides.pop("train", {})}
+    cfg = load_config(write_params(folder, train=train, **overrides))
+    prepared = prepared_path(cfg)
+    manifest = read_manifest(prepared)
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("transvg", cfg, manifest["vocab_size"], manifest["pad_token_id"])
+
+    return cfg, model, Subset(PreparedSplit(prepared, "train"), range(16))
+
+
+def blocked_sqlite_store(folder: Path) -> tuple[Path, str]:
+    """(blocker, uri): an sqlite store MLflow cannot open until `blocker` is deleted, because a file sits
+    where the store's folder must go. A real unreachable store, no mock."""
+    blocker = Path(folder) / "store"
+    blocker.write_text("a file, not the store's folder")
+    return blocker, f"sqlite:///{blocker / 'mlruns.db'}"
+
+
+def truncated_jpeg(image_path: Path, keep: float) -> bytes:
+    """The image re-encoded as JPEG, cut to the first `keep` fraction of its bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(image_path).convert("RGB").save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    return data[: int(len(data) * keep)]
+
+
 # ---------------------------------------------------------------- a real MLflow tracking server
 
 

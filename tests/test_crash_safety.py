@@ -9,18 +9,16 @@ import signal
 
 import pytest
 import torch
-from torch.utils.data import Subset
 
 from refvg import stages
 from refvg.config import load_config
-from refvg.data.dataset import PreparedSplit, prepared_fingerprint, read_manifest
+from refvg.data.dataset import prepared_fingerprint, read_manifest
 from refvg.data.prepare import prepared_path
 from refvg.data.samplers import ResumableShuffle
 from refvg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refvg.engine.trainer import BEST, LAST, NonFiniteLossError, train
-from refvg.models import build_model
 from tests.conftest import write_params
-from tests.faults import train_process
+from tests.faults import poison_loss, small_training, train_process
 
 TIMINGS = ("samples_per_second", "epoch_seconds")
 
@@ -33,36 +31,29 @@ def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_kill_9_anywhere_then_rerun_ends_bitwise_like_an_uninterrupted_run(in_tiny):
+def test_kill_9_mid_epoch_then_rerun_ends_bitwise_like_an_uninterrupted_run(in_tiny):
     write_params(in_tiny, train={"checkpoint_every_steps": 4})
     cfg = load_config("params.yaml")
     ckpt = stages.checkpoint_dir(cfg, "transvg")
     steps_per_epoch = read_manifest(prepared_path(cfg))["splits"]["train"]["samples"] // cfg.train.batch_size
-    assert steps_per_epoch > 8  # the kill points below must fall mid-epoch
+    assert steps_per_epoch > 8  # the kill below must fall mid-epoch
     reference = stages.train_method(cfg, "transvg")
     ref_last, ref_best = load_checkpoint(ckpt / LAST), load_checkpoint(ckpt / BEST)
     shutil.rmtree(ckpt)
 
-    # 1. kill -9 while fetching a sample of step 7: the step-4 checkpoint is what survives.
-    killed = train_process(in_tiny, kill_at_item=6 * cfg.train.batch_size + 3)
+    # kill -9 in epoch 1, half-way through writing the step-8 checkpoint: the step-4 one must survive whole.
+    killed = train_process(in_tiny, kill_in_write=2)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list(ckpt.glob(".last.pt.*.tmp")), "the cut-short write should have left its temp file"
     state = load_checkpoint(ckpt / LAST)
     assert (state["epoch"], state["progress"]["step"]) == (0, 4)
 
-    # 2. The same command resumes mid-epoch; this time kill -9 half-way through writing its 5th checkpoint
-    #    (steps 8 and 12, best.pt and last.pt at the end of epoch 1, then the first one of epoch 2).
-    killed = train_process(in_tiny, kill_in_write=5)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert "after 0 epochs and 4 steps" in killed.stderr
-    assert list(ckpt.glob(".last.pt.*.tmp")), "the cut-short write should have left its temp file"
-    state = load_checkpoint(ckpt / LAST)  # the half-written file never replaced the good one
-    assert (state["epoch"], state["progress"]["step"]) == (1, 0)
-
-    # 3. Resumes at the epoch boundary, drops the partial file, ends exactly where the reference ended.
+    # The same command again: resumes mid-epoch, drops the partial file, ends exactly where the reference did.
     done = train_process(in_tiny)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from_epoch"] == 1
-    assert "a checkpoint write cut short by a crash" in done.stderr and not list(ckpt.glob(".*.tmp"))
+    assert "after 0 epochs and 4 steps" in done.stderr and "a checkpoint write cut short by a crash" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from_step"] == 4
+    assert not list(ckpt.glob(".*.tmp"))
     last, best = load_checkpoint(ckpt / LAST), load_checkpoint(ckpt / BEST)
     assert _same_tensors(ref_last["model"], last["model"]) and _same_tensors(ref_best["model"], best["model"])
     assert ref_last["optimizer"]["state"][0]["step"] == last["optimizer"]["state"][0]["step"]
@@ -70,24 +61,45 @@ def test_kill_9_anywhere_then_rerun_ends_bitwise_like_an_uninterrupted_run(in_ti
     assert best["best_epoch"] == reference.best_epoch
 
 
-def test_resume_refuses_a_damaged_checkpoint_and_restarts_a_changed_run(in_tiny, caplog):
-    cfg = load_config(write_params(in_tiny, train={"epochs": 1}))
-    ckpt = stages.checkpoint_dir(cfg, "transvg")
-    ckpt.mkdir(parents=True)
-    (ckpt / LAST).write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(CheckpointError, match=r"last\.pt.*Move it away to train from scratch"):
-        stages.train_method(cfg, "transvg")
-    # Ours, with the right key, but missing what resume needs (e.g. best.pt copied over last.pt).
+def _no_eval(model) -> dict:
+    return {"acc@0.5": 0.0}
+
+
+def test_resume_at_an_epoch_boundary_replays_the_history(in_tiny, tmp_path):
+    cfg, model, data = small_training(in_tiny)
+    train(model(), data, cfg, tmp_path / "ref", method="t", evaluate=_no_eval)
+
+    def stop_after_first(metrics, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model(), data, cfg, tmp_path / "run", method="t", evaluate=_no_eval, on_epoch_end=stop_after_first)
+    seen = []
+    result = train(model(), data, cfg, tmp_path / "run", method="t", evaluate=_no_eval,
+                   on_epoch_end=lambda metrics, epoch: seen.append(epoch))
+    assert (result.resumed_from_epoch, result.resumed_from_step) == (1, 0)
+    assert seen == [1, 2]  # epoch 1 replayed from the checkpoint, for a tracker attached to this process
+    ref, run = load_checkpoint(tmp_path / "ref" / LAST), load_checkpoint(tmp_path / "run" / LAST)
+    assert _same_tensors(ref["model"], run["model"]) and _results(ref["history"]) == _results(run["history"])
+
+
+def test_resume_refuses_a_damaged_checkpoint_and_restarts_a_changed_run(in_tiny, tmp_path, caplog):
     from refvg.engine.trainer import run_key
 
-    key = run_key(cfg.for_method("transvg"), "transvg", prepared_fingerprint(prepared_path(cfg)))
-    save_checkpoint({"run_key": key, "model": {}}, ckpt / LAST)
+    cfg, model, data = small_training(in_tiny)
+    (tmp_path / LAST).write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match=r"last\.pt.*Move it away to train from scratch"):
+        train(model(), data, cfg, tmp_path, method="t", evaluate=_no_eval)
+    # Ours, with the right key, but missing what resume needs (e.g. best.pt copied over last.pt).
+    save_checkpoint({"run_key": run_key(cfg, "t"), "model": {}}, tmp_path / LAST)
     with pytest.raises(CheckpointError, match=r"not optimizer, scheduler"):
-        stages.train_method(cfg, "transvg")
+        train(model(), data, cfg, tmp_path, method="t", evaluate=_no_eval)
     # Another run's checkpoint (a knob that changes the result differs): a warning, then a fresh start.
-    save_checkpoint({"run_key": "0" * 16}, ckpt / LAST)
-    result = stages.train_method(cfg, "transvg")
+    save_checkpoint({"run_key": "0" * 16}, tmp_path / LAST)
+    result = train(model(), data, cfg, tmp_path, method="t", evaluate=_no_eval)
     assert result.resumed_from_epoch == 0 and "belongs to another run" in caplog.text
+    assert len(result.history) == 2
 
 
 def test_run_key_ignores_knobs_that_do_not_change_the_result(tmp_path):
@@ -133,44 +145,17 @@ def test_sampler_position_restores_the_same_order():
 # ---------------------------------------------------------------- NaN / inf
 
 
-def _poison(model, bad_calls: set[int], where: str):
-    """Make the loss (where="loss") or only the gradient (where="grad": finite loss, d sqrt(x)/dx at 0 = inf)
-    non-finite on the given calls of compute_loss (1-based)."""
-    compute, calls = model.compute_loss, [0]
-
-    def poisoned(outputs, batch):
-        calls[0] += 1
-        losses = compute(outputs, batch)
-        if calls[0] in bad_calls:
-            if where == "loss":
-                losses["loss"] = losses["loss"] * float("nan")
-            else:
-                losses["loss"] = losses["loss"] + torch.sqrt(outputs["pred_boxes"].sum() * 0)
-        return losses
-
-    model.compute_loss = poisoned
-
-
-def _small_run(tmp_path, in_tiny, **train):
-    cfg = load_config(write_params(in_tiny, train={"epochs": 2, **train}))
-    prepared = prepared_path(cfg)
-    manifest = read_manifest(prepared)
-    torch.manual_seed(0)
-    model = build_model("transvg", cfg, manifest["vocab_size"], manifest["pad_token_id"])
-    data = Subset(PreparedSplit(prepared, "train"), range(4 * cfg.train.batch_size))  # 4 steps per epoch
-    return cfg, model, data
-
-
 def _updates(path) -> int:
     return int(load_checkpoint(path)["optimizer"]["state"][0]["step"])
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_non_finite_steps_are_skipped_and_counted(in_tiny, tmp_path, caplog, where):
-    cfg, model, data = _small_run(tmp_path, in_tiny)
-    _poison(model, {2, 3, 6}, where)
+    cfg, build, data = small_training(in_tiny)
+    model = build()
+    poison_loss(model, {2, 3, 6}, where)
     seen = []
-    result = train(model, data, cfg, tmp_path / "ckpt", method="t", evaluate=lambda m: {"acc@0.5": 0.0},
+    result = train(model, data, cfg, tmp_path / "ckpt", method="t", evaluate=_no_eval,
                    on_epoch_end=lambda metrics, epoch: seen.append(metrics["train/skipped_steps"]))
     assert seen == [2, 1] and result.skipped_steps == 3
     assert _updates(tmp_path / "ckpt" / LAST) == 8 - 3  # a skipped step updates nothing
@@ -180,10 +165,11 @@ def test_non_finite_steps_are_skipped_and_counted(in_tiny, tmp_path, caplog, whe
 
 
 def test_too_many_bad_steps_in_a_row_stop_with_a_usable_checkpoint(in_tiny, tmp_path):
-    cfg, model, data = _small_run(tmp_path, in_tiny, max_bad_steps=3)
-    _poison(model, set(range(3, 100)), "loss")  # diverges after two good steps
+    cfg, build, data = small_training(in_tiny, train={"max_bad_steps": 3})
+    model = build()
+    poison_loss(model, set(range(3, 100)), "loss")  # diverges after two good steps
     with pytest.raises(NonFiniteLossError, match=r"3 steps in a row \(train\.max_bad_steps=3\).*last\.pt"):
-        train(model, data, cfg, tmp_path / "ckpt", method="t", evaluate=lambda m: {"acc@0.5": 0.0})
+        train(model, data, cfg, tmp_path / "ckpt", method="t", evaluate=_no_eval)
     state = load_checkpoint(tmp_path / "ckpt" / LAST)
     assert _updates(tmp_path / "ckpt" / LAST) == 2  # the state after the last good step
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

@@ -4,7 +4,6 @@ a counted skip; none in a traceback from deep inside torch or PIL. (Reader-level
 params.yaml: test_config.py.)"""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from refvg.engine.checkpoint import CheckpointError, load_checkpoint, save_check
 from refvg.engine.predict import Grounder
 from refvg.models import build_model
 from tests.conftest import write_params
+from tests.faults import truncated_jpeg
 
 
 class _Exploit:
@@ -116,12 +116,6 @@ def test_evaluate_with_a_foreign_best_checkpoint_names_it(in_tiny):
 # ---------------------------------------------------------------- truncated JPEGs
 
 
-def _jpeg(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("keep", [0.05, 0.6])  # cut inside the headers; cut in the middle of the scan data
 def test_truncated_jpeg_is_a_counted_skip_or_a_named_error(tiny_workdir, tmp_path, monkeypatch, keep):
     monkeypatch.chdir(tmp_path)
@@ -131,8 +125,7 @@ def test_truncated_jpeg_is_a_counted_skip_or_a_named_error(tiny_workdir, tmp_pat
     victim = instances["images"][0]
     png = raw / "images" / victim["file_name"]
     jpeg = png.with_suffix(".jpg")
-    data = _jpeg(Image.open(png).convert("RGB"))
-    jpeg.write_bytes(data[: int(len(data) * keep)])
+    jpeg.write_bytes(truncated_jpeg(png, keep))
     png.unlink()
     victim["file_name"] = jpeg.name
     (raw / "instances.json").write_text(json.dumps(instances))
@@ -151,8 +144,8 @@ def test_truncated_jpeg_is_a_counted_skip_or_a_named_error(tiny_workdir, tmp_pat
 
 def test_truncated_jpeg_at_inference(untrained, tmp_path):
     path, _ = untrained
-    image = Image.open(next((path.parents[1] / "data/raw/refshapes/images").iterdir())).convert("RGB")
-    data = _jpeg(image)
+    source = next((path.parents[1] / "data/raw/refshapes/images").iterdir())
+    data = truncated_jpeg(source, 1.0)
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(SystemExit, match=r"cannot read image .*cut\.jpg: image file is truncated"):
@@ -163,7 +156,7 @@ def test_truncated_jpeg_at_inference(untrained, tmp_path):
         _open(3, str(cut))
     with pytest.raises(ValueError, match=r"row 0: cannot read the image"):
         _open(0, data[: len(data) // 2])
-    assert _open(1, data).size == image.size  # control: the whole file decodes
+    assert _open(1, data).size == Image.open(source).size  # control: the whole file decodes
 
 
 # ---------------------------------------------------------------- expressions at inference

@@ -10,20 +10,12 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from refvg import stages
 from refvg.config import load_config
 from refvg.engine.checkpoint import load_checkpoint
-from refvg.engine.trainer import BEST, LAST
+from refvg.engine.trainer import BEST, LAST, train
 from refvg.tracking import replay, stage_run
 from tests.conftest import write_params
-from tests.faults import MlflowServer, log_process
-
-
-def _blocked_sqlite(tmp_path):
-    """An sqlite store MLflow cannot open until `blocker` is deleted: a file sits where its folder must go."""
-    blocker = tmp_path / "store"
-    blocker.write_text("a file, not the store's folder")
-    return blocker, f"sqlite:///{blocker / 'mlruns.db'}"
+from tests.faults import MlflowServer, blocked_sqlite_store, log_process, small_training
 
 
 def _stage_runs(client: MlflowClient) -> list:
@@ -36,7 +28,7 @@ def _history(client, run_id, key):
 
 
 def test_store_down_at_start_then_back_logging_resumes_in_order(tmp_path, monkeypatch, caplog):
-    blocker, uri = _blocked_sqlite(tmp_path)
+    blocker, uri = blocked_sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = load_config(write_params(tmp_path, tracking={"unlogged_dir": str(tmp_path / "unlogged")}))
     with stage_run(cfg, "train@transvg", params={"lr": 0.1}) as tracker:
@@ -57,7 +49,7 @@ def test_store_down_at_start_then_back_logging_resumes_in_order(tmp_path, monkey
 
 
 def test_calls_the_store_never_took_are_saved_reported_and_replayed(tmp_path, monkeypatch, caplog):
-    blocker, uri = _blocked_sqlite(tmp_path)
+    blocker, uri = blocked_sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = load_config(write_params(tmp_path, tracking={"unlogged_dir": str(tmp_path / "unlogged")}))
     with pytest.raises(KeyboardInterrupt):
@@ -78,8 +70,9 @@ def test_calls_the_store_never_took_are_saved_reported_and_replayed(tmp_path, mo
 
 
 def test_tracking_server_killed_mid_training(in_tiny, tmp_path, monkeypatch, caplog):
-    cfg = load_config(write_params(in_tiny, tracking={"http_retries": 1, "http_timeout_s": 5,
-                                                      "unlogged_dir": str(tmp_path / "unlogged")}))
+    cfg, model, data = small_training(in_tiny, tracking={"http_retries": 1, "http_timeout_s": 5,
+                                                         "unlogged_dir": str(tmp_path / "unlogged")})
+    ckpt = tmp_path / "ckpt"
     with MlflowServer(tmp_path / "server") as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         stalls = []
@@ -91,12 +84,12 @@ def test_tracking_server_killed_mid_training(in_tiny, tmp_path, monkeypatch, cap
                 if epoch == 1:
                     server.kill()  # kill -9, after epoch 1 reached it
 
-            result = stages.train_method(cfg, "transvg", on_epoch_end=on_epoch_end)
+            result = train(model(), data, cfg, ckpt, method="transvg", evaluate=lambda m: {"acc@0.5": 0.5},
+                           on_epoch_end=on_epoch_end)
             tracker.log_metrics({"best_val_acc_at_0.5": result.best_score})
         # Training went on to the end, and its checkpoints are whole.
         assert [h["epoch"] for h in result.history] == [1, 2]
-        ckpt = stages.checkpoint_dir(cfg, "transvg")
-        assert load_checkpoint(ckpt / LAST)["epoch"] == 2 and load_checkpoint(ckpt / BEST)["best_epoch"] >= 1
+        assert load_checkpoint(ckpt / LAST)["epoch"] == 2 and load_checkpoint(ckpt / BEST)["best_epoch"] == 1
         assert "MLflow: could not log metrics" in caplog.text and tracker.failures >= 1
         assert stalls[1] < 30, f"a dead server stalled an epoch for {stalls[1]:.0f} s"
         [saved] = (tmp_path / "unlogged").glob("*.json")

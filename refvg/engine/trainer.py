@@ -140,9 +140,9 @@ def train(
 ) -> TrainResult:
     """Train `model` on `train_set` for `cfg.train.epochs`; `evaluate(model)` scores it after each epoch and
     the best epoch by `select_metric` is kept as best.pt. Resumes from out_dir/last.pt when it belongs to the
-    same run (same method, config, code and `data_version`), mid-epoch included. `on_epoch_end(metrics, epoch)` is called
-    after each epoch and, on resume, once for each epoch restored from the checkpoint, so a tracker attached
-    to the new process still gets the whole history."""
+    same run (same method, config, code and `data_version`), mid-epoch included. `on_epoch_end(metrics,
+    epoch)` is called after each epoch and, on resume, once for each epoch restored from the checkpoint, so a
+    tracker attached to the new process still gets the whole history."""
     tcfg = cfg.train
     out_dir = Path(out_dir)
     device = resolve_device(tcfg.device)
