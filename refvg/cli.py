@@ -22,6 +22,7 @@ from refvg.config import Config, ConfigError, load_config
 def _predict(args) -> None:
     from PIL import Image
 
+    from refvg.engine.checkpoint import CheckpointError
     from refvg.engine.predict import Grounder
     from refvg.engine.trainer import BEST
     from refvg.visualize import draw_grounding
@@ -50,7 +51,10 @@ def _predict(args) -> None:
     else:
         raise SystemExit(f"refvg predict: {args.model}: no such checkpoint, and not an MLflow model URI "
                          "(models:/name/version, runs:/<run id>/model, s3://...)")
-    result = grounder.ground(image, args.expression)
+    try:
+        result = grounder.ground(image, args.expression)
+    except ValueError as err:  # an unusable expression (empty, too long, not text)
+        raise SystemExit(f"refvg predict: {err}") from None
     payload = {"image": str(args.image), "expression": args.expression,
                "box_xyxy": [round(float(v), 1) for v in result.box_xyxy]}
     if result.mask is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 SPLITS = ("train", "val", "testA", "testB")
 
@@ -20,7 +20,18 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/on/off as booleans, and pydantic would quietly make them 1/0 for a number.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
+
+
+_NUMBERS = (int, float, Optional[int], Optional[float])
 
 
 class SyntheticConfig(_Strict):
@@ -145,6 +156,12 @@ class TrainConfig(_Strict):
     compile: bool = False
     checkpoint_dir: str = "checkpoints"
     loss: LossConfig = LossConfig()
+    # Crash safety: last.pt is also written every this many steps (0: only at epoch ends), so a killed run
+    # loses at most this much work; resume is exact at any step.
+    checkpoint_every_steps: int = Field(500, ge=0)
+    # A step with a NaN/inf loss or gradient is skipped (no update) and counted; this many in a row stop the
+    # run with a clear error, the last good state in last.pt.
+    max_bad_steps: int = Field(10, ge=1)
 
 
 class EvalConfig(_Strict):
@@ -173,6 +190,10 @@ class TrackingConfig(_Strict):
     tracking_uri: str = "sqlite:///mlruns.db"
     artifact_root: str = "mlartifacts"
     experiment: str = "refvg"
+    # Faults: calls the store refused until the stage ended are saved here (python -m refvg.tracking replay)
+    unlogged_dir: str = ".refvg/unlogged"
+    http_retries: int = Field(2, ge=0)  # per call to a tracking server (MLflow's default: 7, minutes of backoff)
+    http_timeout_s: int = Field(10, gt=0)
 
 
 class StorageConfig(_Strict):
@@ -266,12 +287,32 @@ def _validate(raw: Any, source: str) -> Config:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML lets a key appear twice and keeps the last; in params.yaml that silently drops a setting."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_config(path: str | Path = "params.yaml") -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open(encoding="utf-8") as f:  # a stream, so YAML's errors name the file and line
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return _validate(raw, source=str(path))

@@ -21,15 +21,18 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
         self.grounder = Grounder(Path(context.artifacts["checkpoint"]), Path(context.artifacts["tokenizer"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        images = [_open(v) for v in model_input["image"]]
+        images = [_open(i, v) for i, v in enumerate(model_input["image"])]
         boxes = self.grounder.predict(images, [str(e) for e in model_input["expression"]])
         return pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"])
 
 
-def _open(value) -> Image.Image:
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    return Image.open(value).convert("RGB")
+def _open(row: int, value) -> Image.Image:
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        return Image.open(value).convert("RGB")
+    except OSError as err:  # missing, truncated or not an image: say which row, not only PIL's words
+        raise ValueError(f"row {row}: cannot read the image {str(value)[:200]!r}: {err}") from None
 
 
 def log_grounding_model(run_id: str, checkpoint: Path, tokenizer_dir: Path, name: str = "model"):

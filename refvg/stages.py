@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from refvg.config import Config
+from refvg.config import Config, _validate
 from refvg.data.text import TOKENIZER_DIR
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def checkpoint_dir(cfg: Config, method: str) -> Path:
 def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> TrainResult:
     import torch
 
-    from refvg.data.dataset import PreparedSplit, read_manifest
+    from refvg.data.dataset import PreparedSplit, prepared_fingerprint, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.engine.evaluator import box_metrics, predict_split
     from refvg.engine.distributed import env_rank
@@ -81,21 +81,28 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
 
     return train(
         model, train_set, rcfg, checkpoint_dir(cfg, method), method=method, evaluate=evaluate,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=on_epoch_end, data_version=prepared_fingerprint(prepared),
         extra_state={"model_name": mcfg.model, "language_blind": mcfg.language_blind,
                      "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"]},
     )
 
 
+TRAINED_KEYS = ("model", "config", "model_name", "vocab_size", "pad_token_id", "language_blind", "best_epoch")
+
+
 def load_trained(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild a model from one of our checkpoints (its own config, not today's params.yaml)."""
-    from refvg.engine.checkpoint import load_checkpoint
+    from refvg.engine.checkpoint import CheckpointError, load_checkpoint
     from refvg.models import build_model
 
-    state = load_checkpoint(path, map_location=device)
-    cfg = Config.model_validate(state["config"])
-    model = build_model(state["model_name"], cfg, vocab_size=state["vocab_size"], pad_token_id=state["pad_token_id"])
-    model.load_state_dict(state["model"])
+    state = load_checkpoint(path, map_location=device, require=TRAINED_KEYS)
+    try:
+        cfg = _validate(state["config"], source="its config")
+        model = build_model(state["model_name"], cfg, vocab_size=state["vocab_size"], pad_token_id=state["pad_token_id"])
+        model.load_state_dict(state["model"])
+    except (ValueError, TypeError, RuntimeError) as err:  # config of another version; weights that do not fit
+        reason = " ".join(str(err).split())[:400]
+        raise CheckpointError(f"{path}: cannot rebuild its {state['model_name']!r} model: {reason}") from None
     return model.to(device).eval(), cfg, state
 
 

@@ -5,9 +5,12 @@
   commit and the params; so `dvc repro` (one process per stage) and `flows/pipeline.py` (one process) group
   the same way, and `dvc exp run -S train.lr=...` gets a parent of its own.
 - Cost: metrics go in one `log_batch` per epoch, never one call per value.
-- Faults: a tracking failure after the run has started is reported and counted, never raised into training
-  (losing a metric is better than losing a run); failing to reach the store at start is reported the same
-  way and the stage runs untracked.
+- Faults: a tracking failure is reported and counted, never raised into training (losing a metric is better
+  than losing a run), and the refused call is kept: it goes out with the next one once the store answers
+  again, or is saved to `tracking.unlogged_dir` at the end of the stage for `python -m refvg.tracking replay`.
+  MLflow's HTTP retries are bounded (`tracking.http_retries`, `tracking.http_timeout_s`) so a dead server
+  costs seconds per epoch, not minutes. Several pipelines can share one sqlite store: what they cannot do at
+  once (schema creation, find-or-create of the experiment and parent run) runs under a file lock.
 """
 from __future__ import annotations
 
@@ -71,54 +74,95 @@ def pipeline_key(cfg: Config, commit: str) -> str:
 
 class Tracker:
     """A stage's MLflow run. All calls go through the client with an explicit run id, so Prefect's task
-    threads never depend on MLflow's thread-local "active run"."""
+    threads never depend on MLflow's thread-local "active run".
 
-    def __init__(self, client, run_id: Optional[str], failures: int = 0, s3=None):
-        self.client, self.run_id, self.failures = client, run_id, failures
+    Every metrics/params/tags/end call is queued and the queue is sent in order; a call the store refuses
+    stays queued and goes out with the next one, so logging resumes by itself when the store is back (a run
+    the store could not create at the start is created then). What is still queued when the stage ends is
+    written to `tracking.unlogged_dir` and reported; `python -m refvg.tracking replay FILE` sends it later."""
+
+    def __init__(self, client, run_id: Optional[str], failures: int = 0, spec: Optional[dict] = None, s3=None):
+        self.client, self.run_id, self.failures, self.spec = client, run_id, failures, spec
         self.s3 = s3  # refvg.storage.S3Location when artifacts may live in S3
+        self.pending: list[dict] = []  # JSON-able calls not yet accepted by the store, oldest first
+        self.not_uploaded: list[str] = []  # files that never reached the store (they stay on disk)
 
     @property
     def active(self) -> bool:
         return self.run_id is not None
 
+    def _connect(self) -> bool:
+        if self.client is not None and self.run_id is not None:
+            return True
+        if self.spec is None:
+            return False
+        try:
+            with _store_lock(self.spec["uri"]):  # opening an sqlite store may create or migrate its schema
+                if self.client is None:
+                    self.client = _client(self.spec)
+                if self.run_id is None:
+                    self.run_id = _open_run(self.client, self.spec)
+                    log.info("MLflow run %s (stage %s) in %s", self.run_id, self.spec["stage"], display_uri(self.spec["uri"]))
+            return True
+        except Exception as err:  # noqa: BLE001 - an unreachable store must not stop the stage
+            self.failures += 1
+            log.warning("MLflow store %s unreachable (%s: %s); stage %s runs untracked until it answers (its "
+                        "tracking calls are kept)", display_uri(self.spec["uri"]), type(err).__name__, _short(err), self.spec["stage"])
+            return False
+
     def _safe(self, what: str, fn, *args, **kwargs):
+        """A call that is not queued (it only makes sense now): a failure is counted and reported, never raised."""
         if not self.active:
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
             self.failures += 1
-            log.warning("MLflow: could not %s (%s: %s); the run goes on", what, type(err).__name__, err)
+            log.warning("MLflow: could not %s (%s: %s); the run goes on", what, type(err).__name__, _short(err))
             return None
 
+    def _queue(self, call: dict) -> None:
+        if self.active or self.spec is not None:
+            self.pending.append(call)
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send the queued calls in order; True when none is left."""
+        if self.pending and self._connect():
+            while self.pending:
+                try:
+                    _send(self.client, self.run_id, self.pending[0])
+                except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
+                    self.failures += 1
+                    log.warning("MLflow: could not %s (%s: %s); %d call(s) kept to send with the next one, the run "
+                                "goes on", _WHAT[self.pending[0]["kind"]], type(err).__name__, _short(err),
+                                len(self.pending))
+                    return False
+                self.pending.pop(0)
+        return not self.pending
+
     def end(self, status: str) -> None:
-        if self.active:
-            self._safe("end the run", self.client.set_terminated, self.run_id, status)
+        self._queue({"kind": "end", "status": status, "end_time": _now_ms()})
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        items = [[k, str(v)[:6000]] for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # the store's batch limit
-            self._safe("log params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._queue({"kind": "params", "params": items[i:i + 100]})
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k.replace("@", "_at_"), float(v), now, step or 0) for k, v in flatten(metrics).items()
+        now = _now_ms()
+        items = [[k.replace("@", "_at_"), float(v), now, step or 0] for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float))]
-        self._safe("log metrics", self.client.log_batch, self.run_id, metrics=items)
+        self._queue({"kind": "metrics", "metrics": items})
 
     def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
-        self._safe("set tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._queue({"kind": "tags", "tags": [[k, str(v)] for k, v in tags.items()]})
 
     # File transfers raise, unlike the calls above: the caller retries them and reports the final failure.
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         path = Path(path)
         if not self.active:
+            self.not_uploaded.append(str(path))
             return
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
@@ -133,6 +177,7 @@ class Tracker:
         store still answers, and raises StorageError naming the destination: never a half-uploaded model
         that looks complete."""
         if not self.active:
+            self.not_uploaded.append(f"{checkpoint} (as MLflow model {name!r})")
             return None
         from mlflow.entities import LoggedModelStatus
 
@@ -174,6 +219,24 @@ class Tracker:
                         artifact_location, storage.describe(err))
 
 
+    def close(self, status: str) -> Optional[Path]:
+        """End the run; whatever the store still refuses is saved to a file (returned) and reported."""
+        self.end(status)
+        stage = self.spec["stage"] if self.spec else "?"
+        if self.failures:
+            log.warning("MLflow: %d tracking call(s) failed during stage %s", self.failures, stage)
+        if self.not_uploaded:
+            log.warning("MLflow: not uploaded (still on disk): %s", ", ".join(self.not_uploaded))
+        if not self.pending or self.spec is None:
+            return None
+        path = Path(self.spec["unlogged_dir"]) / f"{_slug(stage)}-{self.run_id or 'no-run'}-{_now_ms()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"spec": self.spec, "run_id": self.run_id, "pending": self.pending}))
+        log.warning("MLflow: not logged for stage %s (run %s): %s. Saved to %s; send it once the store is back: "
+                    "python -m refvg.tracking replay %s", stage, self.run_id or "not created", _describe(self.pending),
+                    path, path)
+        return path
+
 def display_uri(uri: str) -> str:
     """A store URI for logs and messages: any user:password@ part is masked."""
     from urllib.parse import urlsplit, urlunsplit
@@ -185,37 +248,160 @@ def display_uri(uri: str) -> str:
     return uri
 
 
-def _client(cfg: Config):
-    disable_telemetry()
-    from refvg import storage
 
-    storage.apply_client_env(cfg)  # MLflow's own boto3 client: our endpoint, region and retry policy
+_WHAT = {"metrics": "log metrics", "params": "log params", "tags": "set tags", "end": "end the run"}
+
+
+def _send(client, run_id: str, call: dict) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = call["kind"]
+    if kind == "metrics":
+        client.log_batch(run_id, metrics=[Metric(*m) for m in call["metrics"]])
+    elif kind == "params":
+        client.log_batch(run_id, params=[Param(*p) for p in call["params"]])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(*t) for t in call["tags"]])
+    elif kind == "end":
+        client.set_terminated(run_id, call["status"], end_time=call["end_time"])
+    else:
+        raise ValueError(f"unknown tracking call {kind!r}")
+
+
+def _describe(pending: list[dict]) -> str:
+    parts = []
+    metrics = [m for c in pending if c["kind"] == "metrics" for m in c["metrics"]]
+    if metrics:
+        steps = sorted({m[3] for m in metrics})
+        parts.append(f"{len(metrics)} metric values (steps {', '.join(map(str, steps))})")
+    params = sum(len(c["params"]) for c in pending if c["kind"] == "params")
+    if params:
+        parts.append(f"{params} params")
+    tags = sum(len(c["tags"]) for c in pending if c["kind"] == "tags")
+    if tags:
+        parts.append(f"{tags} tags")
+    parts += [f"the run's end ({c['status']})" for c in pending if c["kind"] == "end"]
+    return ", ".join(parts)
+
+
+def replay(path: Path) -> bool:
+    """Send a file of calls a stage could not log (see Tracker.close) to its run, creating the run if the
+    store was down from the start. True, and the file removed, when everything went through; otherwise the
+    file keeps what is left."""
+    path = Path(path)
+    saved = json.loads(path.read_text())
+    tracker = Tracker(None, saved["run_id"], spec=saved["spec"])
+    tracker.pending = saved["pending"]
+    if tracker.flush():
+        path.unlink()
+        return True
+    path.write_text(json.dumps({**saved, "run_id": tracker.run_id, "pending": tracker.pending}))
+    return False
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def _slug(stage: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in stage)
+
+
+def _store_uri(cfg: Config) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    path = _sqlite_path(uri)
+    # Absolute, so a replay from another folder (or a stage that changed directory) reaches the same file.
+    return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else uri
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialises, across processes, what two pipelines cannot do at once on one sqlite store: create its
+    schema (both run the migrations and one fails: 'table alembic_version already exists', 'duplicate column
+    name') and find-or-create the experiment and the pipeline's parent run. A server store does this itself."""
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        yield
+
+
+STORE_LOCK_TIMEOUT_S = 600  # a cold store's migrations take ~10 s; minutes only on a machine that is thrashing
+
+
+def _client(spec: dict):
+    """A client of the spec's store; creating it opens the store (and for sqlite creates or migrates the
+    schema), so callers hold `_store_lock`."""
+    disable_telemetry()
+    # MLflow's own HTTP retries default to minutes per call (7 with exponential backoff, 120 s timeout): a
+    # dead server would stall training at every epoch. Bounded here (MLflow reads them from the environment;
+    # a value the user exported wins); a refused call is retried with the next one anyway.
+    for var, knob in _HTTP_ENV.items():
+        if os.environ.get(var) in (None, _HTTP_ENV_SET.get(var)):
+            os.environ[var] = _HTTP_ENV_SET[var] = str(spec[knob])
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri), uri
+    mlflow.set_tracking_uri(spec["uri"])
+    return MlflowClient(tracking_uri=spec["uri"])
 
 
-def _experiment_id(client, cfg: Config) -> str:
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_retries", "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_s"}
+_HTTP_ENV_SET: dict[str, str] = {}  # what this module put there, as opposed to the user
+
+
+def _run_spec(cfg: Config, stage: str, run_name: Optional[str]) -> dict:
+    """Everything that creates a stage's run, as JSON: enough to create it later, in another process."""
     from refvg import storage
 
+    commit, dirty = git_commit()
+    t = cfg.tracking
     loc = storage.location(cfg)
-    if loc is not None and loc.mlflow_artifacts:
-        artifacts = loc.mlflow_url
-    else:
-        artifacts = Path(cfg.tracking.artifact_root).resolve().as_uri()
+    artifacts = loc.mlflow_url if loc is not None and loc.mlflow_artifacts else Path(t.artifact_root).resolve().as_uri()
+    return {"uri": _store_uri(cfg), "experiment": t.experiment, "artifact_location": artifacts, "stage": stage,
+            "run_name": run_name or stage, "commit": commit, "dirty": dirty,
+            "pipeline_key": pipeline_key(cfg, commit), "config": cfg.model_dump(mode="json"),
+            "unlogged_dir": str(Path(t.unlogged_dir).resolve()), "http_retries": t.http_retries,
+            "http_timeout_s": t.http_timeout_s}
+
+
+def _open_run(client, spec: dict) -> str:
+    exp_id = _experiment_id(client, spec)
+    parent = _parent_run(client, exp_id, spec)
+    run = client.create_run(exp_id, run_name=spec["run_name"], tags={
+        "mlflow.parentRunId": parent, "refvg.stage": spec["stage"], "dvc.stage": spec["stage"],
+        "git.commit": spec["commit"], "git.dirty": str(spec["dirty"]), "refvg.kind": "stage"})
+    return run.info.run_id
+
+
+def _experiment_id(client, spec: dict) -> str:
+    exp = client.get_experiment_by_name(spec["experiment"])
+    if exp is not None:
+        return exp.experiment_id
     try:
-        return client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
-    except Exception:  # noqa: BLE001 - another stage created it between our two calls
-        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        return client.create_experiment(spec["experiment"], artifact_location=spec["artifact_location"])
+    except Exception:  # noqa: BLE001 - another stage created it between our two calls (a server store)
+        return client.get_experiment_by_name(spec["experiment"]).experiment_id
 
 
-def _parent_run(client, exp_id: str, cfg: Config, key: str, commit: str, dirty: bool) -> str:
+def _parent_run(client, exp_id: str, spec: dict) -> str:
+    from mlflow.entities import Param
+
+    key, commit, dirty = spec["pipeline_key"], spec["commit"], spec["dirty"]
     found = client.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1,
                                order_by=["attributes.start_time ASC"])
     if found:
@@ -223,46 +409,40 @@ def _parent_run(client, exp_id: str, cfg: Config, key: str, commit: str, dirty: 
     run = client.create_run(exp_id, run_name=f"pipeline {commit[:8]}{'+dirty' if dirty else ''}",
                             tags={PIPELINE_TAG: key, "git.commit": commit, "git.dirty": str(dirty),
                                   "refvg.kind": "pipeline"})
-    Tracker(client, run.info.run_id).log_params(cfg.model_dump(mode="json"))
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(spec["config"]).items()]
+    for i in range(0, len(params), 100):  # the store's batch limit
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
     return run.info.run_id
 
 
 @contextmanager
 def stage_run(cfg: Config, stage: str, run_name: Optional[str] = None, params: Optional[dict] = None) -> Iterator[Tracker]:
     """A child run for one DVC/Prefect stage under the pipeline's parent run. Ends FINISHED, or FAILED with
-    the exception re-raised."""
-    commit, dirty = git_commit()
-    try:
-        client, uri = _client(cfg)
-        exp_id = _experiment_id(client, cfg)
-        parent = _parent_run(client, exp_id, cfg, pipeline_key(cfg, commit), commit, dirty)
-        run = client.create_run(exp_id, run_name=run_name or stage, tags={
-            "mlflow.parentRunId": parent, "refvg.stage": stage, "dvc.stage": stage,
-            "git.commit": commit, "git.dirty": str(dirty), "refvg.kind": "stage"})
-        from refvg import storage
+    the exception re-raised. The store being down (at the start or later) never stops the stage."""
+    from refvg import storage
 
-        tracker = Tracker(client, run.info.run_id, s3=storage.location(cfg))
-        log.info("MLflow run %s (stage %s) in %s", run.info.run_id, stage, display_uri(uri))
-    except Exception as err:  # noqa: BLE001 - an unreachable store must not stop the stage
-        log.warning("MLflow store unreachable (%s: %s); stage %s runs untracked", type(err).__name__, err, stage)
-        tracker = Tracker(None, None, failures=1)
+    s3 = storage.apply_client_env(cfg)  # MLflow's own boto3 client: our endpoint, region and retry policy
+    tracker = Tracker(None, None, spec=_run_spec(cfg, stage, run_name), s3=s3)
+    tracker._connect()
     if params:
         tracker.log_params(params)
     try:
         yield tracker
     except BaseException:
-        tracker.end("FAILED")
+        tracker.close("FAILED")
         raise
-    tracker.end("FINISHED")
-    if tracker.failures:
-        log.warning("MLflow: %d tracking call(s) failed during stage %s", tracker.failures, stage)
+    tracker.close("FINISHED")
 
 
 def load_grounder(model_uri: str, cfg: Config):
     """A `Grounder` from an MLflow model: "models:/<name>/<version>", "models:/<model id>", "runs:/<run>/model",
     an s3:// or local MLflow model folder. Loaded through the pyfunc flavour (our weights-only checkpoint,
     nothing unpickled). A model whose upload did not complete is refused, with its status named."""
-    client, uri = _client(cfg)
+    from refvg import storage
+
+    storage.apply_client_env(cfg)
+    t = cfg.tracking
+    client = _client({"uri": _store_uri(cfg), "http_retries": t.http_retries, "http_timeout_s": t.http_timeout_s})
     import mlflow
 
     model_id = _logged_model_id(client, model_uri)
@@ -285,3 +465,17 @@ def _logged_model_id(client, model_uri: str) -> Optional[str]:
     if version.isdigit():
         return client.get_model_version(name, version).model_id
     return client.get_model_version_by_alias(name, version).model_id
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Send tracking calls a stage could not log (files in "
+                                                 "tracking.unlogged_dir) to the MLflow store.")
+    parser.add_argument("action", choices=["replay"])
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    left = [f for f in args.files if not replay(f)]
+    print(f"replayed {len(args.files) - len(left)} of {len(args.files)} file(s)" + (f"; still pending: {left}" if left else ""))
+    sys.exit(1 if left else 0)

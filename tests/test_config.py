@@ -56,3 +56,36 @@ def test_method_overrides_merge_and_are_validated(tmp_path):
         cfg.for_method("b")
     with pytest.raises(ConfigError, match="unknown method 'c'"):
         cfg.for_method("c")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", r"(?s)duplicate key 'lr'.*params.yaml\", line 4"),  # YAML keeps the last silently
+    ("train:\n  epochs: yes\n", r"train\.epochs: .*expected a number, got the boolean true"),
+    ("train:\n  num_workers: off\n", r"train\.num_workers: .*boolean false"),
+    ("train:\n  lr: .inf\n", r"train\.lr: Input should be a finite number"),
+    ("train:\n  grad_clip: .nan\n", r"train\.grad_clip: Input should be a finite number"),
+    ("model:\n  visual:\n    hidden_sizes: [32, big, 128]\n", r"model\.visual\.hidden_sizes\.1"),
+    ("model:\n  fusion:\n    readout_radius: on\n", r"model\.fusion\.readout_radius: .*boolean"),
+    ("data:\n  dataset: null\n", r"data\.dataset: Input should be a valid string"),
+    ("methods:\n  m:\n    model: transvg\n    language_blind: 2\n", r"methods\.m\.language_blind"),
+    ("train: 5\n", r"train: Input should be a valid dictionary"),
+    ("synthetic:\n  min_objects: 4\n  max_objects: 2\n", r"max_objects must be >= min_objects"),
+])
+def test_hostile_params_are_rejected_with_the_key_named(tmp_path, text, match):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(p)
+
+
+def test_params_that_are_not_utf8_text(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_bytes(b"train:\n  lr: 0.1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(p)
+
+
+def test_yaml_spellings_that_mean_the_right_thing_still_parse(tmp_path):
+    # Guards the checks above from rejecting good files: 1e-3 is a string to YAML 1.1, null is allowed here.
+    cfg = load_config(write(tmp_path, {"train": {"lr": "1e-3", "compile": True}, "model": {"fusion": {"readout_radius": None}}}))
+    assert cfg.train.lr == 0.001 and cfg.train.compile is True and cfg.model.fusion.readout_radius is None

@@ -82,4 +82,8 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(in_tiny, m
 
 def test_global_batch_must_divide_over_the_ranks():
     assert distributed.local_batch_size(64) == 64  # one process: the whole batch
-    assert distributed.sampler(torch.utils.data.TensorDataset(torch.zeros(4)), seed=0, drop_last=False) is None
+    from refvg.data.samplers import ResumableShuffle
+
+    # Two ranks' shares of one epoch: disjoint, together the single process's order cut to an even length.
+    one, r0, r1 = (list(ResumableShuffle(9, seed=3, rank=r, world=w)) for r, w in ((0, 1), (0, 2), (1, 2)))
+    assert r0 == one[0:8:2] and r1 == one[1:8:2] and len(ResumableShuffle(9, 3, rank=1, world=2)) == 4

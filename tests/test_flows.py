@@ -69,3 +69,27 @@ def test_unreachable_tracking_store_does_not_stop_a_stage(in_tiny, prefect_api, 
     out = report_flow(params="params.yaml")
     assert os.path.exists(out["summary"])
     assert "runs untracked" in caplog.text
+
+
+def test_unreachable_tracking_store_does_not_stop_training(in_tiny, prefect_api, monkeypatch, caplog, tmp_path):
+    """Every stage with params used to crash here (AttributeError in log_params) instead of running untracked."""
+    import json
+
+    from flows.stages import train_flow
+    from refvg import stages
+    from refvg.engine.checkpoint import load_checkpoint
+    from tests.conftest import write_params
+
+    unlogged = tmp_path / "unlogged"
+    write_params(in_tiny, train={"epochs": 1}, tracking={"unlogged_dir": str(unlogged), "http_retries": 0,
+                                                        "http_timeout_s": 2})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")
+    out = train_flow(method="transvg", params="params.yaml")
+    assert out["best_epoch"] == 1
+    ckpt = stages.checkpoint_dir(load_config("params.yaml"), "transvg")
+    assert load_checkpoint(ckpt / "best.pt")["best_epoch"] == 1
+    assert "runs untracked" in caplog.text and "not uploaded (still on disk)" in caplog.text
+    [saved] = unlogged.glob("train_transvg-no-run-*.json")
+    calls = json.loads(saved.read_text())["pending"]
+    assert {m[0] for c in calls if c["kind"] == "metrics" for m in c["metrics"]} >= {"val/acc_at_0.5", "train/loss"}
+    assert any(p[0] == "train.lr" for c in calls if c["kind"] == "params" for p in c["params"])

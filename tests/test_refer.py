@@ -261,3 +261,156 @@ def test_transvg_split_round_trip(raw, tmp_path):
     skips = SkipLog()
     assert len(load_transvg_split(tmp_path / "bad.pth", images, "val", on_bad_record="skip", skips=skips)) == len(got)
     assert skips.counts == {"missing_image_file": 1}
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+class _Payload:
+    """Unpickling this would call `fn(*args)`: the classic pickle code-execution gadget."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def _payloads(marker):
+    import builtins
+    import subprocess
+
+    return {
+        "os.system": _Payload(os.system, f"touch {marker}"),
+        "builtins.exec": _Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess.Popen": _Payload(subprocess.Popen, ["touch", str(marker)]),
+    }
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+@pytest.mark.parametrize("gadget", ["os.system", "builtins.exec", "subprocess.Popen"])
+def test_refs_pickle_carrying_code_is_refused_and_never_runs(tmp_path, raw, protocol, gadget):
+    marker = tmp_path / "pwned"
+    payload = _payloads(marker)[gadget]
+    path = tmp_path / "refs(unc).p"
+    # Deep inside an otherwise plausible record, as a tampered download would hide it.
+    path.write_bytes(pickle.dumps([{"ref_id": 0, "sentences": [{"sent": "a red circle", "x": payload}]}], protocol=protocol))
+    with pytest.raises(BadRecordError, match=r"refs\(unc\)\.p: refused to unpickle global") as err:
+        load_refs(path)
+    assert gadget.split(".")[-1] in str(err.value)
+    assert not marker.exists()
+
+
+def test_refs_pickle_with_extension_or_persistent_id_opcodes_is_refused(tmp_path):
+    import copyreg
+
+    marker = tmp_path / "pwned"
+    module = os.system.__module__  # "posix"
+    copyreg.add_extension(module, "system", 0xF0)  # EXT opcodes name a global by a registry code
+    try:
+        blob = pickle.dumps([_Payload(os.system, f"touch {marker}")], protocol=2)
+        assert b"\x82\xf0" in blob and b"system" not in blob  # EXT1 240, no GLOBAL opcode
+        (tmp_path / "ext.p").write_bytes(blob)
+        with pytest.raises(BadRecordError, match="ext.p: refused to unpickle global"):
+            load_refs(tmp_path / "ext.p")  # with the registry entry present at load time: the worst case
+    finally:
+        copyreg.remove_extension(module, "system", 0xF0)
+    assert not marker.exists()
+    (tmp_path / "persid.p").write_bytes(b"\x80\x02]q\x00P0\n\x85q\x01a.")  # PERSID opcode
+    with pytest.raises(BadRecordError, match="persid.p: not a readable pickle"):
+        load_refs(tmp_path / "persid.p")
+
+
+def test_prepare_stage_refuses_a_refs_pickle_carrying_code(tmp_path, raw, monkeypatch):
+    from refvg.config import Config
+    from refvg.data.prepare import prepare_dataset
+
+    marker = tmp_path / "pwned"
+    d = tmp_path / "raw" / "evil"
+    d.mkdir(parents=True)
+    shutil.copy(raw[0] / "refshapes" / "instances.json", d / "instances.json")
+    (d / "refs(unc).p").write_bytes(pickle.dumps([{"ref_id": 0, "x": _Payload(os.system, f"touch {marker}")}]))
+    cfg = Config.model_validate({"data": {"root": str(tmp_path / "raw"), "dataset": "evil",
+                                          "prepared_dir": str(tmp_path / "prepared")}})
+    with pytest.raises(BadRecordError, match=r"evil/refs\(unc\)\.p: refused to unpickle global"):
+        prepare_dataset(cfg)  # even with on_bad_record=skip: a file that carries code is not data
+    assert not marker.exists() and not (tmp_path / "prepared").exists()
+
+
+UNSAFE_NAMES = ["../outside.png", "../../outside.png", "sub/../../outside.png", "/etc/passwd", "..\\outside.png",
+                "C:\\outside.png", "refshapes_000000.png\x00.txt", ""]
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES)
+def test_image_paths_escaping_the_image_folder_are_refused(raw, tmp_path, name):
+    root, refs, instances = raw
+    images = tmp_path / "images"
+    shutil.copytree(root / "refshapes" / "images", images)
+    # A real image where an escaping name would land, so only the check stands between it and the dataset.
+    shutil.copy(next(images.iterdir()), tmp_path / "outside.png")
+    refs, instances = copy.deepcopy(refs), copy.deepcopy(instances)
+    _img(instances, refs[0]["image_id"])["file_name"] = name
+    _write(tmp_path, refs, instances)
+    ds = ReferDataset(tmp_path, "ds", image_dir=images)
+    kept = [s for split in ds.all_samples().values() for s in split]
+    assert ds.skips.counts.get("unsafe_image_path", 0) >= 1
+    assert all(s.file_name == os.path.basename(s.file_name) for s in kept)
+    strict = ReferDataset(tmp_path, "ds", image_dir=images, on_bad_record="error")
+    with pytest.raises(BadRecordError, match=r"refs\(unc\)\.json: ref_id=.*unsafe_image_path"):
+        strict.all_samples()
+
+
+def test_transvg_split_with_an_escaping_path_is_refused(raw, tmp_path):
+    root, _, _ = raw
+    images = root / "refshapes" / "images"
+    good = next(images.iterdir()).name
+    torch.save([[good, 1, [1, 1, 5, 5], "a circle", []], ["../refshapes/images/" + good, 2, [1, 1, 5, 5], "x", []],
+                [7, 3, [1, 1, 5, 5], "not a name", []]], tmp_path / "split.pth")
+    skips = SkipLog()
+    got = load_transvg_split(tmp_path / "split.pth", images, "train", on_bad_record="skip", skips=skips)
+    assert [s.file_name for s in got] == [good] and skips.counts == {"unsafe_image_path": 2}
+    with pytest.raises(BadRecordError, match=r"split.pth: entry=1 .*unsafe_image_path"):
+        load_transvg_split(tmp_path / "split.pth", images, "train")
+
+
+def test_non_utf8_bytes_in_a_json_refs_file_cost_only_their_expression(raw, tmp_path):
+    root, refs, instances = raw
+    refs = copy.deepcopy(refs)
+    refs[0]["sentences"][0]["sent"] = "MARKER red circle"
+    _write(tmp_path, refs, instances)
+    path = tmp_path / "ds" / "refs(unc).json"
+    text = path.read_bytes()
+    assert text.count(b"MARKER") == 1
+    path.write_bytes(text.replace(b"MARKER", b"caf\xe9"))  # latin-1, not UTF-8
+    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images")
+    kept = sum(map(len, ds.all_samples().values()))
+    assert ds.skips.counts == {"non_utf8_expression": 1}
+    assert kept == sum(len(r["sentences"]) for r in refs) - 1
+
+
+def test_absurdly_long_expression_is_a_counted_skip(raw, tmp_path):
+    root, refs, instances = raw
+    refs = copy.deepcopy(refs)
+    refs[0]["sentences"][0]["sent"] = "the red circle " * 400_000  # 6 MB
+    _write(tmp_path, refs, instances)
+    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", max_expression_chars=512)
+    ds.all_samples()
+    assert ds.skips.counts == {"expression_too_long": 1} and f"ref_id={refs[0]['ref_id']}" in ds.skips.examples[0]
+    strict = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record="error")
+    with pytest.raises(BadRecordError, match=r"expression_too_long \(5999999 > 512 chars\)"):
+        strict.all_samples()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"images": [], "annotations": [], "categories": [] \xff}', "not valid UTF-8 JSON"),
+    (b"[1, 2, 3]", "not a COCO instances file"),
+    (b'{"annotations": [{"id": 1}], "images": []}', "not a COCO instances file"),
+])
+def test_broken_instances_file_is_named(raw, tmp_path, content, match):
+    root, refs, _ = raw
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "refs(unc).json").write_text(json.dumps(refs))
+    (d / "instances.json").write_bytes(content)
+    with pytest.raises(BadRecordError, match=rf"ds/instances\.json: {match}"):
+        ReferDataset(tmp_path, "ds")

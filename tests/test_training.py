@@ -67,37 +67,6 @@ def test_train_evaluate_report(in_tiny):
     assert "| transvg |" in summary and "Not evaluated yet: transvg_blind" in summary
 
 
-def _weights(path):
-    return load_checkpoint(path)["model"]
-
-
-def test_training_is_deterministic_and_resumes_exactly(in_tiny, tmp_path):
-    cfg = load_config("params.yaml")
-    stages.train_method(cfg, "transvg")
-    reference = _weights(stages.checkpoint_dir(cfg, "transvg") / LAST)
-
-    # Same seed, same data: bitwise the same weights on CPU.
-    shutil.rmtree(stages.checkpoint_dir(cfg, "transvg"))
-    stages.train_method(cfg, "transvg")
-    again = _weights(stages.checkpoint_dir(cfg, "transvg") / LAST)
-    assert all(torch.equal(reference[k], again[k]) for k in reference)
-
-    # Interrupted after epoch 1, then the same command: resumes and ends identical.
-    shutil.rmtree(stages.checkpoint_dir(cfg, "transvg"))
-
-    def stop_after_first(metrics, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        stages.train_method(cfg, "transvg", on_epoch_end=stop_after_first)
-    assert load_checkpoint(stages.checkpoint_dir(cfg, "transvg") / LAST)["epoch"] == 1
-    result = stages.train_method(cfg, "transvg")
-    assert result.resumed_from_epoch == 1
-    resumed = _weights(stages.checkpoint_dir(cfg, "transvg") / LAST)
-    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
-
-
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

@@ -6,6 +6,7 @@ stay 4x smaller), "pixel_mask" bool [B, S, S] (True = padding), "input_ids" / "a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +24,22 @@ def read_manifest(prepared: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no prepared dataset here; run the `prepare` stage first (dvc repro prepare)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def prepared_fingerprint(prepared: Path) -> str:
+    """Identifies a prepared dataset's content: the small files by their bytes, the image arrays by size and
+    modification time (hashing GBs of pixels at every start would cost more than it protects)."""
+    prepared = Path(prepared)
+    digest = hashlib.sha256()
+    for path in sorted(prepared.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(prepared).as_posix().encode())
+            if path.name == "images.npy":
+                st = path.stat()
+                digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            else:
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class PreparedSplit(Dataset):

@@ -15,7 +15,7 @@ import json
 import math
 import pickle
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Optional
 
 import numpy as np
@@ -99,8 +99,9 @@ def load_refs(path: Path) -> list[dict]:
             raise BadRecordError(f"{path}: not a readable pickle: {type(err).__name__}: {err}") from None
     elif path.suffix == ".json":
         try:
-            refs = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            # surrogateescape: a stray non-UTF-8 byte costs its one expression (a counted skip), not the file
+            refs = json.loads(path.read_bytes().decode("utf-8-sig", errors="surrogateescape"))
+        except json.JSONDecodeError as err:
             raise BadRecordError(f"{path}: not valid JSON: {err}") from None
     else:
         raise BadRecordError(f"{path}: unsupported refs format {path.suffix!r} (expected .p or .json)")
@@ -124,6 +125,27 @@ def find_refs_file(dataset_dir: Path, split_by: str) -> Path:
 
 
 # ---------------------------------------------------------------- shared record checks
+
+
+def check_expression(value: Any, max_chars: int) -> str:
+    """The cleaned expression, or a BadRecordError saying why it cannot be used (not UTF-8, empty, longer
+    than `max_chars`); what prepare applies to the dataset, for inputs that arrive at inference."""
+    try:
+        return _expression(value, max_chars)
+    except _Reject as reject:
+        raise BadRecordError(reject.reason + (f" ({reject.detail})" if reject.detail else "")) from None
+
+
+def _image_file_name(value: Any) -> str:
+    # A file_name must stay under the image folder: "../../x" or "/etc/x" would make prepare read a file the
+    # dataset does not own and bake it into the training arrays. (Checked on the name; a symlink the dataset's
+    # owner put inside the folder is theirs to make.)
+    if not isinstance(value, str) or not value.strip():
+        raise _Reject("unsafe_image_path", f"file_name {value!r:.200}")
+    parts = PurePosixPath(value.replace("\\", "/"))
+    if "\0" in value or parts.is_absolute() or ".." in parts.parts or PureWindowsPath(value).drive:
+        raise _Reject("unsafe_image_path", f"file_name {value!r:.200} leaves the image folder")
+    return value
 
 
 def _expression(value: Any, max_chars: int) -> str:
@@ -193,8 +215,14 @@ class ReferDataset:
         self.instances_path = self.dataset_dir / "instances.json"
         if not self.instances_path.is_file():
             raise FileNotFoundError(f"{self.instances_path}: no such instances file")
-        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
-            self.coco = COCO(str(self.instances_path))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
+                self.coco = COCO(str(self.instances_path))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadRecordError(f"{self.instances_path}: not valid UTF-8 JSON: {err}") from None
+        except (AssertionError, KeyError, TypeError, AttributeError) as err:  # pycocotools' own checks
+            raise BadRecordError(f"{self.instances_path}: not a COCO instances file "
+                                 f"({type(err).__name__}: {err})") from None
         self.category_names: dict[int, str] = {c["id"]: c["name"] for c in self.coco.cats.values()}
         self.skips = SkipLog()
         self._by_split: Optional[dict[str, list[RefSample]]] = None
@@ -247,6 +275,7 @@ class ReferDataset:
             width, height = int(img["width"]), int(img["height"])
             if width <= 0 or height <= 0:
                 raise _Reject("bad_image_size", f"{width}x{height}")
+            _image_file_name(img["file_name"])
             if self.check_image_files and not self._exists(img["file_name"]):
                 raise _Reject("missing_image_file", str(self.image_dir / img["file_name"]))
             bbox = _bbox(ann["bbox"], width, height)
@@ -318,6 +347,7 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, on_bad_record: s
             where = f"entry={i} image={file_name}"
             if isinstance(bbox, torch.Tensor):
                 bbox = bbox.tolist()
+            _image_file_name(file_name)
             if file_name not in sizes:
                 try:
                     with Image.open(image_dir / file_name) as im:  # reads the header only

@@ -38,7 +38,18 @@ def save_checkpoint(state: dict, path: Path) -> None:
         raise
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temp files of writes a crash cut short (never a checkpoint: only the rename publishes one)."""
+    folder = Path(folder)
+    leftovers = sorted(folder.glob(".*.pt.*.tmp")) if folder.is_dir() else []
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return leftovers
+
+
+def load_checkpoint(path: Path, map_location="cpu", require: tuple[str, ...] = ()) -> dict:
+    """Our checkpoint at `path`, holding at least the keys in `require`; CheckpointError (naming the file)
+    for anything else."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no checkpoint here")
@@ -48,6 +59,9 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a refvg checkpoint (refused to load it: {err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a refvg checkpoint (no '{FORMAT}' marker)")
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: a refvg checkpoint without {', '.join(missing)} (not one a training wrote)")
     return state
 
 

@@ -15,7 +15,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler
 
 # Rank 0 validates while the others wait for its result; a full validation pass must fit in this.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -81,17 +80,6 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // n
 
 
-def sampler(dataset: Dataset, seed: int, drop_last: bool) -> DistributedSampler | None:
-    """Each rank's share of a shuffled epoch (None when not distributed: the loader shuffles itself).
-    Rank r's k-th batch and the other ranks' k-th batches together are the k-th global batch of one
-    shuffled order, so N ranks step through the same data as one process with the global batch.
-    The caller must call `set_epoch(epoch)` every epoch, or every epoch repeats the first order."""
-    if not is_active():
-        return None
-    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
-                              drop_last=drop_last)
-
-
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` (the model itself when not distributed). Gradients are
     averaged over ranks; parameters a forward leaves unused (backbone stages after the one read) are
@@ -114,6 +102,15 @@ def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
                      device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on every rank (a decision every rank must take the same way)."""
+    if not is_active():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def from_main(obj):

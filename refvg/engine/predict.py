@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from refvg.data.refer import check_expression
 from refvg.data.text import TOKENIZER_DIR, encode, load_tokenizer
 from refvg.data.transforms import Letterbox, cxcywh_to_xyxy
 from refvg.engine.runtime import autocast, resolve_device, to_device
@@ -45,6 +46,8 @@ class Grounder:
 
     @torch.no_grad()
     def ground(self, image: Image.Image, expression: str) -> Grounding:
+        # The checks prepare applied to the training expressions, before anything reaches the tokenizer.
+        expression = self._expression(0, expression)
         size = self.cfg.data.image_size
         lb = Letterbox(image.width, image.height, size)
         ids, mask = encode(self.tokenizer, [expression], self.cfg.data.max_tokens)
@@ -65,5 +68,12 @@ class Grounder:
         """-> [N, 4] xyxy boxes in each image's original pixels."""
         if len(images) != len(expressions):
             raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
+        expressions = [self._expression(i, text) for i, text in enumerate(expressions)]
         boxes = [self.ground(img, text).box_xyxy for img, text in zip(images, expressions)]
         return np.stack(boxes) if boxes else np.zeros((0, 4))
+
+    def _expression(self, i: int, text) -> str:
+        try:
+            return check_expression(text, self.cfg.data.max_expression_chars)
+        except ValueError as err:
+            raise ValueError(f"expression #{i}: {err}") from None

@@ -2,6 +2,12 @@
 CUDA, per-epoch validation, atomic checkpoints with optimizer/scheduler/RNG state, and resume. Under
 `torchrun` the same loop runs data-parallel (refvg.engine.distributed).
 
+Crash safety: last.pt is written at every epoch end and every `train.checkpoint_every_steps` steps, with
+everything that decides the rest of the run (weights, optimizer, schedule, RNG states, the position in the
+epoch's data order, the epoch's running sums), so a run killed at any point and started again ends bitwise
+where the uninterrupted run ends (on CPU). A step whose loss or gradient norm is not finite is skipped (no
+update) and counted; `train.max_bad_steps` of them in a row stop the run with the last good state saved.
+
 Tracking stays outside: the caller passes `on_epoch_end(metrics, epoch)` (the flows hook MLflow there), so
 this module runs the same under a test, a notebook, DVC, Prefect or torchrun.
 """
@@ -22,12 +28,24 @@ from tqdm.auto import tqdm
 
 from refvg.config import Config, TrainConfig
 from refvg.data.dataset import collate
+from refvg.data.samplers import ResumableShuffle
 from refvg.engine import distributed
-from refvg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from refvg.engine.checkpoint import (
+    CheckpointError, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint, set_rng_state,
+)
 from refvg.engine.runtime import autocast, resolve_device, seed_everything, to_device
 
 log = logging.getLogger(__name__)
 LAST, BEST = "last.pt", "best.pt"
+RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "progress", "epoch", "history", "best_score",
+               "best_epoch")
+# Knobs that decide how a run is checkpointed, guarded or reported, not what it computes: changing them must
+# not throw a run's progress away.
+RESUME_NEUTRAL = {"train": ("checkpoint_every_steps", "max_bad_steps"), "tracking": None}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a NaN/inf loss or gradient; the last good state is in last.pt."""
 
 
 @dataclass
@@ -39,6 +57,8 @@ class TrainResult:
     samples_per_second: float = 0.0
     compute_seconds: float = 0.0  # forward/backward/step and validation: the work, not the orchestration
     resumed_from_epoch: int = 0
+    resumed_from_step: int = 0  # steps into that epoch (0: resumed at an epoch boundary)
+    skipped_steps: int = 0  # steps without an update because the loss or gradient was not finite
 
     @property
     def best_checkpoint(self) -> Path:
@@ -68,10 +88,43 @@ def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.dev
     return torch.optim.AdamW(groups, lr=tcfg.lr, fused=device.type == "cuda")
 
 
-def run_key(cfg: Config, method: str) -> str:
-    """Identifies what a checkpoint was trained for; resume only continues a run with the same key."""
-    blob = json.dumps({"method": method, "cfg": cfg.model_dump(mode="json")}, sort_keys=True)
+@dataclass
+class _EpochProgress:
+    """What the current epoch has done so far; checkpointed mid-epoch, so a resumed epoch reports the same
+    figures as an uninterrupted one."""
+
+    step: int = 0  # batches consumed, skipped ones included
+    seen: int = 0
+    loss_sum: float = 0.0
+    parts_sum: dict = field(default_factory=dict)
+    skipped: int = 0
+    bad_in_a_row: int = 0
+
+
+def run_key(cfg: Config, method: str, data_version: str = "") -> str:
+    """Identifies what a checkpoint was trained for (method, config, library code, data); resume only
+    continues a run with the same key. Code and data are part of it because DVC keeps the checkpoint folder
+    between runs: a changed model or dataset must not pick up weights trained on the old one."""
+    dumped = cfg.model_dump(mode="json")
+    for section, keys in RESUME_NEUTRAL.items():
+        if keys is None:
+            dumped.pop(section, None)
+        else:
+            for k in keys:
+                dumped[section].pop(k, None)
+    blob = json.dumps({"method": method, "cfg": dumped, "code": code_fingerprint(), "data": data_version},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    """Hash of the refvg package's Python sources."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def train(
@@ -85,10 +138,13 @@ def train(
     select_metric: str = "acc@0.5",
     on_epoch_end: Callable[[dict, int], None] = lambda metrics, epoch: None,
     extra_state: Optional[dict] = None,
+    data_version: str = "",
 ) -> TrainResult:
     """Train `model` on `train_set` for `cfg.train.epochs`; `evaluate(model)` scores it after each epoch and
     the best epoch by `select_metric` is kept as best.pt. Resumes from out_dir/last.pt when it belongs to the
-    same run (same method and config)."""
+    same run (same method, config, code and `data_version`), mid-epoch included. `on_epoch_end(metrics,
+    epoch)` is called after each epoch and, on resume, once for each epoch restored from the checkpoint, so a
+    tracker attached to the new process still gets the whole history."""
     tcfg = cfg.train
     out_dir = Path(out_dir)
     device = distributed.setup(resolve_device(tcfg.device))  # under torchrun: join the group, this rank's GPU
@@ -100,54 +156,71 @@ def train(
     step_model = distributed.wrap(model, device)
     step_model = torch.compile(step_model) if tcfg.compile else step_model
 
-    drop_last = len(train_set) > tcfg.batch_size
-    sampler = distributed.sampler(train_set, tcfg.seed, drop_last)
+    # Every rank draws the same order and takes its interleaved share (rank::world): the ranks' k-th batches
+    # together are the k-th global batch of one process with train.batch_size.
+    sampler = ResumableShuffle(len(train_set), tcfg.seed, rank=distributed.rank(), world=distributed.world_size())
+    local_batch = distributed.local_batch_size(tcfg.batch_size)
     loader = DataLoader(
-        train_set, batch_size=distributed.local_batch_size(tcfg.batch_size), shuffle=sampler is None,
-        sampler=sampler, drop_last=drop_last,
+        train_set, batch_size=local_batch, sampler=sampler, drop_last=len(train_set) > tcfg.batch_size,
         collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=tcfg.num_workers > 0, generator=torch.Generator().manual_seed(tcfg.seed),
     )
-    total_steps = tcfg.epochs * len(loader)
+    steps_per_epoch = len(loader)
+    total_steps = tcfg.epochs * steps_per_epoch
     optimizer = build_optimizer(model, tcfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
-    key = run_key(cfg, method)
+    key = run_key(cfg, method, data_version)
     result = TrainResult(checkpoint_dir=out_dir)
-    start_epoch = _maybe_resume(out_dir / LAST, key, model, optimizer, scheduler, loader, result)
+    for leftover in remove_partial_writes(out_dir) if main else ():
+        log.warning("removed %s, a checkpoint write cut short by a crash (the previous checkpoint is intact)", leftover)
+    start_epoch, progress = _maybe_resume(out_dir / LAST, key, model, optimizer, scheduler, sampler, result)
+    for h in result.history:
+        on_epoch_end({k: v for k, v in h.items() if k != "epoch"}, h["epoch"])
+
+    def resume_state(epochs_done: int, progress: _EpochProgress) -> dict:
+        state = _state(model, optimizer, scheduler, epochs_done, key, result, cfg, method, extra_state)
+        state["position"] = sampler.position(min(progress.step * local_batch, len(sampler.epoch_share)))
+        state["progress"] = vars(progress).copy()
+        return state
+
+    def save_last(epochs_done: int, progress: _EpochProgress) -> None:
+        if main:
+            save_checkpoint(resume_state(epochs_done, progress), out_dir / LAST)
 
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, {}
+        t0 = time.perf_counter()
         # disable=None: a live bar on a terminal, nothing in logs (the per-epoch line below is logged anyway)
         bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=None if main else True, mininterval=1.0)
         for batch in bar:
-            batch = to_device(batch, device)
-            with autocast(device, tcfg.amp):
-                losses = model.compute_loss(step_model(batch), batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            n = batch["image"].shape[0]  # weakly supervised batches carry no box
-            seen += n
-            loss_sum += losses["loss"].item() * n
-            for k, v in losses.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) * n
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", sps=f"{seen / (time.perf_counter() - t0):.0f}")
-        totals = distributed.sum_over_ranks({"seen": seen, **parts_sum}, device)
-        seen, parts_sum = totals.pop("seen"), totals
+            progress.step += 1
+            losses = _train_step(model, step_model, to_device(batch, device), optimizer, scheduler, tcfg, device)
+            if losses is None:
+                _count_bad_step(progress, result, batch, epoch, tcfg, method, out_dir, save_last)
+            else:
+                progress.bad_in_a_row = 0
+                n = batch["image"].shape[0]  # weakly supervised batches carry no box
+                progress.seen += n
+                progress.loss_sum += losses["loss"] * n
+                for k, v in losses.items():
+                    progress.parts_sum[k] = progress.parts_sum.get(k, 0.0) + v * n
+                bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
+                                sps=f"{progress.seen / (time.perf_counter() - t0):.0f}")
+            global_step = epoch * steps_per_epoch + progress.step
+            if tcfg.checkpoint_every_steps and global_step % tcfg.checkpoint_every_steps == 0 \
+                    and progress.step < steps_per_epoch:
+                save_last(epoch, progress)
+        totals = distributed.sum_over_ranks({"seen": progress.seen, **progress.parts_sum}, device)
+        seen = totals.pop("seen")
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         val = distributed.from_main(evaluate(model) if main else None)
         val_seconds = time.perf_counter() - t1
         result.compute_seconds += train_seconds + val_seconds
-        metrics = {f"train/{k}": v / max(seen, 1) for k, v in parts_sum.items()}
+        metrics = {f"train/{k}": v / max(seen, 1) for k, v in totals.items()}
+        metrics["train/skipped_steps"] = progress.skipped
         metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
         metrics.update({
             "lr": scheduler.get_last_lr()[0], "samples_per_second": seen / train_seconds,
@@ -158,12 +231,12 @@ def train(
         is_best = score > result.best_score
         if is_best:
             result.best_score, result.best_epoch = score, epoch + 1
+        progress = _EpochProgress(bad_in_a_row=progress.bad_in_a_row)  # "in a row" spans epochs
         if not main:
             continue
-        state = _state(model, optimizer, scheduler, epoch + 1, key, result, cfg, method, extra_state)
-        state["loader_rng"] = loader.generator.get_state()
-        if is_best:
-            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}, out_dir / BEST)
+        state = resume_state(epoch + 1, progress)
+        if is_best:  # before last.pt: the resume point must never record a best epoch that is not on disk
+            save_checkpoint({k: v for k, v in state.items() if k not in _RESUME_ONLY}, out_dir / BEST)
         save_checkpoint(state, out_dir / LAST)
         log.info("%s epoch %d/%d loss %.4f val %s=%.4f (%.0f samples/s)", method, epoch + 1, tcfg.epochs,
                  metrics.get("train/loss", float("nan")), select_metric, score, metrics["samples_per_second"])
@@ -172,6 +245,53 @@ def train(
     trained = [h["samples_per_second"] for h in result.history[result.resumed_from_epoch:]]
     result.samples_per_second = sum(trained) / len(trained) if trained else 0.0
     return result
+
+
+_RESUME_ONLY = ("optimizer", "scheduler", "rng", "position", "progress")  # best.pt is for inference
+
+
+def _train_step(model, step_model, batch, optimizer, scheduler, tcfg: TrainConfig, device) -> Optional[dict]:
+    """One optimisation step; returns the loss parts, or None (and nothing updated) when the loss or the
+    gradient norm is not finite."""
+    with autocast(device, tcfg.amp):
+        losses = model.compute_loss(step_model(batch), batch)
+    optimizer.zero_grad(set_to_none=True)
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    # Under DDP all ranks skip together, or the others would wait forever in backward's all-reduce.
+    if not distributed.all_ranks(math.isfinite(values["loss"]), device):
+        return None
+    losses["loss"].backward()
+    # Always take the norm (max_norm=inf when clipping is off: a multiply by exactly 1): a finite loss can
+    # still give inf/NaN gradients, and one such update ruins every weight.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    scheduler.step()
+    return values
+
+
+def _count_bad_step(progress: _EpochProgress, result: TrainResult, batch: dict, epoch: int, tcfg: TrainConfig,
+                    method: str, out_dir: Path, save_last: Callable) -> None:
+    progress.skipped += 1
+    progress.bad_in_a_row += 1
+    result.skipped_steps += 1
+    rows = batch["index"].tolist()
+    log.warning("%s epoch %d step %d: loss or gradient not finite; step skipped (%d in a row, %d this run; "
+                "batch rows %s)", method, epoch + 1, progress.step, progress.bad_in_a_row, result.skipped_steps,
+                _short(rows))
+    if progress.bad_in_a_row >= tcfg.max_bad_steps:
+        save_last(epoch, progress)  # nothing was updated by the bad steps: this is the last good state
+        raise NonFiniteLossError(
+            f"{method}: the loss or gradient was not finite for {progress.bad_in_a_row} steps in a row "
+            f"(train.max_bad_steps={tcfg.max_bad_steps}), the last at epoch {epoch + 1} step {progress.step} "
+            f"(batch rows {_short(rows)}). "
+            f"Stopped; the last good state is in {out_dir / LAST} (lower train.lr, or check those samples).")
+
+
+def _short(rows: list[int], limit: int = 8) -> str:
+    return str(rows[:limit])[:-1] + (", ...]" if len(rows) > limit else "]")
 
 
 def _state(model, optimizer, scheduler, epoch, key, result, cfg, method, extra_state) -> dict:
@@ -183,21 +303,30 @@ def _state(model, optimizer, scheduler, epoch, key, result, cfg, method, extra_s
     }
 
 
-def _maybe_resume(path: Path, key: str, model, optimizer, scheduler, loader, result: TrainResult) -> int:
+def _maybe_resume(path: Path, key: str, model, optimizer, scheduler, sampler: ResumableShuffle,
+                  result: TrainResult) -> tuple[int, _EpochProgress]:
+    """(epoch to start, that epoch's progress so far)."""
     if not path.exists():
-        return 0
-    state = load_checkpoint(path)
-    if state.get("run_key") != key:
-        log.warning("%s belongs to another run (config or method changed); starting from scratch", path)
-        return 0
+        return 0, _EpochProgress()
+    try:
+        state = load_checkpoint(path)
+        if state.get("run_key") != key:
+            log.warning("%s belongs to another run (config, method or code changed); starting from scratch", path)
+            return 0, _EpochProgress()
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: has the run's key but not {', '.join(missing)}")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; cannot resume from it. Move it away to train from scratch.") from None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    # The shuffle generator must continue where it was, or a resumed run sees other batches.
-    loader.generator.set_state(state["loader_rng"])
+    sampler.restore(state["position"])  # the same batches, from the same place in the epoch
     result.history = list(state["history"])
     result.best_score, result.best_epoch = state["best_score"], state["best_epoch"]
-    result.resumed_from_epoch = state["epoch"]
-    log.info("resumed %s at epoch %d", path, state["epoch"])
-    return state["epoch"]
+    progress = _EpochProgress(**state["progress"])
+    result.resumed_from_epoch, result.resumed_from_step = state["epoch"], progress.step
+    result.skipped_steps = sum(h.get("train/skipped_steps", 0) for h in result.history) + progress.skipped
+    log.info("resumed %s after %d epochs and %d steps", path, state["epoch"], result.resumed_from_step)
+    return state["epoch"], progress
