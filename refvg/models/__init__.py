@@ -1,5 +1,6 @@
 """Grounding models. Importing a model module registers it, so every model module is imported here."""
-from refvg.models.registry import build_model, list_models, register_model
+from refvg.models.registry import build_model, list_models, model_needs, register_model
 from refvg.models import transvg  # noqa: F401  (registers "transvg")
+from refvg.models import cmsa  # noqa: F401  (registers "cmsa")
 
-__all__ = ["build_model", "list_models", "register_model"]
+__all__ = ["build_model", "list_models", "model_needs", "register_model"]
