@@ -115,6 +115,9 @@ class CMSAConfig(_Strict):
     # One 3x3 conv + 2x upsampling per entry, from the finest CMSA level; the logits are then resized to the
     # letterbox size bilinearly.
     decoder_channels: tuple[int, ...] = (32, 16)
+    # Inference: keep only the connected region of the thresholded mask that holds its most confident pixel
+    # (for the mask and its box); false: the whole thresholded mask and its tight box.
+    keep_peak_component: bool = True
 
 
 class ModelConfig(_Strict):

@@ -296,3 +296,39 @@ def test_mask_to_box_is_the_tight_box_outside_padding():
     pad[1, :, 6:] = True
     boxes = cxcywh_to_xyxy(mask_to_box(logits, pad)) * 8
     torch.testing.assert_close(boxes, torch.tensor([[1.0, 2, 6, 4], [2, 5, 3, 6], [0, 0, 6, 8]]))
+
+
+def test_peak_component_keeps_the_region_around_the_most_confident_pixel():
+    from refvg.models.cmsa import peak_component
+
+    logits = -torch.ones(2, 6, 6)
+    logits[0, 0:2, 0:2] = 1.0  # big blob
+    logits[0, 2, 2] = 1.0  # touches the big blob diagonally: same region
+    logits[0, 4:6, 4:6] = 2.0  # a separate, more confident blob wins
+    logits[0, 5, 5] = 3.0
+    logits[1, 3, 3] = -0.2  # nothing positive: the best pixel alone
+    pad = torch.zeros(2, 6, 6, dtype=torch.bool)
+    region = peak_component(logits, pad)
+    expected = torch.zeros(2, 6, 6, dtype=torch.bool)
+    expected[0, 4:6, 4:6] = True
+    expected[1, 3, 3] = True
+    assert torch.equal(region, expected)
+    logits[0, 3, 3] = 1.0  # now the diagonal chain links both blobs into one region
+    assert region.sum() < peak_component(logits, pad)[0].sum() == 4 + 1 + 1 + 4
+
+
+def test_cmsa_prediction_is_one_region_its_loss_the_raw_logits():
+    model = make_cmsa()
+    batch = make_mask_batch()
+    train_out = model(batch)
+    assert torch.equal(train_out["pred_masks"], train_out["mask_logits"])  # nothing post-processed in training
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    from refvg.models.cmsa import peak_component
+
+    raw, fg = out["mask_logits"] > 0, out["pred_masks"] > 0
+    assert (raw & ~fg).any()  # the untrained model has several regions; the prediction drops all but one
+    some = fg.flatten(1).any(1)  # (a sample with nothing positive keeps nothing)
+    assert torch.equal(peak_component(out["pred_masks"], batch["pixel_mask"])[some], fg[some])  # one region
+    assert torch.equal(out["pred_masks"].abs(), out["mask_logits"].abs())  # only signs change

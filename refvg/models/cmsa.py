@@ -8,6 +8,10 @@ by gated multi-level fusion (a memory and a reset gate per level), then a small 
 logits at the letterbox size. Loss: per-pixel BCE + soft Dice. The box (`pred_boxes`, what the box tables
 score) is the tight box of the thresholded mask.
 
+An expression refers to one object, so at inference (eval mode, `model.cmsa.keep_peak_component`) the
+prediction keeps only the connected region of the thresholded mask that holds its most confident pixel: a
+stray positive blob on a distractor would otherwise stretch the box over both objects.
+
 Word features come from the shared text encoder (contextual) rather than the paper's bare word embeddings:
 the same encoder every method uses, and relations ("left of the green star") need context.
 """
@@ -105,6 +109,21 @@ class MaskDecoder(nn.Module):
         return self.logits(self.body(x))
 
 
+def peak_component(logits: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """bool [B,H,W]: the 8-connected region of (logits > 0) outside the padding that holds the highest-scoring
+    pixel (just that pixel when nothing is above 0). Grown from the peak by 3x3 max-pooling, so it runs on
+    any device; the number of steps is bounded by the region's extent."""
+    fg = (logits > 0) & ~pad
+    peak = logits.detach().float().masked_fill(pad, float("-inf")).flatten(1).argmax(1)
+    region = F.one_hot(peak, fg[0].numel()).view_as(fg).bool()
+    for _ in range(fg.shape[-2] * fg.shape[-1]):
+        grown = (F.max_pool2d(region[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0) & fg | region
+        if torch.equal(grown, region):
+            break
+        region = grown
+    return region
+
+
 def mask_to_box(logits: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """Tight box of (logits > 0) outside the padding, [B,4] cxcywh normalised to the square; a pixel spans
     [i, i+1). An empty mask gives the box of its highest-scoring pixel, so every sample still has a box."""
@@ -157,13 +176,18 @@ class CMSA(nn.Module):
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         logits = logits[:, 0]
+        out = {"mask_logits": logits}  # what the loss sees
+        if not self.training and self.cfg.model.cmsa.keep_peak_component:
+            with torch.no_grad():  # the prediction: other positive regions are flipped to negative logits
+                logits = torch.where(peak_component(logits, pixel_pad), logits, -logits.abs())
+        out["pred_masks"] = logits
         with torch.no_grad():
-            boxes = mask_to_box(logits, pixel_pad)
-        return {"pred_masks": logits, "pred_boxes": boxes}
+            out["pred_boxes"] = mask_to_box(logits, pixel_pad)
+        return out
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.train.loss
-        return mask_loss(outputs["pred_masks"], batch["mask"], ~batch["pixel_mask"], w.mask_bce_weight, w.mask_dice_weight)
+        return mask_loss(outputs["mask_logits"], batch["mask"], ~batch["pixel_mask"], w.mask_bce_weight, w.mask_dice_weight)
 
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
         return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)
