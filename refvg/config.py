@@ -123,6 +123,23 @@ class QRNetConfig(_Strict):
     # The out stage whose grid the fused map (the fusion transformer's visual tokens) takes; null: the
     # finest. Small RefShapes objects need stride 8; at 640 px stride 32 keeps the token count at 400.
     fusion_stage: Optional[int] = None
+class CMSAConfig(_Strict):
+    """CMSA (referring segmentation): one cross-modal self-attention block per backbone level of
+    `visual.out_stages`, gated fusion of the levels, an upsampling decoder to mask logits."""
+
+    visual_dim: int = Field(64, gt=0)  # C_v: each level's features are projected to this, then L2-normalised
+    word_dim: int = Field(64, gt=0)  # C_l: the same for each word's features
+    d_model: int = Field(64, gt=0)  # width of the joint (word, pixel) features inside the self-attention
+    num_heads: int = Field(2, gt=0)
+    ffn_dim: int = Field(128, gt=0)
+    num_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # One 3x3 conv + 2x upsampling per entry, from the finest CMSA level; the logits are then resized to the
+    # letterbox size bilinearly.
+    decoder_channels: tuple[int, ...] = (32, 16)
+    # Inference: keep only the connected region of the thresholded mask that holds its most confident pixel
+    # (for the mask and its box); false: the whole thresholded mask and its tight box.
+    keep_peak_component: bool = True
 
 
 class ModelConfig(_Strict):
@@ -130,6 +147,7 @@ class ModelConfig(_Strict):
     text: TextConfig = TextConfig()
     fusion: FusionConfig = FusionConfig()
     qrnet: QRNetConfig = QRNetConfig()
+    cmsa: CMSAConfig = CMSAConfig()
 
 
 class LossConfig(_Strict):
@@ -137,6 +155,9 @@ class LossConfig(_Strict):
     giou_weight: float = 2.0
     # Weight of -log(read-out attention mass inside the target box); only with fusion.box_head "attention".
     attention_weight: float = Field(1.0, ge=0)
+    # Mask methods: per-pixel BCE and soft Dice on the letterboxed mask logits (padding excluded).
+    mask_bce_weight: float = Field(1.0, ge=0)
+    mask_dice_weight: float = Field(1.0, ge=0)
 
 
 class TrainConfig(_Strict):

@@ -1,4 +1,5 @@
-"""Evaluation metrics. Box part: aligned IoU / GIoU and accuracy at IoU thresholds.
+"""Evaluation metrics. Box part: aligned IoU / GIoU and accuracy at IoU thresholds. Mask part (referring
+segmentation): overall IoU, mean IoU and precision at IoU thresholds, from per-sample intersections and unions.
 
 Box functions accept torch tensors (differentiable, used by the losses) or numpy arrays alike.
 """
@@ -68,5 +69,38 @@ def summarize_box_metrics(ious, thresholds=IOU_THRESHOLDS) -> dict:
     out["acc@0.5"] = per_t[0.5]
     out["acc@0.5:0.95"] = float(np.mean([per_t[t] for t in IOU_THRESHOLDS]))
     out["mean_iou"] = float(ious.mean()) if ious.size else 0.0
+    out["n"] = int(ious.size)
+    return out
+
+
+# --------------------------------------------------------------------------- masks
+
+# prec@{0.5..0.9}: the thresholds referring-segmentation papers report (CMSA, LAVT, ...).
+MASK_IOU_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def mask_intersection_union(pred, gt) -> tuple[int, int]:
+    """Pixel counts (|pred & gt|, |pred | gt|) of two boolean masks of the same shape."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask shapes differ: predicted {pred.shape}, target {gt.shape}")
+    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+
+
+def summarize_mask_metrics(intersections, unions, thresholds=MASK_IOU_THRESHOLDS) -> dict:
+    """{"oIoU", "mIoU", "prec@<t>" for each t, "n"} over a split.
+
+    oIoU = total intersection / total union over the split (large objects weigh more); mIoU = mean of the
+    per-sample IoUs; prec@t = fraction of samples with IoU >= t. A sample whose union is empty (nothing
+    predicted, nothing to find) counts as IoU 0, as in the LAVT/CRIS evaluation code."""
+    inter, union = _as_numpy(intersections), _as_numpy(unions)
+    if inter.shape != union.shape:
+        raise ValueError(f"{inter.size} intersections but {union.size} unions")
+    if (inter > union).any() or (inter < 0).any():
+        raise ValueError("an intersection is negative or larger than its union")
+    ious = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    out = {"oIoU": float(inter.sum() / union.sum()) if union.sum() > 0 else 0.0,
+           "mIoU": float(ious.mean()) if ious.size else 0.0}
+    out.update({f"prec@{float(t):g}": float((ious >= t).mean()) if ious.size else 0.0 for t in thresholds})
     out["n"] = int(ious.size)
     return out

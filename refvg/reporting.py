@@ -40,6 +40,7 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
         lang = "blind (control)" if r.get("language_blind") else "yes"
         strict_txt = f"{strict:.3f}" if strict is not None else "-"
         lines.append(f"| {method} | {r['model']} | {lang} | " + " | ".join(accs) + f" | {strict_txt} |")
+    lines += _mask_table(results, splits)
     missing = [m for m in cfg.methods if m not in results]
     if missing:
         lines += ["", f"Not evaluated yet: {', '.join(missing)}."]
@@ -48,6 +49,28 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
     summary.write_text("\n".join(lines) + "\n")
     _bar_chart(results, splits, out_dir / "comparison.png")
     return summary
+
+
+def _mask_table(results: dict, splits: list[str]) -> list[str]:
+    """Referring segmentation: oIoU / mIoU / prec@0.5 per split, for the methods that output masks."""
+    masked = {m: r for m, r in results.items() if any("mask" in v for v in r["splits"].values())}
+    if not masked:
+        return []
+    lines = [
+        "",
+        "Masks (methods that segment): oIoU (total intersection / total union over the split), mIoU (mean "
+        "per-expression IoU) and prec@0.5 (fraction with IoU >= 0.5), at the original image resolution.",
+        "",
+        "| method | " + " | ".join(f"{s} oIoU / mIoU / prec@0.5" for s in splits) + " |",
+        "|---|" + "---|" * len(splits),
+    ]
+    for method, r in masked.items():
+        cells = []
+        for s in splits:
+            m = r["splits"].get(s, {}).get("mask")
+            cells.append(f"{m['oIoU']:.3f} / {m['mIoU']:.3f} / {m['prec@0.5']:.3f}" if m else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _bar_chart(results: dict, splits: list[str], path: Path) -> None:

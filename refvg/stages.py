@@ -59,15 +59,17 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     from refvg.data.prepare import prepared_path
     from refvg.engine.evaluator import box_metrics, predict_split
     from refvg.engine.distributed import env_rank
+    from refvg.engine.evaluator import box_metrics, mask_metrics, predict_split
     from refvg.engine.runtime import resolve_device, seed_everything
     from refvg.engine.trainer import train
-    from refvg.models import build_model
+    from refvg.models import build_model, model_needs
 
     rcfg = cfg.for_method(method)  # raises for a method params.yaml does not declare
     mcfg = cfg.methods[method]
     prepared = prepared_path(rcfg)
     manifest = read_manifest(prepared)
-    train_set = PreparedSplit(prepared, "train", language_blind=mcfg.language_blind)
+    masks = "masks" in model_needs(mcfg.model)
+    train_set = PreparedSplit(prepared, "train", language_blind=mcfg.language_blind, masks=masks)
     val_set = PreparedSplit(prepared, "val", language_blind=mcfg.language_blind)
     seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
     model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
@@ -77,7 +79,8 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
         shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
 
     def evaluate(m: torch.nn.Module) -> dict:
-        return box_metrics(predict_split(m, val_set, rcfg.eval.batch_size, device, rcfg.train.amp), rcfg.eval.iou_thresholds)
+        pred = predict_split(m, val_set, rcfg.eval.batch_size, device, rcfg.train.amp)
+        return {**box_metrics(pred, rcfg.eval.iou_thresholds), **{f"mask/{k}": v for k, v in mask_metrics(pred).items()}}
 
     return train(
         model, train_set, rcfg, checkpoint_dir(cfg, method), method=method, evaluate=evaluate,
@@ -119,7 +122,7 @@ class EvalReport:
 def evaluate_method(cfg: Config, method: str) -> EvalReport:
     from refvg.data.dataset import PreparedSplit, read_manifest
     from refvg.data.prepare import prepared_path
-    from refvg.engine.evaluator import box_metrics, predict_split
+    from refvg.engine.evaluator import box_metrics, mask_metrics, predict_masks, predict_split
     from refvg.engine.runtime import resolve_device
     from refvg.engine.trainer import BEST
     from refvg.visualize import plot_accuracy_vs_iou, plot_qualitative
@@ -138,6 +141,8 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
         p = predict_split(model, ds, ecfg.batch_size, device, cfg.train.amp)
         preds.append(p)
         metrics[split] = box_metrics(p, ecfg.iou_thresholds)
+        if p.has_masks:  # mask methods: oIoU / mIoU / prec@k next to the Acc@IoU of their mask's tight box
+            metrics[split]["mask"] = mask_metrics(p)
     payload = {
         "method": method, "model": state["model_name"], "language_blind": state["language_blind"],
         "best_epoch": state["best_epoch"], "dataset": manifest["dataset"], "splits": metrics,
@@ -156,13 +161,18 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
     figures = [plots / "acc_vs_iou.png", plots / "qualitative.png"]
     plot_accuracy_vs_iou(preds, ecfg.iou_thresholds, f"{method} on {manifest['dataset']}", figures[0])
     val = next((p for p in preds if p.split == "val"), preds[0])
-    ds = PreparedSplit(prepared, val.split)
+    ds = PreparedSplit(prepared, val.split, language_blind=state["language_blind"])  # as the model saw it
     pick = np.random.default_rng(0).permutation(len(ds))[: ecfg.num_qualitative]
     scale = np.array([[ds.letterboxes[i].scale] for i in pick])
     crops = [np.asarray(ds.images[ds.records[i]["image_index"]])[: ds.letterboxes[i].content_h, : ds.letterboxes[i].content_w]
              for i in pick]
+    overlays = {}
+    if val.has_masks:
+        overlays = {"pred_masks": predict_masks(model, ds, pick, ecfg.batch_size, device, cfg.train.amp),
+                    "gt_masks": [ds.gt_mask(i) for i in pick],
+                    "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
     plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
-                     val.gt_xyxy[pick] * scale, val.ious[pick], figures[1])
+                     val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
     return EvalReport(method, metrics, metrics_path, figures, [curve], time.perf_counter() - t0)
 
 

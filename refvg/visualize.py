@@ -1,10 +1,10 @@
-"""Figures: accuracy vs IoU threshold, and grids of qualitative predictions (predicted vs true box, with the
-expression). Matplotlib with the Agg backend: no display needed."""
+"""Figures: accuracy vs IoU threshold, and grids of qualitative predictions (predicted vs true box, and for
+mask methods predicted vs true mask, with the expression). Matplotlib with the Agg backend: no display needed."""
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import matplotlib
 
@@ -32,9 +32,12 @@ def plot_accuracy_vs_iou(preds: Sequence[SplitPredictions], thresholds, title: s
 
 def plot_qualitative(
     images: Sequence[np.ndarray], expressions: Sequence[str], pred_xyxy: np.ndarray, gt_xyxy: np.ndarray,
-    ious: np.ndarray, path: Path, cols: int = 4,
+    ious: np.ndarray, path: Path, cols: int = 4, pred_masks: Optional[Sequence[np.ndarray]] = None,
+    gt_masks: Optional[Sequence[np.ndarray]] = None, mask_ious: Optional[np.ndarray] = None,
 ) -> None:
-    """One panel per sample: green = ground truth, red = prediction, both in the panel's pixel frame."""
+    """One panel per sample: green = ground truth, red = prediction, both in the panel's pixel frame. With
+    masks (bool, any resolution of the same image, e.g. the original): the predicted mask is tinted red and the
+    true mask outlined in green."""
     n = len(images)
     if n == 0:
         return
@@ -42,12 +45,26 @@ def plot_qualitative(
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), dpi=90, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, text, p, g, iou in zip(axes.flat, images, expressions, pred_xyxy, gt_xyxy, ious):
+    for k, (ax, img, text, p, g, iou) in enumerate(zip(axes.flat, images, expressions, pred_xyxy, gt_xyxy, ious)):
         ax.imshow(img)
+        extent = (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)  # a mask of any resolution covers the image
+        if pred_masks is not None:
+            tint = np.zeros((*pred_masks[k].shape, 4))
+            tint[pred_masks[k]] = (1.0, 0.0, 0.0, 0.45)
+            ax.imshow(tint, extent=extent, interpolation="nearest")
+        if gt_masks is not None and gt_masks[k].any():
+            gh, gw = gt_masks[k].shape
+            xs = (np.arange(gw) + 0.5) * img.shape[1] / gw - 0.5  # mask pixel centres in the panel's frame
+            ys = (np.arange(gh) + 0.5) * img.shape[0] / gh - 0.5
+            ax.contour(xs, ys, gt_masks[k].astype(float), levels=[0.5], colors="lime", linewidths=1.5)
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
         for box, color in ((g, "lime"), (p, "red")):
-            ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
-                                       fill=False, edgecolor=color, linewidth=2))
-        ax.set_title("\n".join(textwrap.wrap(f'"{text}"', 34)[:3]) + f"\nIoU {iou:.2f}", fontsize=8)
+            ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                       edgecolor=color, linewidth=1 if pred_masks is not None else 2,
+                                       linestyle="--" if pred_masks is not None else "-"))
+        score = f"IoU {iou:.2f}" if mask_ious is None else f"mask IoU {mask_ious[k]:.2f}, box IoU {iou:.2f}"
+        ax.set_title("\n".join(textwrap.wrap(f'"{text}"', 34)[:3]) + f"\n{score}", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -3,6 +3,7 @@ import torch
 from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel, SwinConfig, SwinModel
 
 from refvg.config import Config, TextConfig, VisualConfig
+from refvg.data.transforms import cxcywh_to_xyxy
 from refvg.models import build_model, list_models, register_model
 from refvg.models.backbones import build_text_encoder, build_visual_backbone
 
@@ -219,3 +220,115 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
         global_box = head(*args)
     assert (local_box[0, :2] < 0.2).all(), local_box  # cell (0,0) has its centre at 0.125
     assert (global_box[0, :2] > 0.35).all(), global_box  # the soft average lands mid-way (~0.43)
+
+
+# ------------------------------------------------------------------ CMSA
+
+
+def make_cmsa(out_stages=(1, 2)):
+    torch.manual_seed(0)
+    cfg = Config.model_validate({"model": {"visual": {"out_stages": list(out_stages)},
+                                           "cmsa": {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32}}})
+    return build_model("cmsa", cfg, VOCAB, PAD)
+
+
+def make_mask_batch(b=4, size=64, seed=0):
+    batch = make_batch(b, size, seed=seed)
+    mask = torch.zeros(b, size, size, dtype=torch.uint8)
+    for i, (cx, cy, w, h) in enumerate((batch["box"] * size).round().long().tolist()):
+        mask[i, cy - h // 2: cy + h // 2, cx - w // 2: cx + w // 2] = 1
+    return {**batch, "mask": mask * ~batch["pixel_mask"]}
+
+
+def test_cmsa_shapes_loss_and_grads():
+    from refvg.models import model_needs
+
+    assert model_needs("cmsa") == {"masks"} and model_needs("transvg") == set()
+    model = make_cmsa()
+    assert len(model.levels) == 2
+    batch = make_mask_batch()
+    out = model(batch)
+    assert out["pred_masks"].shape == (4, 64, 64) and out["pred_boxes"].shape == (4, 4)
+    box = out["pred_boxes"]
+    assert ((box >= 0) & (box <= 1)).all() and (box[:, 2:] > 0).all()
+    losses = model.compute_loss(out, batch)
+    assert set(losses) == {"loss", "bce", "dice"} and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    for part in (model.visual, model.text, *model.levels, model.fusion.memory, model.fusion.reset, model.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
+    assert model.fusion.gamma.grad.abs().sum() > 0
+    one_level = make_cmsa(out_stages=(1,))  # the gated fusion also works with a single level
+    assert one_level(batch)["pred_masks"].shape == (4, 64, 64)
+
+
+def test_cmsa_mask_depends_on_expression():
+    model = make_cmsa().eval()
+    batch = make_mask_batch()
+    other = dict(batch, input_ids=batch["input_ids"].roll(1, dims=1) * batch["attention_mask"])
+    with torch.no_grad():
+        a, b = model(batch)["pred_masks"], model(other)["pred_masks"]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_cmsa_learns_one_batch():
+    model = make_cmsa()
+    batch = make_mask_batch()
+    opt = torch.optim.AdamW(model.param_groups(3e-3, 3e-3, 0.0))
+    losses = []
+    for _ in range(15):
+        loss = model.compute_loss(model(batch), batch)["loss"]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_mask_to_box_is_the_tight_box_outside_padding():
+    from refvg.models.cmsa import mask_to_box
+
+    logits = -torch.ones(3, 8, 8)
+    logits[0, 2:4, 1:6] = 1.0  # rows 2-3, cols 1-5 -> xyxy (1, 2, 6, 4) / 8
+    logits[1, :, 6:] = 1.0  # only on padding: treated as empty
+    logits[1, 5, 2] = -0.5  # the highest-scoring pixel outside the padding -> a one-pixel box
+    logits[2, 0, 0] = logits[2, 7, 5] = 1.0  # two blobs: the box spans both
+    pad = torch.zeros(3, 8, 8, dtype=torch.bool)
+    pad[1, :, 6:] = True
+    boxes = cxcywh_to_xyxy(mask_to_box(logits, pad)) * 8
+    torch.testing.assert_close(boxes, torch.tensor([[1.0, 2, 6, 4], [2, 5, 3, 6], [0, 0, 6, 8]]))
+
+
+def test_peak_component_keeps_the_region_around_the_most_confident_pixel():
+    from refvg.models.cmsa import peak_component
+
+    logits = -torch.ones(2, 6, 6)
+    logits[0, 0:2, 0:2] = 1.0  # big blob
+    logits[0, 2, 2] = 1.0  # touches the big blob diagonally: same region
+    logits[0, 4:6, 4:6] = 2.0  # a separate, more confident blob wins
+    logits[0, 5, 5] = 3.0
+    logits[1, 3, 3] = -0.2  # nothing positive: the best pixel alone
+    pad = torch.zeros(2, 6, 6, dtype=torch.bool)
+    region = peak_component(logits, pad)
+    expected = torch.zeros(2, 6, 6, dtype=torch.bool)
+    expected[0, 4:6, 4:6] = True
+    expected[1, 3, 3] = True
+    assert torch.equal(region, expected)
+    logits[0, 3, 3] = 1.0  # now the diagonal chain links both blobs into one region
+    assert region.sum() < peak_component(logits, pad)[0].sum() == 4 + 1 + 1 + 4
+
+
+def test_cmsa_prediction_is_one_region_its_loss_the_raw_logits():
+    model = make_cmsa()
+    batch = make_mask_batch()
+    train_out = model(batch)
+    assert torch.equal(train_out["pred_masks"], train_out["mask_logits"])  # nothing post-processed in training
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    from refvg.models.cmsa import peak_component
+
+    raw, fg = out["mask_logits"] > 0, out["pred_masks"] > 0
+    assert (raw & ~fg).any()  # the untrained model has several regions; the prediction drops all but one
+    some = fg.flatten(1).any(1)  # (a sample with nothing positive keeps nothing)
+    assert torch.equal(peak_component(out["pred_masks"], batch["pixel_mask"])[some], fg[some])  # one region
+    assert torch.equal(out["pred_masks"].abs(), out["mask_logits"].abs())  # only signs change

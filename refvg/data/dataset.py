@@ -2,7 +2,8 @@
 
 Batch contract: "image" uint8 [B, S, S, 3] (normalised on the device by the engine, so host->device copies
 stay 4x smaller), "pixel_mask" bool [B, S, S] (True = padding), "input_ids" / "attention_mask" long [B, L],
-"box" float [B, 4] target cxcywh normalised to the square, "index" long [B] (row in the split).
+"box" float [B, 4] target cxcywh normalised to the square, "index" long [B] (row in the split); with
+`masks=True` also "mask" uint8 [B, S, S], the target mask letterboxed like the image (1 = object).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from torch.utils.data import Dataset
 from refvg.data.transforms import Letterbox, xyxy_to_cxcywh
 
 MANIFEST = "manifest.json"
+MASKS = "masks.npy"  # bit-packed letterboxed target masks, one row per annotation
+MASKS_RLE = "masks_rle.json"  # the same masks at original resolution, COCO RLE
 
 
 def read_manifest(prepared: Path) -> dict:
@@ -43,11 +46,15 @@ def prepared_fingerprint(prepared: Path) -> str:
 
 
 class PreparedSplit(Dataset):
-    def __init__(self, prepared_dir: Path, split: str, language_blind: bool = False):
+    """One prepared split. `masks=True` adds each sample's letterboxed target mask to its item (what mask
+    methods train on); `gt_mask(i)` gives the original-resolution mask (what mask metrics score against)."""
+
+    def __init__(self, prepared_dir: Path, split: str, language_blind: bool = False, masks: bool = False):
         split_dir = Path(prepared_dir) / split
         if not (split_dir / "samples.json").exists():
             raise FileNotFoundError(f"{split_dir}: split {split!r} was not prepared (see manifest.json)")
         self.split = split
+        self.split_dir = split_dir
         self.records: list[dict] = json.loads((split_dir / "samples.json").read_text(encoding="utf-8"))
         self.images = np.load(split_dir / "images.npy", mmap_mode="r", allow_pickle=False)
         tokens = np.load(split_dir / "tokens.npy", allow_pickle=False)
@@ -62,6 +69,51 @@ class PreparedSplit(Dataset):
             if self.records else np.zeros((0, 4))
         self.boxes = torch.from_numpy(xyxy_to_cxcywh(boxes)).float()
         self._pad_masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.masks = self._load_masks() if masks else None
+        self._rles: list[dict] | None = None
+
+    def _mask_rows(self) -> np.ndarray:
+        """Each sample's row in the mask files; raises when the split was prepared without masks or a sample's
+        annotation has no segmentation (mask methods cannot train or be scored on it)."""
+        if self.records and "mask_index" not in self.records[0]:
+            raise FileNotFoundError(f"{self.split_dir}: prepared without masks; re-run the `prepare` stage")
+        rows = np.asarray([r["mask_index"] for r in self.records], dtype=np.int64)
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            raise ValueError(f"{self.split_dir / 'samples.json'}: {missing.size} of {len(rows)} samples have no "
+                             f"target mask (their annotation carries no segmentation), e.g. sample "
+                             f"{self.records[missing[0]]['sample_id']}; a mask method needs one for every sample")
+        return rows
+
+    def _load_masks(self) -> np.ndarray:
+        path = self.split_dir / MASKS
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no target masks here; re-run the `prepare` stage")
+        self._mask_index = self._mask_rows()
+        packed = np.load(path, mmap_mode="r", allow_pickle=False)
+        if packed.ndim != 2 or packed.shape[1] != (self.size * self.size + 7) // 8:
+            raise ValueError(f"{path}: shape {packed.shape} does not hold {self.size}x{self.size} bit-packed masks")
+        if self._mask_index.size and self._mask_index.max() >= len(packed):
+            raise ValueError(f"{path}: {len(packed)} masks, but samples.json refers to row {self._mask_index.max()}")
+        return packed
+
+    def square_mask(self, i: int) -> np.ndarray:
+        """uint8 [S, S]: sample i's target mask in the letterboxed square."""
+        row = self.masks[self._mask_index[i]]
+        return np.unpackbits(row, count=self.size * self.size).reshape(self.size, self.size)
+
+    def gt_mask(self, i: int) -> np.ndarray:
+        """bool [orig_h, orig_w]: sample i's target mask at the original image resolution."""
+        from pycocotools import mask as mask_utils
+
+        if self._rles is None:
+            self._mask_index = self._mask_rows()
+            path = self.split_dir / MASKS_RLE
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no target masks here; re-run the `prepare` stage")
+            self._rles = json.loads(path.read_text(encoding="utf-8"))
+        rle = self._rles[self._mask_index[i]]
+        return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
     def _blind(self) -> None:
         """The language-blind control: every expression becomes the empty one ([CLS] [SEP])."""
@@ -89,7 +141,7 @@ class PreparedSplit(Dataset):
             "attention_mask": self.attention_mask[i],
             "box": self.boxes[i],
             "index": torch.tensor(i),
-        }
+        } | ({"mask": torch.from_numpy(self.square_mask(i))} if self.masks is not None else {})
 
 
 def collate(items: list[dict]) -> dict:

@@ -4,7 +4,11 @@ Per split, `<out>/<split>/` holds
 - `images.npy`   uint8 [N_images, S, S, 3], letterboxed to the training size once, so training never decodes
                  or resizes an image (the DataLoader only slices a memory map);
 - `tokens.npy`   int32 [N_samples, 2, L]: input_ids and attention_mask;
-- `samples.json` one record per (ref, sentence): ids, expression, image index, original size and box.
+- `samples.json` one record per (ref, sentence): ids, expression, image index, original size and box, and
+                 `mask_index`, the row of its target's mask (-1: the annotation has no segmentation);
+- `masks.npy`    uint8 [N_masks, ceil(S*S/8)]: each target mask letterboxed like its image, bit-packed
+                 (np.packbits of the S x S mask, row-major), once per annotation;
+- `masks_rle.json` the same masks at original resolution as COCO RLE: what mask metrics are scored against.
 `<out>/tokenizer/` is the tokenizer every later stage loads, and `<out>/manifest.json` the counts, skipped
 records with their reasons, and the settings they were prepared with.
 All files are plain arrays and JSON: nothing here is unpickled later.
@@ -22,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from refvg.config import Config
-from refvg.data.dataset import MANIFEST
+from refvg.data.dataset import MANIFEST, MASKS, MASKS_RLE
 from refvg.data.refer import BadRecordError, ReferDataset, RefSample, SkipLog
 from refvg.data.text import TOKENIZER_DIR, encode, get_tokenizer
 from refvg.data.transforms import Letterbox, xywh_to_xyxy
@@ -125,9 +129,10 @@ def run_sequentially(fn: Callable[[Shard], ShardResult], shards: list[Shard]) ->
 
 
 def assemble_split(samples: list[RefSample], results: list[ShardResult], split_dir: Path, skips: SkipLog,
-                   refer: ReferDataset) -> list[RefSample]:
-    """Join a split's shards into `images.npy` + `samples.json`; returns the samples whose image was kept
-    (the others are counted in `skips`, under their image's reason)."""
+                   refer: ReferDataset, strict: bool, size: int) -> tuple[list[RefSample], int]:
+    """Join a split's shards into `images.npy`, write its target masks and `samples.json`; returns the
+    samples whose image and segmentation were kept (the others are counted in `skips` with their reason),
+    and the number of masks written."""
     results = sorted(results, key=lambda r: r.index)
     image_index: dict[int, int] = {}
     bad: dict[int, tuple[str, str]] = {}
@@ -146,14 +151,54 @@ def assemble_split(samples: list[RefSample], results: list[ShardResult], split_d
             reported.add(s.image_id)
             continue
         kept.append(s)
+    kept, mask_index, n_masks = _write_masks(kept, split_dir, skips, refer, strict, size)
     records = []
     for s in kept:
         rec = asdict(s)
         rec["image_index"] = image_index[s.image_id]
+        rec["mask_index"] = mask_index[s.ann_id]
         rec["bbox_xyxy"] = xywh_to_xyxy(np.asarray(s.bbox)).tolist()
         records.append(rec)
     (split_dir / "samples.json").write_text(json.dumps(records), encoding="utf-8")
-    return kept
+    return kept, n_masks
+
+
+def _write_masks(samples: list[RefSample], split_dir: Path, skips: SkipLog, refer: ReferDataset, strict: bool,
+                 size: int) -> tuple[list[RefSample], dict[int, int], int]:
+    """Each target's mask once per annotation: letterboxed and bit-packed (MASKS) and as RLE at original
+    resolution (MASKS_RLE). Returns the samples kept, ann id -> mask row (-1: no segmentation), mask count."""
+    from pycocotools import mask as mask_utils
+
+    mask_index: dict[int, int] = {}
+    packed: list[np.ndarray] = []
+    rles: list[dict] = []
+    kept: list[RefSample] = []
+    bad_anns: set[int] = set()
+    for s in samples:
+        if s.ann_id in bad_anns:
+            skips.add("bad_segmentation", f"{refer.instances_path.name}: ann {s.ann_id}: ref {s.ref_id} sent {s.sent_id}")
+            continue
+        if s.ann_id not in mask_index:
+            try:
+                rle = refer.rle(s.ann_id)
+            except BadRecordError as err:
+                if strict:
+                    raise
+                bad_anns.add(s.ann_id)
+                skips.add("bad_segmentation", f"ref {s.ref_id} sent {s.sent_id}: {err}")
+                continue
+            if rle is None:
+                mask_index[s.ann_id] = -1
+            else:
+                mask_index[s.ann_id] = len(rles)
+                rles.append(rle)
+                square = Letterbox(s.image_width, s.image_height, size).mask(mask_utils.decode(rle))
+                packed.append(np.packbits(square.reshape(-1)))
+        kept.append(s)
+    masks = np.stack(packed) if packed else np.zeros((0, (size * size + 7) // 8), np.uint8)
+    np.save(split_dir / MASKS, masks)
+    (split_dir / MASKS_RLE).write_text(json.dumps(rles), encoding="utf-8")
+    return kept, mask_index, len(rles)
 
 
 def _concat_frames(parts: list[Path], out: Path) -> None:
@@ -205,11 +250,11 @@ def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardR
         results = run_shards(letterbox_shard, shards)
         counts = {}
         for split in present:
-            kept = assemble_split(by_split[split], [r for r in results if r.split == split], tmp_dir / split,
-                                  refer.skips, refer)
+            kept, n_masks = assemble_split(by_split[split], [r for r in results if r.split == split],
+                                           tmp_dir / split, refer.skips, refer, strict, d.image_size)
             ids, mask = encode(tokenizer, [s.sentence for s in kept], d.max_tokens)
             np.save(tmp_dir / split / "tokens.npy", np.stack([ids, mask], axis=1))
-            counts[split] = {"samples": len(kept), "images": len({s.image_id for s in kept})}
+            counts[split] = {"samples": len(kept), "images": len({s.image_id for s in kept}), "masks": n_masks}
 
         manifest = {
             "dataset": d.dataset,

@@ -248,6 +248,33 @@ class ReferDataset:
             raise KeyError(f"{self.instances_path}: no annotation with id {ann_id}")
         return self.coco.annToMask(self.coco.anns[ann_id]).astype(np.uint8)
 
+    def rle(self, ann_id: int) -> Optional[dict]:
+        """The annotation's mask at original resolution as compressed COCO RLE ({"size": [h, w], "counts": str},
+        JSON-ready), from its polygons or RLE; None when it carries no segmentation (a box-only dataset).
+        Raises BadRecordError naming the annotation when the segmentation is malformed or covers no pixel."""
+        from pycocotools import mask as mask_utils
+
+        ann = self.coco.anns.get(ann_id)
+        if ann is None:
+            raise KeyError(f"{self.instances_path}: no annotation with id {ann_id}")
+        if not ann.get("segmentation"):
+            return None
+        where = f"{self.instances_path}: annotation {ann_id} (image {ann.get('image_id')})"
+        try:
+            rle = self.coco.annToRLE(ann)
+            pixels = int(mask_utils.area(rle))
+        except Exception as err:  # pycocotools raises TypeError/ValueError/IndexError/... on malformed input
+            raise BadRecordError(f"{where}: segmentation cannot be decoded: {type(err).__name__}: {err}") from None
+        img = self.coco.imgs.get(ann.get("image_id"), {})
+        if [int(v) for v in rle["size"]] != [img.get("height"), img.get("width")]:
+            raise BadRecordError(f"{where}: segmentation is {rle['size'][1]}x{rle['size'][0]}, "
+                                 f"image is {img.get('width')}x{img.get('height')}")
+        if pixels == 0:
+            raise BadRecordError(f"{where}: segmentation covers no pixel")
+        counts = rle["counts"]
+        return {"size": [int(v) for v in rle["size"]],
+                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
     def image_path(self, sample) -> Path:
         return self.image_dir / sample.file_name
 

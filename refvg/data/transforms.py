@@ -91,13 +91,24 @@ class Letterbox:
         return out
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        """Binary [H, W] mask -> uint8 [size, size], placed exactly as the image is."""
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
-            (self.content_w, self.content_h), Image.NEAREST
-        )
+        """Binary [H, W] mask -> uint8 [size, size], placed exactly as the image is. A pixel is set when the
+        object covers at least half of its area (box filter); nearest-neighbour sampling would shift edges by
+        up to a pixel depending on where the samples fall."""
+        resized = Image.fromarray(mask.astype(np.float32)).resize((self.content_w, self.content_h), Image.BOX)
         out = np.zeros((self.size, self.size), dtype=np.uint8)
-        out[: self.content_h, : self.content_w] = (np.asarray(resized) > 127).astype(np.uint8)
+        out[: self.content_h, : self.content_w] = (np.asarray(resized) >= 0.5).astype(np.uint8)
         return out
+
+    def mask_from_square(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask logits over the square (any resolution: [h, w]) -> float logits [orig_h, orig_w] over the
+        original image: resized to the letterbox size, padding cropped, resized to the original size
+        (bilinear both times, so thresholding happens once, at the resolution that is scored)."""
+        x = logits.float()[None, None]
+        if x.shape[-2:] != (self.size, self.size):
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = x[..., : self.content_h, : self.content_w]
+        return torch.nn.functional.interpolate(x, size=(self.orig_h, self.orig_w), mode="bilinear",
+                                               align_corners=False)[0, 0]
 
     def padding_mask(self) -> np.ndarray:
         """bool [size, size], True on padding."""

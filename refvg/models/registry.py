@@ -1,4 +1,5 @@
-"""Model registry: a method name in params.yaml -> the builder that makes its nn.Module."""
+"""Model registry: a method name in params.yaml -> the builder that makes its nn.Module, and what the model
+needs from the prepared data beyond the image, the expression and the box (e.g. target masks)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,23 +8,41 @@ from torch import nn
 
 Builder = Callable[..., nn.Module]  # (cfg: Config, vocab_size: int, pad_token_id: int) -> nn.Module
 _MODELS: dict[str, Builder] = {}
+_NEEDS: dict[str, frozenset[str]] = {}
+# What a model can ask the data for; each is an option of refvg.data.dataset.PreparedSplit.
+DATA_NEEDS = frozenset({"masks"})
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
+def register_model(name: str, needs: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    unknown = set(needs) - DATA_NEEDS
+    if unknown:
+        raise ValueError(f"model {name!r} needs {sorted(unknown)}; the data provides {sorted(DATA_NEEDS)}")
+
     def decorator(fn: Builder) -> Builder:
         if name in _MODELS and _MODELS[name] is not fn:
             raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
         _MODELS[name] = fn
+        _NEEDS[name] = frozenset(needs)
         return fn
 
     return decorator
 
 
 def build_model(name: str, cfg, vocab_size: int, pad_token_id: int) -> nn.Module:
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models()) or '(none)'}")
+    _check(name)
     return _MODELS[name](cfg, vocab_size, pad_token_id)
+
+
+def model_needs(name: str) -> frozenset[str]:
+    """What the model trains on besides image, expression and box, e.g. {"masks"}."""
+    _check(name)
+    return _NEEDS[name]
 
 
 def list_models() -> list[str]:
     return sorted(_MODELS)
+
+
+def _check(name: str) -> None:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models()) or '(none)'}")

@@ -1,0 +1,198 @@
+"""CMSA (Ye et al., CVPR 2019, "Cross-Modal Self-Attention Network for Referring Image Segmentation").
+
+For each backbone level of `visual.out_stages`, every (word, pixel) pair gets the joint feature
+[v_p / |v_p|, e_n / |e_n|, s_p] (visual feature, word feature, 8-d spatial coordinates of the cell); one
+self-attention runs over all words x pixels of it, so a pixel can read any word at any other place; the result
+is averaged over the words back to a per-pixel map. The levels' maps, resized to the finest level, are merged
+by gated multi-level fusion (a memory and a reset gate per level), then a small decoder upsamples to mask
+logits at the letterbox size. Loss: per-pixel BCE + soft Dice. The box (`pred_boxes`, what the box tables
+score) is the tight box of the thresholded mask.
+
+An expression refers to one object, so at inference (eval mode, `model.cmsa.keep_peak_component`) the
+prediction keeps only the connected region of the thresholded mask that holds its most confident pixel: a
+stray positive blob on a distractor would otherwise stretch the box over both objects.
+
+Word features come from the shared text encoder (contextual) rather than the paper's bare word embeddings:
+the same encoder every method uses, and relations ("left of the green star") need context.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refvg.config import CMSAConfig, Config
+from refvg.data.transforms import xyxy_to_cxcywh
+from refvg.losses import mask_loss
+from refvg.models.backbones import build_text_encoder, build_visual_backbone
+from refvg.models.registry import register_model
+from refvg.models.transvg import backbone_param_groups
+from refvg.models.vl import TransformerLayer, cell_coords, downsample_mask
+
+
+class CrossModalSelfAttention(nn.Module):
+    """One level: visual map [B,C,h,w] + word features [B,L,Ct] -> self-attentive map [B,d,h,w]."""
+
+    def __init__(self, visual_in: int, text_in: int, cfg: CMSAConfig):
+        super().__init__()
+        self.visual = nn.Conv2d(visual_in, cfg.visual_dim, 1)
+        self.word = nn.Linear(text_in, cfg.word_dim)
+        # The joint feature's projection W [v; e; s] is split as W_vs [v; s] + W_e e: computed once per pixel
+        # and once per word, then broadcast over the L x hw pairs instead of projecting every pair.
+        self.joint_pixel = nn.Linear(cfg.visual_dim + 8, cfg.d_model)
+        self.joint_word = nn.Linear(cfg.word_dim, cfg.d_model, bias=False)
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.num_layers)
+        )
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, visual: torch.Tensor, pad: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """pad bool [B,h,w] (True = letterbox padding); word_mask [B,L] (1 = a real token)."""
+        b, _, h, w = visual.shape
+        L = words.shape[1]
+        v = F.normalize(self.visual(visual).flatten(2).transpose(1, 2), dim=-1)  # [B,hw,Cv]
+        coords = cell_coords(h, w, v).expand(b, -1, -1)
+        e = F.normalize(self.word(words), dim=-1)  # [B,L,Cl]
+        x = self.joint_pixel(torch.cat([v, coords], -1))[:, None] + self.joint_word(e)[:, :, None]  # [B,L,hw,d]
+        real = word_mask.bool()
+        keep = (real[:, :, None] & ~pad.flatten(1)[:, None, :]).flatten(1)  # keys: real words at image pixels
+        x = x.flatten(1, 2)
+        for layer in self.layers:
+            x = layer(x, None, keep)
+        x = self.norm(x).view(b, L, h * w, -1)
+        weights = real.to(x.dtype)[:, :, None, None]
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1)  # average over the expression's words
+        return pooled.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class GatedFusion(nn.Module):
+    """Gated multi-level fusion (Sec. 3.3 of the paper), levels X_i [B,d,h,w] at one resolution:
+    memory gate m_i = sigmoid(conv(X_i)), reset gate r_i = sigmoid(conv(X_i)), learned scalar gamma_i;
+    C_i = (1 - m_i) X_i + sum_{j != i} gamma_j m_j X_j;  F_i = r_i tanh(C_i) + (1 - r_i) X_i;  out = sum_i F_i.
+    A level passes on what its memory gate lets out to the others, and its reset gate decides how much of
+    that context replaces its own features."""
+
+    def __init__(self, d: int, levels: int):
+        super().__init__()
+        self.memory = nn.ModuleList(nn.Conv2d(d, d, 3, padding=1) for _ in range(levels))
+        self.reset = nn.ModuleList(nn.Conv2d(d, d, 3, padding=1) for _ in range(levels))
+        self.gamma = nn.Parameter(torch.ones(levels))
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        memory = [torch.sigmoid(conv(x)) for conv, x in zip(self.memory, levels)]
+        reset = [torch.sigmoid(conv(x)) for conv, x in zip(self.reset, levels)]
+        shared = [g * m * x for g, m, x in zip(self.gamma, memory, levels)]
+        total = torch.stack(shared).sum(0)
+        out = 0
+        for x, m, r, own in zip(levels, memory, reset, shared):
+            context = (1 - m) * x + total - own
+            out = out + r * torch.tanh(context) + (1 - r) * x
+        return out
+
+
+class MaskDecoder(nn.Module):
+    """[B,d,h,w] -> mask logits [B,1,h*2^k,w*2^k]: per entry of `channels`, 2x bilinear upsampling then a
+    3x3 conv + BatchNorm + ReLU; a 1x1 conv to one logit at the end."""
+
+    def __init__(self, d: int, channels: tuple[int, ...]):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c_in = d
+        for c in channels:
+            blocks += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                       nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in = c
+        self.body = nn.Sequential(*blocks)
+        self.logits = nn.Conv2d(c_in, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.body(x))
+
+
+def peak_component(logits: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """bool [B,H,W]: the 8-connected region of (logits > 0) outside the padding that holds the highest-scoring
+    pixel (just that pixel when nothing is above 0). Grown from the peak by 3x3 max-pooling, so it runs on
+    any device; the number of steps is bounded by the region's extent."""
+    fg = (logits > 0) & ~pad
+    peak = logits.detach().float().masked_fill(pad, float("-inf")).flatten(1).argmax(1)
+    region = F.one_hot(peak, fg[0].numel()).view_as(fg).bool()
+    for _ in range(fg.shape[-2] * fg.shape[-1]):
+        grown = (F.max_pool2d(region[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0) & fg | region
+        if torch.equal(grown, region):
+            break
+        region = grown
+    return region
+
+
+def mask_to_box(logits: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Tight box of (logits > 0) outside the padding, [B,4] cxcywh normalised to the square; a pixel spans
+    [i, i+1). An empty mask gives the box of its highest-scoring pixel, so every sample still has a box."""
+    b, h, w = logits.shape
+    fg = (logits > 0) & ~pad
+    empty = ~fg.flatten(1).any(1)
+    if empty.any():
+        peak = logits.detach().float().masked_fill(pad, float("-inf")).flatten(1).argmax(1)
+        fg = fg.flatten(1)
+        fg[empty] = F.one_hot(peak[empty], h * w).bool()
+        fg = fg.view(b, h, w)
+    ys = torch.arange(h, device=logits.device)
+    xs = torch.arange(w, device=logits.device)
+    rows, cols = fg.any(2), fg.any(1)
+    y0 = torch.where(rows, ys, h).amin(1)
+    y1 = torch.where(rows, ys, -1).amax(1) + 1
+    x0 = torch.where(cols, xs, w).amin(1)
+    x1 = torch.where(cols, xs, -1).amax(1) + 1
+    scale = torch.tensor([w, h, w, h], device=logits.device, dtype=torch.float32)
+    return xyxy_to_cxcywh(torch.stack([x0, y0, x1, y1], -1).float() / scale)
+
+
+class CMSA(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        c = m.cmsa
+        self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
+        self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max(64, cfg.data.max_tokens))
+        self.levels = nn.ModuleList(
+            CrossModalSelfAttention(ch, self.text.hidden_size, c) for ch in self.visual.out_channels
+        )
+        self.fusion = GatedFusion(c.d_model, len(self.levels))
+        self.decoder = MaskDecoder(c.d_model, c.decoder_channels)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        maps = self.visual(batch["image"])
+        words = self.text(batch["input_ids"], batch["attention_mask"])
+        pixel_pad = batch["pixel_mask"]
+        finest = max((mp.shape[-2:] for mp in maps), key=lambda s: s[0] * s[1])
+        levels = []
+        for block, mp in zip(self.levels, maps):
+            x = block(mp, downsample_mask(pixel_pad, mp.shape[-2:]), words, batch["attention_mask"])
+            if x.shape[-2:] != finest:
+                x = F.interpolate(x, size=finest, mode="bilinear", align_corners=False)
+            levels.append(x)
+        logits = self.decoder(self.fusion(levels))
+        size = pixel_pad.shape[-2:]
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        logits = logits[:, 0]
+        out = {"mask_logits": logits}  # what the loss sees
+        if not self.training and self.cfg.model.cmsa.keep_peak_component:
+            with torch.no_grad():  # the prediction: other positive regions are flipped to negative logits
+                logits = torch.where(peak_component(logits, pixel_pad), logits, -logits.abs())
+        out["pred_masks"] = logits
+        with torch.no_grad():
+            out["pred_boxes"] = mask_to_box(logits, pixel_pad)
+        return out
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        w = self.cfg.train.loss
+        return mask_loss(outputs["mask_logits"], batch["mask"], ~batch["pixel_mask"], w.mask_bce_weight, w.mask_dice_weight)
+
+    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+        return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)
+
+
+@register_model("cmsa", needs=("masks",))
+def build_cmsa(cfg: Config, vocab_size: int, pad_token_id: int) -> CMSA:
+    return CMSA(cfg, vocab_size, pad_token_id)
