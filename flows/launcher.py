@@ -53,7 +53,8 @@ KEYED_ENV_PREFIXES = (
     "HF_", "TRANSFORMERS_", "TOKENIZERS_", "SQLALCHEMY_", "MPL", "ARROW_", "GIT_PYTHON", "LC_", "LANG", "TZ",
     "DO_NOT_TRACK", "TMPDIR", "HOME", "NO_COLOR", "TERM", "COLUMNS",
 )
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# (no SIGHUP or SIGQUIT on Windows, where this module must still import, to run stages in-process)
+FORWARDED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
 UNKEYED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # MLflow reads these per call, not at import
 # Read from the working directory at import time: Prefect's settings, matplotlib's rc file.
 CWD_SETTINGS_FILES = (".env", "prefect.toml", "pyproject.toml", "matplotlibrc")

@@ -346,13 +346,14 @@ def prewarm() -> None:
 
 
 def preload() -> list[str]:
-    """Import PRELOAD; returns what could not be imported."""
+    """Import PRELOAD; returns what could not be imported, and why. A stage that needs one of those imports
+    it itself, and fails there as it would in its own process."""
     missing = []
     for name in PRELOAD:
         try:
             importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
+        except Exception as err:  # noqa: BLE001 - an optional or broken library must not stop the worker
+            missing.append(f"{name} ({type(err).__name__})")
     return missing
 
 
@@ -405,7 +406,7 @@ def main() -> None:
         os._exit(3)
     threads = sorted(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else []
     log(f"imported {len(PRELOAD) - len(missing)} libraries in {time.perf_counter() - t0:.1f} s"
-        + (f" (not installed: {', '.join(missing)})" if missing else "")
+        + (f" (not imported: {', '.join(missing)})" if missing else "")
         + (f"; {len(threads)} OS threads" if threads else ""))
     Worker(args.socket, args.idle).serve()
     os._exit(0)  # nothing to flush; the interpreter's teardown of these libraries takes seconds

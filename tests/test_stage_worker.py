@@ -73,8 +73,7 @@ def stage_env(**extra) -> dict:
 
 def run_probe(folder: Path, *args: str, env: dict | None = None, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "probe_stage", *args], cwd=folder, env=env or stage_env(),
-                          input=stdin, capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: os.umask(0o027))
+                          input=stdin, capture_output=True, text=True, timeout=600, umask=0o027)
 
 
 def facts(proc: subprocess.CompletedProcess) -> dict:
@@ -168,7 +167,8 @@ def test_real_stage_gives_the_same_outputs_through_the_worker(tmp_path, prefect_
         work.mkdir()
         write_params(work, synthetic={"num_images": 16, "image_size": 64, "seed": 3})
         uri = f"sqlite:///{work / 'mlruns.db'}"
-        env = stage_env(PREFECT_API_URL=prefect_api, MLFLOW_TRACKING_URI=uri, **{SWITCH_ENV: "0" if mode == "in-process" else "1"})
+        env = stage_env(PREFECT_API_URL=prefect_api, MLFLOW_TRACKING_URI=uri,
+                        **{SWITCH_ENV: "0" if mode == "in-process" else "1"})
         proc = subprocess.run([sys.executable, "-m", "flows.generate"], cwd=work, env=env, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
