@@ -332,3 +332,24 @@ def test_cmsa_prediction_is_one_region_its_loss_the_raw_logits():
     some = fg.flatten(1).any(1)  # (a sample with nothing positive keeps nothing)
     assert torch.equal(peak_component(out["pred_masks"], batch["pixel_mask"])[some], fg[some])  # one region
     assert torch.equal(out["pred_masks"].abs(), out["mask_logits"].abs())  # only signs change
+
+
+def test_cmsa_attention_ignores_text_padding():
+    """A sample's map is the same alone (its own length) as in a batch padded to a longer expression."""
+    block = make_cmsa().levels[0].eval()
+    g = torch.Generator().manual_seed(0)
+    visual = torch.randn(3, 64, 8, 8, generator=g)
+    pad = torch.zeros(3, 8, 8, dtype=torch.bool)
+    pad[:, :, 6:] = True
+    words = torch.randn(3, 7, 64, generator=g)
+    word_mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2])
+    with torch.no_grad():
+        batched = block(visual, pad, words, word_mask)
+        for i, n in enumerate((7, 3, 5)):
+            alone = block(visual[i:i + 1], pad[i:i + 1], words[i:i + 1, :n], word_mask[i:i + 1, :n])
+            torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        changed = words.clone()
+        changed[1, 3:] = 100.0  # padding content must not matter
+        torch.testing.assert_close(block(visual, pad, changed, word_mask), batched)
+    with pytest.raises(ValueError, match="real tokens first"):
+        block(visual, pad, words, word_mask.flip(1))
