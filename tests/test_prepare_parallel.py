@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
+
 import pytest
 
 from refvg.config import load_config
@@ -76,8 +78,16 @@ def test_prepare_flow_maps_shards_and_matches_one_process(raw_with_a_bad_image, 
     assert manifest["splits"] == reference["splits"]
     _assert_same(_split_arrays(prepared_path(load_config("params.yaml"))), _split_arrays(prepared_path(cfg)))
 
-    with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
-                                      sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
-    shards = [t for t in tasks if t.name.startswith("letterbox-")]
-    assert len(shards) >= 5 and all(t.state.is_completed() for t in shards)
+    # Task-run states reach the server asynchronously (Prefect's events client): poll briefly for the last ones.
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+        shards = [t for t in tasks if t.name.startswith("letterbox-")]
+        done = len(shards) >= 5 and all(t.state is not None and t.state.is_completed() for t in shards)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert done, [(t.name, t.state) for t in shards]
