@@ -34,20 +34,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
 
 from refvg import stages  # noqa: E402
 from refvg.config import ConfigError, load_config  # noqa: E402
-from refvg.data.dataset import PreparedSplit, read_manifest  # noqa: E402
-from refvg.data.prepare import prepare_dataset, prepared_path  # noqa: E402
+from refvg.data.dataset import read_manifest  # noqa: E402
+from refvg.data.prepare import prepare_dataset  # noqa: E402
 from refvg.data.refer import BadRecordError, ReferDataset, load_refs  # noqa: E402
 from refvg.engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from refvg.engine.trainer import BEST, LAST, NonFiniteLossError, train  # noqa: E402
-from refvg.models import build_model  # noqa: E402
 from refvg.tracking import replay, stage_run  # noqa: E402
 from tests.conftest import write_params  # noqa: E402
 from tests.faults import (  # noqa: E402
-    MlflowServer, blocked_sqlite_store, log_process, poison_loss, train_process, truncated_jpeg,
+    MlflowServer, blocked_sqlite_store, log_process, poison_loss, small_training, train_process, truncated_jpeg,
 )
 
 RESULTS: list[dict] = []
@@ -114,16 +112,9 @@ def kill_and_resume(base: Path) -> None:
 
 
 def non_finite(base: Path) -> None:
-    with workdir(base, "nan", train={"max_bad_steps": 3}) as folder:
-        cfg = load_config("params.yaml")
-        manifest = read_manifest(prepared_path(cfg))
-        data = Subset(PreparedSplit(prepared_path(cfg), "train"), range(4 * cfg.train.batch_size))
+    with workdir(base, "nan") as folder:
+        cfg, model, data = small_training(folder, train={"max_bad_steps": 3})  # 2 epochs x 4 steps
         logging.getLogger("refvg.engine.trainer").setLevel(logging.ERROR)  # the per-step warnings are the point, not output
-
-        def model():
-            torch.manual_seed(0)
-            return build_model("transvg", cfg, manifest["vocab_size"], manifest["pad_token_id"])
-
         m = model()
         poison_loss(m, {2, 3, 6}, "loss")
         poison_loss(m, {7}, "grad")
