@@ -127,11 +127,11 @@ class CMSAConfig(_Strict):
     """CMSA (referring segmentation): one cross-modal self-attention block per backbone level of
     `visual.out_stages`, gated fusion of the levels, an upsampling decoder to mask logits."""
 
-    visual_dim: int = Field(64, gt=0)  # C_v: each level's features are projected to this, then L2-normalised
-    word_dim: int = Field(64, gt=0)  # C_l: the same for each word's features
-    d_model: int = Field(64, gt=0)  # width of the joint (word, pixel) features inside the self-attention
-    num_heads: int = Field(2, gt=0)
-    ffn_dim: int = Field(128, gt=0)
+    visual_dim: int = Field(32, gt=0)  # C_v: each level's features are projected to this, then L2-normalised
+    word_dim: int = Field(32, gt=0)  # C_l: the same for each word's features
+    d_model: int = Field(32, gt=0)  # width of the joint (word, pixel) features inside the self-attention
+    num_heads: int = Field(1, gt=0)
+    ffn_dim: int = Field(64, gt=0)
     num_layers: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     # One 3x3 conv + 2x upsampling per entry, from the finest CMSA level; the logits are then resized to the

@@ -126,8 +126,8 @@ class MaskDecoder(nn.Module):
 
 def peak_component(logits: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """bool [B,H,W]: the 8-connected region of (logits > 0) outside the padding that holds the highest-scoring
-    pixel (just that pixel when nothing is above 0). Labelled on the CPU with scipy (inference only), which is
-    ~20x faster than growing the region by max-pooling on a CPU and does not scale with the object's size."""
+    pixel (just that pixel when nothing is above 0). Inference only: labelled on the CPU with scipy (~3 ms per
+    64 masks of 64x64; growing the region by max-pooling took 58 ms and grows with the object's size)."""
     from scipy import ndimage
 
     fg = ((logits > 0) & ~pad).cpu().numpy()
