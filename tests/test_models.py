@@ -199,9 +199,10 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
     spread = torch.tensor([[0.4, 0.2, 0.2, 0.0] + [0.1, 0.0, 0.0, 0.0] + [0.1] + [0.0] * 7])
     kept = local_attention(spread, 4, 4, radius=1)
     assert torch.allclose(kept[0, [0, 1, 4]], torch.tensor([0.4, 0.2, 0.1]) / 0.7) and kept[0, [2, 8]].eq(0).all()
-    # Gradients reach the kept attention weights.
-    logits = torch.randn(1, 16, requires_grad=True)
-    local_attention(logits.softmax(-1), 4, 4, radius=1)[0, :5].sum().backward()
+    # Gradients reach the kept attention weights. (A plain sum of the kept weights is always 1 after the
+    # renormalisation, so it has no gradient: take a position-weighted sum.)
+    logits = torch.randn(1, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    (local_attention(logits.softmax(-1), 4, 4, radius=1) * torch.arange(16.0)).sum().backward()
     assert logits.grad.abs().sum() > 0
 
     # The head's centre follows the local read-out: on the stronger object, not between the two.
