@@ -45,7 +45,7 @@ from refvg.engine.trainer import BEST, LAST, NonFiniteLossError, train  # noqa: 
 from refvg.tracking import replay, stage_run  # noqa: E402
 from tests.conftest import write_params  # noqa: E402
 from tests.faults import (  # noqa: E402
-    MlflowServer, blocked_sqlite_store, log_process, poison_loss, small_training, train_process, truncated_jpeg,
+    MlflowServer, blocked_sqlite_store, log_process, log_then_kill_server, poison_loss, small_training, train_process, truncated_jpeg,
 )
 
 RESULTS: list[dict] = []
@@ -254,15 +254,8 @@ def tracking_faults(base: Path) -> None:
         shutil.rmtree(stages.checkpoint_dir(cfg, "transvg"))
         with MlflowServer(base / "server") as server:
             os.environ["MLFLOW_TRACKING_URI"] = server.uri
-            stalls = []
             with stage_run(cfg, "train@transvg", params={"train": cfg.train.model_dump(mode="json")}) as tracker:
-                def on_epoch_end(metrics, epoch):
-                    t0 = time.perf_counter()
-                    tracker.log_metrics(metrics, step=epoch)
-                    stalls.append(time.perf_counter() - t0)
-                    if epoch == 1:
-                        server.kill()
-
+                on_epoch_end, stalls = log_then_kill_server(tracker, server, kill_after_epoch=1)
                 result = stages.train_method(cfg, "transvg", on_epoch_end=on_epoch_end)
             saved = [p for p in (base / "unlogged").glob("*.json") if tracker.run_id in p.name]
             server.start()

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,6 +225,22 @@ class MlflowServer:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def log_then_kill_server(tracker, server: MlflowServer, kill_after_epoch: int = 1) -> tuple[Callable, list[float]]:
+    """An `on_epoch_end` that logs each epoch's metrics through `tracker` and kills `server` (kill -9) once
+    epoch `kill_after_epoch` is logged; returns it and the list it fills with each log call's seconds (how
+    long a dead server stalls an epoch)."""
+    stalls: list[float] = []
+
+    def on_epoch_end(metrics: dict, epoch: int) -> None:
+        t0 = time.perf_counter()
+        tracker.log_metrics(metrics, step=epoch)
+        stalls.append(time.perf_counter() - t0)
+        if epoch == kill_after_epoch:
+            server.kill()
+
+    return on_epoch_end, stalls
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from transformers import BertConfig, BertModel, SwinConfig, SwinModel
 
 from refvg.config import Config
 from refvg.models import build_model
-from refvg.models.qrnet import QRNet, QueryDynamicAttention, QueryMultiscaleFusion, sentence_feature
+from refvg.models.qrnet import QRNet, QueryDynamicAttention, QueryMultiscaleFusion, masked_mean
 from tests.test_models import PAD, VOCAB, make_batch
 
 
@@ -24,7 +24,7 @@ def stage_maps(model: QRNet, batch: dict) -> tuple[list[torch.Tensor], list[torc
     """Each backbone stage's raw output, and the map the next stage sees (after QD-ATT when it is on)."""
     raw, refined = [], []
     text = model.text(batch["input_ids"], batch["attention_mask"])
-    query = model.query_norm(sentence_feature(text, batch["attention_mask"]))
+    query = model.query_norm(masked_mean(text, batch["attention_mask"]))
 
     def record(stage, fmap):
         raw.append(fmap)

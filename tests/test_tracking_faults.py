@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,7 +14,7 @@ from refvg.engine.checkpoint import load_checkpoint
 from refvg.engine.trainer import BEST, LAST, train
 from refvg.tracking import replay, stage_run
 from tests.conftest import write_params
-from tests.faults import MlflowServer, blocked_sqlite_store, log_process, small_training
+from tests.faults import MlflowServer, blocked_sqlite_store, log_process, log_then_kill_server, small_training
 
 
 def _stage_runs(client: MlflowClient) -> list:
@@ -75,15 +74,8 @@ def test_tracking_server_killed_mid_training(in_tiny, tmp_path, monkeypatch, cap
     ckpt = tmp_path / "ckpt"
     with MlflowServer(tmp_path / "server") as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-        stalls = []
         with stage_run(cfg, "train@transvg", params={"train": cfg.train.model_dump(mode="json")}) as tracker:
-            def on_epoch_end(metrics, epoch):
-                t0 = time.perf_counter()
-                tracker.log_metrics(metrics, step=epoch)
-                stalls.append(time.perf_counter() - t0)
-                if epoch == 1:
-                    server.kill()  # kill -9, after epoch 1 reached it
-
+            on_epoch_end, stalls = log_then_kill_server(tracker, server, kill_after_epoch=1)
             result = train(model(), data, cfg, ckpt, method="transvg", evaluate=lambda m: {"acc@0.5": 0.5},
                            on_epoch_end=on_epoch_end)
             tracker.log_metrics({"best_val_acc_at_0.5": result.best_score})

@@ -82,8 +82,8 @@ def local_batch_size(global_batch: int) -> int:
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` (the model itself when not distributed). Gradients are
-    averaged over ranks; parameters a forward leaves unused (backbone stages after the one read) are
-    tolerated. BatchNorm becomes SyncBatchNorm on CUDA, so its statistics are those of the global batch;
+    averaged over ranks; parameters a forward leaves unused (a model may skip a part for some inputs)
+    are tolerated. BatchNorm becomes SyncBatchNorm on CUDA, so its statistics are those of the global batch;
     on CPU (gloo) torch has no SyncBatchNorm and each rank normalises over its own share."""
     if not is_active():
         return model

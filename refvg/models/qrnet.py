@@ -21,10 +21,11 @@ from refvg.models.transvg import TransVG
 from refvg.models.vl import downsample_mask
 
 
-def sentence_feature(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the real tokens' features: [B,L,D], [B,L] (1 = real) -> [B,D]."""
-    m = mask.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * m).sum(1) / m.sum(1).clamp_min(1)
+def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over the kept positions: [B,N,D], [B,N] (nonzero/True = keep) -> [B,D]. For the sentence feature
+    (the real tokens) and for pooling keys over real pixels (not letterbox padding)."""
+    m = keep.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 class DynamicLinear(nn.Module):
@@ -60,9 +61,7 @@ class QueryDynamicAttention(nn.Module):
         """(channel [B,C], spatial [B,h*w]) attention in (0, 1); `valid` bool [B,h*w] excludes padding from pooling."""
         key = F.gelu(self.key(fmap.flatten(2).transpose(1, 2), query))  # [B,N,K]
         spatial = torch.sigmoid((key @ self.spatial_query(query).unsqueeze(-1)).squeeze(-1) * self.scale)
-        w = valid.unsqueeze(-1).to(key.dtype)
-        pooled = (key * w).sum(1) / w.sum(1).clamp_min(1)
-        channel = torch.sigmoid(self.channel(pooled * self.channel_query(query)))
+        channel = torch.sigmoid(self.channel(masked_mean(key, valid) * self.channel_query(query)))
         return channel, spatial
 
     def forward(self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -115,7 +114,7 @@ class QRNet(TransVG):
         return d
 
     def visual_features(self, batch: dict, text: torch.Tensor) -> torch.Tensor:
-        query = self.query_norm(sentence_feature(text, batch["attention_mask"]))
+        query = self.query_norm(masked_mean(text, batch["attention_mask"]))
         pixel_mask = batch["pixel_mask"]
         modulate = None
         if self.qd_att is not None:
