@@ -142,6 +142,14 @@ class CMSAConfig(_Strict):
     keep_peak_component: bool = True
 
 
+class ProposalsConfig(_Strict):
+    """Candidate boxes for the methods that rank candidates (refvg.data.proposals)."""
+
+    source: Literal["gt"] = "gt"  # gt: every annotated object of the image (written by `prepare`)
+    max_candidates: int = Field(16, gt=0)  # per image, the highest-scoring; more are dropped
+    match_iou: float = Field(0.5, gt=0, le=1)  # a candidate is the target when its IoU with it is at least this
+
+
 class ModelConfig(_Strict):
     visual: VisualConfig = VisualConfig()
     text: TextConfig = TextConfig()
@@ -271,6 +279,7 @@ class Config(_Strict):
     )
     storage: StorageConfig = StorageConfig()
     parallel: ParallelConfig = ParallelConfig()
+    proposals: ProposalsConfig = ProposalsConfig()
 
     def for_method(self, name: str) -> "Config":
         """The config a method actually runs with: its overrides merged into the shared sections."""

@@ -55,22 +55,20 @@ def checkpoint_dir(cfg: Config, method: str) -> Path:
 def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> TrainResult:
     import torch
 
-    from refvg.data.dataset import PreparedSplit, prepared_fingerprint, read_manifest
+    from refvg.data.dataset import prepared_fingerprint, read_manifest
     from refvg.data.prepare import prepared_path
-    from refvg.engine.evaluator import box_metrics, predict_split
     from refvg.engine.distributed import env_rank
     from refvg.engine.evaluator import box_metrics, mask_metrics, predict_split
     from refvg.engine.runtime import resolve_device, seed_everything
     from refvg.engine.trainer import train
-    from refvg.models import build_model, model_needs
+    from refvg.models import build_model
 
     rcfg = cfg.for_method(method)  # raises for a method params.yaml does not declare
     mcfg = cfg.methods[method]
     prepared = prepared_path(rcfg)
     manifest = read_manifest(prepared)
-    masks = "masks" in model_needs(mcfg.model)
-    train_set = PreparedSplit(prepared, "train", language_blind=mcfg.language_blind, masks=masks)
-    val_set = PreparedSplit(prepared, "val", language_blind=mcfg.language_blind)
+    train_set = open_split(rcfg, mcfg.model, "train", mcfg.language_blind, training=True)
+    val_set = open_split(rcfg, mcfg.model, "val", mcfg.language_blind)
     seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
     model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
     device = resolve_device(rcfg.train.device)
@@ -88,6 +86,22 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
         extra_state={"model_name": mcfg.model, "language_blind": mcfg.language_blind,
                      "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"]},
     )
+
+
+def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = False, training: bool = False):
+    """A prepared split with what the model needs from the data: target masks to train a mask method on
+    (evaluation scores against the original-resolution masks instead), candidates for a ranking method."""
+    from refvg.data.dataset import PreparedSplit
+    from refvg.data.prepare import prepared_path
+    from refvg.data.proposals import load_candidates
+    from refvg.models import model_needs
+
+    needs = model_needs(model_name)
+    prepared = prepared_path(cfg)
+    candidates = load_candidates(cfg.proposals, prepared / split) if "candidates" in needs else None
+    return PreparedSplit(prepared, split, language_blind=language_blind, masks=training and "masks" in needs,
+                         candidates=candidates, max_candidates=cfg.proposals.max_candidates,
+                         match_iou=cfg.proposals.match_iou)
 
 
 TRAINED_KEYS = ("model", "config", "model_name", "vocab_size", "pad_token_id", "language_blind", "best_epoch")
@@ -120,7 +134,7 @@ class EvalReport:
 
 
 def evaluate_method(cfg: Config, method: str) -> EvalReport:
-    from refvg.data.dataset import PreparedSplit, read_manifest
+    from refvg.data.dataset import read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.engine.evaluator import box_metrics, mask_metrics, predict_masks, predict_split
     from refvg.engine.runtime import resolve_device
@@ -129,7 +143,8 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.train.device)
-    model, mcfg_run, state = load_trained(checkpoint_dir(cfg, method) / BEST, device)
+    model, _, state = load_trained(checkpoint_dir(cfg, method) / BEST, device)
+    rcfg = cfg.for_method(method)  # the data it is scored on: today's prepared split, its method's candidates
     prepared = prepared_path(cfg)
     manifest = read_manifest(prepared)
     ecfg = cfg.eval
@@ -137,7 +152,7 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
     for split in ecfg.splits:
         if split not in manifest["splits"]:
             continue
-        ds = PreparedSplit(prepared, split, language_blind=state["language_blind"])
+        ds = open_split(rcfg, state["model_name"], split, state["language_blind"])
         p = predict_split(model, ds, ecfg.batch_size, device, cfg.train.amp)
         preds.append(p)
         metrics[split] = box_metrics(p, ecfg.iou_thresholds)
@@ -161,7 +176,7 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
     figures = [plots / "acc_vs_iou.png", plots / "qualitative.png"]
     plot_accuracy_vs_iou(preds, ecfg.iou_thresholds, f"{method} on {manifest['dataset']}", figures[0])
     val = next((p for p in preds if p.split == "val"), preds[0])
-    ds = PreparedSplit(prepared, val.split, language_blind=state["language_blind"])  # as the model saw it
+    ds = open_split(rcfg, state["model_name"], val.split, state["language_blind"])  # as the model saw it
     pick = np.random.default_rng(0).permutation(len(ds))[: ecfg.num_qualitative]
     scale = np.array([[ds.letterboxes[i].scale] for i in pick])
     crops = [np.asarray(ds.images[ds.records[i]["image_index"]])[: ds.letterboxes[i].content_h, : ds.letterboxes[i].content_w]

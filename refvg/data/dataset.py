@@ -3,7 +3,10 @@
 Batch contract: "image" uint8 [B, S, S, 3] (normalised on the device by the engine, so host->device copies
 stay 4x smaller), "pixel_mask" bool [B, S, S] (True = padding), "input_ids" / "attention_mask" long [B, L],
 "box" float [B, 4] target cxcywh normalised to the square, "index" long [B] (row in the split); with
-`masks=True` also "mask" uint8 [B, S, S], the target mask letterboxed like the image (1 = object).
+`masks=True` also "mask" uint8 [B, S, S], the target mask letterboxed like the image (1 = object); with
+`candidates` (one ImageCandidates per image row, see refvg.data.proposals) also "cand_boxes" float [B, K, 4]
+cxcywh normalised to the square, "cand_valid" bool [B, K] (False = padding), "cand_category" long [B, K] and
+"cand_target" long [B], the target's candidate (-1: not among them), with K = `max_candidates`.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from refvg.data.proposals import ImageCandidates, match_target
 from refvg.data.transforms import Letterbox, xyxy_to_cxcywh
 
 MANIFEST = "manifest.json"
@@ -49,7 +53,8 @@ class PreparedSplit(Dataset):
     """One prepared split. `masks=True` adds each sample's letterboxed target mask to its item (what mask
     methods train on); `gt_mask(i)` gives the original-resolution mask (what mask metrics score against)."""
 
-    def __init__(self, prepared_dir: Path, split: str, language_blind: bool = False, masks: bool = False):
+    def __init__(self, prepared_dir: Path, split: str, language_blind: bool = False, masks: bool = False,
+                 candidates: list[ImageCandidates] | None = None, max_candidates: int = 16, match_iou: float = 0.5):
         split_dir = Path(prepared_dir) / split
         if not (split_dir / "samples.json").exists():
             raise FileNotFoundError(f"{split_dir}: split {split!r} was not prepared (see manifest.json)")
@@ -71,6 +76,28 @@ class PreparedSplit(Dataset):
         self._pad_masks: dict[tuple[int, int], torch.Tensor] = {}
         self.masks = self._load_masks() if masks else None
         self._rles: list[dict] | None = None
+        self.candidates = self._candidate_tensors(candidates, max_candidates, match_iou) \
+            if candidates is not None else None
+
+    def _candidate_tensors(self, per_image: list[ImageCandidates], k: int, match_iou: float) -> dict[str, torch.Tensor]:
+        """Each sample's candidates as fixed-size tensors: the `k` highest-scoring of its image, letterboxed."""
+        n_images = self.images.shape[0]
+        if len(per_image) != n_images:
+            raise ValueError(f"{self.split_dir}: {len(per_image)} candidate lists for {n_images} images")
+        boxes = torch.zeros(len(self), k, 4)
+        valid = torch.zeros(len(self), k, dtype=torch.bool)
+        category = torch.zeros(len(self), k, dtype=torch.long)
+        target = torch.full((len(self),), -1, dtype=torch.long)
+        for i, (rec, lb) in enumerate(zip(self.records, self.letterboxes)):
+            cands = per_image[rec["image_index"]]
+            keep = np.argsort(-cands.scores, kind="stable")[:k]
+            xyxy = cands.boxes_xyxy[keep]
+            if len(keep):
+                boxes[i, : len(keep)] = torch.from_numpy(xyxy_to_cxcywh(lb.box_to_square(xyxy))).float()
+                category[i, : len(keep)] = torch.from_numpy(cands.category_ids[keep])
+            valid[i, : len(keep)] = True
+            target[i] = match_target(xyxy, np.asarray(rec["bbox_xyxy"], dtype=np.float64), match_iou)
+        return {"cand_boxes": boxes, "cand_valid": valid, "cand_category": category, "cand_target": target}
 
     def _mask_rows(self) -> np.ndarray:
         """Each sample's row in the mask files; raises when the split was prepared without masks or a sample's
@@ -141,7 +168,8 @@ class PreparedSplit(Dataset):
             "attention_mask": self.attention_mask[i],
             "box": self.boxes[i],
             "index": torch.tensor(i),
-        } | ({"mask": torch.from_numpy(self.square_mask(i))} if self.masks is not None else {})
+        } | ({"mask": torch.from_numpy(self.square_mask(i))} if self.masks is not None else {}) \
+          | ({k: v[i] for k, v in self.candidates.items()} if self.candidates is not None else {})
 
 
 def collate(items: list[dict]) -> dict:

@@ -8,7 +8,9 @@ Per split, `<out>/<split>/` holds
                  `mask_index`, the row of its target's mask (-1: the annotation has no segmentation);
 - `masks.npy`    uint8 [N_masks, ceil(S*S/8)]: each target mask letterboxed like its image, bit-packed
                  (np.packbits of the S x S mask, row-major), once per annotation;
-- `masks_rle.json` the same masks at original resolution as COCO RLE: what mask metrics are scored against.
+- `masks_rle.json` the same masks at original resolution as COCO RLE: what mask metrics are scored against;
+- `candidates.json` every annotated object of each image (one list per row of `images.npy`): the
+                 ground-truth proposals that ranking methods choose from (refvg.data.proposals).
 `<out>/tokenizer/` is the tokenizer every later stage loads, and `<out>/manifest.json` the counts, skipped
 records with their reasons, and the settings they were prepared with.
 All files are plain arrays and JSON: nothing here is unpickled later.
@@ -27,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from refvg.config import Config
 from refvg.data.dataset import MANIFEST, MASKS, MASKS_RLE
+from refvg.data.proposals import write_gt_candidates
 from refvg.data.refer import BadRecordError, ReferDataset, RefSample, SkipLog
 from refvg.data.text import TOKENIZER_DIR, encode, get_tokenizer
 from refvg.data.transforms import Letterbox, xywh_to_xyxy
@@ -130,7 +133,7 @@ def run_sequentially(fn: Callable[[Shard], ShardResult], shards: list[Shard]) ->
 
 def assemble_split(samples: list[RefSample], results: list[ShardResult], split_dir: Path, skips: SkipLog,
                    refer: ReferDataset, strict: bool, size: int) -> tuple[list[RefSample], int]:
-    """Join a split's shards into `images.npy`, write its target masks and `samples.json`; returns the
+    """Join a split's shards into `images.npy`, write its candidates, target masks and `samples.json`; returns the
     samples whose image and segmentation were kept (the others are counted in `skips` with their reason),
     and the number of masks written."""
     results = sorted(results, key=lambda r: r.index)
@@ -142,6 +145,7 @@ def assemble_split(samples: list[RefSample], results: list[ShardResult], split_d
         bad.update(r.bad)
     split_dir.mkdir(parents=True, exist_ok=True)
     _concat_frames([Path(r.out_path) for r in results], split_dir / "images.npy")
+    write_gt_candidates(split_dir, list(image_index), refer, skips)
     kept, reported = [], set()
     for s in samples:
         if s.image_id in bad:

@@ -10,7 +10,7 @@ Builder = Callable[..., nn.Module]  # (cfg: Config, vocab_size: int, pad_token_i
 _MODELS: dict[str, Builder] = {}
 _NEEDS: dict[str, frozenset[str]] = {}
 # What a model can ask the data for; each is an option of refvg.data.dataset.PreparedSplit.
-DATA_NEEDS = frozenset({"masks"})
+DATA_NEEDS = frozenset({"masks", "candidates"})
 
 
 def register_model(name: str, needs: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
@@ -34,7 +34,7 @@ def build_model(name: str, cfg, vocab_size: int, pad_token_id: int) -> nn.Module
 
 
 def model_needs(name: str) -> frozenset[str]:
-    """What the model trains on besides image, expression and box, e.g. {"masks"}."""
+    """What the model trains on besides image, expression and box, e.g. {"masks"} or {"candidates"}."""
     _check(name)
     return _NEEDS[name]
 
