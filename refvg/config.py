@@ -142,6 +142,30 @@ class CMSAConfig(_Strict):
     keep_peak_component: bool = True
 
 
+class WeakCAMConfig(_Strict):
+    """Weakly supervised grounding by Grad-CAM (method weak_cam): trained on image-sentence pairs only.
+
+    The fusion transformer is `model.fusion`'s; these are the matching objective, the CAM encoder, the
+    attention-mining loss and how a box is read off the CAM at test time."""
+
+    itc_weight: float = Field(1.0, ge=0)  # in-batch image-text contrastive loss (the unimodal embeddings)
+    itm_weight: float = Field(1.0, ge=0)  # matching loss of the first fusion pass (positives + hard negatives)
+    cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
+    embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
+    cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
+    # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
+    # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
+    mining_weight: float = Field(1.0, ge=0)
+    mining_threshold: float = Field(0.5, gt=0, lt=1)
+    mining_sharpness: float = Field(10.0, gt=0)
+    # Test time: "threshold" keeps the CAM (upsampled to the square, padding excluded) above
+    # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight box;
+    # "candidates" returns the candidate box (proposals section) with the highest CAM mass / area^p.
+    localisation: Literal["threshold", "candidates"] = "candidates"
+    box_threshold: float = Field(0.5, gt=0, lt=1)
+    candidate_area_power: float = Field(1.0, ge=0, le=1)  # 1: mean CAM in the box; 0: total CAM mass
+
+
 class ProposalsConfig(_Strict):
     """Candidate boxes for the methods that rank candidates (refvg.data.proposals)."""
 
@@ -156,6 +180,7 @@ class ModelConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
     qrnet: QRNetConfig = QRNetConfig()
     cmsa: CMSAConfig = CMSAConfig()
+    weak_cam: WeakCAMConfig = WeakCAMConfig()
 
 
 class LossConfig(_Strict):

@@ -40,6 +40,7 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
         lang = "blind (control)" if r.get("language_blind") else "yes"
         strict_txt = f"{strict:.3f}" if strict is not None else "-"
         lines.append(f"| {method} | {r['model']} | {lang} | " + " | ".join(accs) + f" | {strict_txt} |")
+    lines += _weak_note(results)
     lines += _mask_table(results, splits)
     missing = [m for m in cfg.methods if m not in results]
     if missing:
@@ -49,6 +50,15 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
     summary.write_text("\n".join(lines) + "\n")
     _bar_chart(results, splits, out_dir / "comparison.png")
     return summary
+
+
+def _weak_note(results: dict) -> list[str]:
+    """Which rows are weakly supervised: their accuracy is not comparable to the fully supervised rows'."""
+    weak = [m for m, r in results.items() if r.get("supervision") == "weak"]
+    if not weak:
+        return []
+    return ["", f"Weakly supervised (trained on image-sentence pairs only: no box, mask or target id; the box is "
+                f"read off a Grad-CAM): {', '.join(weak)}. The other rows are fully supervised."]
 
 
 def _mask_table(results: dict, splits: list[str]) -> list[str]:

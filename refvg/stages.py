@@ -90,14 +90,20 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
 
 def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = False, training: bool = False):
     """A prepared split with what the model needs from the data: target masks to train a mask method on
-    (evaluation scores against the original-resolution masks instead), candidates for a ranking method."""
+    (evaluation scores against the original-resolution masks instead), candidates for a ranking method.
+    A weakly supervised model trains on image-sentence pairs only (refvg.data.weak.WeakSplit: no box, mask,
+    annotation id or candidate); its evaluation splits are like every method's."""
     from refvg.data.dataset import PreparedSplit
     from refvg.data.prepare import prepared_path
     from refvg.data.proposals import load_candidates
+    from refvg.data.weak import WeakSplit
     from refvg.models import model_needs
+    from refvg.models.registry import is_weakly_supervised
 
     needs = model_needs(model_name)
     prepared = prepared_path(cfg)
+    if training and is_weakly_supervised(model_name):
+        return WeakSplit(PreparedSplit(prepared, split, language_blind=language_blind))
     candidates = load_candidates(cfg.proposals, prepared / split) if "candidates" in needs else None
     return PreparedSplit(prepared, split, language_blind=language_blind, masks=training and "masks" in needs,
                          candidates=candidates, max_candidates=cfg.proposals.max_candidates,
@@ -136,10 +142,13 @@ class EvalReport:
 def evaluate_method(cfg: Config, method: str) -> EvalReport:
     from refvg.data.dataset import read_manifest
     from refvg.data.prepare import prepared_path
-    from refvg.engine.evaluator import box_metrics, mask_metrics, predict_masks, predict_split
+    from torch.utils.data import Subset
+
+    from refvg.engine.evaluator import box_metrics, mask_metrics, predict_batches, predict_masks, predict_split
     from refvg.engine.runtime import resolve_device
     from refvg.engine.trainer import BEST
-    from refvg.visualize import plot_accuracy_vs_iou, plot_qualitative
+    from refvg.models.registry import is_weakly_supervised
+    from refvg.visualize import plot_accuracy_vs_iou, plot_cams, plot_qualitative
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.train.device)
@@ -161,6 +170,7 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
     payload = {
         "method": method, "model": state["model_name"], "language_blind": state["language_blind"],
         "best_epoch": state["best_epoch"], "dataset": manifest["dataset"], "splits": metrics,
+        "supervision": "weak" if is_weakly_supervised(state["model_name"]) else "full",
     }
     metrics_path = Path(ecfg.metrics_dir) / f"{method}.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +198,13 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
                     "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
     plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
                      val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
+    cams = [c for out in predict_batches(model, Subset(ds, pick.tolist()), ecfg.batch_size, device, cfg.train.amp,
+                                         keys=("cam",)) for c in out.get("cam", ())]
+    if cams:  # weakly supervised methods: the Grad-CAM each box was read from, over its image
+        figures.append(plots / "cams.png")
+        plot_cams(crops, [c[: crop.shape[0], : crop.shape[1]].numpy() for c, crop in zip(cams, crops)],
+                  [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale, val.gt_xyxy[pick] * scale,
+                  figures[-1])
     return EvalReport(method, metrics, metrics_path, figures, [curve], time.perf_counter() - t0)
 
 

@@ -9,11 +9,14 @@ from torch import nn
 Builder = Callable[..., nn.Module]  # (cfg: Config, vocab_size: int, pad_token_id: int) -> nn.Module
 _MODELS: dict[str, Builder] = {}
 _NEEDS: dict[str, frozenset[str]] = {}
+_WEAK: set[str] = set()  # weakly supervised: trained on image-sentence pairs, no target box, mask or id
 # What a model can ask the data for; each is an option of refvg.data.dataset.PreparedSplit.
 DATA_NEEDS = frozenset({"masks", "candidates"})
 
 
-def register_model(name: str, needs: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+def register_model(name: str, needs: tuple[str, ...] = (), weak: bool = False) -> Callable[[Builder], Builder]:
+    """`needs`: data the model reads beyond image, expression and box; for a `weak` model, at evaluation only
+    (its training data carries no target at all, see refvg.data.weak)."""
     unknown = set(needs) - DATA_NEEDS
     if unknown:
         raise ValueError(f"model {name!r} needs {sorted(unknown)}; the data provides {sorted(DATA_NEEDS)}")
@@ -23,6 +26,8 @@ def register_model(name: str, needs: tuple[str, ...] = ()) -> Callable[[Builder]
             raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
         _MODELS[name] = fn
         _NEEDS[name] = frozenset(needs)
+        if weak:
+            _WEAK.add(name)
         return fn
 
     return decorator
@@ -37,6 +42,12 @@ def model_needs(name: str) -> frozenset[str]:
     """What the model trains on besides image, expression and box, e.g. {"masks"} or {"candidates"}."""
     _check(name)
     return _NEEDS[name]
+
+
+def is_weakly_supervised(name: str) -> bool:
+    """Whether the model trains without any target supervision (image-sentence pairs only)."""
+    _check(name)
+    return name in _WEAK
 
 
 def list_models() -> list[str]:
