@@ -198,9 +198,9 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
                     "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
     plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
                      val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
-    cams = [c for out in predict_batches(model, Subset(ds, pick.tolist()), ecfg.batch_size, device, cfg.train.amp,
-                                         keys=("cam",)) for c in out.get("cam", ())]
-    if cams:  # weakly supervised methods: the Grad-CAM each box was read from, over its image
+    if is_weakly_supervised(state["model_name"]):  # the Grad-CAM each box was read from, over its image
+        cams = [c for out in predict_batches(model, Subset(ds, pick.tolist()), ecfg.batch_size, device,
+                                             cfg.train.amp, keys=("cam",)) for c in out["cam"]]
         figures.append(plots / "cams.png")
         plot_cams(crops, [c[: crop.shape[0], : crop.shape[1]].numpy() for c, crop in zip(cams, crops)],
                   [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale, val.gt_xyxy[pick] * scale,
