@@ -153,6 +153,8 @@ class WeakCAMConfig(_Strict):
     cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
     embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
     cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
+    match_fraction: float = Field(1.0, gt=0, le=1)  # share of each batch the fusion matching + mining see
+    contrastive_in_score: bool = False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
     # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
     # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
     mining_weight: float = Field(1.0, ge=0)

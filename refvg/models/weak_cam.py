@@ -149,7 +149,12 @@ class WeakCAM(nn.Module):
         reg, tokens = self.fusion(visual, pixel_mask, text, text_mask)
         grid = visual.shape[-2:]
         pad = downsample_mask(pixel_mask, grid).flatten(1)
-        return self.match_head(reg, tokens[:, -grid[0] * grid[1]:], pad)
+        logit = self.match_head(reg, tokens[:, -grid[0] * grid[1]:], pad)
+        if self.wcfg.contrastive_in_score:
+            # The pair's cell-text similarity learns fast (the cheap contrastive loss trains it on the whole
+            # batch); in the score, its Grad-CAM points at the cells that match the expression from the start.
+            logit = logit + self._pair_similarity(visual, pixel_mask, text, text_mask)
+        return logit
 
     def two_pass_cams(self, visual, pixel_mask, text, text_mask, differentiable: int = 0):
         """(first-pass score and CAM, second-pass score and CAM) of pairs; the second pass reads the first
@@ -188,12 +193,17 @@ class WeakCAM(nn.Module):
         logits = self._contrastive_logits(visual, pad, words, tmask)
         same = batch["image_index"][:, None] == batch["image_index"][None, :]
         neg_image, has_neg = _hard_negatives(logits.detach().t(), same)  # per expression: another image
-        b = visual.shape[0]
+        # The fusion (two passes + Grad-CAM, double backward when mining) costs most of a step: it sees the
+        # first `match_fraction` of the (shuffled) batch, while the cheap contrastive loss sees all of it.
+        b = max(1, round(visual.shape[0] * self.wcfg.match_fraction))
+        neg_image, has_neg = neg_image[:b], has_neg[:b]
+        visual_all = visual
+        visual, pad, words, tmask = visual[:b], pad[:b], words[:b], tmask[:b]
         # Pair rows: B positives, then B (expression, another image). Negatives that pair an image with another
         # expression would teach text discrimination, which the contrastive loss already does, at a third more
         # fusion compute; negative images are what makes the match depend on where the object is.
-        pv = torch.cat([visual, visual[neg_image]])
-        ppad = torch.cat([pad, pad[neg_image]])
+        pv = torch.cat([visual, visual_all[neg_image]])
+        ppad = torch.cat([pad, batch["pixel_mask"][neg_image]])
         pw, ptm = torch.cat([words, words]), torch.cat([tmask, tmask])
         labels = torch.cat([visual.new_ones(b), visual.new_zeros(b)]).float()
         weights = torch.cat([visual.new_ones(b), has_neg.float()]).float()
@@ -211,14 +221,25 @@ class WeakCAM(nn.Module):
         """[B,B]: image i vs expression j, the smooth maximum over i's cells (padding excluded) of the scaled
         cosine similarity of the cell's and the expression's embeddings: an image matches an expression when one
         of its places does (pooling the whole image would blur the object with the rest of the scene)."""
-        b = visual.shape[0]
-        keep = ~downsample_mask(pad, visual.shape[-2:]).flatten(1)  # [B,N]
-        cells = F.normalize(self.image_embed(visual.flatten(2).transpose(1, 2)).float(), dim=-1)  # [B,N,E]
-        m = tmask.float()[..., None]
-        txt = F.normalize(self.text_embed((words * m).sum(1) / m.sum(1).clamp_min(1)).float(), dim=-1)  # [B,E]
+        keep, cells, txt = self._embeddings(visual, pad, words, tmask)
         sim = self.logit_scale.clamp(max=math.log(100)).exp() * torch.einsum("ine,je->ijn", cells, txt)
         sim = sim.masked_fill(~keep[:, None], float("-inf"))
         return sim.logsumexp(-1) - keep.sum(1, keepdim=True).float().log()
+
+    def _pair_similarity(self, visual, pad, words, tmask) -> torch.Tensor:
+        """[B]: the diagonal of `_contrastive_logits` (image i vs expression i) without the [B,B] grid."""
+        keep, cells, txt = self._embeddings(visual, pad, words, tmask)
+        sim = self.logit_scale.clamp(max=math.log(100)).exp() * torch.einsum("ine,ie->in", cells, txt)
+        sim = sim.masked_fill(~keep, float("-inf"))
+        return sim.logsumexp(-1) - keep.sum(1).float().log()
+
+    def _embeddings(self, visual, pad, words, tmask):
+        """(valid cells [B,N], unit cell embeddings [B,N,E], unit expression embeddings [B,E])."""
+        keep = ~downsample_mask(pad, visual.shape[-2:]).flatten(1)
+        cells = F.normalize(self.image_embed(visual.flatten(2).transpose(1, 2)).float(), dim=-1)
+        m = tmask.float()[..., None]
+        txt = F.normalize(self.text_embed((words * m).sum(1) / m.sum(1).clamp_min(1)).float(), dim=-1)
+        return keep, cells, txt
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         w = self.wcfg
