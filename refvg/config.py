@@ -160,6 +160,7 @@ class WeakCAMConfig(_Strict):
     mining_weight: float = Field(1.0, ge=0)
     mining_threshold: float = Field(0.5, gt=0, lt=1)
     mining_sharpness: float = Field(10.0, gt=0)
+    mining_on: Literal["feature", "image"] = "feature"  # what the soft complement masks: the visual map or the image
     # Test time: "threshold" keeps the CAM (upsampled to the square, padding excluded) above
     # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight box;
     # "candidates" returns the candidate box (proposals section) with the highest CAM mass / area^p.

@@ -137,3 +137,53 @@ def test_localisation_modes_in_the_model():
     with pytest.raises(KeyError, match="cand_boxes"):
         model_c = build_model("weak_cam", cfg, vocab_size=60, pad_token_id=0).eval()
         model_c({k: v for k, v in batch.items() if not k.startswith("cand_")})
+
+
+def _tiny_model(**weak) -> torch.nn.Module:
+    raw = _tiny_cfg(1.0).model_dump(mode="python")
+    raw["model"]["weak_cam"].update(weak)
+    torch.manual_seed(0)
+    return build_model("weak_cam", Config.model_validate(raw), vocab_size=60, pad_token_id=0)
+
+
+def test_match_fraction_limits_the_fusion_rows_not_the_contrastive_grid():
+    batch = _weak_batch()
+    out = _tiny_model(match_fraction=0.5).train()(batch)
+    assert out["contrastive_logits"].shape == (6, 6)  # every expression in the contrastive loss
+    assert out["match1"].shape == out["match2"].shape == (6,)  # 3 positives + their 3 negative images
+    assert out["mined"].shape == out["cam"].shape[:1] == (3,)
+    assert out["match_labels"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert _tiny_model(match_fraction=1.0).train()(batch)["match1"].shape == (12,)
+
+
+def test_contrastive_in_score_adds_the_pair_similarity():
+    batch = _weak_batch()
+    model = _tiny_model(contrastive_in_score=False).eval()
+    with_sim = _tiny_model(contrastive_in_score=True).eval()  # same seed: same weights
+    visual = model.visual(batch["image"])[-1]
+    words = model.text(batch["input_ids"], batch["attention_mask"])
+    args = (visual, batch["pixel_mask"], words, batch["attention_mask"])
+    diagonal = model._contrastive_logits(*args).diagonal()
+    torch.testing.assert_close(with_sim.score(*args), model.score(*args) + diagonal)
+    # ...so its Grad-CAM now depends on the contrastive embeddings
+    v = visual.detach().requires_grad_(True)
+    cam = grad_cam(with_sim.score(v, *args[1:]), v, create_graph=True)
+    (g,) = torch.autograd.grad(cam.sum(), with_sim.image_embed.weight)
+    assert g.abs().sum() > 0
+
+
+def test_mining_on_the_image_reaches_the_cam_through_the_backbone():
+    batch = _weak_batch()
+    scores = {}
+    for where in ("feature", "image"):
+        model = _tiny_model(mining_on=where).train()
+        torch.manual_seed(1)  # the same hard negatives
+        losses = model.compute_loss(model(batch), batch)
+        scores[where] = losses["mining"].detach()
+        if where == "image":
+            losses["mining"].backward()
+            # the mask is the second pass's differentiable Grad-CAM, applied to the pixels: the CAM encoder gets
+            # gradients only through it (second order), the backbone through both of its passes
+            assert model.cam_encoder.body[2].weight.grad.abs().sum() > 0
+            assert model.visual.body.embedder.embedder.convolution.weight.grad.abs().sum() > 0
+    assert not torch.allclose(scores["feature"], scores["image"])

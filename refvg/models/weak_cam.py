@@ -214,8 +214,18 @@ class WeakCAM(nn.Module):
                "match_labels": labels, "match_weights": weights, "cam": cam2[:b].detach()}
         if mining:
             keep = 1 - torch.sigmoid((cam2[:b] - self.wcfg.mining_threshold) * self.wcfg.mining_sharpness)
-            out["mined"] = self.score(visual * keep[:, None].to(visual.dtype), pad, words, tmask)
+            out["mined"] = self._mined_score(batch["image"][:b], visual, keep, pad, words, tmask)
         return out
+
+    def _mined_score(self, image, visual, keep, pad, words, tmask) -> torch.Tensor:
+        """Matching score of what the CAM's soft complement `keep` [b,h,w] leaves: of the visual map times it
+        ("feature"), or of the backbone's map of the image times it upsampled ("image": a zeroed feature cell
+        is out of distribution for the fusion, which can call it a mismatch whatever the rest shows; a zeroed
+        image patch is mean colour, which the CNN has seen, at the price of another backbone pass)."""
+        if self.wcfg.mining_on == "feature":
+            return self.score(visual * keep[:, None].to(visual.dtype), pad, words, tmask)
+        up = F.interpolate(keep[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return self.score(self.visual(image * up.to(image.dtype))[-1], pad, words, tmask)
 
     def _contrastive_logits(self, visual, pad, words, tmask) -> torch.Tensor:
         """[B,B]: image i vs expression j, the smooth maximum over i's cells (padding excluded) of the scaled
