@@ -154,6 +154,7 @@ class WeakCAMConfig(_Strict):
     embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
     cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
     match_fraction: float = Field(1.0, gt=0, le=1)  # share of each batch the fusion matching + mining see
+    cam_per_cell: bool = False  # HiResCAM: weigh channels by each cell's gradient, not the map's mean (Grad-CAM)
     contrastive_in_score: bool = False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
     # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
     # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.

@@ -27,6 +27,10 @@ def test_grad_cam_matches_hand_computation():
     masked = grad_cam((w * fmap).sum((1, 2, 3)), fmap, valid)  # excluded cells are 0, the peak is re-taken
     torch.testing.assert_close(masked, torch.tensor([[[0.0, 2 / 3], [1.0, 0.0]], [[0.2, 1.0], [0.0, 0.2]]]))
 
+    # per_cell (HiResCAM): each cell's own gradient weighs its channels: sample 0 is W0*A0 + W1*A1 per cell
+    per_cell = grad_cam((w * fmap).sum((1, 2, 3)), fmap, per_cell=True)
+    torch.testing.assert_close(per_cell, torch.tensor([[[0.0, 2 / 6], [3 / 6, 1.0]], expected[1].tolist()]))
+
     # create_graph: the CAM is a differentiable function of the weights that made the score
     wp = w.clone().requires_grad_(True)
     cam = grad_cam((wp * fmap).sum((1, 2, 3)), fmap, create_graph=True)

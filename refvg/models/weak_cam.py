@@ -7,7 +7,10 @@ grounding by learning where to focus on"): trained on image-sentence pairs only,
   several expressions per image), and a matching loss of the fusion transformer (refvg.models.vl.VLTransformer,
   its [REG] output -> one logit) on each positive pair and one hard negative image per expression, drawn from
   the contrastive similarities (ALBEF's hard negatives: random ones are too easy to force the fusion to look
-  for the described object).
+  for the described object). The fusion sees only the first `match_fraction` of each (shuffled) batch: it is
+  most of a step's cost, the contrastive loss over the whole batch is cheap. With `contrastive_in_score` the
+  matching score is the fusion's logit plus the pair's contrastive cell-text similarity: that similarity learns
+  within an epoch, the fusion's logit alone did not (its loss stayed at ln 2 and its Grad-CAM was at chance).
 - Grad-CAM. alpha_c = mean over cells of d score / d A_c; cam = ReLU(sum_c alpha_c A_c), padding cells
   zeroed, divided by its peak. Computed inside the forward with torch.autograd.grad, differentiably
   (create_graph) where the attention-mining loss needs to push on it.
@@ -15,11 +18,13 @@ grounding by learning where to focus on"): trained on image-sentence pairs only,
   again on it (second pass, same weights, its own matching loss): the fusion sees where the first pass looked.
   Its last conv starts at zero, so the second pass starts as the first. The second pass's Grad-CAM is the
   fused CAM, the one a box is read from.
-- Attention mining (as in GAIN, Li et al. 2018). A is multiplied by 1 - sigmoid((cam - t) * w), the fused
+- Attention mining (as in GAIN, Li et al. 2018). A (or the image) is multiplied by 1 - sigmoid((cam - t) * w), the fused
   CAM's soft complement, and the positive pair's matching score of what remains is penalised
   (softplus(score): BCE towards "no match"). While a part of the object is left outside the CAM the
   remaining image still matches, so the CAM is pushed to cover the whole object, not only its most
-  discriminative part. Weight 0 is the ablation (weak_cam_no_mining).
+  discriminative part. Weight 0 is the ablation (weak_cam_no_mining). `mining_on: image` masks the pixels
+  instead (the mask upsampled, another backbone pass): zeroed feature cells are out of distribution and the
+  fusion called them a mismatch whatever they hid (the feature-map loss fell to ~0.001 at once).
 - Localisation (test time): the fused CAM, upsampled to the letterboxed square with padding excluded, either
   thresholded at a fraction of its peak, keeping the connected region that holds the peak (its tight box),
   or used to rank the candidate boxes (refvg.data.proposals) by CAM mass / area^p.
@@ -44,13 +49,15 @@ from refvg.models.vl import VLTransformer, downsample_mask
 
 
 def grad_cam(score: torch.Tensor, fmap: torch.Tensor, valid: torch.Tensor | None = None,
-             create_graph: bool = False) -> torch.Tensor:
+             create_graph: bool = False, per_cell: bool = False) -> torch.Tensor:
     """Grad-CAM of per-sample scores [B] w.r.t. a feature map [B,C,h,w] that produced them (sample i's score
     depends only on fmap[i]): ReLU(sum_c mean_hw(d score / d fmap)_c * fmap_c), zero where `valid` [B,h,w] is
     False, divided by each map's peak (an all-zero map stays zero). [B,h,w]. `create_graph`: differentiable
     (the gradients' graph is kept, so a loss on the CAM trains the weights that made it)."""
     (grads,) = torch.autograd.grad(score.sum(), fmap, create_graph=create_graph, retain_graph=True)
-    weights = grads.mean((2, 3), keepdim=True)
+    # per_cell (HiResCAM, Draelos & Carin 2020): each cell's own gradient, not the map's mean, weighs its
+    # channels, so a score that rests on single cells (the smooth maximums here) is not blurred across the map
+    weights = grads if per_cell else grads.mean((2, 3), keepdim=True)
     cam = F.relu((weights * fmap).sum(1))
     if valid is not None:
         cam = cam * valid
@@ -163,7 +170,7 @@ class WeakCAM(nn.Module):
         backward) and the rest the fast one, which is why the second pass runs in two parts."""
         valid = ~downsample_mask(pixel_mask, visual.shape[-2:])
         s1 = self.score(visual, pixel_mask, text, text_mask)
-        cam1 = grad_cam(s1, visual, valid).detach()
+        cam1 = grad_cam(s1, visual, valid, per_cell=self.wcfg.cam_per_cell).detach()
         s2, cam2 = [], []
         for rows in (slice(0, differentiable), slice(differentiable, None)):
             part = (visual[rows], pixel_mask[rows], text[rows], text_mask[rows])
@@ -172,7 +179,8 @@ class WeakCAM(nn.Module):
             keep_graph = rows.start == 0 and differentiable > 0
             with sdpa_kernel(SDPBackend.MATH) if keep_graph else contextlib.nullcontext():
                 s = self.score(*part, cam=cam1[rows])
-                cam2.append(grad_cam(s, part[0], valid[rows], create_graph=keep_graph))
+                cam2.append(grad_cam(s, part[0], valid[rows], create_graph=keep_graph,
+                                     per_cell=self.wcfg.cam_per_cell))
             s2.append(s)
         return s1, cam1, torch.cat(s2), torch.cat(cam2)
 
