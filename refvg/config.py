@@ -153,15 +153,15 @@ class WeakCAMConfig(_Strict):
     cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
     embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
     cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
-    match_fraction: float = Field(1.0, gt=0, le=1)  # share of each batch the fusion matching + mining see
+    match_fraction: float = Field(0.125, gt=0, le=1)  # share of each batch the fusion matching + mining see
     cam_per_cell: bool = False  # HiResCAM: weigh channels by each cell's gradient, not the map's mean (Grad-CAM)
-    contrastive_in_score: bool = False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
+    contrastive_in_score: bool = True  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
     # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
     # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
     mining_weight: float = Field(1.0, ge=0)
     mining_threshold: float = Field(0.5, gt=0, lt=1)
     mining_sharpness: float = Field(10.0, gt=0)
-    mining_on: Literal["feature", "image"] = "feature"  # what the soft complement masks: the visual map or the image
+    mining_on: Literal["feature", "image"] = "image"  # what the soft complement masks: the visual map or the image
     # Test time: "threshold" keeps the CAM (upsampled to the square, padding excluded) above
     # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight box;
     # "candidates" returns the candidate box (proposals section) with the highest CAM mass / area^p.
