@@ -145,9 +145,59 @@ class CMSAConfig(_Strict):
 class ProposalsConfig(_Strict):
     """Candidate boxes for the methods that rank candidates (refvg.data.proposals)."""
 
-    source: Literal["gt"] = "gt"  # gt: every annotated object of the image (written by `prepare`)
+    # gt: every annotated object of the image (written by `prepare`); detections: the boxes of `detections_file`
+    source: Literal["gt", "detections"] = "gt"
     max_candidates: int = Field(16, gt=0)  # per image, the highest-scoring; more are dropped
     match_iou: float = Field(0.5, gt=0, le=1)  # a candidate is the target when its IoU with it is at least this
+    # source "detections": a COCO results JSON ([{image_id, category_id, bbox: [x, y, w, h], score}, ...]) over
+    # the images of data.root/data.dataset/instances.json, read with pycocotools' loadRes
+    detections_file: Optional[str] = None
+    min_score: float = Field(0.0, ge=0)  # source "detections": boxes scored below this are dropped
+
+    @model_validator(mode="after")
+    def _file_for_detections(self) -> "ProposalsConfig":
+        if self.source == "detections" and not self.detections_file:
+            raise ValueError("source 'detections' needs detections_file (a COCO results JSON)")
+        return self
+
+
+class DetectionsConfig(_Strict):
+    """The `detections` stage: a STAND-IN for a real detector's results file, made by perturbing the
+    ground-truth boxes (refvg.data.detections), so the detection-proposal setting runs without a detector."""
+
+    # Writes <dir>/<data.dataset>.json (the COCO results JSON) and <dir>/methods/<method>.json, what each method
+    # ranks (its proposals settings, and the hash of its detections file): the one file of this folder that
+    # dvc.yaml makes a method's training depend on, so only the methods that rank detections rerun when they change.
+    dir: str = "data/detections"
+    seed: int = 0
+    jitter: float = Field(0.1, ge=0, lt=1)  # each box edge moves by N(0, jitter x box side)
+    drop_rate: float = Field(0.05, ge=0, lt=1)  # fraction of objects the "detector" misses
+    false_positives: int = Field(2, ge=0)  # per image: boxes on background/parts, scored lower
+    true_score_min: float = Field(0.5, gt=0, lt=1)  # kept objects score in [this, 1); false positives below it
+
+
+class EraseConfig(_Strict):
+    """CM-Erase: train on the sample and on a copy with its most attended evidence erased."""
+
+    # none: the ablation | language: the most attended word -> [MASK] | visual: the most attended subject
+    # sub-region or context object -> zeros (whichever of the two modules weighs more) | both: one of the two
+    # per sample, at random
+    type: Literal["none", "language", "visual", "both"] = "both"
+    rate: float = Field(1.0, ge=0, le=1)  # fraction of the batch's samples that also train erased
+
+
+class MAttNetConfig(_Strict):
+    """MAttNet-style modular matching over candidate boxes (method mattnet), with CM-Erase."""
+
+    d_model: int = Field(64, gt=0)  # width of the phrase and module embeddings
+    roi_size: int = Field(3, gt=0)  # RoI align output bins per side (the subject's attention grid)
+    roi_samples: int = Field(2, gt=0)  # bilinear samples per bin side, averaged
+    neighbours: int = Field(5, ge=0)  # location module: offsets to this many same-category neighbours
+    max_contexts: int = Field(5, ge=1)  # relation module: the nearest other candidates
+    num_categories: int = Field(100, gt=0)  # category ids below this get an embedding (COCO's go to 90)
+    rank_margin: float = Field(0.1, ge=0)  # hinge margin against mismatched expressions / images
+    rank_weight: float = Field(1.0, ge=0)  # weight of the ranking loss (cross-entropy over candidates: 1)
+    erase: EraseConfig = EraseConfig()
 
 
 class ModelConfig(_Strict):
@@ -156,6 +206,7 @@ class ModelConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
     qrnet: QRNetConfig = QRNetConfig()
     cmsa: CMSAConfig = CMSAConfig()
+    mattnet: MAttNetConfig = MAttNetConfig()
 
 
 class LossConfig(_Strict):
@@ -280,6 +331,7 @@ class Config(_Strict):
     storage: StorageConfig = StorageConfig()
     parallel: ParallelConfig = ParallelConfig()
     proposals: ProposalsConfig = ProposalsConfig()
+    detections: DetectionsConfig = DetectionsConfig()
 
     def for_method(self, name: str) -> "Config":
         """The config a method actually runs with: its overrides merged into the shared sections."""

@@ -98,10 +98,15 @@ def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = 
 
     needs = model_needs(model_name)
     prepared = prepared_path(cfg)
-    candidates = load_candidates(cfg.proposals, prepared / split) if "candidates" in needs else None
+    candidates = load_candidates(cfg.proposals, prepared / split, instances_path(cfg)) if "candidates" in needs else None
     return PreparedSplit(prepared, split, language_blind=language_blind, masks=training and "masks" in needs,
                          candidates=candidates, max_candidates=cfg.proposals.max_candidates,
                          match_iou=cfg.proposals.match_iou)
+
+
+def instances_path(cfg: Config) -> Path:
+    """The dataset's COCO instances file (what a detections file is read against)."""
+    return Path(cfg.data.root) / cfg.data.dataset / "instances.json"
 
 
 TRAINED_KEYS = ("model", "config", "model_name", "vocab_size", "pad_token_id", "language_blind", "best_epoch")
