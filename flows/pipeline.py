@@ -7,7 +7,9 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.runtime import stage_parser, timed_main
-from flows.stages import cfg_methods, evaluate_flow, generate_flow, prepare_flow, report_flow, train_flow
+from flows.stages import (
+    cfg_methods, detections_flow, evaluate_flow, generate_flow, prepare_flow, report_flow, train_flow,
+)
 
 
 @flow(name="refvg-pipeline")
@@ -16,6 +18,7 @@ def pipeline_flow(params: str = "params.yaml", generate: bool = True) -> dict:
     if generate:
         work += generate_flow(params=params)["work_seconds"]
     work += prepare_flow(params=params)["work_seconds"]
+    work += detections_flow(params=params)["work_seconds"]
     results = {}
     for method in cfg_methods(params):
         trained = train_flow(method=method, params=params)

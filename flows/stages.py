@@ -119,6 +119,18 @@ def prepare_flow(params: str = "params.yaml") -> dict:
     return {"manifest": manifest, "work_seconds": seconds}
 
 
+@flow(name="detections")
+def detections_flow(params: str = "params.yaml") -> dict:
+    cfg = load_config(params)
+    with stage_run(cfg, "detections", params={"detections": cfg.detections.model_dump(mode="json")}) as tracker:
+        t0 = time.perf_counter()
+        summary = work.with_options(name="stand-in-detections")(stages.detections, cfg)
+        seconds = time.perf_counter() - t0
+        tracker.log_metrics({"detections_seconds": seconds, **_numbers(summary)})
+        log_files(tracker, [summary["file"]])
+    return {"summary": summary, "work_seconds": seconds}
+
+
 @flow(name="train")
 def train_flow(method: str, params: str = "params.yaml") -> dict:
     cfg = load_config(params)

@@ -41,6 +41,7 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
         strict_txt = f"{strict:.3f}" if strict is not None else "-"
         lines.append(f"| {method} | {r['model']} | {lang} | " + " | ".join(accs) + f" | {strict_txt} |")
     lines += _mask_table(results, splits)
+    lines += _ranking_table(results, splits)
     missing = [m for m in cfg.methods if m not in results]
     if missing:
         lines += ["", f"Not evaluated yet: {', '.join(missing)}."]
@@ -70,6 +71,33 @@ def _mask_table(results: dict, splits: list[str]) -> list[str]:
             m = r["splits"].get(s, {}).get("mask")
             cells.append(f"{m['oIoU']:.3f} / {m['mIoU']:.3f} / {m['prec@0.5']:.3f}" if m else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ranking_table(results: dict, splits: list[str]) -> list[str]:
+    """Methods that rank candidate boxes: Acc@0.5 next to its ceiling, the fraction of expressions whose target
+    is among the candidates at all (a sample without it is a miss), per split and proposal source."""
+    ranked = {m: r for m, r in results.items() if any("candidates" in v for v in r["splits"].values())}
+    if not ranked:
+        return []
+    lines = [
+        "",
+        "Candidate ranking (methods that pick one of the image's candidate boxes): Acc@0.5 / target recall, the "
+        "fraction of expressions whose target is among the candidates (IoU >= proposals.match_iou), the ceiling "
+        "of Acc@0.5. gt: the image's annotated objects; detections: a detector's boxes (here the `detections` "
+        "stage's stand-in).",
+        "",
+        "| method | proposals | " + " | ".join(f"{s} Acc@0.5 / recall" for s in splits) + " |",
+        "|---|---|" + "---|" * len(splits),
+    ]
+    for method, r in ranked.items():
+        cells = []
+        for s in splits:
+            m = r["splits"].get(s, {})
+            c = m.get("candidates")
+            cells.append(f"{m['acc@0.5']:.3f} / {c['target_recall']:.3f}" if c else "-")
+        source = r.get("proposals", {}).get("source", "-")
+        lines.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
     return lines
 
 

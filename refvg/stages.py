@@ -48,6 +48,34 @@ def prepared_manifest(cfg: Config) -> Path:
     return prepared_path(cfg) / MANIFEST
 
 
+def detections(cfg: Config) -> dict:
+    """The `detections` stage: the stand-in detections file (refvg.data.detections) at
+    `<detections.dir>/<dataset>.json`, and `<detections.dir>/methods/<method>.json` for every method: the
+    candidates it ranks (its proposals settings and its detections file's hash). A method's training depends
+    on its own such file (dvc.yaml), so new detections rerun only the methods that rank them."""
+    import hashlib
+
+    from refvg.data.detections import detection_recall, stand_in_detections, write_detections
+
+    out = Path(cfg.detections.dir)
+    rows = stand_in_detections(instances_path(cfg), cfg.detections)
+    path = write_detections(rows, out / f"{cfg.data.dataset}.json")
+    stamps = out / "methods"
+    shutil.rmtree(stamps, ignore_errors=True)
+    stamps.mkdir(parents=True)
+    for method in cfg.methods:
+        pcfg = cfg.for_method(method).proposals
+        stamp = {"source": pcfg.source}
+        if pcfg.source == "detections":
+            det = Path(pcfg.detections_file)
+            if not det.is_file():
+                raise FileNotFoundError(f"methods.{method}: proposals.detections_file {det} does not exist")
+            stamp |= {"detections_file": str(det), "sha256": hashlib.sha256(det.read_bytes()).hexdigest(),
+                      "min_score": pcfg.min_score}
+        (stamps / f"{method}.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    return {"file": path, "detections": len(rows), **detection_recall(instances_path(cfg), rows)}
+
+
 def checkpoint_dir(cfg: Config, method: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / method
 
@@ -163,10 +191,14 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
         metrics[split] = box_metrics(p, ecfg.iou_thresholds)
         if p.has_masks:  # mask methods: oIoU / mIoU / prec@k next to the Acc@IoU of their mask's tight box
             metrics[split]["mask"] = mask_metrics(p)
+        if ds.candidates is not None:  # ranking methods: how often the target was among the candidates at all
+            metrics[split]["candidates"] = candidate_metrics(ds)
     payload = {
         "method": method, "model": state["model_name"], "language_blind": state["language_blind"],
         "best_epoch": state["best_epoch"], "dataset": manifest["dataset"], "splits": metrics,
     }
+    if any("candidates" in m for m in metrics.values()):
+        payload["proposals"] = rcfg.proposals.model_dump(mode="json")
     metrics_path = Path(ecfg.metrics_dir) / f"{method}.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -191,9 +223,51 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
         overlays = {"pred_masks": predict_masks(model, ds, pick, ecfg.batch_size, device, cfg.train.amp),
                     "gt_masks": [ds.gt_mask(i) for i in pick],
                     "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
-    plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
-                     val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
+    if hasattr(model, "explain"):  # ranking models: the same panels, with which words and regions decided
+        _attention_figure(model, ds, pick, crops, val.ious[pick], device, checkpoint_dir(cfg, method) / TOKENIZER_DIR,
+                          figures[1])
+    else:
+        plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
+                         val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
     return EvalReport(method, metrics, metrics_path, figures, [curve], time.perf_counter() - t0)
+
+
+def candidate_metrics(ds) -> dict:
+    """A ranking method's ceiling on a split: the fraction of samples whose target is among the candidates
+    (a sample without it counts as a miss in acc@0.5), their count, and the mean number of candidates."""
+    found = ds.candidates["cand_target"] >= 0
+    return {"target_recall": float(found.float().mean()) if len(found) else 0.0, "misses": int((~found).sum()),
+            "mean_candidates": float(ds.candidates["cand_valid"].sum(1).float().mean()) if len(found) else 0.0}
+
+
+def _attention_figure(model, ds, pick, crops, ious, device, tokenizer_dir: Path, path: Path) -> None:
+    """The qualitative figure of a ranking model (`explain`): chosen box, target, the word attention, the
+    module weights, the most attended sub-region and context object."""
+    import torch
+
+    from refvg.data.dataset import collate
+    from refvg.data.text import load_tokenizer
+    from refvg.data.transforms import cxcywh_to_xyxy
+    from refvg.engine.runtime import to_device
+    from refvg.visualize import plot_attention
+
+    if len(pick) == 0:
+        return
+    batch = collate([ds[int(i)] for i in pick])
+    ex = {k: v.cpu() for k, v in model.explain(to_device(batch, device)).items()}
+    tok = load_tokenizer(tokenizer_dir)
+    words = []
+    for ids, mask, att in zip(batch["input_ids"], batch["attention_mask"], ex["word_attention"]):
+        n = int(mask.sum())
+        words.append([(tok.convert_ids_to_tokens(int(t)), float(a)) for t, a in zip(ids[1:n - 1], att[1:n - 1])])
+    size = ds.size
+    rows = torch.arange(len(pick))
+    chosen = cxcywh_to_xyxy(batch["cand_boxes"][rows, ex["best"]]).numpy() * size
+    context = cxcywh_to_xyxy(batch["cand_boxes"][rows, ex["context"].clamp_min(0)]).numpy() * size
+    context[ex["context"].numpy() < 0] = np.nan
+    target = cxcywh_to_xyxy(batch["box"]).numpy() * size
+    plot_attention(crops, words, ex["module_weights"].numpy(), chosen, ex["cell_box"].numpy() * size, context, target,
+                   ious, path)
 
 
 def _acc_curve(ious: np.ndarray, thresholds) -> dict:

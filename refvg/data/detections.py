@@ -72,3 +72,28 @@ def write_detections(rows: list[dict], path: Path) -> Path:
     tmp.write_text(json.dumps(rows), encoding="utf-8")
     tmp.replace(path)  # a reader never sees half a file
     return path
+
+
+def detection_recall(instances_path: Path, rows: list[dict], iou: float = 0.5) -> dict:
+    """How good the detections are as proposals: the fraction of annotated objects that some detection of
+    their image covers with IoU >= `iou` (the ceiling of a ranking method on them), and detections per image."""
+    from pycocotools.coco import COCO
+
+    from refvg.metrics import box_iou
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(instances_path))
+    by_image: dict[int, list] = {}
+    for r in rows:
+        x, y, w, h = r["bbox"]
+        by_image.setdefault(r["image_id"], []).append([x, y, x + w, y + h])
+    found = total = 0
+    for ann in coco.dataset.get("annotations", []):
+        x, y, w, h = ann["bbox"]
+        dets = np.asarray(by_image.get(ann["image_id"], []), dtype=np.float64).reshape(-1, 4)
+        total += 1
+        if len(dets):
+            ious = np.asarray(box_iou(dets, np.broadcast_to([x, y, x + w, y + h], dets.shape))).reshape(-1)
+            found += bool(ious.max() >= iou)
+    images = max(len(coco.getImgIds()), 1)
+    return {"object_recall": found / max(total, 1), "per_image": len(rows) / images}

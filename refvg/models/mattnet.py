@@ -177,6 +177,15 @@ class LanguageAttention(nn.Module):
         return {"phrases": phrases, "word_attention": attention, "weights": weights}
 
 
+def trim_candidates(batch: dict) -> dict:
+    """The batch with its candidate slots cut to the most any of its images has (valid candidates come first):
+    RefShapes images hold 3-4 objects, and every module's cost grows with the slots (relation: squared)."""
+    k = max(int(batch["cand_valid"].sum(1).max()), 1)
+    if k == batch["cand_valid"].shape[1]:
+        return batch
+    return {**batch, **{key: batch[key][:, :k] for key in ("cand_boxes", "cand_valid", "cand_category")}}
+
+
 def real_words(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """bool [B,L]: the expression's words, not [CLS], [SEP] or padding (an empty expression: its [CLS], so
     attention is always over something)."""
@@ -262,6 +271,7 @@ class MAttNet(nn.Module):
                 "context_scores": context_scores, "module_scores": modules}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        batch = trim_candidates(batch)
         vis = self.encode_visual(batch)
         lang = self.encode_language(batch["input_ids"], batch["attention_mask"])
         out = self.score(vis, lang)
@@ -272,12 +282,42 @@ class MAttNet(nn.Module):
         out["word_attention"] = (lang["word_attention"] * lang["weights"][..., None]).sum(1)  # [B,L]
         out["module_weights"] = lang["weights"]
         out["best"] = best
+        out["valid"] = vis["valid"]  # the candidate slots kept (trim_candidates)
         if self.training:
             target = batch["cand_target"]
             out.update(self._mismatched(vis, lang, target, prefix=""))
             if self.c.erase.type != "none" and self.c.erase.rate > 0:
                 out.update(self._erased(batch, vis, lang, out))
         return out
+
+    @torch.no_grad()
+    def explain(self, batch: dict) -> dict[str, torch.Tensor]:
+        """What decided each prediction (the attention figure): the module-weighted word attention [B,L], the
+        module weights [B,3], the chosen candidate [B], its most attended subject cell as a box [B,4] (xyxy in
+        the square) and its most attended context object's candidate index [B] (-1: none)."""
+        batch = trim_candidates(batch)
+        was = self.training
+        self.eval()
+        try:
+            vis = self.encode_visual(batch)
+            lang = self.encode_language(batch["input_ids"], batch["attention_mask"])
+            out = self.score(vis, lang)
+        finally:
+            self.train(was)
+        best = out["logits"].argmax(1)
+        rows = torch.arange(len(best), device=best.device)
+        p = self.c.roi_size
+        cell = out["cell_attention"][rows, best].argmax(-1)
+        x0, y0, x1, y1 = cxcywh_to_xyxy(batch["cand_boxes"][rows, best].float()).unbind(-1)
+        cx, cy = (cell % p).float(), (cell // p).float()
+        w, h = (x1 - x0) / p, (y1 - y0) / p
+        cell_box = torch.stack([x0 + cx * w, y0 + cy * h, x0 + (cx + 1) * w, y0 + (cy + 1) * h], -1)
+        ctx = out["context_scores"][rows, best]  # [B,M]
+        slot = ctx.argmax(-1)
+        context = vis["context_index"][rows, best, slot]
+        context = torch.where(torch.isfinite(ctx.amax(-1)), context, torch.full_like(context, -1))
+        return {"word_attention": (lang["word_attention"] * lang["weights"][..., None]).sum(1),
+                "module_weights": lang["weights"], "best": best, "cell_box": cell_box, "context": context}
 
     def _mismatched(self, vis: dict, lang: dict, target: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
         """Scores of each sample's target with the next sample's expression, and of the next sample's target
@@ -333,7 +373,7 @@ class MAttNet(nn.Module):
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         target = batch["cand_target"]
-        ce, rank = self._sample_losses(outputs["logits"], outputs["scores"], batch["cand_valid"], target,
+        ce, rank = self._sample_losses(outputs["logits"], outputs["scores"], outputs["valid"], target,
                                        outputs["neg_expression"], outputs["neg_image"], outputs["rank_keep"])
         loss = ce + self.c.rank_weight * rank
         erased_ce = erased_rank = loss.new_zeros(())
