@@ -161,7 +161,7 @@ def _integer(value) -> int:
 @functools.lru_cache(maxsize=4)
 def _results_by_image(path: str, instances: str, stamp: tuple) -> tuple[dict, dict]:
     """(image id -> [(bbox xywh, category, score)], skip counts) of a detections file, through pycocotools'
-    loadRes against the dataset's instances; cached per (file, its size and mtime): a stage reads it per split."""
+    loadRes against the dataset's instances; cached per (files, their sizes and mtimes): a stage reads it per split."""
     from pycocotools.coco import COCO
 
     rows = read_detections(Path(path))
@@ -183,8 +183,11 @@ def detection_candidates(path: Path, instances_path: Path, split_dir: Path, min_
     """The candidates of each image row of a prepared split from a detector's COCO results file. Boxes are
     clipped to the image; boxes with nothing left, scored below `min_score`, or of images the dataset does
     not hold are dropped and counted (logged). Ann ids are -1: a detection is not an annotation."""
-    st = Path(path).stat()
-    by_image, skips = _results_by_image(str(path), str(instances_path), (st.st_size, st.st_mtime_ns))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no detections file (proposals.detections_file); the `detections` stage "
+                                "writes a stand-in one")
+    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in (Path(path), Path(instances_path)))
+    by_image, skips = _results_by_image(str(path), str(instances_path), stamp)
     skips = dict(skips, empty_box=0, low_score=0)
     records = json.loads((Path(split_dir) / "samples.json").read_text(encoding="utf-8"))
     rows = int(np.load(Path(split_dir) / "images.npy", mmap_mode="r", allow_pickle=False).shape[0])
