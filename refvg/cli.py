@@ -4,6 +4,7 @@
     refvg train --method transvg                 [--params params.yaml]
     refvg evaluate --method transvg              [--params params.yaml]
     refvg predict IMAGE "expression" --model checkpoints/transvg/best.pt | models:/refvg-transvg/1 [--out drawn.png]
+                                                 [--candidates detections.json]  (ranking models)
     refvg storage setup [--create-bucket]        point DVC (and MLflow artifacts) at storage.* of params.yaml
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,6 @@ def _predict(args) -> None:
     if local.is_dir() and (local / BEST).exists():
         local = local / BEST
     if local.is_file():
-        from refvg.engine.checkpoint import CheckpointError
-
         try:
             grounder = Grounder(local)
         except CheckpointError as err:
@@ -51,9 +49,17 @@ def _predict(args) -> None:
     else:
         raise SystemExit(f"refvg predict: {args.model}: no such checkpoint, and not an MLflow model URI "
                          "(models:/name/version, runs:/<run id>/model, s3://...)")
+    candidates = None
+    if args.candidates:
+        from refvg.data.proposals import candidates_from_detections
+
+        try:
+            candidates = candidates_from_detections(json.loads(Path(args.candidates).read_text()), args.candidates)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"refvg predict: {err}") from None
     try:
-        result = grounder.ground(image, args.expression)
-    except ValueError as err:  # an unusable expression (empty, too long, not text)
+        result = grounder.ground(image, args.expression, candidates)
+    except ValueError as err:  # an unusable expression (empty, too long, not text), no candidates for a ranker
         raise SystemExit(f"refvg predict: {err}") from None
     payload = {"image": str(args.image), "expression": args.expression,
                "box_xyxy": [round(float(v), 1) for v in result.box_xyxy]}
@@ -103,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="where to write the image with the box (and mask) drawn "
                    "(default: outputs/predict/<image name>.png)")
     p.add_argument("--params", default="params.yaml", help="for an MLflow URI: the tracking store and S3 settings")
+    p.add_argument("--candidates", help="for a model that ranks candidate boxes (mattnet): a JSON list of the "
+                   "image's detections in the COCO results format [{\"bbox\": [x, y, w, h], \"category_id\": .., "
+                   "\"score\": ..}, ...]")
     p = sub.add_parser("storage", help="S3: make storage.* of params.yaml the DVC remote")
     p.add_argument("action", choices=["setup"])
     p.add_argument("--params", default="params.yaml")

@@ -2,11 +2,13 @@
 
 Logged as "models from code": MLflow stores this file and our checkpoint (a weights-only file), and loading
 the model runs this file, so nothing is unpickled on load. Input: a DataFrame with columns `image` (a path or
-the encoded image bytes) and `expression`; output: columns x0, y0, x1, y1 in the image's pixels.
+the encoded image bytes) and `expression`, and for a model that ranks candidate boxes (mattnet) `candidates`, the
+image's detections as a JSON list in the COCO results format; output: columns x0, y0, x1, y1 in the image's pixels.
 """
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import mlflow
@@ -22,7 +24,13 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         images = [_open(i, v) for i, v in enumerate(model_input["image"])]
-        boxes = self.grounder.predict(images, [str(e) for e in model_input["expression"]])
+        candidates = None
+        if "candidates" in model_input:
+            from refvg.data.proposals import candidates_from_detections
+
+            candidates = [candidates_from_detections(_json(i, v), f"row {i}: candidates")
+                          for i, v in enumerate(model_input["candidates"])]
+        boxes = self.grounder.predict(images, [str(e) for e in model_input["expression"]], candidates)
         return pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"])
 
 
@@ -33,6 +41,13 @@ def _open(row: int, value) -> Image.Image:
         return Image.open(value).convert("RGB")
     except OSError as err:  # missing, truncated or not an image: say which row, not only PIL's words
         raise ValueError(f"row {row}: cannot read the image {str(value)[:200]!r}: {err}") from None
+
+
+def _json(row: int, value) -> list:
+    try:
+        return json.loads(value) if isinstance(value, (str, bytes)) else list(value)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"row {row}: candidates are not a JSON list: {err}") from None
 
 
 def log_grounding_model(run_id: str, checkpoint: Path, tokenizer_dir: Path, name: str = "model"):

@@ -4,10 +4,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import yaml
+# One compute thread per process, set before anything imports torch (subprocesses inherit it): the tests'
+# models are tiny, and several tests run two processes at once (torchrun ranks, a server beside training),
+# where two threads each oversubscribe the 2 cores CI has and run many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from refvg.tracking import disable_telemetry
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from refvg.tracking import disable_telemetry  # noqa: E402
 
 disable_telemetry()
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -249,3 +249,20 @@ def test_stand_in_detections_are_seeded_and_imperfect(in_tiny):
     perfect = detection_recall(stages.instances_path(cfg), stand_in_detections(
         stages.instances_path(cfg), DetectionsConfig(jitter=0.0, drop_rate=0.0, false_positives=0)))
     assert perfect["object_recall"] == 1.0
+
+
+def test_grounder_picks_one_of_the_given_detections(in_tiny, tmp_path):
+    from PIL import Image
+
+    from refvg.data.proposals import candidates_from_detections
+    from refvg.engine.predict import Grounder
+    from tests.conftest import untrained_checkpoint
+
+    cfg = load_config("params.yaml")
+    grounder = Grounder(untrained_checkpoint(cfg, tmp_path / "ckpt", "mattnet"), device="cpu")
+    image = Image.new("RGB", (120, 80), (200, 200, 200))
+    dets = [{"bbox": [5, 5, 30, 20], "category_id": 1, "score": 0.9},
+            {"bbox": [60, 30, 40, 40], "category_id": 2, "score": 0.8}]
+    box = grounder.ground(image, "the red circle", candidates_from_detections(dets, "dets")).box_xyxy
+    given = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)]
+    assert any(np.allclose(box, g, atol=1e-3) for g in given)  # in the image's own pixels

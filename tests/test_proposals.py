@@ -10,7 +10,9 @@ import torch
 from refvg.config import load_config
 from refvg.data.dataset import PreparedSplit, collate
 from refvg.data.prepare import prepared_path
-from refvg.data.proposals import CANDIDATES, ImageCandidates, match_target, read_gt_candidates
+from refvg.data.proposals import (
+    CANDIDATES, ImageCandidates, candidates_from_detections, match_target, read_gt_candidates,
+)
 from refvg.data.refer import ReferDataset
 from refvg.data.transforms import cxcywh_to_xyxy
 
@@ -75,3 +77,14 @@ def test_malformed_candidate_file_names_the_row(in_tiny, tmp_path):
     (tmp_path / CANDIDATES).write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=r"candidates.json: image row 1: malformed"):
         read_gt_candidates(tmp_path)
+
+
+def test_detections_in_coco_results_format():
+    dets = [{"bbox": [10, 20, 30, 40], "category_id": 3, "score": 0.9}, {"bbox": [0, 0, 5, 5], "category_id": 1, "score": 0.2}]
+    c = candidates_from_detections(dets, "dets.json")
+    np.testing.assert_allclose(c.boxes_xyxy, [[10, 20, 40, 60], [0, 0, 5, 5]])
+    assert c.category_ids.tolist() == [3, 1] and c.scores.tolist() == [0.9, 0.2] and (c.ann_ids == -1).all()
+    with pytest.raises(ValueError, match=r"dets.json: detection 1 has a box of zero"):
+        candidates_from_detections([dets[0], {"bbox": [0, 0, 0, 5]}], "dets.json")
+    with pytest.raises(ValueError, match=r"dets.json: not a list of COCO detections"):
+        candidates_from_detections([{"box": [0, 0, 1, 1]}], "dets.json")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from refvg.data.proposals import ImageCandidates, match_target
+from refvg.data.proposals import ImageCandidates, candidate_tensors
 from refvg.data.transforms import Letterbox, xyxy_to_cxcywh
 
 MANIFEST = "manifest.json"
@@ -84,20 +84,13 @@ class PreparedSplit(Dataset):
         n_images = self.images.shape[0]
         if len(per_image) != n_images:
             raise ValueError(f"{self.split_dir}: {len(per_image)} candidate lists for {n_images} images")
-        boxes = torch.zeros(len(self), k, 4)
-        valid = torch.zeros(len(self), k, dtype=torch.bool)
-        category = torch.zeros(len(self), k, dtype=torch.long)
-        target = torch.full((len(self),), -1, dtype=torch.long)
-        for i, (rec, lb) in enumerate(zip(self.records, self.letterboxes)):
-            cands = per_image[rec["image_index"]]
-            keep = np.argsort(-cands.scores, kind="stable")[:k]
-            xyxy = cands.boxes_xyxy[keep]
-            if len(keep):
-                boxes[i, : len(keep)] = torch.from_numpy(xyxy_to_cxcywh(lb.box_to_square(xyxy))).float()
-                category[i, : len(keep)] = torch.from_numpy(cands.category_ids[keep])
-            valid[i, : len(keep)] = True
-            target[i] = match_target(xyxy, np.asarray(rec["bbox_xyxy"], dtype=np.float64), match_iou)
-        return {"cand_boxes": boxes, "cand_valid": valid, "cand_category": category, "cand_target": target}
+        rows = [candidate_tensors(per_image[rec["image_index"]], lb, k, np.asarray(rec["bbox_xyxy"], np.float64),
+                                  match_iou) for rec, lb in zip(self.records, self.letterboxes)]
+        names = ("cand_boxes", "cand_valid", "cand_category", "cand_target")
+        if not rows:
+            return {"cand_boxes": torch.zeros(0, k, 4), "cand_valid": torch.zeros(0, k, dtype=torch.bool),
+                    "cand_category": torch.zeros(0, k, dtype=torch.long), "cand_target": torch.zeros(0, dtype=torch.long)}
+        return {name: torch.stack([r[name] for r in rows]) for name in names}
 
     def _mask_rows(self) -> np.ndarray:
         """Each sample's row in the mask files; raises when the split was prepared without masks or a sample's

@@ -25,8 +25,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
+
     from refvg.config import ProposalsConfig
     from refvg.data.refer import ReferDataset, SkipLog
+    from refvg.data.transforms import Letterbox
 
 CANDIDATES = "candidates.json"
 log = logging.getLogger(__name__)
@@ -57,6 +60,22 @@ class ImageCandidates:
                        np.asarray([int(r["ann_id"]) for r in rows], dtype=np.int64))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: malformed candidate list ({type(err).__name__}: {err})") from None
+
+
+def candidates_from_detections(rows: list[dict], where: str) -> ImageCandidates:
+    """One image's detections in the COCO results format ({"bbox": [x, y, w, h], "category_id", "score"}, as
+    a detector writes them), e.g. the `--candidates` file of `refvg predict`."""
+    try:
+        xywh = np.asarray([[float(v) for v in r["bbox"]] for r in rows], dtype=np.float64).reshape(-1, 4)
+        cats = np.asarray([int(r.get("category_id", 0)) for r in rows], dtype=np.int64)
+        scores = np.asarray([float(r.get("score", 1.0)) for r in rows], dtype=np.float64)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{where}: not a list of COCO detections ({type(err).__name__}: {err})") from None
+    bad = np.flatnonzero(~(xywh[:, 2:] > 0).all(1))
+    if bad.size:
+        raise ValueError(f"{where}: detection {int(bad[0])} has a box of zero or negative size: {rows[bad[0]]['bbox']}")
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    return ImageCandidates(boxes, cats, scores, np.full(len(boxes), -1, dtype=np.int64))
 
 
 def gt_candidates(refer: ReferDataset, image_id: int, skips: SkipLog) -> ImageCandidates:
@@ -212,3 +231,29 @@ def detection_candidates(path: Path, instances_path: Path, split_dir: Path, min_
     if any(skips.values()):
         log.info("%s (%s): dropped detections: %s", path, Path(split_dir).name, skips)
     return out
+
+
+def candidate_tensors(cands: ImageCandidates, lb: Letterbox, k: int, target_xyxy: np.ndarray | None = None,
+                      match_iou: float = 0.5) -> dict[str, torch.Tensor]:
+    """One sample's candidates as the fixed-size tensors a ranking model reads (see refvg.data.dataset): the
+    `k` highest-scoring, letterboxed like the image; "cand_target" when the target box is known."""
+    import torch
+
+    from refvg.data.transforms import xyxy_to_cxcywh
+
+    keep = np.argsort(-cands.scores, kind="stable")[:k]
+    boxes, valid = torch.zeros(k, 4), torch.zeros(k, dtype=torch.bool)
+    category = torch.zeros(k, dtype=torch.long)
+    if len(keep):
+        boxes[: len(keep)] = torch.from_numpy(xyxy_to_cxcywh(lb.box_to_square(cands.boxes_xyxy[keep]))).float()
+        category[: len(keep)] = torch.from_numpy(cands.category_ids[keep])
+        valid[: len(keep)] = True
+    out = {"cand_boxes": boxes, "cand_valid": valid, "cand_category": category}
+    if target_xyxy is not None:
+        out["cand_target"] = torch.tensor(match_target(cands.boxes_xyxy[keep], target_xyxy, match_iou))
+    return out
+
+
+def candidate_batch(cands: ImageCandidates, lb: Letterbox, k: int) -> dict[str, torch.Tensor]:
+    """A batch of one image's candidates, for inference on raw input."""
+    return {name: t[None] for name, t in candidate_tensors(cands, lb, k).items()}

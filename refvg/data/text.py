@@ -3,6 +3,7 @@ expressions (the default, since nothing can be downloaded). Both end up as a `Pr
 with `save_pretrained`, so later stages load either the same way."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
@@ -16,17 +17,31 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def build_wordpiece_tokenizer(expressions: Iterable[str], vocab_size: int) -> BertTokenizerFast:
-    """A BERT-style uncased WordPiece tokenizer trained on `expressions` (training split only, so val/test
-    words the tokenizer never saw map to sub-words or [UNK] exactly as a real pretrained vocabulary would)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style uncased WordPiece tokenizer for `expressions` (training split only, so val/test words it
+    never saw map to pieces or [UNK] exactly as a real pretrained vocabulary would).
+
+    The vocabulary is built here rather than by `tokenizers`' WordPiece trainer, because the trainer breaks
+    ties between merges in hash-map order, which changes from process to process: every `prepare` gave the
+    same words other ids (other embeddings, other results, another DVC hash). Here it is a function of the
+    expressions: the special tokens, every character seen (word-initial and `##` continuation, so any word
+    can be spelt), then whole words by frequency (ties alphabetical) up to `vocab_size`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for e in expressions
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(e)))
+    chars = sorted({c for word in counts for c in word})
+    base = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    if len(base) > vocab_size:
+        raise ValueError(f"model.text.vocab_size {vocab_size} cannot hold the {len(base)} special tokens and "
+                         f"characters of the training expressions")
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab = base + words[: vocab_size - len(base)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    tok.train_from_iterator(list(expressions), trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

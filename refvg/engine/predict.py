@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from refvg.data.proposals import ImageCandidates, candidate_batch
 from refvg.data.refer import check_expression
 from refvg.data.text import TOKENIZER_DIR, encode, load_tokenizer
 from refvg.data.transforms import Letterbox, cxcywh_to_xyxy
@@ -44,18 +45,32 @@ class Grounder:
         self.model, self.cfg, self.state = load_trained(checkpoint, self.device)
         self.tokenizer = load_tokenizer(tokenizer_dir or Path(checkpoint).parent / TOKENIZER_DIR)
 
+    @property
+    def needs_candidates(self) -> bool:
+        from refvg.models import model_needs
+
+        return "candidates" in model_needs(self.state["model_name"])
+
     @torch.no_grad()
-    def ground(self, image: Image.Image, expression: str) -> Grounding:
+    def ground(self, image: Image.Image, expression: str, candidates: Optional[ImageCandidates] = None) -> Grounding:
+        """`candidates`: the boxes a ranking model (e.g. mattnet) chooses from, in the image's pixels (a
+        detector's output); other models ignore them."""
         # The checks prepare applied to the training expressions, before anything reaches the tokenizer.
         expression = self._expression(0, expression)
         size = self.cfg.data.image_size
         lb = Letterbox(image.width, image.height, size)
         ids, mask = encode(self.tokenizer, [expression], self.cfg.data.max_tokens)
-        batch = to_device({
+        batch = {
             "image": torch.from_numpy(lb.image(image))[None],
             "pixel_mask": torch.from_numpy(lb.padding_mask())[None],
             "input_ids": torch.from_numpy(ids).long(), "attention_mask": torch.from_numpy(mask).long(),
-        }, self.device)
+        }
+        if self.needs_candidates:
+            if candidates is None or len(candidates) == 0:
+                raise ValueError(f"model {self.state['model_name']!r} ranks candidate boxes: give the image's "
+                                 f"candidates (e.g. a detector's boxes)")
+            batch |= candidate_batch(candidates, lb, self.cfg.proposals.max_candidates)
+        batch = to_device(batch, self.device)
         with autocast(self.device, self.cfg.train.amp):
             out = self.model(batch)
         box = lb.box_from_square(cxcywh_to_xyxy(out["pred_boxes"].float())[0].cpu().numpy())
@@ -64,12 +79,15 @@ class Grounder:
             return Grounding(box)
         return Grounding(box, mask_to_original(masks[0].reshape(masks.shape[-2:]), lb))
 
-    def predict(self, images: list[Image.Image], expressions: list[str]) -> np.ndarray:
+    def predict(self, images: list[Image.Image], expressions: list[str],
+                candidates: Optional[list[ImageCandidates]] = None) -> np.ndarray:
         """-> [N, 4] xyxy boxes in each image's original pixels."""
-        if len(images) != len(expressions):
-            raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
+        if len(images) != len(expressions) or (candidates is not None and len(candidates) != len(images)):
+            raise ValueError(f"{len(images)} images, {len(expressions)} expressions"
+                             + (f", {len(candidates)} candidate lists" if candidates is not None else ""))
         expressions = [self._expression(i, text) for i, text in enumerate(expressions)]
-        boxes = [self.ground(img, text).box_xyxy for img, text in zip(images, expressions)]
+        cands = candidates if candidates is not None else [None] * len(images)
+        boxes = [self.ground(img, text, c).box_xyxy for img, text, c in zip(images, expressions, cands)]
         return np.stack(boxes) if boxes else np.zeros((0, 4))
 
     def _expression(self, i: int, text) -> str:
