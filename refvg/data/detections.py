@@ -83,17 +83,18 @@ def detection_recall(instances_path: Path, rows: list[dict], iou: float = 0.5) -
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(instances_path))
-    by_image: dict[int, list] = {}
+    dets: dict[int, list] = {}
     for r in rows:
         x, y, w, h = r["bbox"]
-        by_image.setdefault(r["image_id"], []).append([x, y, x + w, y + h])
+        dets.setdefault(r["image_id"], []).append([x, y, x + w, y + h])
     found = total = 0
-    for ann in coco.dataset.get("annotations", []):
-        x, y, w, h = ann["bbox"]
-        dets = np.asarray(by_image.get(ann["image_id"], []), dtype=np.float64).reshape(-1, 4)
-        total += 1
-        if len(dets):
-            ious = np.asarray(box_iou(dets, np.broadcast_to([x, y, x + w, y + h], dets.shape))).reshape(-1)
-            found += bool(ious.max() >= iou)
+    for image_id, anns in coco.imgToAnns.items():
+        gt = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                         for a in anns], dtype=np.float64).reshape(-1, 4)
+        d = np.asarray(dets.get(image_id, []), dtype=np.float64).reshape(-1, 4)
+        total += len(gt)
+        if len(d) and len(gt):  # every (object, detection) pair at once
+            ious = np.asarray(box_iou(np.repeat(gt, len(d), 0), np.tile(d, (len(gt), 1)))).reshape(len(gt), len(d))
+            found += int((ious.max(1) >= iou).sum())
     images = max(len(coco.getImgIds()), 1)
     return {"object_recall": found / max(total, 1), "per_image": len(rows) / images}
