@@ -126,7 +126,9 @@ def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = 
 
     needs = model_needs(model_name)
     prepared = prepared_path(cfg)
-    candidates = load_candidates(cfg.proposals, prepared / split, instances_path(cfg)) if "candidates" in needs else None
+    candidates = None
+    if "candidates" in needs:
+        candidates = load_candidates(cfg.proposals, prepared / split, instances_path(cfg))
     return PreparedSplit(prepared, split, language_blind=language_blind, masks=training and "masks" in needs,
                          candidates=candidates, max_candidates=cfg.proposals.max_candidates,
                          match_iou=cfg.proposals.match_iou)

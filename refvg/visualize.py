@@ -105,7 +105,8 @@ def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[
         ax.imshow(img)
         ax.set_xlim(-0.5, img.shape[1] - 0.5)
         ax.set_ylim(img.shape[0] - 0.5, -0.5)
-        boxes = ((gt_xyxy[k], dict(edgecolor="lime", linewidth=2)), (chosen_xyxy[k], dict(edgecolor="red", linewidth=2)),
+        boxes = ((gt_xyxy[k], dict(edgecolor="lime", linewidth=2)),
+                 (chosen_xyxy[k], dict(edgecolor="red", linewidth=2)),
                  (cell_xyxy[k], dict(facecolor="yellow", alpha=0.5, fill=True, edgecolor="yellow")),
                  (context_xyxy[k], dict(edgecolor="deepskyblue", linewidth=1.5, linestyle="--")))
         for box, style in boxes:
@@ -114,8 +115,8 @@ def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[
                                            **({"fill": False} | style)))
         text = " ".join(f"{w}({a:.2f})" for w, a in words[k])
         s, l, r = module_weights[k]
-        ax.set_title("\n".join(textwrap.wrap(text, 36)[:3]) + f"\nsubj {s:.2f} loc {l:.2f} rel {r:.2f}, IoU {ious[k]:.2f}",
-                     fontsize=7)
+        modules = f"subj {s:.2f} loc {l:.2f} rel {r:.2f}, IoU {ious[k]:.2f}"
+        ax.set_title("\n".join(textwrap.wrap(text, 36)[:3]) + "\n" + modules, fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

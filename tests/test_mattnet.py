@@ -10,7 +10,7 @@ import torch
 
 from refvg import stages
 from refvg.config import Config, DetectionsConfig, load_config
-from refvg.data.dataset import PreparedSplit, collate
+from refvg.data.dataset import PreparedSplit
 from refvg.data.detections import detection_recall, stand_in_detections
 from refvg.data.prepare import prepared_path
 from refvg.data.proposals import detection_candidates, read_detections

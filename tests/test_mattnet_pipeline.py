@@ -60,7 +60,8 @@ def test_detections_then_mattnet_erase_train_evaluate_report(in_tiny, prefect_ap
     history = client.get_metric_history(train_run.info.run_id, "train/erased_ce")
     assert len(history) == 1 and history[0].value > 0  # it trained on erased copies too
     eval_run = _runs(client, "evaluate@mattnet_erase_det")[0]
-    assert eval_run.data.metrics["val.candidates.target_recall"] == payload["splits"]["val"]["candidates"]["target_recall"]
+    recall = payload["splits"]["val"]["candidates"]["target_recall"]
+    assert eval_run.data.metrics["val.candidates.target_recall"] == recall
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert "qualitative.png" in artifacts  # the attention figure
 

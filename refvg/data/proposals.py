@@ -123,7 +123,8 @@ def match_target(candidates_xyxy: np.ndarray, target_xyxy: np.ndarray, match_iou
     return best if ious[best] >= match_iou else -1
 
 
-def load_candidates(pcfg: ProposalsConfig, split_dir: Path, instances_path: Path | None = None) -> list[ImageCandidates]:
+def load_candidates(pcfg: ProposalsConfig, split_dir: Path,
+                    instances_path: Path | None = None) -> list[ImageCandidates]:
     """The candidates of each image row of a prepared split, from the source params.yaml chooses
     (`instances_path`: the dataset's COCO instances file, which a detections file is read against)."""
     if pcfg.source == "gt":
@@ -198,7 +199,8 @@ def _results_by_image(path: str, instances: str, stamp: tuple) -> tuple[dict, di
     return by_image, skips
 
 
-def detection_candidates(path: Path, instances_path: Path, split_dir: Path, min_score: float = 0.0) -> list[ImageCandidates]:
+def detection_candidates(path: Path, instances_path: Path, split_dir: Path,
+                         min_score: float = 0.0) -> list[ImageCandidates]:
     """The candidates of each image row of a prepared split from a detector's COCO results file. Boxes are
     clipped to the image; boxes with nothing left, scored below `min_score`, or of images the dataset does
     not hold are dropped and counted (logged). Ann ids are -1: a detection is not an annotation."""

@@ -125,7 +125,8 @@ def ranking_loss(pos: torch.Tensor, neg_expression: torch.Tensor, neg_image: tor
 
 # ------------------------------------------------------------------------------------------- erasing
 
-def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: torch.Tensor, token_id: int) -> torch.Tensor:
+def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: torch.Tensor,
+                token_id: int) -> torch.Tensor:
     """A copy of input_ids [B,L] in which, for each sample of `rows` (bool [B]), the most attended word
     (argmax of word_attention [B,L], zero outside the words) is `token_id`."""
     out = input_ids.clone()
@@ -255,9 +256,11 @@ class MAttNet(nn.Module):
     def score(self, vis: dict, lang: dict) -> dict[str, torch.Tensor]:
         q = [proj(lang["phrases"][:, i]) for i, proj in enumerate(self.phrase_out)]  # [B,d] each
         cells = F.relu(self.cell(vis["rois"].transpose(2, 3)))  # [B,K,P*P,d]
-        cell_logits = self.cell_score(torch.tanh(self.cell_key(cells) + self.cell_query(lang["phrases"][:, 0])[:, None, None]))
+        guide = self.cell_query(lang["phrases"][:, 0])[:, None, None]  # the subject phrase
+        cell_logits = self.cell_score(torch.tanh(self.cell_key(cells) + guide))
         cell_attention = cell_logits.squeeze(-1).softmax(-1)  # [B,K,P*P]
-        subject = (cell_attention[..., None] * cells).sum(2) + self.colour(vis["colour"]) + self.category(vis["category"])
+        attributes = self.colour(vis["colour"]) + self.category(vis["category"])
+        subject = (cell_attention[..., None] * cells).sum(2) + attributes
         s_subject = _cosine(self.subject_out(subject), q[0][:, None])
         s_location = _cosine(self.location_out(vis["location"]), q[1][:, None])
         context_scores = _cosine(self.context_out(vis["contexts"]), q[2][:, None, None])  # [B,K,M]
