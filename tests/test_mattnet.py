@@ -266,3 +266,20 @@ def test_grounder_picks_one_of_the_given_detections(in_tiny, tmp_path):
     box = grounder.ground(image, "the red circle", candidates_from_detections(dets, "dets")).box_xyxy
     given = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)]
     assert any(np.allclose(box, g, atol=1e-3) for g in given)  # in the image's own pixels
+
+
+def test_new_detections_change_only_the_stamps_of_methods_that_rank_them(in_tiny):
+    from tests.conftest import write_params
+
+    methods = {"transvg": {"model": "transvg"}, "mattnet_erase": {"model": "mattnet"},
+               "mattnet_erase_det": {"model": "mattnet", "overrides": {"proposals": {
+                   "source": "detections", "detections_file": "dets/refshapes.json"}}}}
+
+    def stamps(**detections) -> dict:  # (not under data/: that is the session's shared tiny dataset)
+        write_params(in_tiny, methods=methods, detections={"dir": "dets", **detections})
+        stages.detections(load_config("params.yaml"))
+        return {m: (in_tiny / "dets/methods" / f"{m}.json").read_bytes() for m in methods}
+
+    before, after = stamps(seed=0), stamps(seed=1)
+    assert after["mattnet_erase_det"] != before["mattnet_erase_det"]  # dvc.yaml: its training reruns
+    assert after["transvg"] == before["transvg"] and after["mattnet_erase"] == before["mattnet_erase"]  # theirs not

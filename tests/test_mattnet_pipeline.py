@@ -13,7 +13,7 @@ from refvg import stages
 from refvg.config import load_config
 from tests.conftest import write_params
 
-DETS = {"source": "detections", "detections_file": "data/detections/refshapes.json"}
+DETS = {"source": "detections", "detections_file": "dets/refshapes.json"}  # not under data/: the shared tiny set
 METHODS = {
     "transvg": {"model": "transvg"},
     "mattnet_erase_det": {"model": "mattnet", "overrides": {"proposals": DETS}},
@@ -30,7 +30,7 @@ def test_detections_then_mattnet_erase_train_evaluate_report(in_tiny, prefect_ap
     from flows.stages import detections_flow, evaluate_flow, train_flow
 
     write_params(Path.cwd(), methods=METHODS, model=SMALL, train={"epochs": 1},
-                 detections={"drop_rate": 0.2, "false_positives": 2})
+                 detections={"dir": "dets", "drop_rate": 0.2, "false_positives": 2})
     cfg = load_config("params.yaml")
 
     out = detections_flow(params="params.yaml")
