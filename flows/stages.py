@@ -142,9 +142,10 @@ def teacher_flow(params: str = "params.yaml") -> dict:
     with stage_run(cfg, "teacher", params={"teacher": cfg.teacher.model_dump(mode="json")}) as tracker:
         result = work.with_options(name="teacher")(
             stages.teacher, cfg, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
-        tracker.log_metrics({**{f"val/{k}": v for k, v in result["val"].items()}, "teacher_seconds": result["seconds"]})
+        tracker.log_metrics({**{f"final_val/{k}": v for k, v in result["val"].items()}, "teacher_seconds": result["seconds"]})
         out = Path(result["out_dir"])
-        log_files(tracker, [out / "features" / "manifest.json", out / "model"])
+        log_files(tracker, [out / "features" / "manifest.json"])
+        upload(tracker.log_artifact, out / "model", "teacher", name="log-teacher")  # save_pretrained folder
     return {"val": result["val"], "out_dir": result["out_dir"], "work_seconds": result["seconds"]}
 
 

@@ -135,7 +135,8 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     if tcfg.pretrained:  # its own tokenizer: our prepared ids mean nothing to its embeddings
         tokenizer = load_tokenizer(tcfg.pretrained)
         model = ct.load_teacher(tcfg.pretrained, tcfg.projection_dim).to(device)
-        view = lambda split: ct.TeacherView(PreparedSplit(prepared, split), tokenizer, tcfg.max_text_tokens)  # noqa: E731
+        length = min(tcfg.max_text_tokens, model.config.text_config.max_position_embeddings)
+        view = lambda split: ct.TeacherView(PreparedSplit(prepared, split), tokenizer, length)  # noqa: E731
     else:
         tokenizer = load_tokenizer(prepared / TOKENIZER_DIR)
         model = ct.build_teacher(tcfg, manifest["image_size"], manifest["max_tokens"], tokenizer).to(device)
