@@ -145,7 +145,8 @@ def teacher_flow(params: str = "params.yaml") -> dict:
         tracker.log_metrics({**{f"final_val/{k}": v for k, v in result["val"].items()}, "teacher_seconds": result["seconds"]})
         out = Path(result["out_dir"])
         log_files(tracker, [out / "features" / "manifest.json"])
-        upload(tracker.log_artifact, out / "model", "teacher", name="log-teacher")  # save_pretrained folder
+        if (out / "model").exists():  # not when no method distils
+            upload(tracker.log_artifact, out / "model", "teacher", name="log-teacher")  # save_pretrained folder
     return {"val": result["val"], "out_dir": result["out_dir"], "work_seconds": result["seconds"]}
 
 

@@ -127,6 +127,8 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     from refvg.models import clip_teacher as ct
 
     t0 = time.perf_counter()
+    if not cfg.distill_methods:  # DVC runs every stage; without a student a teacher is wasted time
+        return _no_teacher(cfg, t0)
     tcfg = cfg.teacher
     prepared = prepared_path(cfg)
     manifest = read_manifest(prepared)
@@ -173,6 +175,17 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     tmp.rename(out)
     return {"out_dir": str(out), "features": meta, "val": recall, "history": history,
             "seconds": time.perf_counter() - t0}
+
+
+def _no_teacher(cfg: Config, t0: float) -> dict:
+    """The `teacher` stage's outputs when no method distils: a manifest that says so (DVC wants the outputs)."""
+    from refvg.data.teacher_features import FEATURES_DIR, write_manifest
+
+    out = teacher_dir(cfg)
+    shutil.rmtree(out, ignore_errors=True)
+    meta = {"skipped": "no method in distill_methods: no teacher trained"}
+    write_manifest(out / FEATURES_DIR, meta)
+    return {"out_dir": str(out), "features": meta, "val": {}, "history": [], "seconds": time.perf_counter() - t0}
 
 
 def _digest(*parts: bytes) -> str:

@@ -153,7 +153,7 @@ def test_pretrained_teacher_loads_by_folder_with_its_own_tokenizer(in_tiny, tmp_
     folder = tmp_path / "my-clip"
     ct.save_teacher(saved, own, folder)
 
-    cfg = load_config(write_params(in_tiny, teacher={**SMALL_TEACHER, "pretrained": str(folder)}))
+    cfg = load_config(write_params(in_tiny, teacher={**SMALL_TEACHER, "pretrained": str(folder)}, distill_methods=EPMVG))
     epochs = []
     result = stages.teacher(cfg, on_epoch_end=lambda m, e: epochs.append(e))
     assert result["history"] == [] and epochs == []  # used as is
@@ -185,6 +185,11 @@ def test_epmvg_without_the_teacher_names_the_stage(in_tiny):
     wrong = load_config(write_params(in_tiny, methods=EPMVG, teacher=SMALL_TEACHER))
     with pytest.raises(ConfigError, match="distill_methods"):
         stages.train_method(wrong, "epmvg")
+    # No method distils: the stage writes only a manifest that says so, and a student is told what to do.
+    skipped = stages.teacher(wrong)
+    assert skipped["history"] == [] and not (Path(cfg.teacher.out_dir) / "model").exists()
+    with pytest.raises(TeacherFeaturesError, match="distill_methods"):
+        stages.train_method(cfg, "epmvg")
     # Features of other prepared data are refused too.
     stages.teacher(cfg)
     manifest = Path(cfg.teacher.out_dir) / "features" / "manifest.json"

@@ -49,6 +49,7 @@ def write_features(folder: Path, split: str, patch: np.ndarray, sentence: np.nda
 
 
 def write_manifest(folder: Path, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -67,6 +68,9 @@ class WithTeacherFeatures(Dataset):
     def __init__(self, base: PreparedSplit, folder: Path, prepared: Path, dim: int | None = None):
         folder = Path(folder)
         meta = read_manifest(folder)
+        if "skipped" in meta:
+            raise TeacherFeaturesError(f"{folder / MANIFEST}: {meta['skipped']}; run the `teacher` stage with this "
+                                       f"method in distill_methods (dvc repro teacher)")
         want = data_fingerprint(prepared)
         if meta.get("data_fingerprint") != want:
             raise TeacherFeaturesError(
