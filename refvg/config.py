@@ -148,12 +148,12 @@ class EpmVGConfig(_Strict):
 
     # Feature consistency: 1 - cosine between the student's projected visual tokens (resampled to the
     # teacher's patch grid) and the teacher's patch features, over real (non-padding) cells ...
-    image_weight: float = Field(1.0, ge=0)
+    image_weight: float = Field(0.1, ge=0)
     # ... and between the student's projected sentence feature and the teacher's.
-    text_weight: float = Field(1.0, ge=0)
+    text_weight: float = Field(0.1, ge=0)
     # Similarity structure: KL between the teacher's and the student's row-softmaxed in-batch image-text
     # similarity matrices (both directions).
-    similarity_weight: float = Field(1.0, ge=0)
+    similarity_weight: float = Field(0.1, ge=0)
     temperature: float = Field(0.1, gt=0)  # of those softmaxes (cosine similarities / temperature)
 
     @property
