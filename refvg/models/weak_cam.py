@@ -211,7 +211,6 @@ class WeakCAM(nn.Module):
         """[B,B]: image i vs expression j, the smooth maximum over i's cells (padding excluded) of the scaled
         cosine similarity of the cell's and the expression's embeddings: an image matches an expression when one
         of its places does (pooling the whole image would blur the object with the rest of the scene)."""
-        b = visual.shape[0]
         keep = ~downsample_mask(pad, visual.shape[-2:]).flatten(1)  # [B,N]
         cells = F.normalize(self.image_embed(visual.flatten(2).transpose(1, 2)).float(), dim=-1)  # [B,N,E]
         m = tmask.float()[..., None]
