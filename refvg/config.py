@@ -142,6 +142,30 @@ class CMSAConfig(_Strict):
     keep_peak_component: bool = True
 
 
+class WeakCAMConfig(_Strict):
+    """Weakly supervised grounding by Grad-CAM (method weak_cam): trained on image-sentence pairs only.
+
+    The fusion transformer is `model.fusion`'s; these are the matching objective, the CAM encoder, the
+    attention-mining loss and how a box is read off the CAM at test time."""
+
+    itc_weight: float = Field(1.0, ge=0)  # in-batch image-text contrastive loss (the unimodal embeddings)
+    itm_weight: float = Field(1.0, ge=0)  # matching loss of the first fusion pass (positives + hard negatives)
+    cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
+    embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
+    cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
+    # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
+    # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
+    mining_weight: float = Field(1.0, ge=0)
+    mining_threshold: float = Field(0.5, gt=0, lt=1)
+    mining_sharpness: float = Field(10.0, gt=0)
+    # Test time: "threshold" keeps the CAM (upsampled to the square, padding excluded) above
+    # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight box;
+    # "candidates" returns the candidate box (proposals section) with the highest CAM mass / area^p.
+    localisation: Literal["threshold", "candidates"] = "candidates"
+    box_threshold: float = Field(0.5, gt=0, lt=1)
+    candidate_area_power: float = Field(1.0, ge=0, le=1)  # 1: mean CAM in the box; 0: total CAM mass
+
+
 class ProposalsConfig(_Strict):
     """Candidate boxes for the methods that rank candidates (refvg.data.proposals)."""
 
@@ -200,6 +224,25 @@ class MAttNetConfig(_Strict):
     erase: EraseConfig = EraseConfig()
 
 
+class EpmVGConfig(_Strict):
+    """EpmVG's cross-modal distillation from the CLIP teacher (section `teacher`), on top of TransVG's
+    grounding loss. Every weight 0: no distillation (the same student, trained without the teacher)."""
+
+    # Feature consistency: 1 - cosine between the student's projected visual tokens (resampled to the
+    # teacher's patch grid) and the teacher's patch features, over real (non-padding) cells ...
+    image_weight: float = Field(0.1, ge=0)
+    # ... and between the student's projected sentence feature and the teacher's.
+    text_weight: float = Field(0.1, ge=0)
+    # Similarity structure: KL between the teacher's and the student's row-softmaxed in-batch image-text
+    # similarity matrices (both directions).
+    similarity_weight: float = Field(0.1, ge=0)
+    temperature: float = Field(0.1, gt=0)  # of those softmaxes (cosine similarities / temperature)
+
+    @property
+    def distills(self) -> bool:
+        return max(self.image_weight, self.text_weight, self.similarity_weight) > 0
+
+
 class ModelConfig(_Strict):
     visual: VisualConfig = VisualConfig()
     text: TextConfig = TextConfig()
@@ -207,6 +250,8 @@ class ModelConfig(_Strict):
     qrnet: QRNetConfig = QRNetConfig()
     cmsa: CMSAConfig = CMSAConfig()
     mattnet: MAttNetConfig = MAttNetConfig()
+    weak_cam: WeakCAMConfig = WeakCAMConfig()
+    epmvg: EpmVGConfig = EpmVGConfig()
 
 
 class LossConfig(_Strict):
@@ -263,6 +308,38 @@ class MethodConfig(_Strict):
     language_blind: bool = False
     # Partial overrides of the shared sections, e.g. {"train": {"epochs": 20}}.
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherConfig(_Strict):
+    """The CLIP teacher (stage `teacher`, what EpmVG distils from): a pretrained CLIPModel, used as is, or a
+    small one trained contrastively on the train split (target crops and whole images vs expressions).
+
+    Its own section, not under `model`: every method's train stage depends on `model`, and a new teacher must
+    retrain only the methods that distil from it (`distill_methods`)."""
+
+    # A Hugging Face name or a local folder saved with save_pretrained (its own tokenizer alongside, and it
+    # sees our letterboxed images resized to its input size); None: the small config below, trained here.
+    pretrained: Optional[str] = None
+    out_dir: str = "checkpoints/teacher"  # model/ (save_pretrained + tokenizer) and features/ (cached)
+    # Small config: a ViT on the letterboxed data.image_size images and a text transformer over the
+    # prepared tokenizer's vocabulary.
+    patch_size: int = Field(8, gt=0)  # 8 at 64 px: the teacher's patch grid = the student's stride-8 grid
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    # Width of the joint embedding = of the cached features; with `pretrained`, set it to that model's
+    # projection_dim (e.g. 512): the student's projection heads are built to it.
+    projection_dim: int = Field(64, gt=0)
+    # Contrastive training (small config only)
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    whole_image_weight: float = Field(0.5, ge=0)  # InfoNCE of whole images vs expressions, next to crops'
+    seed: int = 0
+    max_text_tokens: int = Field(77, ge=4)  # pretrained tokenizer only: CLIP's context length
 
 
 class TrackingConfig(_Strict):
@@ -332,12 +409,28 @@ class Config(_Strict):
     parallel: ParallelConfig = ParallelConfig()
     proposals: ProposalsConfig = ProposalsConfig()
     detections: DetectionsConfig = DetectionsConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    # Methods that distil from the teacher: a table of their own so that only their DVC stages depend on the
+    # teacher's outputs (dvc.yaml `train_distill` / `evaluate_distill`); otherwise like `methods`.
+    distill_methods: dict[str, MethodConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_names_unique(self) -> "Config":
+        both = sorted(set(self.methods) & set(self.distill_methods))
+        if both:
+            raise ValueError(f"method(s) {both} declared in both methods and distill_methods")
+        return self
+
+    @property
+    def all_methods(self) -> dict[str, MethodConfig]:
+        """`methods` then `distill_methods`: every method the pipeline trains, evaluates and reports."""
+        return {**self.methods, **self.distill_methods}
 
     def for_method(self, name: str) -> "Config":
         """The config a method actually runs with: its overrides merged into the shared sections."""
-        if name not in self.methods:
-            raise ConfigError(f"unknown method {name!r}; params.yaml declares {sorted(self.methods)}")
-        overrides = self.methods[name].overrides
+        if name not in self.all_methods:
+            raise ConfigError(f"unknown method {name!r}; params.yaml declares {sorted(self.all_methods)}")
+        overrides = self.all_methods[name].overrides
         if not overrides:
             return self
         merged = _deep_merge(self.model_dump(mode="python"), overrides)

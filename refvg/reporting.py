@@ -15,7 +15,7 @@ from refvg.config import Config  # noqa: E402
 def collect(cfg: Config) -> dict[str, dict]:
     """method -> metrics payload, for each method of params.yaml that has been evaluated."""
     out = {}
-    for method in cfg.methods:
+    for method in cfg.all_methods:
         path = Path(cfg.eval.metrics_dir) / f"{method}.json"
         if path.exists():
             out[method] = json.loads(path.read_text())
@@ -40,9 +40,11 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
         lang = "blind (control)" if r.get("language_blind") else "yes"
         strict_txt = f"{strict:.3f}" if strict is not None else "-"
         lines.append(f"| {method} | {r['model']} | {lang} | " + " | ".join(accs) + f" | {strict_txt} |")
+    lines += _weak_note(results)
     lines += _mask_table(results, splits)
     lines += _ranking_table(results, splits)
-    missing = [m for m in cfg.methods if m not in results]
+    lines += _distillation_table(cfg, results, splits)
+    missing = [m for m in cfg.all_methods if m not in results]
     if missing:
         lines += ["", f"Not evaluated yet: {', '.join(missing)}."]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,15 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
     summary.write_text("\n".join(lines) + "\n")
     _bar_chart(results, splits, out_dir / "comparison.png")
     return summary
+
+
+def _weak_note(results: dict) -> list[str]:
+    """Which rows are weakly supervised: their accuracy is not comparable to the fully supervised rows'."""
+    weak = [m for m, r in results.items() if r.get("supervision") == "weak"]
+    if not weak:
+        return []
+    return ["", f"Weakly supervised (trained on image-sentence pairs only: no box, mask or target id; the box is "
+                f"read off a Grad-CAM): {', '.join(weak)}. The other rows are fully supervised."]
 
 
 def _mask_table(results: dict, splits: list[str]) -> list[str]:
@@ -99,6 +110,34 @@ def _ranking_table(results: dict, splits: list[str]) -> list[str]:
         source = r.get("proposals", {}).get("source", "-")
         lines.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _distillation_table(cfg: Config, results: dict, splits: list[str]) -> list[str]:
+    """Each method of distill_methods next to the method of `methods` with the same model (the same student
+    without the teacher), Acc@0.5 per split and the difference the distillation makes."""
+    rows = []
+    for method in cfg.distill_methods:
+        r = results.get(method)
+        plain = [m for m, c in cfg.methods.items() if c.model == cfg.distill_methods[method].model and m in results]
+        if r is None or not plain:
+            continue
+        base = results[plain[0]]
+        cells = []
+        for s in splits:
+            a, b = r["splits"].get(s, {}).get("acc@0.5"), base["splits"].get(s, {}).get("acc@0.5")
+            cells.append(f"{a:.3f} vs {b:.3f} ({a - b:+.3f})" if a is not None and b is not None else "-")
+        rows.append(f"| {method} vs {plain[0]} | " + " | ".join(cells) + f" | {r.get('best_epoch')} / {base.get('best_epoch')} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Distillation: each distilling method against the same model trained without the teacher (Acc@0.5, "
+        "with distillation vs without, and the difference).",
+        "",
+        "| with vs without | " + " | ".join(splits) + " | best epoch |",
+        "|---|" + "---|" * len(splits) + "---|",
+        *rows,
+    ]
 
 
 def _bar_chart(results: dict, splits: list[str], path: Path) -> None:

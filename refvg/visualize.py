@@ -86,6 +86,30 @@ def draw_grounding(image, box_xyxy, mask=None, color=(255, 0, 0)):
     return out
 
 
+def plot_cams(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], expressions: Sequence[str],
+              pred_xyxy: np.ndarray, gt_xyxy: np.ndarray, path: Path, cols: int = 4) -> None:
+    """Class activation maps (weakly supervised methods): each image with its CAM (same pixel frame, values in
+    [0, 1]) as a heat map over it, the box read off the CAM in red and the true box in green."""
+    n = len(images)
+    if n == 0:
+        return
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cam, text, p, g in zip(axes.flat, images, cams, expressions, pred_xyxy, gt_xyxy):
+        ax.imshow(img)
+        ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+        for box, color in ((g, "lime"), (p, "red")):
+            ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                       edgecolor=color, linewidth=2))
+        ax.set_title("\n".join(textwrap.wrap(f'"{text}"', 34)[:3]), fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[str, float]]],
                    module_weights: np.ndarray, chosen_xyxy: np.ndarray, cell_xyxy: np.ndarray,
                    context_xyxy: np.ndarray, gt_xyxy: np.ndarray, ious: np.ndarray, path: Path, cols: int = 4) -> None:

@@ -1,0 +1,284 @@
+"""Weakly supervised grounding by Grad-CAM (after the ICLR 2025 submission "Improve weakly supervised visual
+grounding by learning where to focus on"): trained on image-sentence pairs only, never a box.
+
+- Matching. A CNN backbone (model.visual) and the text encoder (model.text) give a visual map A [B,C,h,w] and
+  word features. Two objectives over the batch: an image-text contrastive loss on pooled embeddings over the
+  whole in-batch image x expression grid (pairs showing the same image are all positives: RefShapes has
+  several expressions per image), and a matching loss of the fusion transformer (refvg.models.vl.VLTransformer,
+  its [REG] output -> one logit) on each positive pair and one hard negative image per expression, drawn from
+  the contrastive similarities (ALBEF's hard negatives: random ones are too easy to force the fusion to look
+  for the described object).
+- Grad-CAM. alpha_c = mean over cells of d score / d A_c; cam = ReLU(sum_c alpha_c A_c), padding cells
+  zeroed, divided by its peak. Computed inside the forward with torch.autograd.grad, differentiably
+  (create_graph) where the attention-mining loss needs to push on it.
+- CAM encoder. A small conv net embeds the first pass's CAM into C channels added to A, and the fusion runs
+  again on it (second pass, same weights, its own matching loss): the fusion sees where the first pass looked.
+  Its last conv starts at zero, so the second pass starts as the first. The second pass's Grad-CAM is the
+  fused CAM, the one a box is read from.
+- Attention mining (as in GAIN, Li et al. 2018). A is multiplied by 1 - sigmoid((cam - t) * w), the fused
+  CAM's soft complement, and the positive pair's matching score of what remains is penalised
+  (softplus(score): BCE towards "no match"). While a part of the object is left outside the CAM the
+  remaining image still matches, so the CAM is pushed to cover the whole object, not only its most
+  discriminative part. Weight 0 is the ablation (weak_cam_no_mining).
+- Localisation (test time): the fused CAM, upsampled to the letterboxed square with padding excluded, either
+  thresholded at a fraction of its peak, keeping the connected region that holds the peak (its tight box),
+  or used to rank the candidate boxes (refvg.data.proposals) by CAM mass / area^p.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from refvg.config import Config, WeakCAMConfig
+from refvg.data.transforms import cxcywh_to_xyxy
+from refvg.models.backbones import build_text_encoder, build_visual_backbone
+from refvg.models.cmsa import mask_to_box, peak_component
+from refvg.models.registry import register_model
+from refvg.models.transvg import backbone_param_groups
+from refvg.models.vl import VLTransformer, downsample_mask
+
+
+def grad_cam(score: torch.Tensor, fmap: torch.Tensor, valid: torch.Tensor | None = None,
+             create_graph: bool = False) -> torch.Tensor:
+    """Grad-CAM of per-sample scores [B] w.r.t. a feature map [B,C,h,w] that produced them (sample i's score
+    depends only on fmap[i]): ReLU(sum_c mean_hw(d score / d fmap)_c * fmap_c), zero where `valid` [B,h,w] is
+    False, divided by each map's peak (an all-zero map stays zero). [B,h,w]. `create_graph`: differentiable
+    (the gradients' graph is kept, so a loss on the CAM trains the weights that made it)."""
+    (grads,) = torch.autograd.grad(score.sum(), fmap, create_graph=create_graph, retain_graph=True)
+    weights = grads.mean((2, 3), keepdim=True)
+    cam = F.relu((weights * fmap).sum(1))
+    if valid is not None:
+        cam = cam * valid
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+
+
+def cam_to_square(cam: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Feature-map CAMs [B,h,w] -> [B,S,S] at the letterbox size of `pad` (bool [B,S,S], True = padding):
+    bilinear upsampling, padding zeroed, divided by the peak again."""
+    sq = F.interpolate(cam[:, None].float(), size=pad.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    sq = sq.clamp_min(0).masked_fill(pad, 0)
+    return sq / sq.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+
+
+def threshold_box(cam_sq: torch.Tensor, pad: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Box [B,4] (cxcywh normalised to the square) of a peak-normalised square CAM: the connected region of
+    cam >= threshold that holds the CAM's peak (refvg.models.cmsa.peak_component, the same read-out CMSA uses
+    for its masks), as its tight box."""
+    logits = cam_sq - threshold + 1e-6  # >= threshold -> positive; the peak (1) is always inside
+    region = peak_component(logits, pad)
+    return mask_to_box(torch.where(region, 1.0, -1.0), pad)
+
+
+def candidate_scores(cam_sq: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, area_power: float) -> torch.Tensor:
+    """Each candidate's CAM mass / area^p, [B,K]; -inf for padding candidates. `boxes` [B,K,4] cxcywh
+    normalised to the square; a pixel belongs to a box when its centre lies inside."""
+    b, s, _ = cam_sq.shape
+    x0, y0, x1, y1 = (cxcywh_to_xyxy(boxes.float()) * s).unbind(-1)  # [B,K] in pixels
+    centres = torch.arange(s, device=cam_sq.device, dtype=torch.float32) + 0.5
+    in_x = (centres[None, None] >= x0[..., None]) & (centres[None, None] < x1[..., None])  # [B,K,S]
+    in_y = (centres[None, None] >= y0[..., None]) & (centres[None, None] < y1[..., None])
+    # mass = sum over the box's rows of the CAM summed over its columns: [B,K,S] x [B,S,S] -> no [B,K,S,S]
+    mass = torch.einsum("bky,byx,bkx->bk", in_y.float(), cam_sq.float(), in_x.float())
+    area = (in_x.sum(-1) * in_y.sum(-1)).clamp_min(1).float()
+    return (mass / area**area_power).masked_fill(~valid, float("-inf"))
+
+
+class CAMEncoder(nn.Module):
+    """CAM [B,h,w] -> [B,C,h,w], added to the visual map the fusion reads."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, hidden, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(hidden, channels, 1))
+        nn.init.zeros_(self.body[-1].weight)  # the second pass starts as the first
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, cam: torch.Tensor) -> torch.Tensor:
+        return self.body(cam[:, None])
+
+
+class RegionMatchHead(nn.Module):
+    """Matching logit of a fused pair: a logit per visual token from the token and the [REG] output (which has
+    read the expression), pooled by a smooth maximum (log-mean-exp): the pair matches when some place does,
+    so the score, and its Grad-CAM, rest on the described object rather than on the scene as a whole."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, 1)
+
+    def forward(self, reg: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """reg [B,D], visual tokens [B,N,D], pad bool [B,N] (True = padding) -> [B]."""
+        logits = self.out(F.gelu(self.key(tokens) * self.query(reg)[:, None])).squeeze(-1).float()
+        logits = logits.masked_fill(pad, float("-inf"))
+        return logits.logsumexp(-1) - (~pad).sum(-1).float().log()
+
+
+class WeakCAM(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        w = m.weak_cam
+        max_len = max(64, cfg.data.max_tokens)
+        self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
+        self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max_len)
+        channels = self.visual.out_channels[-1]
+        self.fusion = VLTransformer(channels, self.text.hidden_size, m.fusion, max_len)
+        self.match_head = RegionMatchHead(m.fusion.d_model)
+        self.cam_encoder = CAMEncoder(channels, w.cam_channels)
+        self.image_embed = nn.Linear(channels, w.embed_dim)
+        self.text_embed = nn.Linear(self.text.hidden_size, w.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    @property
+    def wcfg(self) -> WeakCAMConfig:
+        return self.cfg.model.weak_cam
+
+    def score(self, visual: torch.Tensor, pixel_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+              cam: torch.Tensor | None = None) -> torch.Tensor:
+        """Matching logit [B] of (visual map, expression) pairs; with `cam`, the CAM embedding is added first."""
+        if cam is not None:
+            visual = visual + self.cam_encoder(cam).to(visual.dtype)
+        reg, tokens = self.fusion(visual, pixel_mask, text, text_mask)
+        grid = visual.shape[-2:]
+        pad = downsample_mask(pixel_mask, grid).flatten(1)
+        return self.match_head(reg, tokens[:, -grid[0] * grid[1]:], pad)
+
+    def two_pass_cams(self, visual, pixel_mask, text, text_mask, differentiable: int = 0):
+        """(first-pass score and CAM, second-pass score and CAM) of pairs; the second pass reads the first
+        CAM (detached: a hint, not a path for gradients). The fused CAMs of the first `differentiable` rows
+        keep their graph; those rows take the math attention kernel (the fused CPU/GPU kernels have no double
+        backward) and the rest the fast one, which is why the second pass runs in two parts."""
+        valid = ~downsample_mask(pixel_mask, visual.shape[-2:])
+        s1 = self.score(visual, pixel_mask, text, text_mask)
+        cam1 = grad_cam(s1, visual, valid).detach()
+        s2, cam2 = [], []
+        for rows in (slice(0, differentiable), slice(differentiable, None)):
+            part = (visual[rows], pixel_mask[rows], text[rows], text_mask[rows])
+            if len(part[0]) == 0:
+                continue
+            keep_graph = rows.start == 0 and differentiable > 0
+            with sdpa_kernel(SDPBackend.MATH) if keep_graph else contextlib.nullcontext():
+                s = self.score(*part, cam=cam1[rows])
+                cam2.append(grad_cam(s, part[0], valid[rows], create_graph=keep_graph))
+            s2.append(s)
+        return s1, cam1, torch.cat(s2), torch.cat(cam2)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.training:
+            return self._train_forward(batch)
+        with torch.enable_grad():  # Grad-CAM needs gradients, also under the evaluator's no_grad
+            return self._localise(batch)
+
+    # ---------------------------------------------------------------- training: pairs, matching, mining
+    def _train_forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        if "image_index" not in batch:
+            raise KeyError("weak_cam trains on refvg.data.weak.WeakSplit batches (image-sentence pairs with "
+                           "their image_index); this batch has none")
+        visual = self.visual(batch["image"])[-1]
+        words = self.text(batch["input_ids"], batch["attention_mask"])
+        pad, tmask = batch["pixel_mask"], batch["attention_mask"]
+        logits = self._contrastive_logits(visual, pad, words, tmask)
+        same = batch["image_index"][:, None] == batch["image_index"][None, :]
+        neg_image, has_neg = _hard_negatives(logits.detach().t(), same)  # per expression: another image
+        b = visual.shape[0]
+        # Pair rows: B positives, then B (expression, another image). Negatives that pair an image with another
+        # expression would teach text discrimination, which the contrastive loss already does, at a third more
+        # fusion compute; negative images are what makes the match depend on where the object is.
+        pv = torch.cat([visual, visual[neg_image]])
+        ppad = torch.cat([pad, pad[neg_image]])
+        pw, ptm = torch.cat([words, words]), torch.cat([tmask, tmask])
+        labels = torch.cat([visual.new_ones(b), visual.new_zeros(b)]).float()
+        weights = torch.cat([visual.new_ones(b), has_neg.float()]).float()
+        mining = self.wcfg.mining_weight > 0
+        # Only the positives' fused CAMs are mined, so only they need a differentiable Grad-CAM.
+        s1, cam1, s2, cam2 = self.two_pass_cams(pv, ppad, pw, ptm, differentiable=b if mining else 0)
+        out = {"contrastive_logits": logits, "same_image": same, "match1": s1, "match2": s2,
+               "match_labels": labels, "match_weights": weights, "cam": cam2[:b].detach()}
+        if mining:
+            keep = 1 - torch.sigmoid((cam2[:b] - self.wcfg.mining_threshold) * self.wcfg.mining_sharpness)
+            out["mined"] = self.score(visual * keep[:, None].to(visual.dtype), pad, words, tmask)
+        return out
+
+    def _contrastive_logits(self, visual, pad, words, tmask) -> torch.Tensor:
+        """[B,B]: image i vs expression j, the smooth maximum over i's cells (padding excluded) of the scaled
+        cosine similarity of the cell's and the expression's embeddings: an image matches an expression when one
+        of its places does (pooling the whole image would blur the object with the rest of the scene)."""
+        keep = ~downsample_mask(pad, visual.shape[-2:]).flatten(1)  # [B,N]
+        cells = F.normalize(self.image_embed(visual.flatten(2).transpose(1, 2)).float(), dim=-1)  # [B,N,E]
+        m = tmask.float()[..., None]
+        txt = F.normalize(self.text_embed((words * m).sum(1) / m.sum(1).clamp_min(1)).float(), dim=-1)  # [B,E]
+        sim = self.logit_scale.clamp(max=math.log(100)).exp() * torch.einsum("ine,je->ijn", cells, txt)
+        sim = sim.masked_fill(~keep[:, None], float("-inf"))
+        return sim.logsumexp(-1) - keep.sum(1, keepdim=True).float().log()
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        w = self.wcfg
+        itc = _multi_positive_nce(outputs["contrastive_logits"], outputs["same_image"])
+        weights = outputs["match_weights"]
+        itm1 = _weighted_bce(outputs["match1"], outputs["match_labels"], weights)
+        itm2 = _weighted_bce(outputs["match2"], outputs["match_labels"], weights)
+        losses = {"itc": itc, "itm": itm1, "itm_cam": itm2}
+        total = w.itc_weight * itc + w.itm_weight * itm1 + w.cam_itm_weight * itm2
+        if "mined" in outputs:
+            losses["mining"] = F.softplus(outputs["mined"]).mean()  # -log(1 - p(match)) of what the CAM left
+            total = total + w.mining_weight * losses["mining"]
+        losses["loss"] = total
+        return losses
+
+    # ---------------------------------------------------------------- test: CAM -> box
+    def _localise(self, batch: dict) -> dict[str, torch.Tensor]:
+        # Detached from the backbone: only d score / d A is needed, not gradients through the CNN.
+        visual = self.visual(batch["image"])[-1].detach().requires_grad_(True)
+        words = self.text(batch["input_ids"], batch["attention_mask"]).detach()
+        pad = batch["pixel_mask"]
+        s1, cam1, s2, cam2 = self.two_pass_cams(visual, pad, words, batch["attention_mask"])
+        cam_sq = cam_to_square(cam2.detach(), pad)
+        box = threshold_box(cam_sq, pad, self.wcfg.box_threshold)
+        if self.wcfg.localisation == "candidates":
+            if "cand_boxes" not in batch:
+                raise KeyError("model.weak_cam.localisation is 'candidates' but the batch has no cand_boxes "
+                               "(open the split through refvg.stages.open_split)")
+            scores = candidate_scores(cam_sq, batch["cand_boxes"], batch["cand_valid"], self.wcfg.candidate_area_power)
+            best = scores.argmax(1)
+            picked = batch["cand_boxes"][torch.arange(len(best), device=best.device), best].float()
+            has = batch["cand_valid"].any(1)[:, None]
+            box = torch.where(has, picked, box)  # an image without candidates keeps the threshold box
+        return {"pred_boxes": box, "cam": cam_sq, "first_cam": cam_to_square(cam1, pad), "match": s2.detach()}
+
+    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+        return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)
+
+
+def _hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of similarities [B,B], a column drawn with probability softmax(sim) among the columns that
+    are not the row's own image; (index [B], has-one [B]). A row with no such column gets itself, flagged."""
+    weights = sim.float().softmax(1).masked_fill(same, 0)
+    ok = weights.sum(1) > 0
+    weights[~ok] = same[~ok].float()  # any column; the pair's loss weight is 0
+    return torch.multinomial(weights, 1).squeeze(1), ok
+
+
+def _multi_positive_nce(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair showing the same image is a positive (target spread evenly)."""
+    target = same.float() / same.float().sum(1, keepdim=True)
+    i2t = -(target * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(target.t() * logits.t().log_softmax(1)).sum(1).mean()
+    return (i2t + t2i) / 2
+
+
+def _weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+    return (loss * weights).sum() / weights.sum().clamp_min(1)
+
+
+@register_model("weak_cam", needs=("candidates",), weak=True)
+def build_weak_cam(cfg: Config, vocab_size: int, pad_token_id: int) -> WeakCAM:
+    return WeakCAM(cfg, vocab_size, pad_token_id)
