@@ -41,7 +41,7 @@ def run(cmd: list[str], env: dict | None = None) -> float:
 def bare_pipeline(params: dict) -> dict[str, float]:
     """The stages of dvc.yaml, in order, as plain CLI processes."""
     shutil.rmtree(params["train"]["checkpoint_dir"], ignore_errors=True)  # no resume: train from scratch
-    steps = [["generate"], ["prepare"]]
+    steps = [["generate"], ["prepare"], ["detections"]]
     for method in params["methods"]:
         steps += [["train", "--method", method], ["evaluate", "--method", method]]
     steps.append(["report"])

@@ -1,13 +1,17 @@
 """The whole pipeline as one Prefect flow (what a scheduled deployment runs): generate -> prepare ->
-train + evaluate every method of params.yaml -> report, in one process, each stage a subflow with its own
-MLflow child run under one parent. `dvc repro` runs the same stage flows one process per stage, and skips
+teacher (when a method distils) -> train + evaluate every method of params.yaml -> report, in one process,
+each stage a subflow with its own MLflow child run under one parent. `dvc repro` runs the same stage flows one process per stage, and skips
 what is up to date."""
 from __future__ import annotations
 
 from prefect import flow
 
 from flows.runtime import stage_parser, timed_main
-from flows.stages import cfg_methods, evaluate_flow, generate_flow, prepare_flow, report_flow, train_flow
+from flows.stages import (
+    cfg_methods, detections_flow, evaluate_flow, generate_flow, prepare_flow, report_flow, teacher_flow,
+    train_flow,
+)
+from refvg.config import load_config
 
 
 @flow(name="refvg-pipeline")
@@ -16,6 +20,9 @@ def pipeline_flow(params: str = "params.yaml", generate: bool = True) -> dict:
     if generate:
         work += generate_flow(params=params)["work_seconds"]
     work += prepare_flow(params=params)["work_seconds"]
+    work += detections_flow(params=params)["work_seconds"]
+    if load_config(params).distill_methods:  # the teacher the distilling methods learn from
+        work += teacher_flow(params=params)["work_seconds"]
     results = {}
     for method in cfg_methods(params):
         trained = train_flow(method=method, params=params)

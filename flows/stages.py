@@ -119,12 +119,24 @@ def prepare_flow(params: str = "params.yaml") -> dict:
     return {"manifest": manifest, "work_seconds": seconds}
 
 
+@flow(name="detections")
+def detections_flow(params: str = "params.yaml") -> dict:
+    cfg = load_config(params)
+    with stage_run(cfg, "detections", params={"detections": cfg.detections.model_dump(mode="json")}) as tracker:
+        t0 = time.perf_counter()
+        summary = work.with_options(name="stand-in-detections")(stages.detections, cfg)
+        seconds = time.perf_counter() - t0
+        tracker.log_metrics({"detections_seconds": seconds, **_numbers(summary)})
+        log_files(tracker, [summary["file"]])
+    return {"summary": summary, "work_seconds": seconds}
+
+
 @flow(name="train")
 def train_flow(method: str, params: str = "params.yaml") -> dict:
     cfg = load_config(params)
     run_cfg = cfg.for_method(method)
     with stage_run(cfg, f"train@{method}", run_name=f"train {method}",
-                   params={"method": cfg.methods[method].model_dump(mode="json"), **run_cfg.model_dump(mode="json")}) as tracker:
+                   params={"method": cfg.all_methods[method].model_dump(mode="json"), **run_cfg.model_dump(mode="json")}) as tracker:
         result = work.with_options(name=f"train-{method}")(
             stages.train_method, cfg, method, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
         tracker.log_metrics({"best_val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
@@ -132,6 +144,22 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
         upload(tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR, name="log-model")
     return {"best_score": result.best_score, "best_epoch": result.best_epoch,
             "samples_per_second": result.samples_per_second, "work_seconds": result.compute_seconds}
+
+
+@flow(name="teacher")
+def teacher_flow(params: str = "params.yaml") -> dict:
+    """The CLIP teacher the distilling methods learn from: its own MLflow run (per-epoch contrastive loss and
+    val retrieval recall), the model folder and the features' manifest as artifacts."""
+    cfg = load_config(params)
+    with stage_run(cfg, "teacher", params={"teacher": cfg.teacher.model_dump(mode="json")}) as tracker:
+        result = work.with_options(name="teacher")(
+            stages.teacher, cfg, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
+        tracker.log_metrics({**{f"final_val/{k}": v for k, v in result["val"].items()}, "teacher_seconds": result["seconds"]})
+        out = Path(result["out_dir"])
+        log_files(tracker, [out / "features" / "manifest.json"])
+        if (out / "model").exists():  # not when no method distils
+            upload(tracker.log_artifact, out / "model", "teacher", name="log-teacher")  # save_pretrained folder
+    return {"val": result["val"], "out_dir": result["out_dir"], "work_seconds": result["seconds"]}
 
 
 @flow(name="evaluate")
@@ -172,4 +200,4 @@ def _numbers(d: dict, prefix: str = "") -> dict:
 
 def cfg_methods(params: str) -> list[str]:
     cfg: Config = load_config(params)
-    return list(cfg.methods)
+    return list(cfg.all_methods)

@@ -173,9 +173,78 @@ class WeakCAMConfig(_Strict):
 class ProposalsConfig(_Strict):
     """Candidate boxes for the methods that rank candidates (refvg.data.proposals)."""
 
-    source: Literal["gt"] = "gt"  # gt: every annotated object of the image (written by `prepare`)
+    # gt: every annotated object of the image (written by `prepare`); detections: the boxes of `detections_file`
+    source: Literal["gt", "detections"] = "gt"
     max_candidates: int = Field(16, gt=0)  # per image, the highest-scoring; more are dropped
     match_iou: float = Field(0.5, gt=0, le=1)  # a candidate is the target when its IoU with it is at least this
+    # source "detections": a COCO results JSON ([{image_id, category_id, bbox: [x, y, w, h], score}, ...]) over
+    # the images of data.root/data.dataset/instances.json, read with pycocotools' loadRes
+    detections_file: Optional[str] = None
+    min_score: float = Field(0.0, ge=0)  # source "detections": boxes scored below this are dropped
+
+    @model_validator(mode="after")
+    def _file_for_detections(self) -> "ProposalsConfig":
+        if self.source == "detections" and not self.detections_file:
+            raise ValueError("source 'detections' needs detections_file (a COCO results JSON)")
+        return self
+
+
+class DetectionsConfig(_Strict):
+    """The `detections` stage: a STAND-IN for a real detector's results file, made by perturbing the
+    ground-truth boxes (refvg.data.detections), so the detection-proposal setting runs without a detector."""
+
+    # Writes <dir>/<data.dataset>.json (the COCO results JSON) and <dir>/methods/<method>.json, what each method
+    # ranks (its proposals settings, and the hash of its detections file): the one file of this folder that
+    # dvc.yaml makes a method's training depend on, so only the methods that rank detections rerun when they change.
+    dir: str = "data/detections"
+    seed: int = 0
+    jitter: float = Field(0.1, ge=0, lt=1)  # each box edge moves by N(0, jitter x box side)
+    drop_rate: float = Field(0.05, ge=0, lt=1)  # fraction of objects the "detector" misses
+    false_positives: int = Field(2, ge=0)  # per image: boxes on background/parts, scored lower
+    true_score_min: float = Field(0.5, gt=0, lt=1)  # kept objects score in [this, 1); false positives below it
+
+
+class EraseConfig(_Strict):
+    """CM-Erase: train on the sample and on a copy with its most attended evidence erased."""
+
+    # none: the ablation | language: the most attended word -> [MASK] | visual: the most attended subject
+    # sub-region or context object -> zeros (whichever of the two modules weighs more) | both: one of the two
+    # per sample, at random
+    type: Literal["none", "language", "visual", "both"] = "both"
+    rate: float = Field(1.0, ge=0, le=1)  # fraction of the batch's samples that also train erased
+
+
+class MAttNetConfig(_Strict):
+    """MAttNet-style modular matching over candidate boxes (method mattnet), with CM-Erase."""
+
+    d_model: int = Field(64, gt=0)  # width of the phrase and module embeddings
+    roi_size: int = Field(3, gt=0)  # RoI align output bins per side (the subject's attention grid)
+    roi_samples: int = Field(2, gt=0)  # bilinear samples per bin side, averaged
+    neighbours: int = Field(5, ge=0)  # location module: offsets to this many same-category neighbours
+    max_contexts: int = Field(5, ge=1)  # relation module: the nearest other candidates
+    num_categories: int = Field(100, gt=0)  # category ids below this get an embedding (COCO's go to 90)
+    rank_margin: float = Field(0.1, ge=0)  # hinge margin against mismatched expressions / images
+    rank_weight: float = Field(1.0, ge=0)  # weight of the ranking loss (cross-entropy over candidates: 1)
+    erase: EraseConfig = EraseConfig()
+
+
+class EpmVGConfig(_Strict):
+    """EpmVG's cross-modal distillation from the CLIP teacher (section `teacher`), on top of TransVG's
+    grounding loss. Every weight 0: no distillation (the same student, trained without the teacher)."""
+
+    # Feature consistency: 1 - cosine between the student's projected visual tokens (resampled to the
+    # teacher's patch grid) and the teacher's patch features, over real (non-padding) cells ...
+    image_weight: float = Field(0.1, ge=0)
+    # ... and between the student's projected sentence feature and the teacher's.
+    text_weight: float = Field(0.1, ge=0)
+    # Similarity structure: KL between the teacher's and the student's row-softmaxed in-batch image-text
+    # similarity matrices (both directions).
+    similarity_weight: float = Field(0.1, ge=0)
+    temperature: float = Field(0.1, gt=0)  # of those softmaxes (cosine similarities / temperature)
+
+    @property
+    def distills(self) -> bool:
+        return max(self.image_weight, self.text_weight, self.similarity_weight) > 0
 
 
 class ModelConfig(_Strict):
@@ -184,7 +253,9 @@ class ModelConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
     qrnet: QRNetConfig = QRNetConfig()
     cmsa: CMSAConfig = CMSAConfig()
+    mattnet: MAttNetConfig = MAttNetConfig()
     weak_cam: WeakCAMConfig = WeakCAMConfig()
+    epmvg: EpmVGConfig = EpmVGConfig()
 
 
 class LossConfig(_Strict):
@@ -241,6 +312,38 @@ class MethodConfig(_Strict):
     language_blind: bool = False
     # Partial overrides of the shared sections, e.g. {"train": {"epochs": 20}}.
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherConfig(_Strict):
+    """The CLIP teacher (stage `teacher`, what EpmVG distils from): a pretrained CLIPModel, used as is, or a
+    small one trained contrastively on the train split (target crops and whole images vs expressions).
+
+    Its own section, not under `model`: every method's train stage depends on `model`, and a new teacher must
+    retrain only the methods that distil from it (`distill_methods`)."""
+
+    # A Hugging Face name or a local folder saved with save_pretrained (its own tokenizer alongside, and it
+    # sees our letterboxed images resized to its input size); None: the small config below, trained here.
+    pretrained: Optional[str] = None
+    out_dir: str = "checkpoints/teacher"  # model/ (save_pretrained + tokenizer) and features/ (cached)
+    # Small config: a ViT on the letterboxed data.image_size images and a text transformer over the
+    # prepared tokenizer's vocabulary.
+    patch_size: int = Field(8, gt=0)  # 8 at 64 px: the teacher's patch grid = the student's stride-8 grid
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    # Width of the joint embedding = of the cached features; with `pretrained`, set it to that model's
+    # projection_dim (e.g. 512): the student's projection heads are built to it.
+    projection_dim: int = Field(64, gt=0)
+    # Contrastive training (small config only)
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    whole_image_weight: float = Field(0.5, ge=0)  # InfoNCE of whole images vs expressions, next to crops'
+    seed: int = 0
+    max_text_tokens: int = Field(77, ge=4)  # pretrained tokenizer only: CLIP's context length
 
 
 class TrackingConfig(_Strict):
@@ -309,12 +412,29 @@ class Config(_Strict):
     storage: StorageConfig = StorageConfig()
     parallel: ParallelConfig = ParallelConfig()
     proposals: ProposalsConfig = ProposalsConfig()
+    detections: DetectionsConfig = DetectionsConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    # Methods that distil from the teacher: a table of their own so that only their DVC stages depend on the
+    # teacher's outputs (dvc.yaml `train_distill` / `evaluate_distill`); otherwise like `methods`.
+    distill_methods: dict[str, MethodConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_names_unique(self) -> "Config":
+        both = sorted(set(self.methods) & set(self.distill_methods))
+        if both:
+            raise ValueError(f"method(s) {both} declared in both methods and distill_methods")
+        return self
+
+    @property
+    def all_methods(self) -> dict[str, MethodConfig]:
+        """`methods` then `distill_methods`: every method the pipeline trains, evaluates and reports."""
+        return {**self.methods, **self.distill_methods}
 
     def for_method(self, name: str) -> "Config":
         """The config a method actually runs with: its overrides merged into the shared sections."""
-        if name not in self.methods:
-            raise ConfigError(f"unknown method {name!r}; params.yaml declares {sorted(self.methods)}")
-        overrides = self.methods[name].overrides
+        if name not in self.all_methods:
+            raise ConfigError(f"unknown method {name!r}; params.yaml declares {sorted(self.all_methods)}")
+        overrides = self.all_methods[name].overrides
         if not overrides:
             return self
         merged = _deep_merge(self.model_dump(mode="python"), overrides)

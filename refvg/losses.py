@@ -1,5 +1,6 @@
 """Training losses. Box part: L1 + GIoU on normalised cxcywh boxes (as in DETR / TransVG). Mask part:
-per-pixel BCE + soft Dice on mask logits (referring segmentation).
+per-pixel BCE + soft Dice on mask logits (referring segmentation). Distillation part (EpmVG): feature
+consistency with a teacher and consistency of the in-batch image-text similarity structure.
 
 Computed in float32 whatever the autocast dtype: GIoU divides small areas, which bf16 handles poorly.
 """
@@ -47,3 +48,57 @@ def mask_loss(
     total = prob.flatten(1).sum(-1) + (target * valid).flatten(1).sum(-1)
     dice = (1 - (2 * inter + 1) / (total + 1)).mean()
     return {"loss": bce_weight * bce + dice_weight * dice, "bce": bce, "dice": dice}
+
+
+# ------------------------------------------------------------------ cross-modal distillation (EpmVG)
+# The teacher's features are constants: every function below detaches them, so no gradient can reach a
+# teacher whatever the caller passes.
+
+
+def feature_consistency_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of 1 - cos(student, teacher) over the positions kept by `valid` (all when None).
+
+    student, teacher [..., D] of one shape (features already in the teacher's space); valid bool [...]. Cosine
+    rather than L2: the teacher's feature norms carry nothing the student should copy (a CLIP embedding is
+    only ever used normalised)."""
+    cos = F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1)
+    if valid is None:
+        return (1 - cos).mean()
+    keep = valid.float()
+    return ((1 - cos) * keep).sum() / keep.sum().clamp_min(1)
+
+
+def similarity_structure_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
+                              teacher_text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) between the softmaxed rows of the in-batch image-text cosine similarity matrices
+    [B, B], image->text and text->image, averaged: the student's images and texts must relate to each other
+    as the teacher's do, not only sit near the teacher's features one by one. Inputs [B, D] (student and
+    teacher widths may differ: each side is compared with itself)."""
+    s = F.normalize(student_image.float(), dim=-1) @ F.normalize(student_text.float(), dim=-1).T / temperature
+    t = F.normalize(teacher_image.detach().float(), dim=-1) @ F.normalize(teacher_text.detach().float(), dim=-1).T / temperature
+
+    def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                        reduction="batchmean")
+
+    return (kl(s, t) + kl(s.T, t.T)) / 2
+
+
+def distillation_losses(student_tokens: torch.Tensor, student_sentence: torch.Tensor, teacher_tokens: torch.Tensor,
+                        teacher_sentence: torch.Tensor, valid: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """EpmVG's three terms, unweighted: {"distill_image", "distill_text", "distill_similarity"}.
+
+    student_tokens / teacher_tokens [B, N, D] on one grid (N cells), valid bool [B, N] (False on letterbox
+    padding), student_sentence / teacher_sentence [B, D]. The image side of the similarity structure is each
+    image's mean feature over its valid cells, taken the same way for student and teacher."""
+    keep = valid.unsqueeze(-1).float()
+
+    def pooled(tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens.float() * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+    return {
+        "distill_image": feature_consistency_loss(student_tokens, teacher_tokens, valid),
+        "distill_text": feature_consistency_loss(student_sentence, teacher_sentence),
+        "distill_similarity": similarity_structure_loss(pooled(student_tokens), student_sentence,
+                                                        pooled(teacher_tokens.detach()), teacher_sentence, temperature),
+    }

@@ -15,7 +15,7 @@ from refvg.config import Config  # noqa: E402
 def collect(cfg: Config) -> dict[str, dict]:
     """method -> metrics payload, for each method of params.yaml that has been evaluated."""
     out = {}
-    for method in cfg.methods:
+    for method in cfg.all_methods:
         path = Path(cfg.eval.metrics_dir) / f"{method}.json"
         if path.exists():
             out[method] = json.loads(path.read_text())
@@ -42,7 +42,9 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
         lines.append(f"| {method} | {r['model']} | {lang} | " + " | ".join(accs) + f" | {strict_txt} |")
     lines += _weak_note(results)
     lines += _mask_table(results, splits)
-    missing = [m for m in cfg.methods if m not in results]
+    lines += _ranking_table(results, splits)
+    lines += _distillation_table(cfg, results, splits)
+    missing = [m for m in cfg.all_methods if m not in results]
     if missing:
         lines += ["", f"Not evaluated yet: {', '.join(missing)}."]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +83,61 @@ def _mask_table(results: dict, splits: list[str]) -> list[str]:
             cells.append(f"{m['oIoU']:.3f} / {m['mIoU']:.3f} / {m['prec@0.5']:.3f}" if m else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _ranking_table(results: dict, splits: list[str]) -> list[str]:
+    """Methods that rank candidate boxes: Acc@0.5 next to its ceiling, the fraction of expressions whose target
+    is among the candidates at all (a sample without it is a miss), per split and proposal source."""
+    ranked = {m: r for m, r in results.items() if any("candidates" in v for v in r["splits"].values())}
+    if not ranked:
+        return []
+    lines = [
+        "",
+        "Candidate ranking (methods that pick one of the image's candidate boxes): Acc@0.5 / target recall, the "
+        "fraction of expressions whose target is among the candidates (IoU >= proposals.match_iou), the ceiling "
+        "of Acc@0.5. gt: the image's annotated objects; detections: a detector's boxes (here the `detections` "
+        "stage's stand-in).",
+        "",
+        "| method | proposals | " + " | ".join(f"{s} Acc@0.5 / recall" for s in splits) + " |",
+        "|---|---|" + "---|" * len(splits),
+    ]
+    for method, r in ranked.items():
+        cells = []
+        for s in splits:
+            m = r["splits"].get(s, {})
+            c = m.get("candidates")
+            cells.append(f"{m['acc@0.5']:.3f} / {c['target_recall']:.3f}" if c else "-")
+        source = r.get("proposals", {}).get("source", "-")
+        lines.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _distillation_table(cfg: Config, results: dict, splits: list[str]) -> list[str]:
+    """Each method of distill_methods next to the method of `methods` with the same model (the same student
+    without the teacher), Acc@0.5 per split and the difference the distillation makes."""
+    rows = []
+    for method in cfg.distill_methods:
+        r = results.get(method)
+        plain = [m for m, c in cfg.methods.items() if c.model == cfg.distill_methods[method].model and m in results]
+        if r is None or not plain:
+            continue
+        base = results[plain[0]]
+        cells = []
+        for s in splits:
+            a, b = r["splits"].get(s, {}).get("acc@0.5"), base["splits"].get(s, {}).get("acc@0.5")
+            cells.append(f"{a:.3f} vs {b:.3f} ({a - b:+.3f})" if a is not None and b is not None else "-")
+        rows.append(f"| {method} vs {plain[0]} | " + " | ".join(cells) + f" | {r.get('best_epoch')} / {base.get('best_epoch')} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Distillation: each distilling method against the same model trained without the teacher (Acc@0.5, "
+        "with distillation vs without, and the difference).",
+        "",
+        "| with vs without | " + " | ".join(splits) + " | best epoch |",
+        "|---|" + "---|" * len(splits) + "---|",
+        *rows,
+    ]
 
 
 def _bar_chart(results: dict, splits: list[str], path: Path) -> None:

@@ -48,6 +48,34 @@ def prepared_manifest(cfg: Config) -> Path:
     return prepared_path(cfg) / MANIFEST
 
 
+def detections(cfg: Config) -> dict:
+    """The `detections` stage: the stand-in detections file (refvg.data.detections) at
+    `<detections.dir>/<dataset>.json`, and `<detections.dir>/methods/<method>.json` for every method: the
+    candidates it ranks (its proposals settings and its detections file's hash). A method's training depends
+    on its own such file (dvc.yaml), so new detections rerun only the methods that rank them."""
+    import hashlib
+
+    from refvg.data.detections import detection_recall, stand_in_detections, write_detections
+
+    out = Path(cfg.detections.dir)
+    rows = stand_in_detections(instances_path(cfg), cfg.detections)
+    path = write_detections(rows, out / f"{cfg.data.dataset}.json")
+    stamps = out / "methods"
+    shutil.rmtree(stamps, ignore_errors=True)
+    stamps.mkdir(parents=True)
+    for method in cfg.all_methods:
+        pcfg = cfg.for_method(method).proposals
+        stamp = {"source": pcfg.source}
+        if pcfg.source == "detections":
+            det = Path(pcfg.detections_file)
+            if not det.is_file():
+                raise FileNotFoundError(f"methods.{method}: proposals.detections_file {det} does not exist")
+            stamp |= {"detections_file": str(det), "sha256": hashlib.sha256(det.read_bytes()).hexdigest(),
+                      "min_score": pcfg.min_score}
+        (stamps / f"{method}.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    return {"file": path, "detections": len(rows), **detection_recall(instances_path(cfg), rows)}
+
+
 def checkpoint_dir(cfg: Config, method: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / method
 
@@ -61,13 +89,17 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     from refvg.engine.evaluator import box_metrics, mask_metrics, predict_split
     from refvg.engine.runtime import resolve_device, seed_everything
     from refvg.engine.trainer import train
-    from refvg.models import build_model
+    from refvg.models import build_model, model_needs
 
     rcfg = cfg.for_method(method)  # raises for a method params.yaml does not declare
-    mcfg = cfg.methods[method]
+    mcfg = cfg.all_methods[method]
     prepared = prepared_path(rcfg)
     manifest = read_manifest(prepared)
     train_set = open_split(rcfg, mcfg.model, "train", mcfg.language_blind, training=True)
+    data_version = prepared_fingerprint(prepared)
+    if "teacher" in model_needs(mcfg.model, rcfg):
+        train_set, teacher_version = with_teacher_features(cfg, method, train_set, prepared)
+        data_version += f"+teacher:{teacher_version}"  # a new teacher must not resume the old student
     val_set = open_split(rcfg, mcfg.model, "val", mcfg.language_blind)
     seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
     model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
@@ -82,7 +114,7 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
 
     return train(
         model, train_set, rcfg, checkpoint_dir(cfg, method), method=method, evaluate=evaluate,
-        on_epoch_end=on_epoch_end, data_version=prepared_fingerprint(prepared),
+        on_epoch_end=on_epoch_end, data_version=data_version,
         extra_state={"model_name": mcfg.model, "language_blind": mcfg.language_blind,
                      "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"]},
     )
@@ -100,14 +132,124 @@ def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = 
     from refvg.models import model_needs
     from refvg.models.registry import is_weakly_supervised
 
-    needs = model_needs(model_name)
+    needs = model_needs(model_name, cfg)
     prepared = prepared_path(cfg)
     if training and is_weakly_supervised(model_name):
         return WeakSplit(PreparedSplit(prepared, split, language_blind=language_blind))
-    candidates = load_candidates(cfg.proposals, prepared / split) if "candidates" in needs else None
+    candidates = None
+    if "candidates" in needs:
+        candidates = load_candidates(cfg.proposals, prepared / split, instances_path(cfg))
     return PreparedSplit(prepared, split, language_blind=language_blind, masks=training and "masks" in needs,
                          candidates=candidates, max_candidates=cfg.proposals.max_candidates,
                          match_iou=cfg.proposals.match_iou)
+
+
+def instances_path(cfg: Config) -> Path:
+    """The dataset's COCO instances file (what a detections file is read against)."""
+    return Path(cfg.data.root) / cfg.data.dataset / "instances.json"
+
+
+def teacher_dir(cfg: Config) -> Path:
+    return Path(cfg.teacher.out_dir)
+
+
+def with_teacher_features(cfg: Config, method: str, train_set, prepared: Path):
+    """(the train split with the `teacher` stage's cached features in every item, their identity). Only
+    methods of `distill_methods` may use them: the others' DVC stages do not depend on the teacher."""
+    from refvg.config import ConfigError
+    from refvg.data.teacher_features import FEATURES_DIR, WithTeacherFeatures
+
+    if method not in cfg.distill_methods:
+        raise ConfigError(f"method {method!r} distils from the teacher: declare it under distill_methods (not "
+                          f"methods), so that its DVC stage depends on the `teacher` stage's outputs")
+    rcfg = cfg.for_method(method)
+    data = WithTeacherFeatures(train_set, teacher_dir(rcfg) / FEATURES_DIR, prepared, dim=rcfg.teacher.projection_dim)
+    return data, data.meta["features_id"]
+
+
+def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> dict:
+    """The `teacher` stage: a pretrained CLIP (teacher.pretrained) or a small one trained contrastively on the
+    train split; scored by expression -> object retrieval on val; saved (model/, with its tokenizer) and its
+    features of the train split cached (features/) for the distilling students. Written to a temporary
+    sibling and renamed at the end: an interrupted run leaves no half-written teacher."""
+    from refvg.data.dataset import PreparedSplit, read_manifest
+    from refvg.data.prepare import prepared_path
+    from refvg.data.teacher_features import (
+        FEATURES_DIR, MODEL_DIR, data_fingerprint, write_features, write_manifest,
+    )
+    from refvg.data.text import load_tokenizer
+    from refvg.engine.runtime import resolve_device, seed_everything
+    from refvg.models import clip_teacher as ct
+
+    t0 = time.perf_counter()
+    if not cfg.distill_methods:  # DVC runs every stage; without a student a teacher is wasted time
+        return _no_teacher(cfg, t0)
+    tcfg = cfg.teacher
+    prepared = prepared_path(cfg)
+    manifest = read_manifest(prepared)
+    device = resolve_device(cfg.train.device)
+    seed_everything(tcfg.seed)
+    if tcfg.pretrained:  # its own tokenizer: our prepared ids mean nothing to its embeddings
+        tokenizer = load_tokenizer(tcfg.pretrained)
+        model = ct.load_teacher(tcfg.pretrained, tcfg.projection_dim).to(device)
+        length = min(tcfg.max_text_tokens, model.config.text_config.max_position_embeddings)
+        view = lambda split: ct.TeacherView(PreparedSplit(prepared, split), tokenizer, length)  # noqa: E731
+    else:
+        tokenizer = load_tokenizer(prepared / TOKENIZER_DIR)
+        model = ct.build_teacher(tcfg, manifest["image_size"], manifest["max_tokens"], tokenizer).to(device)
+        view = lambda split: ct.TeacherView(PreparedSplit(prepared, split))  # noqa: E731
+    train_view = view("train")
+    val_view = view("val") if "val" in manifest["splits"] else None
+
+    def evaluate(m) -> dict:
+        return ct.crop_retrieval_recall(m, val_view, tcfg.batch_size, device) if val_view is not None else {}
+
+    history = []
+    if not tcfg.pretrained:
+        history = ct.train_teacher(model, train_view, tcfg, device, evaluate, on_epoch_end)
+    recall = evaluate(model)
+    out = teacher_dir(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ct.save_teacher(model, tokenizer, tmp / MODEL_DIR)
+        patch, sentence = ct.extract_features(model, train_view, tcfg.batch_size, device)
+        write_features(tmp / FEATURES_DIR, "train", patch, sentence)
+        fingerprint = data_fingerprint(prepared)
+        meta = {"data_fingerprint": fingerprint, "prepared": str(prepared),
+                "features_id": _digest(fingerprint.encode(), patch.tobytes(), sentence.tobytes()),
+                "splits": {"train": {"images": int(patch.shape[0]), "samples": int(sentence.shape[0])}},
+                "grid": int(round(patch.shape[1] ** 0.5)), "dim": int(patch.shape[2]),
+                "teacher": ct.teacher_config_summary(cfg, model), "val": recall}
+        write_manifest(tmp / FEATURES_DIR, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return {"out_dir": str(out), "features": meta, "val": recall, "history": history,
+            "seconds": time.perf_counter() - t0}
+
+
+def _no_teacher(cfg: Config, t0: float) -> dict:
+    """The `teacher` stage's outputs when no method distils: a manifest that says so (DVC wants the outputs)."""
+    from refvg.data.teacher_features import FEATURES_DIR, write_manifest
+
+    out = teacher_dir(cfg)
+    shutil.rmtree(out, ignore_errors=True)
+    meta = {"skipped": "no method in distill_methods: no teacher trained"}
+    write_manifest(out / FEATURES_DIR, meta)
+    return {"out_dir": str(out), "features": meta, "val": {}, "history": [], "seconds": time.perf_counter() - t0}
+
+
+def _digest(*parts: bytes) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:16]
 
 
 TRAINED_KEYS = ("model", "config", "model_name", "vocab_size", "pad_token_id", "language_blind", "best_epoch")
@@ -167,11 +309,15 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
         metrics[split] = box_metrics(p, ecfg.iou_thresholds)
         if p.has_masks:  # mask methods: oIoU / mIoU / prec@k next to the Acc@IoU of their mask's tight box
             metrics[split]["mask"] = mask_metrics(p)
+        if ds.candidates is not None:  # ranking methods: how often the target was among the candidates at all
+            metrics[split]["candidates"] = candidate_metrics(ds)
     payload = {
         "method": method, "model": state["model_name"], "language_blind": state["language_blind"],
         "best_epoch": state["best_epoch"], "dataset": manifest["dataset"], "splits": metrics,
         "supervision": "weak" if is_weakly_supervised(state["model_name"]) else "full",
     }
+    if any("candidates" in m for m in metrics.values()):
+        payload["proposals"] = rcfg.proposals.model_dump(mode="json")
     metrics_path = Path(ecfg.metrics_dir) / f"{method}.json"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -196,8 +342,12 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
         overlays = {"pred_masks": predict_masks(model, ds, pick, ecfg.batch_size, device, cfg.train.amp),
                     "gt_masks": [ds.gt_mask(i) for i in pick],
                     "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
-    plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
-                     val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
+    if hasattr(model, "explain"):  # ranking models: the same panels, with which words and regions decided
+        _attention_figure(model, ds, pick, crops, val.ious[pick], device, checkpoint_dir(cfg, method) / TOKENIZER_DIR,
+                          figures[1])
+    else:
+        plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
+                         val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
     if is_weakly_supervised(state["model_name"]):  # the Grad-CAM each box was read from, over its image
         cams = [c for out in predict_batches(model, Subset(ds, pick.tolist()), ecfg.batch_size, device,
                                              cfg.train.amp, keys=("cam",)) for c in out["cam"]]
@@ -206,6 +356,44 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
                   [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale, val.gt_xyxy[pick] * scale,
                   figures[-1])
     return EvalReport(method, metrics, metrics_path, figures, [curve], time.perf_counter() - t0)
+
+
+def candidate_metrics(ds) -> dict:
+    """A ranking method's ceiling on a split: the fraction of samples whose target is among the candidates
+    (a sample without it counts as a miss in acc@0.5), their count, and the mean number of candidates."""
+    found = ds.candidates["cand_target"] >= 0
+    return {"target_recall": float(found.float().mean()) if len(found) else 0.0, "misses": int((~found).sum()),
+            "mean_candidates": float(ds.candidates["cand_valid"].sum(1).float().mean()) if len(found) else 0.0}
+
+
+def _attention_figure(model, ds, pick, crops, ious, device, tokenizer_dir: Path, path: Path) -> None:
+    """The qualitative figure of a ranking model (`explain`): chosen box, target, the word attention, the
+    module weights, the most attended sub-region and context object."""
+    import torch
+
+    from refvg.data.dataset import collate
+    from refvg.data.text import load_tokenizer
+    from refvg.data.transforms import cxcywh_to_xyxy
+    from refvg.engine.runtime import to_device
+    from refvg.visualize import plot_attention
+
+    if len(pick) == 0:
+        return
+    batch = collate([ds[int(i)] for i in pick])
+    ex = {k: v.cpu() for k, v in model.explain(to_device(batch, device)).items()}
+    tok = load_tokenizer(tokenizer_dir)
+    words = []
+    for ids, mask, att in zip(batch["input_ids"], batch["attention_mask"], ex["word_attention"]):
+        n = int(mask.sum())
+        words.append([(tok.convert_ids_to_tokens(int(t)), float(a)) for t, a in zip(ids[1:n - 1], att[1:n - 1])])
+    size = ds.size
+    rows = torch.arange(len(pick))
+    chosen = cxcywh_to_xyxy(batch["cand_boxes"][rows, ex["best"]]).numpy() * size
+    context = cxcywh_to_xyxy(batch["cand_boxes"][rows, ex["context"].clamp_min(0)]).numpy() * size
+    context[ex["context"].numpy() < 0] = np.nan
+    target = cxcywh_to_xyxy(batch["box"]).numpy() * size
+    plot_attention(crops, words, ex["module_weights"].numpy(), chosen, ex["cell_box"].numpy() * size, context, target,
+                   ious, path)
 
 
 def _acc_curve(ious: np.ndarray, thresholds) -> dict:

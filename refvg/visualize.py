@@ -108,3 +108,40 @@ def plot_cams(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], expressi
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[str, float]]],
+                   module_weights: np.ndarray, chosen_xyxy: np.ndarray, cell_xyxy: np.ndarray,
+                   context_xyxy: np.ndarray, gt_xyxy: np.ndarray, ious: np.ndarray, path: Path, cols: int = 4) -> None:
+    """A ranking model's attention, one panel per sample: the chosen candidate (red), its most attended
+    sub-region (yellow, filled), its most attended context object (blue dashed; NaN: none) and the target
+    (green); the title gives each word's attention, the subject / location / relation module weights and the
+    chosen box's IoU with the target (at the original resolution)."""
+    n = len(images)
+    if n == 0:
+        return
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, ax in enumerate(axes.flat[:n]):
+        img = images[k]
+        ax.imshow(img)
+        ax.set_xlim(-0.5, img.shape[1] - 0.5)
+        ax.set_ylim(img.shape[0] - 0.5, -0.5)
+        boxes = ((gt_xyxy[k], dict(edgecolor="lime", linewidth=2)),
+                 (chosen_xyxy[k], dict(edgecolor="red", linewidth=2)),
+                 (cell_xyxy[k], dict(facecolor="yellow", alpha=0.5, fill=True, edgecolor="yellow")),
+                 (context_xyxy[k], dict(edgecolor="deepskyblue", linewidth=1.5, linestyle="--")))
+        for box, style in boxes:
+            if np.isfinite(box).all():
+                ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
+                                           **({"fill": False} | style)))
+        text = " ".join(f"{w}({a:.2f})" for w, a in words[k])
+        s, l, r = module_weights[k]
+        modules = f"subj {s:.2f} loc {l:.2f} rel {r:.2f}, IoU {ious[k]:.2f}"
+        ax.set_title("\n".join(textwrap.wrap(text, 36)[:3]) + "\n" + modules, fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -50,8 +50,9 @@ def test_dvc_repro_noop_and_experiment(dvc_repo, tmp_path):
     repo, env = dvc_repo
     out = sh(["dvc", "repro"], repo, env)
     timings = [json.loads(line) for line in (repo / ".refvg/timings.jsonl").read_text().splitlines()]
-    assert len(timings) == 7 and all(t["via_worker"] for t in timings), "every stage ran in a stage worker's child"
-    for stage in ("generate", "prepare", "train@transvg", "evaluate@transvg", "train@transvg_blind", "report"):
+    assert len(timings) == 9 and all(t["via_worker"] for t in timings), "every stage ran in a stage worker's child"
+    for stage in ("generate", "prepare", "detections", "teacher", "train@transvg", "evaluate@transvg",
+                  "train@transvg_blind", "report"):
         assert f"'{stage}'" in out.stdout, f"stage {stage} did not run:\n{out.stdout}"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert {"generate", "prepare", "train@transvg", "evaluate@transvg_blind", "report"} <= set(lock["stages"])
@@ -72,7 +73,7 @@ def test_dvc_repro_noop_and_experiment(dvc_repo, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("refvg").experiment_id])
     parents = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
     assert len(parents) == 1  # one process per stage, still one parent run
-    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 7
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 9
 
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "pipeline ran"], repo, env)

@@ -29,7 +29,7 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
     parents = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
     assert len(parents) == 1, "one pipeline = one parent run"
     children = {r.data.tags["refvg.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"prepare", "train@transvg", "evaluate@transvg", "train@transvg_blind",
+    assert set(children) == {"prepare", "detections", "train@transvg", "evaluate@transvg", "train@transvg_blind",
                              "evaluate@transvg_blind", "report"}
     assert all(r.info.status == "FINISHED" for r in children.values())
 

@@ -29,7 +29,7 @@ class _SegmentingTransVG(TransVG):
 
     def forward(self, batch):
         out = super().forward(batch)
-        b, s = batch["image"].shape[0], batch["image"].shape[-2]
+        s = batch["image"].shape[-2]
         cx, cy, w, h = out["pred_boxes"].unbind(-1)
         grid = (torch.arange(s, dtype=torch.float32) + 0.5) / s
         inside_x = ((grid[None] - cx[:, None]).abs() <= w[:, None] / 2)

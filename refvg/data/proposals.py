@@ -13,7 +13,11 @@ otherwise the target is not among the candidates (-1) and no ranking can be righ
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from refvg.data.transforms import Letterbox
 
 CANDIDATES = "candidates.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,11 +123,116 @@ def match_target(candidates_xyxy: np.ndarray, target_xyxy: np.ndarray, match_iou
     return best if ious[best] >= match_iou else -1
 
 
-def load_candidates(pcfg: ProposalsConfig, split_dir: Path) -> list[ImageCandidates]:
-    """The candidates of each image row of a prepared split, from the source params.yaml chooses."""
+def load_candidates(pcfg: ProposalsConfig, split_dir: Path,
+                    instances_path: Path | None = None) -> list[ImageCandidates]:
+    """The candidates of each image row of a prepared split, from the source params.yaml chooses
+    (`instances_path`: the dataset's COCO instances file, which a detections file is read against)."""
     if pcfg.source == "gt":
         return read_gt_candidates(split_dir)
+    if pcfg.source == "detections":
+        if instances_path is None:
+            raise ValueError("proposals.source 'detections' needs the dataset's instances.json")
+        return detection_candidates(Path(pcfg.detections_file), Path(instances_path), split_dir, pcfg.min_score)
     raise ValueError(f"proposals.source {pcfg.source!r} is not known")
+
+
+# ------------------------------------------------------------------------------------------- detections
+
+DETECTION_KEYS = ("image_id", "category_id", "bbox", "score")
+
+
+def read_detections(path: Path) -> list[dict]:
+    """A COCO results JSON, checked row by row (pycocotools would fail on a bad row with a bare KeyError):
+    every row needs an integer image_id and category_id, a finite bbox [x, y, w, h] and a finite score."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no detections file (proposals.detections_file); the `detections` stage "
+                                "writes a stand-in one")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON file: {err}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: a COCO results file is a JSON list of detections, got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            missing = [k for k in DETECTION_KEYS if k not in row]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            box = [float(v) for v in row["bbox"]]
+            score = float(row["score"])
+            if len(box) != 4 or not np.isfinite(box + [score]).all():
+                raise ValueError(f"bbox must be 4 finite numbers [x, y, w, h] and score finite, got "
+                                 f"{row['bbox']!r}, {row['score']!r}")
+            image_id, category_id = _integer(row["image_id"]), _integer(row["category_id"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: detection row {i}: {err}") from None
+        out.append({"image_id": image_id, "category_id": category_id, "bbox": box, "score": score})
+    return out
+
+
+def _integer(value) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError(f"expected an integer id, got {value!r}")
+    return int(float(value))
+
+
+@functools.lru_cache(maxsize=4)
+def _results_by_image(path: str, instances: str, stamp: tuple) -> tuple[dict, dict]:
+    """(image id -> [(bbox xywh, category, score)], skip counts) of a detections file, through pycocotools'
+    loadRes against the dataset's instances; cached per (files, their sizes and mtimes): a stage reads it per split."""
+    from pycocotools.coco import COCO
+
+    rows = read_detections(Path(path))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco = COCO(instances)
+        known = set(coco.getImgIds())
+        kept = [r for r in rows if r["image_id"] in known]
+        skips = {"unknown_image": len(rows) - len(kept)}
+        # loadRes refuses a file with an image the dataset lacks, and adds area / id to each box
+        results = coco.loadRes(kept) if kept else None
+    by_image: dict[int, list] = {}
+    if results is not None:
+        for ann in results.anns.values():
+            by_image.setdefault(ann["image_id"], []).append((ann["bbox"], ann["category_id"], ann["score"]))
+    return by_image, skips
+
+
+def detection_candidates(path: Path, instances_path: Path, split_dir: Path,
+                         min_score: float = 0.0) -> list[ImageCandidates]:
+    """The candidates of each image row of a prepared split from a detector's COCO results file. Boxes are
+    clipped to the image; boxes with nothing left, scored below `min_score`, or of images the dataset does
+    not hold are dropped and counted (logged). Ann ids are -1: a detection is not an annotation."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no detections file (proposals.detections_file); the `detections` stage "
+                                "writes a stand-in one")
+    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in (Path(path), Path(instances_path)))
+    by_image, skips = _results_by_image(str(path), str(instances_path), stamp)
+    skips = dict(skips, empty_box=0, low_score=0)
+    records = json.loads((Path(split_dir) / "samples.json").read_text(encoding="utf-8"))
+    rows = int(np.load(Path(split_dir) / "images.npy", mmap_mode="r", allow_pickle=False).shape[0])
+    row_image: dict[int, dict] = {r["image_index"]: r for r in records}
+    out = []
+    for row in range(rows):
+        rec = row_image.get(row)  # an image row no sample uses needs no candidates
+        dets = by_image.get(rec["image_id"], []) if rec is not None else []
+        boxes, cats, scores = [], [], []
+        for (x, y, w, h), cat, score in dets:
+            box = [max(x, 0.0), max(y, 0.0), min(x + w, rec["image_width"]), min(y + h, rec["image_height"])]
+            if score < min_score:
+                skips["low_score"] += 1
+            elif not (box[2] > box[0] and box[3] > box[1]):
+                skips["empty_box"] += 1
+            else:
+                boxes.append(box)
+                cats.append(int(cat))
+                scores.append(float(score))
+        out.append(ImageCandidates(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(cats, dtype=np.int64),
+                                   np.asarray(scores, dtype=np.float64), np.full(len(boxes), -1, dtype=np.int64)))
+    if any(skips.values()):
+        log.info("%s (%s): dropped detections: %s", path, Path(split_dir).name, skips)
+    return out
 
 
 def candidate_tensors(cands: ImageCandidates, lb: Letterbox, k: int, target_xyxy: np.ndarray | None = None,

@@ -49,7 +49,7 @@ class Grounder:
     def needs_candidates(self) -> bool:
         from refvg.models import model_needs
 
-        return "candidates" in model_needs(self.state["model_name"])
+        return "candidates" in model_needs(self.state["model_name"], self.cfg)
 
     @torch.no_grad()
     def ground(self, image: Image.Image, expression: str, candidates: Optional[ImageCandidates] = None) -> Grounding:

@@ -2,22 +2,26 @@
 needs from the prepared data beyond the image, the expression and the box (e.g. target masks)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 from torch import nn
 
 Builder = Callable[..., nn.Module]  # (cfg: Config, vocab_size: int, pad_token_id: int) -> nn.Module
+# What a model needs from the data: fixed, or decided by its run config (cfg -> needs), e.g. EpmVG needs the
+# teacher's features only while a distillation weight is non-zero.
+Needs = Union[tuple[str, ...], Callable[..., tuple[str, ...]]]
 _MODELS: dict[str, Builder] = {}
-_NEEDS: dict[str, frozenset[str]] = {}
+_NEEDS: dict[str, Needs] = {}
 _WEAK: set[str] = set()  # weakly supervised: trained on image-sentence pairs, no target box, mask or id
-# What a model can ask the data for; each is an option of refvg.data.dataset.PreparedSplit.
-DATA_NEEDS = frozenset({"masks", "candidates"})
+# What a model can ask the data for: "masks" and "candidates" are options of refvg.data.dataset.PreparedSplit,
+# "teacher" the cached features of the `teacher` stage (refvg.data.teacher_features).
+DATA_NEEDS = frozenset({"masks", "candidates", "teacher"})
 
 
-def register_model(name: str, needs: tuple[str, ...] = (), weak: bool = False) -> Callable[[Builder], Builder]:
+def register_model(name: str, needs: Needs = (), weak: bool = False) -> Callable[[Builder], Builder]:
     """`needs`: data the model reads beyond image, expression and box; for a `weak` model, at evaluation only
     (its training data carries no target at all, see refvg.data.weak)."""
-    unknown = set(needs) - DATA_NEEDS
+    unknown = set() if callable(needs) else set(needs) - DATA_NEEDS
     if unknown:
         raise ValueError(f"model {name!r} needs {sorted(unknown)}; the data provides {sorted(DATA_NEEDS)}")
 
@@ -25,7 +29,7 @@ def register_model(name: str, needs: tuple[str, ...] = (), weak: bool = False) -
         if name in _MODELS and _MODELS[name] is not fn:
             raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
         _MODELS[name] = fn
-        _NEEDS[name] = frozenset(needs)
+        _NEEDS[name] = needs if callable(needs) else frozenset(needs)
         if weak:
             _WEAK.add(name)
         return fn
@@ -38,10 +42,19 @@ def build_model(name: str, cfg, vocab_size: int, pad_token_id: int) -> nn.Module
     return _MODELS[name](cfg, vocab_size, pad_token_id)
 
 
-def model_needs(name: str) -> frozenset[str]:
-    """What the model trains on besides image, expression and box, e.g. {"masks"} or {"candidates"}."""
+def model_needs(name: str, cfg=None) -> frozenset[str]:
+    """What the model trains on besides image, expression and box, e.g. {"masks"} or {"candidates"}; `cfg`
+    (the method's run config) is required for a model whose needs depend on it."""
     _check(name)
-    return _NEEDS[name]
+    needs = _NEEDS[name]
+    if not callable(needs):
+        return needs
+    if cfg is None:
+        raise ValueError(f"what model {name!r} needs from the data depends on its config; pass it")
+    found = frozenset(needs(cfg))
+    if found - DATA_NEEDS:
+        raise ValueError(f"model {name!r} needs {sorted(found - DATA_NEEDS)}; the data provides {sorted(DATA_NEEDS)}")
+    return found
 
 
 def is_weakly_supervised(name: str) -> bool:

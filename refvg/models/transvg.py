@@ -45,7 +45,12 @@ class TransVG(nn.Module):
         out = {"pred_boxes": self.head(reg, tokens[:, -grid[0] * grid[1]:], visual_pad, grid)}
         if isinstance(self.head, AttentionBoxHead):
             out["readout_attention"], out["grid"] = self.head.last_attention, tuple(grid)
-        return out
+        return out | self.extra_outputs(batch, visual, text)
+
+    def extra_outputs(self, batch: dict, visual: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a subclass adds to the outputs from the backbones' features (EpmVG: their projections into
+        the teacher's space); visual [B,C,h,w] is the map fused with the text, text [B,L,Ct] the token features."""
+        return {}
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.train.loss

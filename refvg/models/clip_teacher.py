@@ -1,0 +1,247 @@
+"""The CLIP teacher EpmVG distils from (stage `teacher`): build or load it, train it contrastively, score it by
+retrieval, and extract the features the student learns from.
+
+- Small config (the default, nothing to download): a `transformers` CLIPModel whose ViT reads our letterboxed
+  `data.image_size` images (patch `teacher.patch_size`, so its patch grid is the student's stride-8 grid at
+  64 px) and whose text transformer reads the prepared tokenizer's ids. Trained with InfoNCE over the train
+  split: each expression against the crop of its target box, and against its whole image.
+- `teacher.pretrained` (a name or a save_pretrained folder): a real CLIP, used as is. No CLIPProcessor: it
+  gets our letterboxed images resized to its own input size (224) with CLIP's normalisation, and the
+  expressions tokenized by its own tokenizer (from the same name/folder), never by our prepared one.
+
+Features (what the student distils from): an image's patch features are the ViT's last hidden states of its
+patches through the post-LayerNorm and the visual projection, i.e. in the joint space, as the pooled image
+embedding is; a sentence's feature is the projected hidden state of its last real token (CLIP's [EOS]
+pooling; ours ends with [SEP]).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from transformers import CLIPConfig, CLIPModel
+
+from refvg.config import Config, TeacherConfig
+from refvg.data.dataset import PreparedSplit, collate
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RECALL_AT = (1, 5)
+
+
+def build_teacher(tcfg: TeacherConfig, image_size: int, max_tokens: int, tokenizer) -> CLIPModel:
+    """A small CLIPModel from `teacher`'s settings over `tokenizer`'s vocabulary (the prepared one)."""
+    text = dict(vocab_size=len(tokenizer), hidden_size=tcfg.hidden_size, num_hidden_layers=tcfg.num_layers,
+                num_attention_heads=tcfg.num_heads, intermediate_size=tcfg.intermediate_size,
+                max_position_embeddings=max_tokens, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = dict(image_size=image_size, patch_size=tcfg.patch_size, hidden_size=tcfg.hidden_size,
+                  num_hidden_layers=tcfg.num_layers, num_attention_heads=tcfg.num_heads,
+                  intermediate_size=tcfg.intermediate_size)
+    if image_size % tcfg.patch_size:
+        raise ValueError(f"teacher.patch_size {tcfg.patch_size} does not tile data.image_size {image_size}")
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=tcfg.projection_dim))
+
+
+def load_teacher(name_or_folder: str, projection_dim: int) -> CLIPModel:
+    model = CLIPModel.from_pretrained(name_or_folder)
+    if model.config.projection_dim != projection_dim:
+        raise ValueError(f"teacher {name_or_folder} embeds in {model.config.projection_dim} dimensions; set "
+                         f"teacher.projection_dim: {model.config.projection_dim} (the student's projection heads use it)")
+    return model
+
+
+def input_size(model: CLIPModel) -> int:
+    return model.config.vision_config.image_size
+
+
+def teacher_pixels(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B,S,S,3] letterboxed images -> float [B,3,size,size], CLIP-normalised."""
+    x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def crop_boxes(pixels: torch.Tensor, boxes_cxcywh: torch.Tensor, size: int) -> torch.Tensor:
+    """The box of each image (normalised cxcywh in the square), resampled to [B,3,size,size]."""
+    cx, cy, w, h = boxes_cxcywh.float().unbind(-1)
+    theta = torch.zeros(len(boxes_cxcywh), 2, 3, device=pixels.device)
+    theta[:, 0, 0], theta[:, 0, 2] = w, 2 * cx - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * cy - 1
+    grid = F.affine_grid(theta, [len(boxes_cxcywh), 3, size, size], align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def encode_images(model: CLIPModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embedding [B,D], patch features [B,G,D]), both in the joint space (not normalised)."""
+    vision = model.vision_model(pixel_values=pixels)
+    hidden = model.vision_model.post_layernorm(vision.last_hidden_state)  # [B, 1+G, H]
+    projected = model.visual_projection(hidden)
+    return projected[:, 0], projected[:, 1:]
+
+
+def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence features [B,D]: the projected hidden state of each expression's last real token."""
+    hidden = model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = attention_mask.long().sum(1).clamp_min(1) - 1
+    return model.text_projection(hidden[torch.arange(len(last), device=hidden.device), last])
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of (image, text) pairs; `same` bool [B,B] marks every pair that matches
+    (two expressions of one object, or expressions of one image against whole images), so a duplicate in the
+    batch is a positive, not a negative."""
+    logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    target = same.float() / same.float().sum(1, keepdim=True)
+    return (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.T.log_softmax(1)).sum(1).mean()) / 2
+
+
+def retrieval_recall(similarity: torch.Tensor, correct: torch.Tensor, ks=RECALL_AT) -> dict[str, float]:
+    """similarity [Q, N] of each query to each gallery item, correct [Q] the right item's column ->
+    {"recall@k": fraction of queries whose right item is among their k most similar}. Ties count against."""
+    right = similarity.gather(1, correct.view(-1, 1))
+    rank = (similarity >= right).sum(1) - 1  # items scoring at least as high, besides the right one
+    return {f"recall@{k}": float((rank < k).float().mean()) for k in ks}
+
+
+class TeacherView(Dataset):
+    """A prepared split as the teacher reads it: its items plus "image_index" and "ann_id" (which pairs match),
+    and with a pretrained teacher the expressions re-tokenized by that teacher's own tokenizer."""
+
+    def __init__(self, base: PreparedSplit, tokenizer=None, max_tokens: int = 77):
+        self.base = base
+        self.image_index = torch.tensor([r["image_index"] for r in base.records])
+        self.ann_id = torch.tensor([r["ann_id"] for r in base.records])
+        self.tokens = None
+        if tokenizer is not None:
+            from refvg.data.text import encode
+
+            ids, mask = encode(tokenizer, [r["sentence"] for r in base.records], max_tokens)
+            self.tokens = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        if self.tokens is not None:
+            item["input_ids"], item["attention_mask"] = self.tokens[0][i], self.tokens[1][i]
+        return item | {"image_index": self.image_index[i], "ann_id": self.ann_id[i]}
+
+
+def _batches(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, drop_last=False,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train_teacher(model: CLIPModel, train: TeacherView, tcfg: TeacherConfig, device: torch.device,
+                  evaluate: Callable[[CLIPModel], dict], on_epoch_end: Callable[[dict, int], None]) -> list[dict]:
+    """InfoNCE of expressions vs target crops + `whole_image_weight` x vs whole images, AdamW with linear warmup
+    then cosine decay; `evaluate(model)` after every epoch. Returns the per-epoch metrics."""
+    model.to(device).train()
+    loader = _batches(train, tcfg.batch_size, shuffle=True, seed=tcfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    total = tcfg.epochs * len(loader)
+    warmup = min(tcfg.warmup_steps, total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    size = input_size(model)
+    history = []
+    for epoch in range(1, tcfg.epochs + 1):
+        sums, seen = {"loss": 0.0, "crop": 0.0, "whole": 0.0}, 0
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            pixels = teacher_pixels(batch["image"], size)
+            scale = model.logit_scale.exp().clamp(max=100)
+            text = encode_texts(model, batch["input_ids"], batch["attention_mask"])
+            crop, _ = encode_images(model, crop_boxes(pixels, batch["box"], size))
+            whole, _ = encode_images(model, pixels)
+            ann, img = batch["ann_id"], batch["image_index"]
+            parts = {"crop": contrastive_loss(crop, text, scale, ann[:, None] == ann[None]),
+                     "whole": contrastive_loss(whole, text, scale, img[:, None] == img[None])}
+            loss = parts["crop"] + tcfg.whole_image_weight * parts["whole"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            n = len(ann)
+            seen += n
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] += float(v.detach()) * n
+        metrics = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
+        metrics.update({f"val/{k}": v for k, v in evaluate(model).items()})
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        history.append({"epoch": epoch, **metrics})
+        on_epoch_end(metrics, epoch)
+        model.train()
+    return history
+
+
+@torch.no_grad()
+def _embed_split(model: CLIPModel, view: TeacherView, batch_size: int, device: torch.device) -> Iterator[tuple]:
+    size = input_size(model)
+    for batch in _batches(view, batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        crop, _ = encode_images(model, crop_boxes(teacher_pixels(batch["image"], size), batch["box"], size))
+        yield crop, encode_texts(model, batch["input_ids"], batch["attention_mask"]), batch["ann_id"], batch["image_index"]
+
+
+@torch.no_grad()
+def crop_retrieval_recall(model: CLIPModel, view: TeacherView, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Expression -> object retrieval on a split: every expression ranks the split's distinct target objects
+    (their box crops) by similarity; "recall@1" / "recall@5": how often its own object is among the top k of
+    all of them; "image_recall@1": among the referred objects of its own image only, the choice a grounding
+    model makes (RefShapes expressions are often relative, "the top shape", and name an object only within
+    its image, so the split-wide figures stay far below 1 even for a perfect teacher)."""
+    was_training = model.training
+    model.eval()
+    crops, texts, anns, images = (torch.cat(parts) for parts in zip(*_embed_split(model, view, batch_size, device)))
+    objects, first = np.unique(anns.cpu().numpy(), return_index=True)  # sorted ids, one crop of each
+    first = torch.from_numpy(first).to(crops.device)
+    column = torch.searchsorted(torch.from_numpy(objects).to(anns.device), anns)
+    similarity = F.normalize(texts, dim=-1) @ F.normalize(crops[first], dim=-1).T
+    model.train(was_training)
+    same_image = images[:, None] == images[first][None]
+    within = similarity.masked_fill(~same_image, float("-inf"))
+    return {**retrieval_recall(similarity, column), "image_recall@1": retrieval_recall(within, column, (1,))["recall@1"]}
+
+
+@torch.no_grad()
+def extract_features(model: CLIPModel, view: TeacherView, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(patch features of each image of the split [N_images, G, D], sentence features [N_samples, D]), float32."""
+    model.eval()
+    size = input_size(model)
+    images = view.base.images
+    patches = []
+    for start in range(0, images.shape[0], batch_size):
+        chunk = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # a copy: the map is read-only
+        patches.append(encode_images(model, teacher_pixels(chunk, size))[1].float().cpu())
+    sentences = []
+    for batch in _batches(view, batch_size, shuffle=False):
+        sentences.append(encode_texts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+    return torch.cat(patches).numpy(), torch.cat(sentences).numpy()
+
+
+def teacher_config_summary(cfg: Config, model: CLIPModel) -> dict:
+    """What the features manifest records about the teacher that made them."""
+    return {"pretrained": cfg.teacher.pretrained, "image_size": input_size(model),
+            "patch_size": model.config.vision_config.patch_size, "projection_dim": model.config.projection_dim}
+
+
+def save_teacher(model: CLIPModel, tokenizer, folder: Path) -> None:
+    """save_pretrained: the folder loads back with `teacher.pretrained: <folder>`."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
