@@ -336,7 +336,7 @@ class TeacherConfig(_Strict):
     # projection_dim (e.g. 512): the student's projection heads are built to it.
     projection_dim: int = Field(64, gt=0)
     # Contrastive training (small config only)
-    epochs: int = Field(2, gt=0)
+    epochs: int = Field(1, gt=0)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

@@ -282,10 +282,10 @@ class EvalReport:
 
 
 def evaluate_method(cfg: Config, method: str) -> EvalReport:
-    from refvg.data.dataset import read_manifest
-    from refvg.data.prepare import prepared_path
     from torch.utils.data import Subset
 
+    from refvg.data.dataset import read_manifest
+    from refvg.data.prepare import prepared_path
     from refvg.engine.evaluator import box_metrics, mask_metrics, predict_batches, predict_masks, predict_split
     from refvg.engine.runtime import resolve_device
     from refvg.engine.trainer import BEST
