@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--real-size", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--variant-timeout", type=float, default=600, help="seconds one (model, variant) may take")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     common = dict(image_size=args.image_size, batch=args.batch, steps=args.steps, repeats=args.repeats,
@@ -139,7 +140,12 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", model, variant, "--image-size", str(args.image_size),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
                    "--device", args.device] + (["--real-size"] if args.real_size else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+            except subprocess.TimeoutExpired:  # e.g. inductor compiling bf16 kernels on a small CPU for minutes
+                print(f"{model} {variant}: not done in {args.variant_timeout:.0f} s, left out", file=sys.stderr)
+                rows.append({"model": model, "variant": variant, "timed_out": True})
+                continue
             if proc.returncode != 0:
                 print(f"{model} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -148,10 +154,14 @@ def main() -> None:
 
     size = "real-size" if args.real_size else "default pipeline size"
     print(f"\ntrain step (forward + backward + AdamW), {args.image_size}x{args.image_size}, batch {args.batch}, {size}, "
-          f"device {rows[0]['device'] if rows else args.device}; median of {args.repeats} x {args.steps} steps")
+          f"device {next((r['device'] for r in rows if 'device' in r), args.device)}; median of {args.repeats} x {args.steps} steps")
     print(f"{'model':<9}{'params M':>9}  {'variant':<15}{'samples/s':>10}{'vs fp32 eager':>15}{'peak MiB':>10}{'warm-up s':>11}")
     for r in rows:
-        base = next((b for b in rows if b["model"] == r["model"] and b["variant"] == "fp32-eager"), None)
+        if r.get("timed_out"):
+            print(f"{r['model']:<9}{'':>9}  {r['variant']:<15}{'timed out (over --variant-timeout)':>35}")
+            continue
+        base = next((b for b in rows if b["model"] == r["model"] and b["variant"] == "fp32-eager"
+                     and not b.get("timed_out")), None)
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
         print(f"{r['model']:<9}{r['params_m']:>9.1f}  {r['variant']:<15}{r['samples_per_s']:>10.1f}{ratio:>15}"
               f"{r['peak_mib']:>10.0f}{r['warmup_s']:>11.1f}")
