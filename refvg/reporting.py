@@ -65,50 +65,47 @@ def _weak_note(results: dict) -> list[str]:
 
 def _mask_table(results: dict, splits: list[str]) -> list[str]:
     """Referring segmentation: oIoU / mIoU / prec@0.5 per split, for the methods that output masks."""
-    masked = {m: r for m, r in results.items() if any("mask" in v for v in r["splits"].values())}
-    if not masked:
-        return []
-    lines = [
-        "",
+    def cell(split_metrics: dict) -> str:
+        m = split_metrics.get("mask")
+        return f"{m['oIoU']:.3f} / {m['mIoU']:.3f} / {m['prec@0.5']:.3f}" if m else "-"
+
+    return _per_split_table(
+        results, splits, "mask", cell, "oIoU / mIoU / prec@0.5",
         "Masks (methods that segment): oIoU (total intersection / total union over the split), mIoU (mean "
-        "per-expression IoU) and prec@0.5 (fraction with IoU >= 0.5), at the original image resolution.",
-        "",
-        "| method | " + " | ".join(f"{s} oIoU / mIoU / prec@0.5" for s in splits) + " |",
-        "|---|" + "---|" * len(splits),
-    ]
-    for method, r in masked.items():
-        cells = []
-        for s in splits:
-            m = r["splits"].get(s, {}).get("mask")
-            cells.append(f"{m['oIoU']:.3f} / {m['mIoU']:.3f} / {m['prec@0.5']:.3f}" if m else "-")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+        "per-expression IoU) and prec@0.5 (fraction with IoU >= 0.5), at the original image resolution.")
 
 
 def _ranking_table(results: dict, splits: list[str]) -> list[str]:
     """Methods that rank candidate boxes: Acc@0.5 next to its ceiling, the fraction of expressions whose target
     is among the candidates at all (a sample without it is a miss), per split and proposal source."""
-    ranked = {m: r for m, r in results.items() if any("candidates" in v for v in r["splits"].values())}
-    if not ranked:
-        return []
-    lines = [
-        "",
+    def cell(split_metrics: dict) -> str:
+        c = split_metrics.get("candidates")
+        return f"{split_metrics['acc@0.5']:.3f} / {c['target_recall']:.3f}" if c else "-"
+
+    return _per_split_table(
+        results, splits, "candidates", cell, "Acc@0.5 / recall",
         "Candidate ranking (methods that pick one of the image's candidate boxes): Acc@0.5 / target recall, the "
         "fraction of expressions whose target is among the candidates (IoU >= proposals.match_iou), the ceiling "
         "of Acc@0.5. gt: the image's annotated objects; detections: a detector's boxes (here the `detections` "
         "stage's stand-in).",
-        "",
-        "| method | proposals | " + " | ".join(f"{s} Acc@0.5 / recall" for s in splits) + " |",
-        "|---|---|" + "---|" * len(splits),
-    ]
-    for method, r in ranked.items():
-        cells = []
-        for s in splits:
-            m = r["splits"].get(s, {})
-            c = m.get("candidates")
-            cells.append(f"{m['acc@0.5']:.3f} / {c['target_recall']:.3f}" if c else "-")
-        source = r.get("proposals", {}).get("source", "-")
-        lines.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
+        extra=("proposals", lambda r: r.get("proposals", {}).get("source", "-")))
+
+
+def _per_split_table(results: dict, splits: list[str], key: str, cell, cell_title: str, intro: str,
+                     extra: tuple | None = None) -> list[str]:
+    """A markdown table of the methods whose metrics hold `key` in some split: one `cell(split metrics)` per
+    split, after an optional (column title, value of the method's payload) column."""
+    rows = {m: r for m, r in results.items() if any(key in v for v in r["splits"].values())}
+    if not rows:
+        return []
+    extra_title = f" {extra[0]} |" if extra else ""
+    lines = ["", intro, "",
+             f"| method |{extra_title} " + " | ".join(f"{s} {cell_title}" for s in splits) + " |",
+             "|---|" + ("---|" if extra else "") + "---|" * len(splits)]
+    for method, r in rows.items():
+        extra_cell = f" {extra[1](r)} |" if extra else ""
+        cells = [cell(r["splits"].get(s, {})) for s in splits]
+        lines.append(f"| {method} |{extra_cell} " + " | ".join(cells) + " |")
     return lines
 
 

@@ -16,6 +16,27 @@ from refvg.engine.evaluator import SplitPredictions  # noqa: E402
 from refvg.metrics import accuracy_at_iou  # noqa: E402
 
 
+def _panel_grid(n: int, cols: int, panel_height: float):
+    """A figure of ceil(n / cols) x cols panels, axes off (unused ones stay blank)."""
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, panel_height * rows), dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
+def _box(ax, xyxy, **style) -> None:
+    """An xyxy box as an unfilled rectangle unless `style` says otherwise."""
+    ax.add_patch(plt.Rectangle((xyxy[0], xyxy[1]), xyxy[2] - xyxy[0], xyxy[3] - xyxy[1], **({"fill": False} | style)))
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_accuracy_vs_iou(preds: Sequence[SplitPredictions], thresholds, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     for p in preds:
@@ -24,10 +45,7 @@ def plot_accuracy_vs_iou(preds: Sequence[SplitPredictions], thresholds, title: s
     ax.set(xlabel="IoU threshold", ylabel="accuracy", ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_qualitative(
@@ -38,13 +56,9 @@ def plot_qualitative(
     """One panel per sample: green = ground truth, red = prediction, both in the panel's pixel frame. With
     masks (bool, any resolution of the same image, e.g. the original): the predicted mask is tinted red and the
     true mask outlined in green."""
-    n = len(images)
-    if n == 0:
+    if not len(images):
         return
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), dpi=90, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _panel_grid(len(images), cols, panel_height=3.4)
     for k, (ax, img, text, p, g, iou) in enumerate(zip(axes.flat, images, expressions, pred_xyxy, gt_xyxy, ious)):
         ax.imshow(img)
         extent = (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)  # a mask of any resolution covers the image
@@ -60,15 +74,11 @@ def plot_qualitative(
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         for box, color in ((g, "lime"), (p, "red")):
-            ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                       edgecolor=color, linewidth=1 if pred_masks is not None else 2,
-                                       linestyle="--" if pred_masks is not None else "-"))
+            _box(ax, box, edgecolor=color, linewidth=1 if pred_masks is not None else 2,
+                 linestyle="--" if pred_masks is not None else "-")
         score = f"IoU {iou:.2f}" if mask_ious is None else f"mask IoU {mask_ious[k]:.2f}, box IoU {iou:.2f}"
         ax.set_title("\n".join(textwrap.wrap(f'"{text}"', 34)[:3]) + f"\n{score}", fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def draw_grounding(image, box_xyxy, mask=None, color=(255, 0, 0)):
@@ -90,24 +100,16 @@ def plot_cams(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], expressi
               pred_xyxy: np.ndarray, gt_xyxy: np.ndarray, path: Path, cols: int = 4) -> None:
     """Class activation maps (weakly supervised methods): each image with its CAM (same pixel frame, values in
     [0, 1]) as a heat map over it, the box read off the CAM in red and the true box in green."""
-    n = len(images)
-    if n == 0:
+    if not len(images):
         return
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), dpi=90, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _panel_grid(len(images), cols, panel_height=3.4)
     for ax, img, cam, text, p, g in zip(axes.flat, images, cams, expressions, pred_xyxy, gt_xyxy):
         ax.imshow(img)
         ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
         for box, color in ((g, "lime"), (p, "red")):
-            ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                       edgecolor=color, linewidth=2))
+            _box(ax, box, edgecolor=color, linewidth=2)
         ax.set_title("\n".join(textwrap.wrap(f'"{text}"', 34)[:3]), fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[str, float]]],
@@ -117,14 +119,10 @@ def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[
     sub-region (yellow, filled), its most attended context object (blue dashed; NaN: none) and the target
     (green); the title gives each word's attention, the subject / location / relation module weights and the
     chosen box's IoU with the target (at the original resolution)."""
-    n = len(images)
-    if n == 0:
+    if not len(images):
         return
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), dpi=90, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for k, ax in enumerate(axes.flat[:n]):
+    fig, axes = _panel_grid(len(images), cols, panel_height=3.6)
+    for k, ax in enumerate(axes.flat[: len(images)]):
         img = images[k]
         ax.imshow(img)
         ax.set_xlim(-0.5, img.shape[1] - 0.5)
@@ -135,13 +133,9 @@ def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[
                  (context_xyxy[k], dict(edgecolor="deepskyblue", linewidth=1.5, linestyle="--")))
         for box, style in boxes:
             if np.isfinite(box).all():
-                ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
-                                           **({"fill": False} | style)))
+                _box(ax, box, **style)
         text = " ".join(f"{w}({a:.2f})" for w, a in words[k])
         s, l, r = module_weights[k]
         modules = f"subj {s:.2f} loc {l:.2f} rel {r:.2f}, IoU {ious[k]:.2f}"
         ax.set_title("\n".join(textwrap.wrap(text, 36)[:3]) + "\n" + modules, fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
