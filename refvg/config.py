@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-SPLITS = ("train", "val", "testA", "testB")
+from refvg.data.splits import split_vocabulary
 
 
 class ConfigError(ValueError):
@@ -54,23 +54,52 @@ class SyntheticConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the REFER-layout dataset lives and how it is prepared.
+    """Where the dataset lives and how it is prepared.
 
-    Layout read: `<root>/<dataset>/refs(<split_by>).p` (or `refs(<split_by>).json`),
-    `<root>/<dataset>/instances.json`, images under `image_dir` named by COCO `file_name`.
+    `format: refer` reads `<root>/<dataset>/refs(<split_by>).p` (or `.json`) and `<root>/<dataset>/instances.json`,
+    images under `image_dir` named by COCO `file_name` (RefCOCO/+/g: `images/mscoco/images/train2014`,
+    RefClef: `images/saiapr_tc-12`). `format: transvg` reads TransVG's split files
+    `<root>/<dataset>/<dataset>_<split>.pth` (datasets unc, unc+, gref, gref_umd, referit, flickr).
     """
 
+    format: Literal["refer", "transvg"] = "refer"
     dataset: str = "refshapes"
     root: str = "data/raw"
-    split_by: Literal["unc", "umd", "google"] = "unc"
+    split_by: Literal["unc", "umd", "google", "berkeley"] = "unc"  # refer format only
     image_dir: str = "data/raw/refshapes/images"
     prepared_dir: str = "data/prepared"
     image_size: int = Field(64, ge=32)
     max_tokens: int = Field(20, ge=4)
-    splits: tuple[str, ...] = SPLITS
+    # null: the dataset's own splits (refvg.data.splits: e.g. refcocog/umd -> train, val, test). A split
+    # asked for that the files do not hold is an error.
+    splits: Optional[tuple[str, ...]] = None
+    # null: REFER's split names for dataset/split_by. Set it only for a dataset whose files use other names.
+    split_vocabulary: Optional[tuple[str, ...]] = None
     # "skip": drop a bad record, count it with its reason in the prepare manifest; "error": stop on it.
     on_bad_record: Literal["skip", "error"] = "skip"
     max_expression_chars: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _splits_known(self) -> "DataConfig":
+        vocab = self.vocabulary()
+        if self.splits is not None:
+            unknown = [s for s in self.splits if s not in vocab.splits]
+            if unknown:
+                raise ValueError(f"splits {unknown} are not splits of {self.dataset} ({self._split_source}); "
+                                 f"known: {', '.join(vocab.splits)}")
+            if "train" not in self.splits:
+                raise ValueError("splits must include train")
+        return self
+
+    def vocabulary(self):
+        try:
+            return split_vocabulary(self.dataset, self.split_by, self.format, self.split_vocabulary)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+    @property
+    def _split_source(self) -> str:
+        return "split files" if self.format == "transvg" else f"split_by {self.split_by}"
 
 
 class VisualConfig(_Strict):
@@ -295,9 +324,10 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     batch_size: int = Field(64, gt=0)
-    # Splits scored by the evaluate stage. Not train by default: it is the largest split and costs more
-    # than the rest together; add it to look for overfitting.
-    splits: tuple[str, ...] = ("val", "testA", "testB")
+    # Splits scored by the evaluate stage; null: every prepared split but train (the largest split, and it
+    # costs more than the rest together; name it to look for overfitting). A split named here that was not
+    # prepared is an error.
+    splits: Optional[tuple[str, ...]] = None
     iou_thresholds: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
     num_qualitative: int = Field(16, ge=0)
     metrics_dir: str = "metrics"

@@ -24,7 +24,9 @@ def collect(cfg: Config) -> dict[str, dict]:
 
 def write_summary(cfg: Config, out_dir: Path) -> Path:
     results = collect(cfg)
-    splits = [s for s in cfg.data.splits if any(s in r["splits"] for r in results.values())]
+    order = cfg.data.vocabulary().splits
+    found = {s for r in results.values() for s in r["splits"]}
+    splits = [s for s in order if s in found] + sorted(found - set(order))
     lines = [
         f"# refvg results on {cfg.data.dataset}",
         "",

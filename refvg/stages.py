@@ -58,7 +58,9 @@ def detections(cfg: Config) -> dict:
     from refvg.data.detections import detection_recall, stand_in_detections, write_detections
 
     out = Path(cfg.detections.dir)
-    rows = stand_in_detections(instances_path(cfg), cfg.detections)
+    # Split files carry no instances file to perturb: no stand-in then, a real detector's file is the user's.
+    stand_in = cfg.data.format == "refer"
+    rows = stand_in_detections(instances_path(cfg), cfg.detections) if stand_in else []
     path = write_detections(rows, out / f"{cfg.data.dataset}.json")
     stamps = out / "methods"
     shutil.rmtree(stamps, ignore_errors=True)
@@ -73,7 +75,8 @@ def detections(cfg: Config) -> dict:
             stamp |= {"detections_file": str(det), "sha256": hashlib.sha256(det.read_bytes()).hexdigest(),
                       "min_score": pcfg.min_score}
         (stamps / f"{method}.json").write_text(json.dumps(stamp, indent=1) + "\n")
-    return {"file": path, "detections": len(rows), **detection_recall(instances_path(cfg), rows)}
+    recall = detection_recall(instances_path(cfg), rows) if stand_in else {}
+    return {"file": path, "detections": len(rows), **recall}
 
 
 def checkpoint_dir(cfg: Config, method: str) -> Path:
@@ -142,6 +145,19 @@ def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = 
     return PreparedSplit(prepared, split, language_blind=language_blind, masks=training and "masks" in needs,
                          candidates=candidates, max_candidates=cfg.proposals.max_candidates,
                          match_iou=cfg.proposals.match_iou)
+
+
+def eval_splits(ecfg, manifest: dict) -> list[str]:
+    """`eval.splits`, or every prepared split but train. A split named there that was not prepared is an
+    error: a results table silently missing a split reads as if it were complete."""
+    prepared = list(manifest["splits"])
+    if ecfg.splits is None:
+        return [s for s in prepared if s != "train"]
+    missing = [s for s in ecfg.splits if s not in prepared]
+    if missing:
+        raise ValueError(f"eval.splits names {missing}, which prepare did not write (prepared: {prepared}); "
+                         "add them to data.splits or drop them from eval.splits")
+    return list(ecfg.splits)
 
 
 def instances_path(cfg: Config) -> Path:
@@ -300,9 +316,7 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
     manifest = read_manifest(prepared)
     ecfg = cfg.eval
     preds, metrics = [], {}
-    for split in ecfg.splits:
-        if split not in manifest["splits"]:
-            continue
+    for split in eval_splits(ecfg, manifest):
         ds = open_split(rcfg, state["model_name"], split, state["language_blind"])
         p = predict_split(model, ds, ecfg.batch_size, device, cfg.train.amp)
         preds.append(p)

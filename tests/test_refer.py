@@ -148,10 +148,6 @@ def _missing_image_record(refs, inst):
     _ann(inst, refs[0]["ann_id"])["image_id"] = 987654
 
 
-def _unknown_split(refs, inst):
-    refs[0]["split"] = "test"
-
-
 def _missing_annotation(refs, inst):
     refs[0]["ann_id"] = 10**7
 
@@ -163,7 +159,6 @@ CASES = {
     "empty_expression": _empty_expression,
     "expression_too_long": _too_long,
     "missing_image_record": _missing_image_record,
-    "unknown_split": _unknown_split,
     "missing_annotation": _missing_annotation,
 }
 SENTENCE_LEVEL = {"empty_expression", "expression_too_long"}
@@ -202,14 +197,20 @@ def test_bad_records(reason, raw, tmp_path):
         assert f"sent_id={bad['sentences'][0]['sent_id']}" in msg
 
 
-def test_unknown_split_raises_for_any_split_in_error_mode(raw, tmp_path):
+@pytest.mark.parametrize("on_bad_record", ["skip", "error"])
+@pytest.mark.parametrize("stored", ["test", "trainval", "testC"])
+def test_a_split_the_dataset_does_not_have_is_an_error_never_a_skip(raw, tmp_path, on_bad_record, stored):
+    # RefShapes is read with unc's vocabulary (train, val, testA, testB): "test" is RefCOCOg umd's, "testC"
+    # RefClef's. Skipping such refs would drop a whole split unseen.
     root, refs, instances = raw
     refs = copy.deepcopy(refs)
-    refs[-1]["split"] = "trainval"
+    refs[3]["split"] = stored
     _write(tmp_path, refs, instances)
-    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record="error")
-    with pytest.raises(BadRecordError, match="unknown_split"):
+    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record=on_bad_record)
+    with pytest.raises(BadRecordError) as err:
         ds.samples("train")
+    msg = str(err.value)
+    assert "refs(unc).json" in msg and f"ref_id={refs[3]['ref_id']}" in msg and repr(stored) in msg
 
 
 def test_non_utf8_expression_in_pickle(raw, tmp_path):
@@ -245,7 +246,7 @@ def test_transvg_split_round_trip(raw, tmp_path):
     entries = [[s.file_name, s.ann_id, list(s.bbox), s.sentence, []] for s in ref]
     entries.append([ref[0].file_name, "mask_0.png", torch.tensor(ref[0].bbox), "  the thing ", []])
     torch.save(entries, tmp_path / "val.pth")
-    got = load_transvg_split(tmp_path / "val.pth", images, "val")
+    got = load_transvg_split(tmp_path / "val.pth", images, "val", "unc")
     assert len(got) == len(entries)
     for s, g in zip(ref, got):
         assert (g.file_name, g.ann_id, g.bbox, g.sentence, g.split) == (s.file_name, s.ann_id, s.bbox, s.sentence, "val")
@@ -257,10 +258,12 @@ def test_transvg_split_round_trip(raw, tmp_path):
     entries.append(["missing.png", 1, [0, 0, 1, 1], "x", []])
     torch.save(entries, tmp_path / "bad.pth")
     with pytest.raises(BadRecordError, match="missing_image_file"):
-        load_transvg_split(tmp_path / "bad.pth", images, "val")
+        load_transvg_split(tmp_path / "bad.pth", images, "val", "unc")
     skips = SkipLog()
-    assert len(load_transvg_split(tmp_path / "bad.pth", images, "val", on_bad_record="skip", skips=skips)) == len(got)
+    assert len(load_transvg_split(tmp_path / "bad.pth", images, "val", "unc", on_bad_record="skip", skips=skips)) == len(got)
     assert skips.counts == {"missing_image_file": 1}
+    with pytest.raises(ValueError, match="not known"):
+        load_transvg_split(tmp_path / "val.pth", images, "val", "refcoco")
 
 
 # ---------------------------------------------------------------- hostile files
@@ -367,10 +370,10 @@ def test_transvg_split_with_an_escaping_path_is_refused(raw, tmp_path):
     torch.save([[good, 1, [1, 1, 5, 5], "a circle", []], ["../refshapes/images/" + good, 2, [1, 1, 5, 5], "x", []],
                 [7, 3, [1, 1, 5, 5], "not a name", []]], tmp_path / "split.pth")
     skips = SkipLog()
-    got = load_transvg_split(tmp_path / "split.pth", images, "train", on_bad_record="skip", skips=skips)
+    got = load_transvg_split(tmp_path / "split.pth", images, "train", "unc", on_bad_record="skip", skips=skips)
     assert [s.file_name for s in got] == [good] and skips.counts == {"unsafe_image_path": 2}
     with pytest.raises(BadRecordError, match=r"split.pth: entry=1 .*unsafe_image_path"):
-        load_transvg_split(tmp_path / "split.pth", images, "train")
+        load_transvg_split(tmp_path / "split.pth", images, "train", "unc")
 
 
 def test_non_utf8_bytes_in_a_json_refs_file_cost_only_their_expression(raw, tmp_path):

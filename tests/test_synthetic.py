@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 
 from refvg.config import SyntheticConfig
 from refvg.data.synthetic import (
-    CATEGORIES, COLOURS, TEST_A_CATEGORIES, generate_refshapes, objects_from_annotations, parse_expression,
+    CATEGORIES, COLOURS, TEST_A_CATEGORIES, dominant_test_split, generate_refshapes, objects_from_annotations, parse_expression,
     referents, MARGIN,
 )
 
@@ -117,12 +117,18 @@ def test_splits_like_refcoco_unc(generated):
     test_images = images_of["testA"] | images_of["testB"]
     assert not (images_of["train"] & images_of["val"]) and not (images_of["train"] & test_images)
     assert not (images_of["val"] & test_images)
+    assert not (images_of["testA"] & images_of["testB"])  # image-disjoint, as in RefCOCO
     for r in refs:
         if r["split"] == "testA":
             assert names[r["category_id"]] in TEST_A_CATEGORIES
         if r["split"] == "testB":
             assert names[r["category_id"]] not in TEST_A_CATEGORIES
-    assert summary["image_splits"] == {"train": 22, "val": 8, "test": 10}
+    # Each test image is decided by its objects: a strict majority of its split's categories.
+    for split in ("testA", "testB"):
+        for image_id in images_of[split]:
+            shapes = [names[a["category_id"]] for a in coco.imgToAnns[image_id]]
+            assert dominant_test_split(shapes) == split, (image_id, shapes)
+    assert summary["image_splits"] == {"train": 22, "val": 8, "testA": 5, "testB": 5}
     assert summary["vocabulary_size"] > 20
 
 

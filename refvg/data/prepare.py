@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from refvg.config import Config
 from refvg.data.dataset import MANIFEST, MASKS, MASKS_RLE
 from refvg.data.proposals import write_gt_candidates
-from refvg.data.refer import BadRecordError, ReferDataset, RefSample, SkipLog
+from refvg.data.refer import BadRecordError, ReferDataset, RefSample, SkipLog, open_source, select_splits
 from refvg.data.text import TOKENIZER_DIR, encode, get_tokenizer
 from refvg.data.transforms import Letterbox, xywh_to_xyxy
 
@@ -236,19 +236,14 @@ def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardR
     strict = d.on_bad_record == "error"
 
     try:
-        refer = ReferDataset(
-            d.root, d.dataset, split_by=d.split_by, image_dir=d.image_dir,
-            on_bad_record=d.on_bad_record, max_expression_chars=d.max_expression_chars,
-        )
+        refer = open_source(d)
         by_split = refer.all_samples()
-        missing = [s for s in d.splits if not by_split.get(s)]
-        if "train" in missing:
-            raise BadRecordError(f"{d.root}/{d.dataset}: no usable training samples (skips: {refer.skips.to_dict()})")
+        splits = select_splits(d, refer, by_split)
 
         tokenizer = get_tokenizer(
             tmp_dir / TOKENIZER_DIR, cfg.model.text.pretrained, (s.sentence for s in by_split["train"]), cfg.model.text.vocab_size
         )
-        present = [split for split in d.splits if split not in missing]
+        present = list(splits)
         jobs = {split: image_jobs(refer, by_split[split]) for split in present}
         shards = plan_shards(jobs, d.image_size, tmp_dir, cfg.parallel.prepare_shards, strict)
         results = run_shards(letterbox_shard, shards)
@@ -268,8 +263,9 @@ def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardR
             "max_tokens": d.max_tokens,
             "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
+            "format": d.format,
             "splits": counts,
-            "missing_splits": missing,
+            "refs_per_stored_split": refer.stored_split_counts(),
             "skipped": refer.skips.to_dict(),
         }
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

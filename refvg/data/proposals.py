@@ -100,7 +100,7 @@ def gt_candidates(refer: ReferDataset, image_id: int, skips: SkipLog) -> ImageCa
 
 def write_gt_candidates(split_dir: Path, image_ids: Sequence[int], refer: ReferDataset, skips: SkipLog) -> None:
     """`<split>/candidates.json`: the gt candidates of each image, in `images.npy` row order."""
-    rows = [gt_candidates(refer, image_id, skips).to_json() for image_id in image_ids]
+    rows = [refer.candidates(image_id, skips).to_json() for image_id in image_ids]
     (Path(split_dir) / CANDIDATES).write_text(json.dumps(rows), encoding="utf-8")
 
 

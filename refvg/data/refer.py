@@ -1,7 +1,13 @@
-"""Reader of the REFER layout (RefCOCO / RefCOCO+ / RefCOCOg) through pycocotools.
+"""Readers of the datasets as their users have them on disk.
 
-Layout: `<root>/<dataset>/refs(<split_by>).p` (or `.json`), `<root>/<dataset>/instances.json` and images
-named by COCO `file_name` under `image_dir`. Every (ref, sentence) becomes one :class:`RefSample`.
+- :class:`ReferDataset`: the REFER layout (RefCOCO / RefCOCO+ / RefCOCOg / RefClef) through pycocotools:
+  `<root>/<dataset>/refs(<split_by>).p` (or `.json`), `<root>/<dataset>/instances.json` and images named by
+  COCO `file_name` under `image_dir`. Segmentations are polygons (RefCOCO*) or lists of RLEs (RefClef).
+- :class:`SplitFiles`: TransVG / QRNet's `<dataset>_<split>.pth` files (unc, unc+, gref, gref_umd, referit,
+  flickr), each dataset with its own entry shape and box convention.
+
+Every (ref, sentence) becomes one :class:`RefSample`, its box xywh in the image's stored pixel frame. Which
+splits a dataset has, and which stored split names belong to which split, is `refvg.data.splits`.
 
 Real REFER dumps contain dirty records, so each record is validated; with `on_bad_record="skip"` the
 bad ones are dropped and counted per reason in :class:`SkipLog` (the prepare manifest shows it), with
@@ -10,17 +16,18 @@ bad ones are dropped and counted per reason in :class:`SkipLog` (the prepare man
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import math
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Optional
 
 import numpy as np
 
-from refvg.config import SPLITS
+from refvg.data.splits import SPLIT_FILE_DATASETS, SplitVocabulary, split_vocabulary
 
 
 class BadRecordError(ValueError):
@@ -195,12 +202,36 @@ def _bbox(value: Any, width: int, height: int) -> tuple[float, float, float, flo
     return (x, y, w, h)
 
 
+def segmentation_rle(segm: Any, height: int, width: int) -> dict:
+    """One compressed RLE (the union of the parts) of a COCO-style segmentation in any of the shapes REFER's
+    files hold: a list of polygons (RefCOCO/+/g), a list of RLE dicts (RefClef, compressed counts), or one
+    RLE dict, compressed or not. Raises BadRecordError when an RLE's size is not the image's."""
+    from pycocotools import mask as mask_utils
+
+    parts = [segm] if isinstance(segm, dict) else list(segm)
+    if parts and all(isinstance(p, dict) for p in parts):
+        rles = []
+        for p in parts:
+            size = [int(v) for v in p["size"]]
+            if size != [height, width]:
+                raise BadRecordError(f"segmentation is {size[1]}x{size[0]}, image is {width}x{height}")
+            counts = p["counts"]
+            if isinstance(counts, list):  # uncompressed
+                rles.append(mask_utils.frPyObjects({"size": size, "counts": counts}, height, width))
+            else:
+                rles.append({"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    else:
+        rles = mask_utils.frPyObjects(parts, height, width)  # polygons
+    return mask_utils.merge(rles) if len(rles) > 1 else rles[0]
+
+
 # ---------------------------------------------------------------- the dataset
 
 
 class ReferDataset:
     def __init__(self, root, dataset: str, split_by: str = "unc", image_dir=None,
-                 on_bad_record: str = "skip", max_expression_chars: int = 512, check_image_files: bool = True):
+                 on_bad_record: str = "skip", max_expression_chars: int = 512, check_image_files: bool = True,
+                 custom_splits: Optional[tuple[str, ...]] = None):
         if on_bad_record not in ("skip", "error"):
             raise ValueError(f"on_bad_record must be 'skip' or 'error', got {on_bad_record!r}")
         from pycocotools.coco import COCO  # imported here: pycocotools is only needed for real data
@@ -210,6 +241,7 @@ class ReferDataset:
         self.on_bad_record = on_bad_record
         self.max_expression_chars = max_expression_chars
         self.check_image_files = check_image_files
+        self.vocabulary = split_vocabulary(dataset, split_by, "refer", custom_splits)
         self.refs_path = find_refs_file(self.dataset_dir, split_by)
         self.refs = load_refs(self.refs_path)
         self.instances_path = self.dataset_dir / "instances.json"
@@ -229,24 +261,52 @@ class ReferDataset:
         self._file_exists: dict[str, bool] = {}
 
     def samples(self, split: str) -> list[RefSample]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
+        if split not in self.vocabulary.splits:
+            raise ValueError(f"unknown split {split!r} for {self.refs_path}; its splits: "
+                             f"{', '.join(self.vocabulary.splits)}")
         return list(self.all_samples().get(split, []))
 
     def all_samples(self) -> dict[str, list[RefSample]]:
+        """Samples per split. A ref stored as a combined split (RefClef's "testAB") is in each of its splits,
+        as REFER's getRefIds has it."""
         # Validated once for the whole file, so skips are counted once however often this is called.
         if self._by_split is None:
             by_split: dict[str, list[RefSample]] = {}
-            for ref in self.refs:
-                for s in self._ref_samples(ref):
-                    by_split.setdefault(s.split, []).append(s)
+            for i, ref in enumerate(self.refs):
+                splits = self._splits_of(ref, i)
+                for s in self._ref_samples(ref, splits[0]):
+                    for split in splits:
+                        by_split.setdefault(split, []).append(s if split == s.split else replace(s, split=split))
             self._by_split = by_split
         return {k: list(v) for k, v in self._by_split.items()}
 
+    def stored_split_counts(self) -> dict[str, int]:
+        """Refs per split name as the file stores it (what the manifest reports next to what was kept)."""
+        counts: dict[str, int] = {}
+        for ref in self.refs:
+            key = str(ref.get("split"))
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def _splits_of(self, ref: dict, index: int) -> tuple[str, ...]:
+        stored = ref.get("split")
+        members = self.vocabulary.members(stored) if isinstance(stored, str) else ()
+        if not members:
+            # Not a counted skip: a wrong split_by, or a split this reader does not know, would silently drop a
+            # whole split (RefCOCOg umd's "test" once went that way).
+            raise BadRecordError(
+                f"{self.refs_path}: ref #{index} (ref_id={ref.get('ref_id')}): split {stored!r} is not a split of "
+                f"this dataset (known: {', '.join(self.vocabulary.stored_names)}); check data.dataset / "
+                "data.split_by, or set data.split_vocabulary for a dataset with its own split names")
+        return members
+
     def mask(self, ann_id: int) -> np.ndarray:
-        if ann_id not in self.coco.anns:
-            raise KeyError(f"{self.instances_path}: no annotation with id {ann_id}")
-        return self.coco.annToMask(self.coco.anns[ann_id]).astype(np.uint8)
+        from pycocotools import mask as mask_utils
+
+        rle = self.rle(ann_id)
+        if rle is None:
+            raise BadRecordError(f"{self.instances_path}: annotation {ann_id} has no segmentation")
+        return mask_utils.decode(rle).astype(np.uint8)
 
     def rle(self, ann_id: int) -> Optional[dict]:
         """The annotation's mask at original resolution as compressed COCO RLE ({"size": [h, w], "counts": str},
@@ -260,15 +320,14 @@ class ReferDataset:
         if not ann.get("segmentation"):
             return None
         where = f"{self.instances_path}: annotation {ann_id} (image {ann.get('image_id')})"
+        img = self.coco.imgs.get(ann.get("image_id"), {})
         try:
-            rle = self.coco.annToRLE(ann)
+            rle = segmentation_rle(ann["segmentation"], int(img["height"]), int(img["width"]))
             pixels = int(mask_utils.area(rle))
+        except BadRecordError as err:
+            raise BadRecordError(f"{where}: {err}") from None
         except Exception as err:  # pycocotools raises TypeError/ValueError/IndexError/... on malformed input
             raise BadRecordError(f"{where}: segmentation cannot be decoded: {type(err).__name__}: {err}") from None
-        img = self.coco.imgs.get(ann.get("image_id"), {})
-        if [int(v) for v in rle["size"]] != [img.get("height"), img.get("width")]:
-            raise BadRecordError(f"{where}: segmentation is {rle['size'][1]}x{rle['size'][0]}, "
-                                 f"image is {img.get('width')}x{img.get('height')}")
         if pixels == 0:
             raise BadRecordError(f"{where}: segmentation covers no pixel")
         counts = rle["counts"]
@@ -278,19 +337,23 @@ class ReferDataset:
     def image_path(self, sample) -> Path:
         return self.image_dir / sample.file_name
 
+    def candidates(self, image_id: int, skips: SkipLog):
+        """Every annotated object of the image (the ground-truth proposals)."""
+        from refvg.data.proposals import gt_candidates
+
+        return gt_candidates(self, image_id, skips)
+
     def _bad(self, reject: _Reject, where: str) -> None:
         msg = f"{self.refs_path}: {where}: {reject.reason}" + (f" ({reject.detail})" if reject.detail else "")
         if self.on_bad_record == "error":
             raise BadRecordError(msg)
         self.skips.add(reject.reason, f"{self.refs_path.name}: {where}")
 
-    def _ref_samples(self, ref: dict) -> list[RefSample]:
+    def _ref_samples(self, ref: dict, split: str) -> list[RefSample]:
         where = (f"ref_id={ref.get('ref_id')} ann_id={ref.get('ann_id')} image_id={ref.get('image_id')}")
         try:
-            ref_id, ann_id, split = ref["ref_id"], ref["ann_id"], ref["split"]
+            ref_id, ann_id = ref["ref_id"], ref["ann_id"]
             sentences = ref["sentences"]
-            if split not in SPLITS:
-                raise _Reject("unknown_split", f"split {split!r}")
             ann = self.coco.anns.get(ann_id)
             if ann is None:
                 raise _Reject("missing_annotation", f"ann_id {ann_id} not in {self.instances_path.name}")
@@ -347,14 +410,23 @@ class ReferDataset:
 # ---------------------------------------------------------------- TransVG split files
 
 
-def load_transvg_split(path: Path, image_dir: Path, split: str, on_bad_record: str = "error",
-                       skips: Optional[SkipLog] = None, max_expression_chars: int = 512) -> list[RefSample]:
-    """Samples from a TransVG-style split file: a torch.save'd list of [image_file, ann_id_or_mask,
-    bbox_xywh, phrase, ...]. ref_id = sent_id = the entry's index; image ids number the image files
-    in order of first appearance; category_id = -1 (the format does not carry it)."""
+def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on_bad_record: str = "error",
+                       skips: Optional[SkipLog] = None, max_expression_chars: int = 512,
+                       image_ids: Optional[dict[str, int]] = None, first_ref_id: int = 0) -> list[RefSample]:
+    """Samples from one TransVG / QRNet split file (`torch.save`d list, read with weights_only=True), whose
+    entry shape and box convention depend on `dataset` (as in TransVG's data_loader):
+    unc, unc+, gref, gref_umd: [file, ann_id, box xywh, phrase, attributes]; referit: [file, mask file,
+    box x1y1x2y2, phrase, attributes]; flickr: [file, box x1y1x2y2, phrase]. Boxes come out xywh, as stored
+    (TransVG truncates them to integers when it loads them; refvg keeps them exact).
+    ref_id = sent_id = `first_ref_id` + the entry's index; `image_ids` numbers image files across the files of
+    one dataset (first appearance); category_id = -1 (the format does not carry it)."""
     import torch
     from PIL import Image
 
+    if dataset not in SPLIT_FILE_DATASETS:
+        raise ValueError(f"split files of dataset {dataset!r} are not known; TransVG's datasets are "
+                         f"{', '.join(SPLIT_FILE_DATASETS)}")
+    fmt = SPLIT_FILE_DATASETS[dataset]
     path, image_dir = Path(path), Path(image_dir)
     try:
         entries = torch.load(path, weights_only=True)
@@ -362,15 +434,18 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, on_bad_record: s
         raise BadRecordError(f"{path}: not a readable TransVG split file: {type(err).__name__}: {err}") from None
     if not isinstance(entries, (list, tuple)):
         raise BadRecordError(f"{path}: expected a list of entries, got {type(entries).__name__}")
-    image_ids: dict[str, int] = {}
+    image_ids = {} if image_ids is None else image_ids
     sizes: dict[str, Optional[tuple[int, int]]] = {}
     out = []
     for i, entry in enumerate(entries):
         where = f"entry={i}"
         try:
-            if not isinstance(entry, (list, tuple)) or len(entry) < 4:
-                raise _Reject("malformed_record", f"entry {entry!r:.80}")
-            file_name, ann, bbox, phrase = entry[0], entry[1], entry[2], entry[3]
+            if not isinstance(entry, (list, tuple)) or len(entry) != fmt.fields:
+                raise _Reject("malformed_record", f"a {dataset} entry has {fmt.fields} fields, got {entry!r:.120}")
+            if fmt.fields == 3:
+                file_name, ann, bbox, phrase = entry[0], None, entry[1], entry[2]
+            else:
+                file_name, ann, bbox, phrase = entry[0], entry[1], entry[2], entry[3]
             where = f"entry={i} image={file_name}"
             if isinstance(bbox, torch.Tensor):
                 bbox = bbox.tolist()
@@ -384,7 +459,7 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, on_bad_record: s
             if sizes[file_name] is None:
                 raise _Reject("missing_image_file", str(image_dir / file_name))
             width, height = sizes[file_name]
-            box = _bbox(bbox, width, height)
+            box = _bbox(_xyxy_to_xywh(bbox) if fmt.box == "xyxy" else bbox, width, height)
             text = _expression(phrase, max_expression_chars)
         except _Reject as reject:
             msg = f"{path}: {where}: {reject.reason}" + (f" ({reject.detail})" if reject.detail else "")
@@ -395,8 +470,113 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, on_bad_record: s
             continue
         image_id = image_ids.setdefault(file_name, len(image_ids))
         ann_id = int(ann) if isinstance(ann, int) and not isinstance(ann, bool) else -1
+        ref_id = first_ref_id + i
         out.append(RefSample(
-            sample_id=f"{i}:{i}", ref_id=i, sent_id=i, ann_id=ann_id, image_id=image_id, category_id=-1,
-            split=split, file_name=str(file_name), image_width=int(width), image_height=int(height),
-            bbox=box, sentence=text))
+            sample_id=f"{ref_id}:{ref_id}", ref_id=ref_id, sent_id=ref_id, ann_id=ann_id, image_id=image_id,
+            category_id=-1, split=split, file_name=str(file_name), image_width=int(width),
+            image_height=int(height), bbox=box, sentence=text))
     return out
+
+
+def _xyxy_to_xywh(value: Any) -> list:
+    try:
+        x1, y1, x2, y2 = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise _Reject("bad_bbox", f"bbox {value!r}") from None
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+class SplitFiles:
+    """A dataset given as TransVG split files, `<root>/<dataset>/<dataset>_<split>.pth`, read like
+    :class:`ReferDataset` (what `prepare` needs of a source). "trainval" is read from its own file where one
+    exists (referit) and is train + val otherwise, as TransVG does; it is prepared only when asked for.
+    The candidates of an image are the distinct boxes the files refer to on it (the format lists no others)."""
+
+    def __init__(self, root, dataset: str, image_dir, on_bad_record: str = "skip", max_expression_chars: int = 512,
+                 custom_splits: Optional[tuple[str, ...]] = None):
+        if on_bad_record not in ("skip", "error"):
+            raise ValueError(f"on_bad_record must be 'skip' or 'error', got {on_bad_record!r}")
+        self.dataset = dataset
+        self.vocabulary: SplitVocabulary = split_vocabulary(dataset, "unc", "transvg", custom_splits)
+        self.dataset_dir = Path(root) / dataset
+        self.image_dir = Path(image_dir)
+        self.instances_path = self.dataset_dir  # what messages name as the annotation source
+        self.skips = SkipLog()
+        if not self.dataset_dir.is_dir():
+            raise FileNotFoundError(f"{self.dataset_dir}: no such folder of split files")
+        self.files: dict[str, Path] = {}
+        for path in sorted(self.dataset_dir.glob(f"{glob.escape(dataset)}_*.pth")):
+            split = path.stem[len(dataset) + 1:]
+            if split not in self.vocabulary.splits:
+                raise BadRecordError(f"{path}: split {split!r} is not a split of {dataset} "
+                                     f"(known: {', '.join(self.vocabulary.splits)})")
+            self.files[split] = path
+        if not self.files:
+            raise FileNotFoundError(f"{self.dataset_dir}: no {dataset}_<split>.pth files")
+        self._on_bad_record, self._max_chars = on_bad_record, max_expression_chars
+        self._by_split: Optional[dict[str, list[RefSample]]] = None
+        self._boxes: dict[int, dict[tuple, int]] = {}
+
+    def stored_split_counts(self) -> dict[str, int]:
+        return {split: len(v) for split, v in self.all_samples().items()}
+
+    def all_samples(self) -> dict[str, list[RefSample]]:
+        if self._by_split is None:
+            image_ids: dict[str, int] = {}
+            by_split: dict[str, list[RefSample]] = {}
+            next_id = 0
+            for split in self.vocabulary.splits:  # a fixed order, so ids do not depend on the file system
+                if split not in self.files:
+                    continue
+                got = load_transvg_split(self.files[split], self.image_dir, split, self.dataset,
+                                         self._on_bad_record, self.skips, self._max_chars, image_ids, next_id)
+                by_split[split] = got
+                next_id = max([s.ref_id for s in got], default=next_id - 1) + 1
+            if "trainval" not in by_split and "train" in by_split and "val" in by_split:
+                by_split["trainval"] = [replace(s, split="trainval") for s in by_split["train"] + by_split["val"]]
+            for samples in by_split.values():
+                for s in samples:
+                    boxes = self._boxes.setdefault(s.image_id, {})
+                    boxes.setdefault(tuple(round(v, 2) for v in s.bbox), s.ann_id)
+            self._by_split = by_split
+        return {k: list(v) for k, v in self._by_split.items()}
+
+    def image_path(self, sample) -> Path:
+        return self.image_dir / sample.file_name
+
+    def rle(self, ann_id: int) -> None:
+        return None  # split files carry boxes only (referit's mask files are not read)
+
+    def candidates(self, image_id: int, skips: SkipLog):
+        from refvg.data.proposals import ImageCandidates
+
+        self.all_samples()
+        boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in self._boxes.get(image_id, {})],
+                           dtype=np.float64).reshape(-1, 4)
+        n = len(boxes)
+        return ImageCandidates(boxes, np.full(n, -1, dtype=np.int64), np.ones(n),
+                               np.asarray(list(self._boxes.get(image_id, {}).values()), dtype=np.int64))
+
+
+def open_source(data, check_image_files: bool = True):
+    """The reader `data` (a `DataConfig`) describes: REFER files or TransVG split files."""
+    if data.format == "transvg":
+        return SplitFiles(data.root, data.dataset, data.image_dir, on_bad_record=data.on_bad_record,
+                          max_expression_chars=data.max_expression_chars, custom_splits=data.split_vocabulary)
+    return ReferDataset(data.root, data.dataset, split_by=data.split_by, image_dir=data.image_dir,
+                        on_bad_record=data.on_bad_record, max_expression_chars=data.max_expression_chars,
+                        check_image_files=check_image_files, custom_splits=data.split_vocabulary)
+
+
+def select_splits(data, source, by_split: dict[str, list[RefSample]]) -> tuple[str, ...]:
+    """The splits to prepare: `data.splits`, or the dataset's own (its required splits, plus optional ones
+    the files hold). Every one must have samples: a split asked for and absent is an error, not a note."""
+    asked = data.splits if data.splits is not None else source.vocabulary.default_splits(by_split)
+    where = getattr(source, "refs_path", None) or source.dataset_dir
+    empty = [s for s in asked if not by_split.get(s)]
+    if empty:
+        how = "data.splits" if data.splits is not None else f"the default splits of {data.dataset}"
+        raise BadRecordError(
+            f"{where}: no usable samples for split(s) {', '.join(empty)} ({how}: {', '.join(asked)}); the files "
+            f"hold {source.stored_split_counts()} refs per split, skipped: {source.skips.to_dict()['counts']}")
+    return tuple(asked)

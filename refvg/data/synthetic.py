@@ -10,10 +10,12 @@ Expression kinds, all checked for uniqueness against the scene by parsing the re
 - absolute location: "the leftmost square", "the circle on the left", "the top blue shape"
 - relations:         "the square left of the green star", "the triangle below the red circle"
 
-Splits follow RefCOCO unc: whole images go to train / val / test (`val_fraction`, `test_fraction`);
-refs of test images go to testA when the target's category is in the first half of CATEGORIES
-(circle, square, triangle) and to testB otherwise (diamond, cross, star) - the analogue of RefCOCO's
-people / other-objects split.
+Splits follow RefCOCO unc: whole images go to train / val / test (`val_fraction`, `test_fraction`), and each
+test image to exactly one of testA / testB, as RefCOCO splits images of people from images of other objects:
+half the test images are testA, drawn so that most of their objects (a strict majority) are of the first half
+of CATEGORIES (circle, square, triangle), the other half testB, most of their objects of the second half
+(diamond, cross, star). A test image's refs are those of its split's categories, as RefCOCO's testA refers
+to people only.
 
 Files written (what `refvg.data.refer.ReferDataset` reads): `instances.json` (COCO; each annotation
 also carries `attributes: {colour, size}`, which COCO readers ignore), `refs(<split_by>).p` (pickle
@@ -340,10 +342,18 @@ def _polygon_area(poly) -> float:
 
 
 def _split_images(n: int, cfg: SyntheticConfig, rng: np.random.Generator) -> list[str]:
-    n_val = max(1, round(n * cfg.val_fraction)) if n >= 3 else 0
-    n_test = max(1, round(n * cfg.test_fraction)) if n >= 3 else 0
-    splits = ["val"] * n_val + ["test"] * n_test + ["train"] * (n - n_val - n_test)
+    n_val = max(1, round(n * cfg.val_fraction)) if n >= 4 else 0
+    n_test = max(2, round(n * cfg.test_fraction)) if n >= 4 else 0
+    n_a = (n_test + 1) // 2
+    splits = ["val"] * n_val + ["testA"] * n_a + ["testB"] * (n_test - n_a) + ["train"] * (n - n_val - n_test)
     return [splits[i] for i in rng.permutation(n)]
+
+
+def dominant_test_split(shapes: list[str]) -> Optional[str]:
+    """testA when a strict majority of the objects are of TEST_A_CATEGORIES, testB when a strict majority
+    are not, None on a tie (such an image is never a test image)."""
+    a = sum(shape in TEST_A_CATEGORIES for shape in shapes)
+    return "testA" if 2 * a > len(shapes) else "testB" if 2 * a < len(shapes) else None
 
 
 def objects_from_annotations(anns: list[dict], categories: dict[int, str]) -> list[Obj]:
@@ -367,7 +377,10 @@ def generate_refshapes(out_dir: Path, cfg: SyntheticConfig, split_by: str = "unc
         placed = None
         while placed is None:
             n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-            placed = _place(_attributes(n, rng), w, h, rng)
+            attrs = _attributes(n, rng)
+            if image_split.startswith("test") and dominant_test_split([a[0] for a in attrs]) != image_split:
+                continue  # a testA image is mostly of testA's categories, as RefCOCO's testA is of people
+            placed = _place(attrs, w, h, rng)
         objs, polys = placed
         file_name = f"refshapes_{image_id:06d}.png"
         _draw(objs, polys, w, h, rng).save(out_dir / "images" / file_name, format="PNG", compress_level=1)
@@ -381,12 +394,12 @@ def generate_refshapes(out_dir: Path, cfg: SyntheticConfig, split_by: str = "unc
                 "segmentation": [[c for p in poly for c in p]],
                 "attributes": {"colour": o.colour, "size": o.size},
             })
+            split = image_split
+            if split.startswith("test") and (o.shape in TEST_A_CATEGORIES) != (split == "testA"):
+                continue  # testA refers to testA's categories only (RefCOCO: people), testB to the others
             texts = choose_expressions(t, objs, cfg.expressions_per_ref, margin, rng)
             if not texts:
                 continue
-            split = image_split
-            if split == "test":
-                split = "testA" if o.shape in TEST_A_CATEGORIES else "testB"
             sentences = []
             for text in texts:
                 sentences.append({"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text})
@@ -417,7 +430,7 @@ def _summary(refs, images, image_splits) -> dict:
     return {
         "num_images": len(images), "num_refs": len(refs),
         "num_sentences": sum(len(r["sentences"]) for r in refs),
-        "image_splits": {k: image_splits.count(k) for k in ("train", "val", "test")},
+        "image_splits": {k: image_splits.count(k) for k in ("train", "val", "testA", "testB")},
         "splits": per_split, "categories": list(CATEGORIES),
         "test_categories": {"testA": list(TEST_A_CATEGORIES),
                             "testB": [c for c in CATEGORIES if c not in TEST_A_CATEGORIES]},
