@@ -1,6 +1,7 @@
-"""MAttNet + CM-Erase: RoI align on a hand case, the modules' shapes, the erasing (what is erased is drawn from
-the attention, over the subject, location and relation modules; argmax as an option), the losses, the category
-input (off: the output ignores candidate categories), and candidates from a (stand-in) detections file."""
+"""MAttNet + CM-Erase: RoI align on a hand case, the modules' shapes, the erasing (what is erased is
+drawn from the attention, over the subject, location and relation modules; argmax as an option), the
+losses, the category input (off: the output ignores candidate categories), and candidates from a
+(stand-in) detections file."""
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from refvg.data.detections import detection_recall, stand_in_detections
 from refvg.data.prepare import prepared_path
 from refvg.data.proposals import detection_candidates, read_detections
 from refvg.models.mattnet import (
-    MAttNet, candidate_cross_entropy, choose, erase_cells, erase_items, erase_words, ranking_loss, real_words,
-    roi_align,
+    MAttNet, candidate_cross_entropy, choose, erase_cells, erase_items, erase_words, ranking_loss,
+    real_words, roi_align,
 )
 from tests.conftest import TINY
 
@@ -82,8 +83,10 @@ def test_modules_shapes_prediction_and_loss():
     words = real_words(batch["input_ids"], batch["attention_mask"])
     assert (out["word_attention"][~words] == 0).all()
     torch.testing.assert_close(out["word_attention"].sum(1), torch.ones(b))
-    # location and relation attention: only over real neighbours / context objects (sample 0 has 3 candidates)
-    assert (out["location_attention"][0, :3, 3:] == 0).all() and (out["context_attention"][0, :3, 2:] == 0).all()
+    # location and relation attention: only over real neighbours / context objects (sample 0 has 3
+    # candidates)
+    assert (out["location_attention"][0, :3, 3:] == 0).all()
+    assert (out["context_attention"][0, :3, 2:] == 0).all()
     torch.testing.assert_close(out["location_attention"].sum(-1), torch.ones(b, k))
     torch.testing.assert_close(out["context_attention"][1:].sum(-1), torch.ones(b - 1, k))
 
@@ -91,8 +94,8 @@ def test_modules_shapes_prediction_and_loss():
     losses = model.compute_loss(model(batch), batch)
     assert set(losses) == {"loss", "ce", "rank", "erased_ce", "erased_rank"} and torch.isfinite(losses["loss"])
     losses["loss"].backward()
-    for name in ("cell.weight", "location_out.0.weight", "location_attend_offset.0.weight", "context_in.weight",
-                 "context_attend.0.weight", "language.attend.weight",
+    for name in ("cell.weight", "location_out.0.weight", "location_attend_offset.0.weight",
+                 "context_in.weight", "context_attend.0.weight", "language.attend.weight",
                  "visual.body.embedder.embedder.convolution.weight", "text.body.embeddings.word_embeddings.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
@@ -114,7 +117,8 @@ def test_ranking_loss_on_a_hand_case():
     # sample 0: max(0, .1 - .5 + .45) + max(0, .1 - .5 + .1) = .05; sample 1: 0 + max(0, .1 - .2 + .3) = .2
     torch.testing.assert_close(ranking_loss(pos, neg_expression, neg_image, keep, 0.1), torch.tensor(0.125))
     # one negative only (an erased copy's term): sample 0 .05, sample 1 0 / sample 0 0, sample 1 .2
-    torch.testing.assert_close(ranking_loss(pos, neg_expression, None, keep, 0.1), torch.tensor(0.025))
+    one = ranking_loss(pos, neg_expression, None, keep, 0.1)
+    torch.testing.assert_close(one, torch.tensor(0.025))
     torch.testing.assert_close(ranking_loss(pos, None, neg_image, keep, 0.1), torch.tensor(0.1))
     met = ranking_loss(torch.tensor([1.0, 0.8]), torch.tensor([0.5, 0.7]), torch.tensor([0.2, 0.69]),
                        torch.tensor([True, True]), 0.1)
@@ -122,7 +126,7 @@ def test_ranking_loss_on_a_hand_case():
     assert ranking_loss(pos, neg_expression, neg_image, torch.zeros(3, dtype=torch.bool), 0.1) == 0
 
 
-# ------------------------------------------------------------------------------------------- erasing
+# ------------------------------------------------------------------------------------------ erasing
 
 DRAWS = 4000  # rows drawn at once: a frequency's standard error is at most 0.008
 
@@ -140,7 +144,7 @@ def test_choose_draws_in_proportion_and_never_a_zero_weight():
     assert freq[0] == 0 and freq[4] == 0
     torch.testing.assert_close(freq, w, atol=0.04, rtol=0)
     idx, has = choose(torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.0, 0.0]]), "argmax")
-    assert idx.tolist() == [1, 0] and has.tolist() == [True, False]  # an empty row: nothing to choose
+    assert idx.tolist() == [1, 0] and has.tolist() == [True, False]  # empty row: nothing to choose
     idx, has = choose(torch.zeros(3, 4))
     assert not has.any()
     with pytest.raises(ValueError, match="sample' or 'argmax"):
@@ -150,12 +154,12 @@ def test_choose_draws_in_proportion_and_never_a_zero_weight():
 def test_erased_words_follow_the_word_attention():
     torch.manual_seed(0)
     ids = torch.tensor([2, 10, 11, 12, 3, 0]).expand(DRAWS, 6)
-    att = torch.tensor([0.0, 0.2, 0.0, 0.8, 0.0, 0.0])  # word 11 unattended; [CLS], [SEP], padding: 0
+    att = torch.tensor([0.0, 0.2, 0.0, 0.8, 0.0, 0.0])  # word 11: unattended; [CLS], [SEP], pad: 0
     rows = torch.ones(DRAWS, dtype=torch.bool)
     rows[-1] = False  # not erased
     erased = erase_words(ids, att.expand(DRAWS, 6), rows, MASK_ID)
     changed = erased != ids
-    assert (changed.sum(1)[:-1] == 1).all() and not changed[-1].any()  # one word per erased row, only it
+    assert (changed.sum(1)[:-1] == 1).all() and not changed[-1].any()  # one word per erased row
     assert (erased[changed] == MASK_ID).all() and ids[0, 1] == 10  # the input is untouched
     freq = changed[:-1].float().mean(0)
     assert freq[2] == 0 and freq[[0, 4, 5]].sum() == 0  # zero weight: never erased
@@ -174,17 +178,17 @@ def test_erased_cells_follow_the_cell_attention_window_by_window():
     rows[0] = False
     out = erase_cells(rois, att, rows)
     zero = (out == 0).all(2)  # [B,K,cells]
-    assert not zero[0].any() and (zero[1:].sum(-1) == 1).all()  # one cell per candidate of an erased row
+    assert not zero[0].any() and (zero[1:].sum(-1) == 1).all()  # 1 cell per candidate, erased rows
     kept = ~zero[:, :, None, :].expand_as(out)
     assert torch.equal(out[kept], rois[kept])  # nothing else changes
     torch.testing.assert_close(zero[1:, 0].float().mean(0), att[0, 0], atol=0.04, rtol=0)
     assert zero[1:, 1, 5].all()
-    # 2x2 windows: drawn in proportion to the window averages of the attention (the official code's rule)
+    # 2x2 windows: drawn in proportion to the window averages of the attention (the official rule)
     out = erase_cells(rois, att, rows, window=2)
     zero = (out == 0).all(2)[1:, 0].view(-1, 3, 3)
     assert (zero.flatten(1).sum(1) == 4).all()
-    corner = torch.stack([zero[:, :2, :2].all((1, 2)), zero[:, :2, 1:].all((1, 2)), zero[:, 1:, :2].all((1, 2)),
-                          zero[:, 1:, 1:].all((1, 2))], 1).float().mean(0)  # top-left, top-right, ...
+    corners = [zero[:, :2, :2], zero[:, :2, 1:], zero[:, 1:, :2], zero[:, 1:, 1:]]  # TL, TR, BL, BR
+    corner = torch.stack([c.all((1, 2)) for c in corners], 1).float().mean(0)
     # the windows hold attention .8, .3, .3 and .5: drawn with probabilities .8/1.9, .3/1.9, ...
     expect = torch.tensor([0.8, 0.3, 0.3, 0.5]) / 1.9
     torch.testing.assert_close(corner, expect, atol=0.04, rtol=0)
@@ -201,7 +205,8 @@ def test_erased_items_follow_their_attention_and_skip_non_items():
     assert (zero.sum(1) == 1).all() and not zero[:, 1].any()
     torch.testing.assert_close(zero.float().mean(0), att[0, 0], atol=0.04, rtol=0)
     # a candidate without any item keeps everything
-    assert torch.equal(erase_items(items[:2], torch.zeros(2, 1, 4), torch.tensor([True, True])), items[:2])
+    none = erase_items(items[:2], torch.zeros(2, 1, 4), torch.tensor([True, True]))
+    assert torch.equal(none, items[:2])
 
 
 def _spy_training_step(model: MAttNet, batch: dict) -> tuple[dict, list, list]:
@@ -219,15 +224,16 @@ def test_language_copy_masks_a_word_drawn_from_the_attention():
     model, batch = _model(erase={"type": "language", "rate": 1.0}), _batch()
     torch.manual_seed(0)
     out, texts, scored = _spy_training_step(model, batch)
-    assert len(texts) == 2 and len(scored) == 3 + 2  # the sample + its pairs, then the copy + its one pair
+    assert len(texts) == 2 and len(scored) == 3 + 2  # sample + its pairs, then copy + its one pair
     erased, original = texts[1], batch["input_ids"][out["erased_rows"]]
     changed = erased != original
     words = real_words(batch["input_ids"], batch["attention_mask"])[out["erased_rows"]]
     long_enough = words.sum(1) >= 3  # the paper leaves expressions under 3 words whole
-    assert (changed.sum(1) == long_enough.long()).all() and not long_enough.all()  # one word each, or none
-    assert (erased[changed] == MASK_ID).all() and words[changed].all()  # a word, never [CLS]/[SEP]/padding
+    assert (changed.sum(1) == long_enough.long()).all() and not long_enough.all()  # 1 word or 0
+    assert (erased[changed] == MASK_ID).all() and words[changed].all()  # never [CLS]/[SEP]/padding
     assert out["word_attention"][out["erased_rows"]][changed].gt(0).all()
-    assert "erased_language_neg_image" in out and "erased_language_neg_expression" not in out  # its hinge term
+    # its hinge term
+    assert "erased_language_neg_image" in out and "erased_language_neg_expression" not in out
     losses = model.compute_loss(out, batch)
     assert losses["erased_ce"] > 0 and torch.isfinite(losses["loss"])
 
@@ -245,22 +251,25 @@ def test_visual_erasing_draws_the_module_then_its_item_location_included():
     weights = torch.tensor([[0.2, 0.5, 0.3]]).expand(n, 3)
     torch.manual_seed(0)
     erased = model.erase_visual(rep, weights, att)
-    hit = {key: (erased[key] != rep[key]).flatten(1).any(1) for key in ("rois", "location", "contexts")}
+    hit = {key: (erased[key] != rep[key]).flatten(1).any(1)
+           for key in ("rois", "location", "contexts")}
     assert (sum(h.long() for h in hit.values()) == 1).all()  # one module per copy
     freq = torch.stack([hit["rois"], hit["location"], hit["contexts"]], 1).float().mean(0)
     torch.testing.assert_close(freq, weights[0], atol=0.05, rtol=0)  # the module weights
-    # location: every candidate loses one item (own geometry or a neighbour's offset), in proportion to its
-    # location attention
+    # location: every candidate loses one item (own geometry or a neighbour's offset), in proportion
+    # to its location attention
     loc = erased["location"][hit["location"]]
     zeroed = (loc == 0).all(-1) & ~(rep["location"][: len(loc)] == 0).all(-1)  # [n',K,S]
     assert (zeroed.sum(-1) == 1).all()
-    torch.testing.assert_close(zeroed.float().mean(0), att["location_attention"][0], atol=0.06, rtol=0)
+    torch.testing.assert_close(zeroed.float().mean(0), att["location_attention"][0], atol=0.06,
+                               rtol=0)
     ctx = erased["contexts"][hit["contexts"]]
     zeroed = (ctx == 0).all(-1) & vis["context_valid"][1]
-    torch.testing.assert_close(zeroed.float().mean(0), att["context_attention"][0], atol=0.06, rtol=0)
-    assert (zeroed.sum(-1) == 1).all()  # one real context object per candidate; slot 4 is no context
+    torch.testing.assert_close(zeroed.float().mean(0), att["context_attention"][0], atol=0.06,
+                               rtol=0)
+    assert (zeroed.sum(-1) == 1).all()  # one real context object per candidate (slot 4: none)
 
-    # in training: a visual copy per sample, scored with its one mismatched pair (a mismatched expression)
+    # in training: a visual copy per sample, scored with its one mismatched pair (an expression)
     torch.manual_seed(0)
     out, texts, scored = _spy_training_step(model, _batch())
     assert len(texts) == 1 and len(scored) == 3 + 2
@@ -272,8 +281,10 @@ def test_both_trains_a_language_and_a_visual_copy_of_every_sample():
     assert model.c.erase.type == "both" and model.c.erase.rule == "sample"
     torch.manual_seed(0)
     out, texts, scored = _spy_training_step(model, batch)
-    assert len(texts) == 2 and len(scored) == 3 + 2 + 2 and len(out["erased_rows"]) == len(batch["input_ids"])
-    assert out["erased_language_logits"].shape == out["erased_visual_logits"].shape == out["logits"].shape
+    assert len(texts) == 2 and len(scored) == 3 + 2 + 2
+    assert len(out["erased_rows"]) == len(batch["input_ids"])
+    shape = out["logits"].shape
+    assert out["erased_language_logits"].shape == out["erased_visual_logits"].shape == shape
     both = model.compute_loss(out, batch)
     only_lang = {k: v for k, v in out.items() if not k.startswith("erased_visual")}
     assert both["erased_ce"] > model.compute_loss(only_lang, batch)["erased_ce"] > 0
@@ -289,7 +300,8 @@ def test_argmax_rule_erases_the_most_attended_items():
     long_enough = real_words(batch["input_ids"], batch["attention_mask"])[rows].sum(1) >= 3
     r = torch.arange(len(rows))
     assert (erased[r, top] == MASK_ID).eq(long_enough).all()
-    original, vis_e = scored[0], scored[5]  # the sample, its 2 pairs, the language copy + pair, the visual copy
+    # the sample, its 2 pairs, the language copy + its pair, then the visual copy
+    original, vis_e = scored[0], scored[5]
     module = out["module_weights"][rows].argmax(1)
     for i in r.tolist():
         key, att = {0: ("rois", "cell_attention"), 1: ("location", "location_attention"),
@@ -305,7 +317,8 @@ def test_argmax_rule_erases_the_most_attended_items():
 
 def test_category_input_off_ignores_candidate_categories():
     batch = _batch()
-    other = {**batch, "cand_category": torch.full_like(batch["cand_category"], 7)}  # all changed, all alike
+    # every category changed, and all alike
+    other = {**batch, "cand_category": torch.full_like(batch["cand_category"], 7)}
     assert (other["cand_category"] != batch["cand_category"]).all()
     for setting, depends in (("none", False), ("neighbours", True), ("embedding", True)):
         model = _model(category_input=setting)
@@ -318,7 +331,8 @@ def test_category_input_off_ignores_candidate_categories():
         lb = model.compute_loss(model(other), other)["loss"]
         same = torch.equal(a["logits"], b["logits"]) and torch.equal(la, lb)
         assert same != depends, setting
-    assert _model().category is None and not any("category" in n for n, _ in _model().named_parameters())
+    assert _model().category is None
+    assert not any("category" in n for n, _ in _model().named_parameters())
 
 
 def test_no_erase_is_the_ablation():
@@ -414,8 +428,10 @@ def test_stand_in_detections_confuse_categories_at_the_configured_rate(in_tiny):
         assert cats != categories(rate, seed=1)
     assert all(c != t for c, t in zip(categories(1.0), truth))
     # the boxes and scores do not depend on the rate: only the categories change
-    jittered = [stand_in_detections(instances, DetectionsConfig(confusion_rate=r)) for r in (0.0, 0.5)]
-    strip = [[{k: v for k, v in row.items() if k != "category_id"} for row in rows] for rows in jittered]
+    jittered = [stand_in_detections(instances, DetectionsConfig(confusion_rate=r))
+                for r in (0.0, 0.5)]
+    strip = [[{k: v for k, v in row.items() if k != "category_id"} for row in rows]
+             for rows in jittered]
     assert strip[0] == strip[1] and jittered[0] != jittered[1]
 
 

@@ -5,11 +5,11 @@ evaluation writes and `proposals.source: detections` reads (refvg.data.proposals
 It only exists so the detection-proposal setting of the ranking methods runs end to end without a detector
 (none can be trained or downloaded here). What it imitates: localisation error (each box edge moves by
 N(0, jitter x box side), so some boxes fall below IoU 0.5 with their object), missed objects (`drop_rate`),
-false positives (`false_positives` per image: random boxes of object size, some over parts of objects,
-with a random category and a lower score), and classification errors (`confusion_rate` of the found objects
-reported as another of the dataset's categories, drawn uniformly; a real detector confuses similar classes
-more). For real use, point `proposals.detections_file` at a detector's results file for the dataset's images
-instead (e.g. Mask R-CNN's, as MAttNet does).
+false positives (`false_positives` per image: random boxes of object size, some over parts of
+objects, with a random category and a lower score), and classification errors (`confusion_rate` of
+the found objects reported as another of the dataset's categories, drawn uniformly; a real detector
+confuses similar classes more). For real use, point `proposals.detections_file` at a detector's
+results file for the dataset's images instead (e.g. Mask R-CNN's, as MAttNet does).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def stand_in_detections(instances_path: Path, dcfg: DetectionsConfig) -> list[di
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(instances_path))
     rng = np.random.default_rng(dcfg.seed)
-    confuse = np.random.default_rng([dcfg.seed, 1])  # own stream: the boxes are the same at every rate
+    confuse = np.random.default_rng([dcfg.seed, 1])  # own stream: the same boxes at every rate
     cat_ids = sorted(coco.getCatIds()) or [1]
     rows: list[dict] = []
     for image_id in sorted(coco.getImgIds()):

@@ -1,34 +1,35 @@
-"""MAttNet-style candidate ranking (Yu et al., CVPR 2018) trained with CM-Erase (Liu et al., CVPR 2019,
-"Improving Referring Expression Grounding With Cross-Modal Attention-Guided Erasing"), with CM-Erase's
-attention-based location and relation modules (its official code, xh-liu/CM-Erase-REG).
+"""MAttNet-style candidate ranking (Yu et al., CVPR 2018) trained with CM-Erase (Liu et al., CVPR
+2019, "Improving Referring Expression Grounding With Cross-Modal Attention-Guided Erasing"), with
+CM-Erase's attention-based location and relation modules (its official code, xh-liu/CM-Erase-REG).
 
 The model scores each candidate box of the image (ground-truth objects or a detector's boxes, see
 refvg.data.proposals) against the expression and outputs the best one's box:
-- language attention: three word attentions over the expression give a subject, a location and a relation
-  phrase embedding, and a softmax over three gives the modules' weights;
-- subject module: the candidate's region of the backbone map pooled by RoI align (:func:`roi_align`, bilinear
-  sampling with `grid_sample`) into roi_size x roi_size cells, a phrase-guided spatial attention over the cells,
-  plus the region's mean colour (and, with `category_input: embedding`, a category embedding);
-- location module: an attention, guided by the location phrase, over the candidate's normalised geometry
-  [x0, y0, x1, y1, area] and its offsets to up to `neighbours` nearest candidates (same-category ones only when
-  `category_input` is not none, as MAttNet);
-- relation module: an attention, guided by the relation phrase, over up to `max_contexts` nearest other
-  candidates as context objects (their pooled feature, colour and offset);
-- score = sum over modules of weight x cosine(module feature, phrase). Loss: cross-entropy over the valid
-  candidates (a sample whose target is not among them adds none) + a hinge ranking loss against a mismatched
-  expression and a mismatched image of the batch.
+- language attention: three word attentions over the expression give a subject, a location and a
+  relation phrase embedding, and a softmax over three gives the modules' weights;
+- subject module: the candidate's region of the backbone map pooled by RoI align (:func:`roi_align`,
+  bilinear sampling with `grid_sample`) into roi_size x roi_size cells, a phrase-guided spatial
+  attention over the cells, plus the region's mean colour (and, with `category_input: embedding`, a
+  category embedding);
+- location module: an attention, guided by the location phrase, over the candidate's normalised
+  geometry [x0, y0, x1, y1, area] and its offsets to up to `neighbours` nearest candidates
+  (same-category ones only when `category_input` is not none, as MAttNet);
+- relation module: an attention, guided by the relation phrase, over up to `max_contexts` nearest
+  other candidates as context objects (their pooled feature, colour and offset);
+- score = sum over modules of weight x cosine(module feature, phrase). Loss: cross-entropy over the
+  valid candidates (a sample whose target is not among them adds none) + a hinge ranking loss
+  against a mismatched expression and a mismatched image of the batch.
 
-Candidate categories (`category_input`) are off by default: on RefShapes the category is the expression's noun,
-so they would hand the model the answer for many expressions.
+Candidate categories (`category_input`) are off by default: on RefShapes the category is the
+expression's noun, so they would hand the model the answer for many expressions.
 
-CM-Erase (training only, `model.mattnet.erase`), from the model's own attention on the sample, as the official
-code: a language copy with one word replaced by [MASK], drawn from the module-weighted word attention, and a
-visual copy in which a module is drawn from the module weights and then, for every candidate, one of that
-module's items drawn from its attention is zeroed: a window of subject cells, a location item (its own geometry
-or a neighbour's offset) or a context object. Each copy is trained on with the cross-entropy and the paper's
-hinge term (language copy: against a mismatched image; visual copy: against a mismatched expression), so the
-model learns complementary evidence instead of one dominant cue. `rule: argmax` erases the most attended item
-instead of drawing.
+CM-Erase (training only, `model.mattnet.erase`), from the model's own attention on the sample, as
+the official code: a language copy with one word replaced by [MASK], drawn from the module-weighted
+word attention, and a visual copy in which a module is drawn from the module weights and then, for
+every candidate, one of that module's items drawn from its attention is zeroed: a window of subject
+cells, a location item (its own geometry or a neighbour's offset) or a context object. Each copy is
+trained on with the cross-entropy and the paper's hinge term (language copy: against a mismatched
+image; visual copy: against a mismatched expression), so the model learns complementary evidence
+instead of one dominant cue. `rule: argmax` erases the most attended item instead of drawing.
 """
 from __future__ import annotations
 
@@ -120,12 +121,13 @@ def candidate_cross_entropy(logits: torch.Tensor, valid: torch.Tensor, target: t
     return F.cross_entropy(logits[has].masked_fill(~valid[has], FAR), target[has])
 
 
-def ranking_loss(pos: torch.Tensor, neg_expression: Optional[torch.Tensor], neg_image: Optional[torch.Tensor],
-                 keep: torch.Tensor, margin: float) -> torch.Tensor:
+def ranking_loss(pos: torch.Tensor, neg_expression: Optional[torch.Tensor],
+                 neg_image: Optional[torch.Tensor], keep: torch.Tensor,
+                 margin: float) -> torch.Tensor:
     """MAttNet's hinge ranking loss, averaged over the samples `keep` marks:
     max(0, margin - S(o_i, r_i) + S(o_i, r_j)) + max(0, margin - S(o_i, r_i) + S(o_k, r_i)),
-    with r_j a mismatched expression and o_k an object of a mismatched image (a None negative: no such term,
-    as CM-Erase's erased copies have one each)."""
+    with r_j a mismatched expression and o_k an object of a mismatched image (a None negative: no
+    such term, as CM-Erase's erased copies have one each)."""
     if not keep.any():
         return pos.sum() * 0.0
     loss = pos.new_zeros(int(keep.sum()))
@@ -138,9 +140,10 @@ def ranking_loss(pos: torch.Tensor, neg_expression: Optional[torch.Tensor], neg_
 # ------------------------------------------------------------------------------------------- erasing
 
 def choose(weights: torch.Tensor, rule: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
-    """One index per row of `weights` [..., N] (>= 0): a multinomial draw in proportion to the row (CM-Erase's
-    `torch.multinomial` over the attention) or, with rule "argmax", its largest; and whether the row has any
-    weight [...] (an all-zero row has nothing to choose; its index is 0). A zero-weight item is never drawn."""
+    """One index per row of `weights` [..., N] (>= 0): a multinomial draw in proportion to the row
+    (CM-Erase's `torch.multinomial` over the attention) or, with rule "argmax", its largest; and
+    whether the row has any weight [...] (an all-zero row has nothing to choose; its index is 0). A
+    zero-weight item is never drawn."""
     shape, n = weights.shape[:-1], weights.shape[-1]
     flat = weights.detach().reshape(-1, n).float().clamp_min(0)
     has = flat.sum(-1) > 0
@@ -149,16 +152,18 @@ def choose(weights: torch.Tensor, rule: str = "sample") -> tuple[torch.Tensor, t
     if rule == "argmax":
         idx = flat.argmax(-1)
     elif rule == "sample":
-        idx = torch.multinomial(torch.where(has[:, None], flat, torch.ones_like(flat)), 1).squeeze(-1)
+        some = torch.where(has[:, None], flat, torch.ones_like(flat))  # (an empty row: discarded)
+        idx = torch.multinomial(some, 1).squeeze(-1)
     else:
         raise ValueError(f"erase rule must be 'sample' or 'argmax', got {rule!r}")
     return torch.where(has, idx, torch.zeros_like(idx)).view(shape), has.view(shape)
 
 
-def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: torch.Tensor, token_id: int,
-                rule: str = "sample") -> torch.Tensor:
-    """A copy of input_ids [B,L] in which, for each sample of `rows` (bool [B]), one word chosen from
-    word_attention [B,L] (zero outside the words, so only a word can be chosen) is `token_id`."""
+def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: torch.Tensor,
+                token_id: int, rule: str = "sample") -> torch.Tensor:
+    """A copy of input_ids [B,L] in which, for each sample of `rows` (bool [B]), one word chosen
+    from word_attention [B,L] (zero outside the words, so only a word can be chosen) is
+    `token_id`."""
     out = input_ids.clone()
     idx, has = choose(word_attention, rule)
     r = (rows & has).nonzero().squeeze(1)
@@ -166,16 +171,18 @@ def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: tor
     return out
 
 
-def erase_cells(rois: torch.Tensor, cell_attention: torch.Tensor, rows: torch.Tensor, window: int = 1,
-                rule: str = "sample") -> torch.Tensor:
-    """A copy of the RoI features [B,K,C,P*P] in which, for each sample of `rows`, every candidate loses a
-    window x window block of cells, chosen from the block averages of its cell_attention [B,K,P*P] (as the
-    official code's avg_pool2d with stride 1 over the 7x7 attention, then a draw)."""
+def erase_cells(rois: torch.Tensor, cell_attention: torch.Tensor, rows: torch.Tensor,
+                window: int = 1, rule: str = "sample") -> torch.Tensor:
+    """A copy of the RoI features [B,K,C,P*P] in which, for each sample of `rows`, every candidate
+    loses a window x window block of cells, chosen from the block averages of its cell_attention
+    [B,K,P*P] (as the official code's avg_pool2d with stride 1 over the 7x7 attention, then a
+    draw)."""
     b, k, _, n = rois.shape
     p = math.isqrt(n)
     w = min(window, p)
     q = p - w + 1  # block positions per side
-    blocks = F.avg_pool2d(cell_attention.detach().reshape(b * k, 1, p, p), w, stride=1).view(b, k, q * q)
+    grid = cell_attention.detach().reshape(b * k, 1, p, p)
+    blocks = F.avg_pool2d(grid, w, stride=1).view(b, k, q * q)
     idx, _ = choose(blocks, rule)
     cells = torch.arange(p, device=rois.device)
     in_y = (cells >= (idx // q)[..., None]) & (cells < (idx // q)[..., None] + w)  # [B,K,P]
@@ -186,9 +193,9 @@ def erase_cells(rois: torch.Tensor, cell_attention: torch.Tensor, rows: torch.Te
 
 def erase_items(items: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor,
                 rule: str = "sample") -> torch.Tensor:
-    """A copy of per-candidate items [B,K,M,D] (location items, context objects) in which, for each sample of
-    `rows`, every candidate loses one item chosen from its attention [B,K,M] (zero on non-items: never chosen;
-    a candidate with no item keeps everything)."""
+    """A copy of per-candidate items [B,K,M,D] (location items, context objects) in which, for each
+    sample of `rows`, every candidate loses one item chosen from its attention [B,K,M] (zero on
+    non-items: never chosen; a candidate with no item keeps everything)."""
     idx, has = choose(attention, rule)
     drop = F.one_hot(idx, items.shape[2]).bool() & (has & rows[:, None])[..., None]  # [B,K,M]
     return items.masked_fill(drop[..., None], 0.0)
@@ -201,7 +208,8 @@ def _mlp(d_in: int, d: int) -> nn.Sequential:
 
 
 def _attend(d: int) -> nn.Sequential:
-    """Attention logit of an item given a phrase: [item; phrase] -> tanh layer -> 1 (CM-Erase's attn_fuse)."""
+    """Attention logit of an item given a phrase: [item; phrase] -> tanh layer -> 1 (CM-Erase's
+    attn_fuse)."""
     return nn.Sequential(nn.Linear(2 * d, d), nn.Tanh(), nn.Linear(d, 1))
 
 
@@ -274,13 +282,15 @@ class MAttNet(nn.Module):
         self.cell_score = nn.Linear(d, 1)
         self.colour = nn.Linear(3, d)
         self.subject_out = _mlp(d, d)
-        # location: attention over own geometry and offsets to the neighbours (CM-Erase's LocationEncoderAtt)
+        # location: attention over own geometry and the neighbours' offsets (CM-Erase's
+        # LocationEncoderAtt)
         self.location_own = nn.Sequential(nn.Linear(5, d), nn.ReLU(inplace=True))
         self.location_offset = nn.Sequential(nn.Linear(5, d), nn.ReLU(inplace=True))
         self.location_attend_own = _attend(d)
         self.location_attend_offset = _attend(d)
         self.location_out = _mlp(d, d)
-        # relation: attention over the context objects' appearance and offset (CM-Erase's RelationEncoderAtt)
+        # relation: attention over the context objects' appearance and offset (CM-Erase's
+        # RelationEncoderAtt)
         self.context_in = nn.Linear(channels + 3 + (d if embed_category else 0) + 5, d)
         self.context_attend = _attend(d)
         self.context_out = _mlp(d, d)
@@ -317,7 +327,8 @@ class MAttNet(nn.Module):
             appearance.append(self.category(vis["category"]))
         appearance = torch.cat(appearance, -1)  # [B,K,C+3(+d)]
         contexts = torch.cat([_gather_objects(appearance, idx), _gather_pairs(offsets, idx)], -1) * ctx_valid[..., None]
-        return {**vis, "rois": rois, "colour": colour, "location": location, "location_valid": location_valid,
+        return {**vis, "rois": rois, "colour": colour, "location": location,
+                "location_valid": location_valid,
                 "contexts": contexts, "context_valid": ctx_valid, "context_index": idx, "valid": valid}
 
     def encode_language(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -340,10 +351,12 @@ class MAttNet(nn.Module):
         s_subject = _cosine(self.subject_out(subject), q[0][:, None])
         # location
         loc = vis["location"]
-        items = torch.cat([self.location_own(loc[:, :, :1]), self.location_offset(loc[:, :, 1:])], 2)  # [B,K,S,d]
+        own, offsets = self.location_own(loc[:, :, :1]), self.location_offset(loc[:, :, 1:])
+        items = torch.cat([own, offsets], 2)  # [B,K,S,d]
         guide = phrases[:, 1][:, None, None].expand_as(items)
-        loc_logits = torch.cat([self.location_attend_own(torch.cat([items[:, :, :1], guide[:, :, :1]], -1)),
-                                self.location_attend_offset(torch.cat([items[:, :, 1:], guide[:, :, 1:]], -1))], 2)
+        loc_logits = torch.cat([
+            self.location_attend_own(torch.cat([own, guide[:, :, :1]], -1)),
+            self.location_attend_offset(torch.cat([offsets, guide[:, :, 1:]], -1))], 2)
         location_attention = _attention(loc_logits.squeeze(-1), vis["location_valid"])  # [B,K,S]
         location = (location_attention[..., None] * items).sum(2)
         s_location = _cosine(self.location_out(location), q[1][:, None])
@@ -354,7 +367,7 @@ class MAttNet(nn.Module):
                                        vis["context_valid"])  # [B,K,M]
         relation = (context_attention[..., None] * ctx).sum(2)
         has_context = vis["context_valid"].any(-1)
-        s_relation = _cosine(self.context_out(relation), q[2][:, None]) * has_context  # no context: 0
+        s_relation = _cosine(self.context_out(relation), q[2][:, None]) * has_context  # none: 0
         modules = torch.stack([s_subject, s_location, s_relation], -1)  # [B,K,3]
         scores = (modules * lang["weights"][:, None]).sum(-1)
         logits = (scores * self.logit_scale.exp()).masked_fill(~vis["valid"], FAR)
@@ -422,8 +435,8 @@ class MAttNet(nn.Module):
                 f"{prefix}rank_keep": (target >= 0) & (t_next >= 0) & (len(target) > 1)}
 
     def _erased(self, batch: dict, vis: dict, lang: dict, out: dict) -> dict[str, torch.Tensor]:
-        """The CM-Erase copies (`erased_language_*`, `erased_visual_*`) of a `rate` fraction of the batch,
-        scored, each with the mismatched pair of its hinge term."""
+        """The CM-Erase copies (`erased_language_*`, `erased_visual_*`) of a `rate` fraction of the
+        batch, scored, each with the mismatched pair of its hinge term."""
         e = self.c.erase
         b = len(batch["input_ids"])
         device = batch["input_ids"].device
@@ -438,36 +451,47 @@ class MAttNet(nn.Module):
         res = {"erased_rows": rows}
         if e.type in ("language", "both"):
             ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
-            long_enough = real_words(ids, mask).sum(1) >= e.min_words  # shorter ones enter unchanged (paper)
-            ids = erase_words(ids, out["word_attention"][rows], long_enough, self._erase_token(), e.rule)
+            # shorter expressions enter unchanged (paper)
+            long_enough = real_words(ids, mask).sum(1) >= e.min_words
+            ids = erase_words(ids, out["word_attention"][rows], long_enough, self._erase_token(),
+                              e.rule)
             lang_e = self.encode_language(ids, mask)
             scored = self.score(sub_vis, lang_e)
             rolled = {k: v.roll(-1, 0) for k, v in sub_vis.items()}
-            res |= {"erased_language_logits": scored["logits"], "erased_language_scores": scored["scores"],
-                    # the paper's term for it: the erased expression with an object it does not describe
-                    "erased_language_neg_image": self.score(rolled, lang_e)["scores"][n, t_next.clamp_min(0)],
+            # the paper's term for it: the erased expression with an object it does not describe
+            neg_image = self.score(rolled, lang_e)["scores"][n, t_next.clamp_min(0)]
+            res |= {"erased_language_logits": scored["logits"],
+                    "erased_language_scores": scored["scores"],
+                    "erased_language_neg_image": neg_image,
                     "erased_language_rank_keep": (target >= 0) & (t_next >= 0) & (len(rows) > 1)}
         if e.type in ("visual", "both"):
-            attention = {k: out[k][rows] for k in ("cell_attention", "location_attention", "context_attention")}
+            attention = {k: out[k][rows]
+                         for k in ("cell_attention", "location_attention", "context_attention")}
             vis_e = self.erase_visual(sub_vis, lang["weights"][rows], attention)
             scored = self.score(vis_e, sub_lang)
             rolled = {k: v.roll(-1, 0) for k, v in sub_lang.items()}
-            res |= {"erased_visual_logits": scored["logits"], "erased_visual_scores": scored["scores"],
-                    # the paper's term for it: the erased object with an expression that does not describe it
-                    "erased_visual_neg_expression": self.score(vis_e, rolled)["scores"][n, t],
+            # the paper's term for it: the erased object with an expression not describing it
+            neg_expression = self.score(vis_e, rolled)["scores"][n, t]
+            res |= {"erased_visual_logits": scored["logits"],
+                    "erased_visual_scores": scored["scores"],
+                    "erased_visual_neg_expression": neg_expression,
                     "erased_visual_rank_keep": (target >= 0) & (len(rows) > 1)}
         return res
 
-    def erase_visual(self, vis: dict, weights: torch.Tensor, attention: dict) -> dict[str, torch.Tensor]:
-        """The visual inputs with, per sample, a module chosen from its weights [B,3] and, for every candidate,
-        one of that module's items chosen from its attention zeroed: a window of subject cells, a location
-        item (own geometry or a neighbour's offset) or a context object (CM-Erase's erase_allvisual)."""
+    def erase_visual(self, vis: dict, weights: torch.Tensor,
+                     attention: dict) -> dict[str, torch.Tensor]:
+        """The visual inputs with, per sample, a module chosen from its weights [B,3] and, for every
+        candidate, one of that module's items chosen from its attention zeroed: a window of subject
+        cells, a location item (own geometry or a neighbour's offset) or a context object
+        (CM-Erase's erase_allvisual)."""
         e = self.c.erase
         module, _ = choose(weights, e.rule)
-        return {**vis,
-                "rois": erase_cells(vis["rois"], attention["cell_attention"], module == 0, e.cell_window, e.rule),
-                "location": erase_items(vis["location"], attention["location_attention"], module == 1, e.rule),
-                "contexts": erase_items(vis["contexts"], attention["context_attention"], module == 2, e.rule)}
+        rois = erase_cells(vis["rois"], attention["cell_attention"], module == 0, e.cell_window,
+                           e.rule)
+        location = erase_items(vis["location"], attention["location_attention"], module == 1,
+                               e.rule)
+        contexts = erase_items(vis["contexts"], attention["context_attention"], module == 2, e.rule)
+        return {**vis, "rois": rois, "location": location, "contexts": contexts}
 
     def _erase_token(self) -> int:
         """[MASK] of the prepared dataset's tokenizer ([UNK] when it has none); training needs the prepared data."""
@@ -491,13 +515,15 @@ class MAttNet(nn.Module):
                                        outputs["neg_expression"], outputs["neg_image"], outputs["rank_keep"])
         loss = ce + self.c.rank_weight * rank
         erased_ce = erased_rank = loss.new_zeros(())
-        for kind in ("language", "visual"):  # each copy weighs as much as the sample (the paper: weights 1)
+        for kind in ("language", "visual"):  # each copy weighs as much as the sample (paper: 1)
             key = f"erased_{kind}_"
             if key + "logits" not in outputs:
                 continue
+            rows = outputs["erased_rows"]
             c, r = self._sample_losses(
-                outputs[key + "logits"], outputs[key + "scores"], outputs["valid"][outputs["erased_rows"]],
-                target[outputs["erased_rows"]], outputs.get(key + "neg_expression"), outputs.get(key + "neg_image"),
+                outputs[key + "logits"], outputs[key + "scores"], outputs["valid"][rows],
+                target[rows],
+                outputs.get(key + "neg_expression"), outputs.get(key + "neg_image"),
                 outputs[key + "rank_keep"])
             erased_ce, erased_rank = erased_ce + c, erased_rank + r
         loss = loss + erased_ce + self.c.rank_weight * erased_rank
