@@ -315,6 +315,21 @@ def test_argmax_rule_erases_the_most_attended_items():
             assert torch.equal(vis_e[other][i], original[other][rows[i]])
 
 
+@pytest.mark.parametrize("mattnet", [{"neighbours": 0}, {"roi_size": 1, "erase": {"cell_window": 2}},
+                                     {"erase": {"rule": "argmax"}}, {}])
+def test_erasing_edge_cases_train(mattnet):
+    batch = _batch()
+    if not mattnet:  # one candidate per image: no neighbour, no context object to erase
+        batch["cand_valid"][:] = False
+        batch["cand_valid"][:, 0] = True
+        batch["cand_target"] = torch.tensor([0, 0, -1, 0])
+    model = _model(**mattnet)
+    model.train()
+    losses = model.compute_loss(model(batch), batch)
+    assert torch.isfinite(losses["loss"]) and losses["erased_ce"] >= 0
+    losses["loss"].backward()
+
+
 def test_category_input_off_ignores_candidate_categories():
     batch = _batch()
     # every category changed, and all alike

@@ -320,7 +320,7 @@ class MAttNet(nn.Module):
         x0, y0, x1, y1 = boxes.unbind(-1)
         own = torch.cat([boxes, ((x1 - x0) * (y1 - y0))[..., None]], -1)[:, :, None]  # [B,K,1,5]
         location = torch.cat([own, neighbours], 2)  # [B,K,1+N,5]
-        location_valid = torch.cat([torch.ones_like(real[..., :1]), real], 2)
+        location_valid = torch.cat([real.new_ones(*real.shape[:2], 1), real], 2)  # own: always
         idx, ctx_valid = nearest_others(boxes, pair_ok, c.max_contexts)
         appearance = [rois.mean(-1), colour]
         if self.category is not None:
