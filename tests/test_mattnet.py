@@ -1,5 +1,7 @@
-"""MAttNet + CM-Erase: RoI align on a hand case, the modules' shapes, the erasing (the erased input lacks exactly
-the most attended word / region), the ranking loss, and candidates from a detections file."""
+"""MAttNet + CM-Erase: RoI align on a hand case, the modules' shapes, the erasing (what is erased is
+drawn from the attention, over the subject, location and relation modules; argmax as an option), the
+losses, the category input (off: the output ignores candidate categories), and candidates from a
+(stand-in) detections file."""
 from __future__ import annotations
 
 import json
@@ -15,7 +17,8 @@ from refvg.data.detections import detection_recall, stand_in_detections
 from refvg.data.prepare import prepared_path
 from refvg.data.proposals import detection_candidates, read_detections
 from refvg.models.mattnet import (
-    MAttNet, candidate_cross_entropy, erase_cells, erase_contexts, erase_words, ranking_loss, real_words, roi_align,
+    MAttNet, candidate_cross_entropy, choose, erase_cells, erase_items, erase_words, ranking_loss,
+    real_words, roi_align,
 )
 from tests.conftest import TINY
 
@@ -71,7 +74,8 @@ def test_modules_shapes_prediction_and_loss():
     out = model(batch)
     b, k = batch["cand_valid"].shape
     assert out["scores"].shape == (b, k) and out["module_scores"].shape == (b, k, 3)
-    assert out["cell_attention"].shape == (b, k, 9) and out["context_scores"].shape == (b, k, 5)
+    assert out["cell_attention"].shape == (b, k, 9) and out["context_attention"].shape == (b, k, 5)
+    assert out["location_attention"].shape == (b, k, 6)  # own geometry + 5 neighbours' offsets
     torch.testing.assert_close(out["module_weights"].sum(1), torch.ones(b))
     assert (out["best"][0] < 3).all()  # a padding candidate is never chosen
     torch.testing.assert_close(out["pred_boxes"], batch["cand_boxes"][torch.arange(b), out["best"]])
@@ -79,12 +83,19 @@ def test_modules_shapes_prediction_and_loss():
     words = real_words(batch["input_ids"], batch["attention_mask"])
     assert (out["word_attention"][~words] == 0).all()
     torch.testing.assert_close(out["word_attention"].sum(1), torch.ones(b))
+    # location and relation attention: only over real neighbours / context objects (sample 0 has 3
+    # candidates)
+    assert (out["location_attention"][0, :3, 3:] == 0).all()
+    assert (out["context_attention"][0, :3, 2:] == 0).all()
+    torch.testing.assert_close(out["location_attention"].sum(-1), torch.ones(b, k))
+    torch.testing.assert_close(out["context_attention"][1:].sum(-1), torch.ones(b - 1, k))
 
     model.train()
     losses = model.compute_loss(model(batch), batch)
     assert set(losses) == {"loss", "ce", "rank", "erased_ce", "erased_rank"} and torch.isfinite(losses["loss"])
     losses["loss"].backward()
-    for name in ("cell.weight", "location_out.0.weight", "context_out.0.weight", "language.attend.weight",
+    for name in ("cell.weight", "location_out.0.weight", "location_attend_offset.0.weight",
+                 "context_in.weight", "context_attend.0.weight", "language.attend.weight",
                  "visual.body.embedder.embedder.convolution.weight", "text.body.embeddings.word_embeddings.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
@@ -105,32 +116,97 @@ def test_ranking_loss_on_a_hand_case():
     keep = torch.tensor([True, True, False])  # the third has no target: not counted
     # sample 0: max(0, .1 - .5 + .45) + max(0, .1 - .5 + .1) = .05; sample 1: 0 + max(0, .1 - .2 + .3) = .2
     torch.testing.assert_close(ranking_loss(pos, neg_expression, neg_image, keep, 0.1), torch.tensor(0.125))
+    # one negative only (an erased copy's term): sample 0 .05, sample 1 0 / sample 0 0, sample 1 .2
+    one = ranking_loss(pos, neg_expression, None, keep, 0.1)
+    torch.testing.assert_close(one, torch.tensor(0.025))
+    torch.testing.assert_close(ranking_loss(pos, None, neg_image, keep, 0.1), torch.tensor(0.1))
     met = ranking_loss(torch.tensor([1.0, 0.8]), torch.tensor([0.5, 0.7]), torch.tensor([0.2, 0.69]),
                        torch.tensor([True, True]), 0.1)
     assert met == 0  # every positive beats every negative by more than the margin
     assert ranking_loss(pos, neg_expression, neg_image, torch.zeros(3, dtype=torch.bool), 0.1) == 0
 
 
-def test_erase_helpers_remove_exactly_the_argmax():
-    ids = torch.tensor([[2, 10, 11, 3], [2, 12, 13, 3]])
-    att = torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.0, 0.6, 0.4, 0.0]])
-    erased = erase_words(ids, att, torch.tensor([True, False]), MASK_ID)
-    assert erased.tolist() == [[2, 10, MASK_ID, 3], [2, 12, 13, 3]] and ids[0, 2] == 11  # input untouched
+# ------------------------------------------------------------------------------------------ erasing
 
-    rois = torch.rand(2, 3, 4, 9) + 1  # no zeros to begin with
-    cells = torch.rand(2, 3, 9)
-    out = erase_cells(rois, cells, torch.tensor([True, False]))
+DRAWS = 4000  # rows drawn at once: a frequency's standard error is at most 0.008
+
+
+def _frequencies(index: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.bincount(index.flatten(), minlength=n).float() / index.numel()
+
+
+def test_choose_draws_in_proportion_and_never_a_zero_weight():
+    torch.manual_seed(0)
+    w = torch.tensor([0.0, 0.1, 0.3, 0.6, 0.0])
+    idx, has = choose(w.expand(DRAWS, 5))
+    assert has.all()
+    freq = _frequencies(idx, 5)
+    assert freq[0] == 0 and freq[4] == 0
+    torch.testing.assert_close(freq, w, atol=0.04, rtol=0)
+    idx, has = choose(torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.0, 0.0]]), "argmax")
+    assert idx.tolist() == [1, 0] and has.tolist() == [True, False]  # empty row: nothing to choose
+    idx, has = choose(torch.zeros(3, 4))
+    assert not has.any()
+    with pytest.raises(ValueError, match="sample' or 'argmax"):
+        choose(w, "max")
+
+
+def test_erased_words_follow_the_word_attention():
+    torch.manual_seed(0)
+    ids = torch.tensor([2, 10, 11, 12, 3, 0]).expand(DRAWS, 6)
+    att = torch.tensor([0.0, 0.2, 0.0, 0.8, 0.0, 0.0])  # word 11: unattended; [CLS], [SEP], pad: 0
+    rows = torch.ones(DRAWS, dtype=torch.bool)
+    rows[-1] = False  # not erased
+    erased = erase_words(ids, att.expand(DRAWS, 6), rows, MASK_ID)
+    changed = erased != ids
+    assert (changed.sum(1)[:-1] == 1).all() and not changed[-1].any()  # one word per erased row
+    assert (erased[changed] == MASK_ID).all() and ids[0, 1] == 10  # the input is untouched
+    freq = changed[:-1].float().mean(0)
+    assert freq[2] == 0 and freq[[0, 4, 5]].sum() == 0  # zero weight: never erased
+    torch.testing.assert_close(freq, att, atol=0.04, rtol=0)
+    argmax = erase_words(ids[:2], att.expand(2, 6), torch.tensor([True, True]), MASK_ID, "argmax")
+    assert argmax.tolist() == [[2, 10, 11, MASK_ID, 3, 0]] * 2
+
+
+def test_erased_cells_follow_the_cell_attention_window_by_window():
+    torch.manual_seed(0)
+    rois = torch.rand(DRAWS, 2, 4, 9) + 1  # no zeros to begin with; 2 candidates, 3x3 cells
+    att = torch.zeros(DRAWS, 2, 9)
+    att[:, 0, [0, 4, 8]] = torch.tensor([0.5, 0.3, 0.2])  # candidate 0: the diagonal
+    att[:, 1, 5] = 1.0  # candidate 1: one cell
+    rows = torch.ones(DRAWS, dtype=torch.bool)
+    rows[0] = False
+    out = erase_cells(rois, att, rows)
     zero = (out == 0).all(2)  # [B,K,cells]
-    assert (zero[0] == torch.nn.functional.one_hot(cells[0].argmax(-1), 9).bool()).all()
+    assert not zero[0].any() and (zero[1:].sum(-1) == 1).all()  # 1 cell per candidate, erased rows
     kept = ~zero[:, :, None, :].expand_as(out)
-    assert not zero[1].any() and torch.equal(out[kept], rois[kept])
+    assert torch.equal(out[kept], rois[kept])  # nothing else changes
+    torch.testing.assert_close(zero[1:, 0].float().mean(0), att[0, 0], atol=0.04, rtol=0)
+    assert zero[1:, 1, 5].all()
+    # 2x2 windows: drawn in proportion to the window averages of the attention (the official rule)
+    out = erase_cells(rois, att, rows, window=2)
+    zero = (out == 0).all(2)[1:, 0].view(-1, 3, 3)
+    assert (zero.flatten(1).sum(1) == 4).all()
+    corners = [zero[:, :2, :2], zero[:, :2, 1:], zero[:, 1:, :2], zero[:, 1:, 1:]]  # TL, TR, BL, BR
+    corner = torch.stack([c.all((1, 2)) for c in corners], 1).float().mean(0)
+    # the windows hold attention .8, .3, .3 and .5: drawn with probabilities .8/1.9, .3/1.9, ...
+    expect = torch.tensor([0.8, 0.3, 0.3, 0.5]) / 1.9
+    torch.testing.assert_close(corner, expect, atol=0.04, rtol=0)
+    argmax = (erase_cells(rois[:2], att[:2], rows[:2] | True, rule="argmax") == 0).all(2)
+    assert argmax[:, 0, 0].all() and argmax[:, 1, 5].all() and argmax.sum() == 4
 
-    ctx = torch.rand(2, 3, 5, 7) + 1
-    scores = torch.rand(2, 3, 5)
-    scores[0, :, 0] = -float("inf")  # not a context object: never the erased one
-    out = erase_contexts(ctx, scores, torch.tensor([True, True]))
-    zero = (out == 0).all(-1)
-    assert (zero == torch.nn.functional.one_hot(scores.argmax(-1), 5).bool()).all() and not zero[0, :, 0].any()
+
+def test_erased_items_follow_their_attention_and_skip_non_items():
+    torch.manual_seed(0)
+    items = torch.rand(DRAWS, 1, 4, 7) + 1
+    att = torch.tensor([0.1, 0.0, 0.6, 0.3]).expand(DRAWS, 1, 4)  # item 1: padding
+    out = erase_items(items, att, torch.ones(DRAWS, dtype=torch.bool))
+    zero = (out == 0).all(-1)[:, 0]  # [B,M]
+    assert (zero.sum(1) == 1).all() and not zero[:, 1].any()
+    torch.testing.assert_close(zero.float().mean(0), att[0, 0], atol=0.04, rtol=0)
+    # a candidate without any item keeps everything
+    none = erase_items(items[:2], torch.zeros(2, 1, 4), torch.tensor([True, True]))
+    assert torch.equal(none, items[:2])
 
 
 def _spy_training_step(model: MAttNet, batch: dict) -> tuple[dict, list, list]:
@@ -144,42 +220,134 @@ def _spy_training_step(model: MAttNet, batch: dict) -> tuple[dict, list, list]:
     return out, texts, scored
 
 
-def test_language_erasing_masks_the_most_attended_word():
+def test_language_copy_masks_a_word_drawn_from_the_attention():
     model, batch = _model(erase={"type": "language", "rate": 1.0}), _batch()
-    out, texts, _ = _spy_training_step(model, batch)
-    assert len(texts) == 2  # the sample, then its erased copy
+    torch.manual_seed(0)
+    out, texts, scored = _spy_training_step(model, batch)
+    assert len(texts) == 2 and len(scored) == 3 + 2  # sample + its pairs, then copy + its one pair
     erased, original = texts[1], batch["input_ids"][out["erased_rows"]]
-    top = out["word_attention"][out["erased_rows"]].argmax(1)
-    rows = torch.arange(len(top))
-    assert (erased[rows, top] == MASK_ID).all() and (original[rows, top] != MASK_ID).all()
-    assert real_words(batch["input_ids"], batch["attention_mask"])[out["erased_rows"]][rows, top].all()  # a word
     changed = erased != original
-    assert changed.sum() == len(top) and changed[rows, top].all()  # nothing else changed
+    words = real_words(batch["input_ids"], batch["attention_mask"])[out["erased_rows"]]
+    long_enough = words.sum(1) >= 3  # the paper leaves expressions under 3 words whole
+    assert (changed.sum(1) == long_enough.long()).all() and not long_enough.all()  # 1 word or 0
+    assert (erased[changed] == MASK_ID).all() and words[changed].all()  # never [CLS]/[SEP]/padding
+    assert out["word_attention"][out["erased_rows"]][changed].gt(0).all()
+    # its hinge term
+    assert "erased_language_neg_image" in out and "erased_language_neg_expression" not in out
+    losses = model.compute_loss(out, batch)
+    assert losses["erased_ce"] > 0 and torch.isfinite(losses["loss"])
 
 
-def test_visual_erasing_zeroes_the_most_attended_region_or_context():
-    model, batch = _model(erase={"type": "visual", "rate": 1.0}), _batch(seed=1)
-    out, _, scored = _spy_training_step(model, batch)
-    original, erased = scored[0], scored[3]  # the sample, its mismatched pairs (2), then the erased copy
+def test_visual_erasing_draws_the_module_then_its_item_location_included():
+    model, batch = _model(erase={"type": "visual"}), _batch(b=2, seed=1)
+    model.eval()
+    with torch.no_grad():
+        vis = model.encode_visual(batch)
+        out = model.score(vis, model.encode_language(batch["input_ids"], batch["attention_mask"]))
+    attention = {k: out[k] for k in ("cell_attention", "location_attention", "context_attention")}
+    n = 3000  # copies of sample 1 (5 real candidates), erased independently
+    rep = {k: v[[1]].expand(n, *v.shape[1:]) for k, v in vis.items()}
+    att = {k: v[[1]].expand(n, *v.shape[1:]) for k, v in attention.items()}
+    weights = torch.tensor([[0.2, 0.5, 0.3]]).expand(n, 3)
+    torch.manual_seed(0)
+    erased = model.erase_visual(rep, weights, att)
+    hit = {key: (erased[key] != rep[key]).flatten(1).any(1)
+           for key in ("rois", "location", "contexts")}
+    assert (sum(h.long() for h in hit.values()) == 1).all()  # one module per copy
+    freq = torch.stack([hit["rois"], hit["location"], hit["contexts"]], 1).float().mean(0)
+    torch.testing.assert_close(freq, weights[0], atol=0.05, rtol=0)  # the module weights
+    # location: every candidate loses one item (own geometry or a neighbour's offset), in proportion
+    # to its location attention
+    loc = erased["location"][hit["location"]]
+    zeroed = (loc == 0).all(-1) & ~(rep["location"][: len(loc)] == 0).all(-1)  # [n',K,S]
+    assert (zeroed.sum(-1) == 1).all()
+    torch.testing.assert_close(zeroed.float().mean(0), att["location_attention"][0], atol=0.06,
+                               rtol=0)
+    ctx = erased["contexts"][hit["contexts"]]
+    zeroed = (ctx == 0).all(-1) & vis["context_valid"][1]
+    torch.testing.assert_close(zeroed.float().mean(0), att["context_attention"][0], atol=0.06,
+                               rtol=0)
+    assert (zeroed.sum(-1) == 1).all()  # one real context object per candidate (slot 4: none)
+
+    # in training: a visual copy per sample, scored with its one mismatched pair (an expression)
+    torch.manual_seed(0)
+    out, texts, scored = _spy_training_step(model, _batch())
+    assert len(texts) == 1 and len(scored) == 3 + 2
+    assert "erased_visual_neg_expression" in out and "erased_visual_neg_image" not in out
+
+
+def test_both_trains_a_language_and_a_visual_copy_of_every_sample():
+    model, batch = _model(), _batch()  # the default: type both, rate 1
+    assert model.c.erase.type == "both" and model.c.erase.rule == "sample"
+    torch.manual_seed(0)
+    out, texts, scored = _spy_training_step(model, batch)
+    assert len(texts) == 2 and len(scored) == 3 + 2 + 2
+    assert len(out["erased_rows"]) == len(batch["input_ids"])
+    shape = out["logits"].shape
+    assert out["erased_language_logits"].shape == out["erased_visual_logits"].shape == shape
+    both = model.compute_loss(out, batch)
+    only_lang = {k: v for k, v in out.items() if not k.startswith("erased_visual")}
+    assert both["erased_ce"] > model.compute_loss(only_lang, batch)["erased_ce"] > 0
+
+
+def test_argmax_rule_erases_the_most_attended_items():
+    model, batch = _model(erase={"type": "both", "rule": "argmax"}), _batch(seed=1)
+    torch.manual_seed(0)
+    out, texts, scored = _spy_training_step(model, batch)
     rows = out["erased_rows"]
-    w = out["module_weights"][rows]
-    on_subject = w[:, 0] >= w[:, 2]
-    for i, r in enumerate(rows.tolist()):
-        if on_subject[i]:  # the subject module outweighs the relation module: its top cell, per candidate
-            top = out["cell_attention"][r].argmax(-1)  # [K]
-            dropped = torch.zeros_like(erased["rois"][i], dtype=torch.bool)
-            dropped[torch.arange(len(top)), :, top] = True
-            assert (erased["rois"][i][dropped] == 0).all() and (original["rois"][r][dropped] != 0).any()
-            assert torch.equal(erased["rois"][i][~dropped], original["rois"][r][~dropped])
-            assert torch.equal(erased["contexts"][i], original["contexts"][r])
-        else:  # its top context object, per candidate
-            top = out["context_scores"][r].argmax(-1)
-            dropped = torch.zeros_like(erased["contexts"][i], dtype=torch.bool)
-            dropped[torch.arange(len(top)), top] = True
-            assert (erased["contexts"][i][dropped] == 0).all()
-            assert torch.equal(erased["contexts"][i][~dropped], original["contexts"][r][~dropped])
-            assert torch.equal(erased["rois"][i], original["rois"][r])
-    assert on_subject.any()  # the case the loop checks first must occur (seeded)
+    erased = texts[1]
+    top = out["word_attention"][rows].argmax(1)
+    long_enough = real_words(batch["input_ids"], batch["attention_mask"])[rows].sum(1) >= 3
+    r = torch.arange(len(rows))
+    assert (erased[r, top] == MASK_ID).eq(long_enough).all()
+    # the sample, its 2 pairs, the language copy + its pair, then the visual copy
+    original, vis_e = scored[0], scored[5]
+    module = out["module_weights"][rows].argmax(1)
+    for i in r.tolist():
+        key, att = {0: ("rois", "cell_attention"), 1: ("location", "location_attention"),
+                    2: ("contexts", "context_attention")}[int(module[i])]
+        top = out[att][rows[i]].argmax(-1)  # [K]
+        if key == "rois":
+            assert (vis_e["rois"][i][torch.arange(len(top)), :, top] == 0).all()
+        else:
+            assert (vis_e[key][i][torch.arange(len(top)), top] == 0).all()
+        for other in {"rois", "location", "contexts"} - {key}:
+            assert torch.equal(vis_e[other][i], original[other][rows[i]])
+
+
+@pytest.mark.parametrize("mattnet", [{"neighbours": 0}, {"roi_size": 1, "erase": {"cell_window": 2}},
+                                     {"erase": {"rule": "argmax"}}, {}])
+def test_erasing_edge_cases_train(mattnet):
+    batch = _batch()
+    if not mattnet:  # one candidate per image: no neighbour, no context object to erase
+        batch["cand_valid"][:] = False
+        batch["cand_valid"][:, 0] = True
+        batch["cand_target"] = torch.tensor([0, 0, -1, 0])
+    model = _model(**mattnet)
+    model.train()
+    losses = model.compute_loss(model(batch), batch)
+    assert torch.isfinite(losses["loss"]) and losses["erased_ce"] >= 0
+    losses["loss"].backward()
+
+
+def test_category_input_off_ignores_candidate_categories():
+    batch = _batch()
+    # every category changed, and all alike
+    other = {**batch, "cand_category": torch.full_like(batch["cand_category"], 7)}
+    assert (other["cand_category"] != batch["cand_category"]).all()
+    for setting, depends in (("none", False), ("neighbours", True), ("embedding", True)):
+        model = _model(category_input=setting)
+        model.eval()
+        a, b = model(batch), model(other)
+        model.train()
+        torch.manual_seed(0)
+        la = model.compute_loss(model(batch), batch)["loss"]
+        torch.manual_seed(0)
+        lb = model.compute_loss(model(other), other)["loss"]
+        same = torch.equal(a["logits"], b["logits"]) and torch.equal(la, lb)
+        assert same != depends, setting
+    assert _model().category is None
+    assert not any("category" in n for n, _ in _model().named_parameters())
 
 
 def test_no_erase_is_the_ablation():
@@ -249,6 +417,37 @@ def test_stand_in_detections_are_seeded_and_imperfect(in_tiny):
     perfect = detection_recall(stages.instances_path(cfg), stand_in_detections(
         stages.instances_path(cfg), DetectionsConfig(jitter=0.0, drop_rate=0.0, false_positives=0)))
     assert perfect["object_recall"] == 1.0
+
+
+def test_stand_in_detections_confuse_categories_at_the_configured_rate(in_tiny):
+    from pycocotools.coco import COCO
+
+    instances = stages.instances_path(cfg := load_config("params.yaml"))
+    coco = COCO(str(instances))
+    truth = [a["category_id"] for i in sorted(coco.getImgIds())
+             for a in sorted(coco.imgToAnns.get(i, []), key=lambda a: a["id"])]
+    assert len(set(truth)) > 1 and cfg.detections.confusion_rate > 0  # the default confuses some
+
+    def categories(rate: float, **other) -> list[int]:
+        rows = stand_in_detections(instances, DetectionsConfig(
+            jitter=0.0, drop_rate=0.0, false_positives=0, confusion_rate=rate, **other))
+        assert len(rows) == len(truth)  # one row per object, in the same order
+        return [r["category_id"] for r in rows]
+
+    assert categories(0.0) == truth
+    for rate in (0.3, 0.7):
+        cats = categories(rate)
+        wrong = np.mean([c != t for c, t in zip(cats, truth)])
+        assert abs(wrong - rate) < 0.1, (rate, wrong)  # ~170 objects: standard error <= 0.04
+        assert set(cats) <= set(coco.getCatIds()) and cats == categories(rate)  # seeded
+        assert cats != categories(rate, seed=1)
+    assert all(c != t for c, t in zip(categories(1.0), truth))
+    # the boxes and scores do not depend on the rate: only the categories change
+    jittered = [stand_in_detections(instances, DetectionsConfig(confusion_rate=r))
+                for r in (0.0, 0.5)]
+    strip = [[{k: v for k, v in row.items() if k != "category_id"} for row in rows]
+             for rows in jittered]
+    assert strip[0] == strip[1] and jittered[0] != jittered[1]
 
 
 def test_grounder_picks_one_of_the_given_detections(in_tiny, tmp_path):

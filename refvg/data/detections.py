@@ -5,8 +5,10 @@ evaluation writes and `proposals.source: detections` reads (refvg.data.proposals
 It only exists so the detection-proposal setting of the ranking methods runs end to end without a detector
 (none can be trained or downloaded here). What it imitates: localisation error (each box edge moves by
 N(0, jitter x box side), so some boxes fall below IoU 0.5 with their object), missed objects (`drop_rate`),
-and false positives (`false_positives` per image: random boxes of object size, some over parts of objects,
-with a random category and a lower score). For real use, point `proposals.detections_file` at a detector's
+false positives (`false_positives` per image: random boxes of object size, some over parts of
+objects, with a random category and a lower score), and classification errors (`confusion_rate` of
+the found objects reported as another of the dataset's categories, drawn uniformly; a real detector
+confuses similar classes more). For real use, point `proposals.detections_file` at a detector's
 results file for the dataset's images instead (e.g. Mask R-CNN's, as MAttNet does).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ def stand_in_detections(instances_path: Path, dcfg: DetectionsConfig) -> list[di
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(instances_path))
     rng = np.random.default_rng(dcfg.seed)
+    confuse = np.random.default_rng([dcfg.seed, 1])  # own stream: the same boxes at every rate
     cat_ids = sorted(coco.getCatIds()) or [1]
     rows: list[dict] = []
     for image_id in sorted(coco.getImgIds()):
@@ -43,7 +46,11 @@ def stand_in_detections(instances_path: Path, dcfg: DetectionsConfig) -> list[di
             dy0, dy1 = rng.normal(0.0, dcfg.jitter * bh, 2)
             box = _clip([x + dx0, y + dy0, x + bw + dx1, y + bh + dy1], w, h)
             if box is not None:
-                rows.append(_row(image_id, int(ann["category_id"]), box, rng.uniform(dcfg.true_score_min, 1.0)))
+                category = int(ann["category_id"])
+                others = [c for c in cat_ids if c != category]
+                if confuse.random() < dcfg.confusion_rate and others:
+                    category = int(confuse.choice(others))
+                rows.append(_row(image_id, category, box, rng.uniform(dcfg.true_score_min, 1.0)))
         for _ in range(dcfg.false_positives):
             bw, bh = sides[rng.integers(len(sides))] if sides else (0.25 * w, 0.25 * h)
             bw, bh = bw * rng.uniform(0.6, 1.2), bh * rng.uniform(0.6, 1.2)

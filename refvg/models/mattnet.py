@@ -1,26 +1,35 @@
-"""MAttNet-style candidate ranking (Yu et al., CVPR 2018) trained with CM-Erase (Liu et al., CVPR 2019,
-"Improving Referring Expression Grounding With Cross-Modal Attention-Guided Erasing").
+"""MAttNet-style candidate ranking (Yu et al., CVPR 2018) trained with CM-Erase (Liu et al., CVPR
+2019, "Improving Referring Expression Grounding With Cross-Modal Attention-Guided Erasing"), with
+CM-Erase's attention-based location and relation modules (its official code, xh-liu/CM-Erase-REG).
 
 The model scores each candidate box of the image (ground-truth objects or a detector's boxes, see
 refvg.data.proposals) against the expression and outputs the best one's box:
-- language attention: three word attentions over the expression give a subject, a location and a relation
-  phrase embedding, and a softmax over three gives the modules' weights;
-- subject module: the candidate's region of the backbone map pooled by RoI align (:func:`roi_align`, bilinear
-  sampling with `grid_sample`) into roi_size x roi_size cells, a phrase-guided spatial attention over the cells,
-  plus attribute cues (the region's mean colour and the candidate's category embedding);
-- location module: the candidate's normalised geometry [x0, y0, x1, y1, area] and its offsets to up to
-  `neighbours` nearest same-category candidates;
-- relation module: up to `max_contexts` nearest other candidates as context objects (their pooled feature,
-  colour, category and offset), each matched with the relation phrase; the best context gives the score;
-- score = sum over modules of weight x cosine(module feature, phrase). Loss: cross-entropy over the valid
-  candidates (a sample whose target is not among them adds none) + a hinge ranking loss against a mismatched
-  expression and a mismatched image of the batch.
+- language attention: three word attentions over the expression give a subject, a location and a
+  relation phrase embedding, and a softmax over three gives the modules' weights;
+- subject module: the candidate's region of the backbone map pooled by RoI align (:func:`roi_align`,
+  bilinear sampling with `grid_sample`) into roi_size x roi_size cells, a phrase-guided spatial
+  attention over the cells, plus the region's mean colour (and, with `category_input: embedding`, a
+  category embedding);
+- location module: an attention, guided by the location phrase, over the candidate's normalised
+  geometry [x0, y0, x1, y1, area] and its offsets to up to `neighbours` nearest candidates
+  (same-category ones only when `category_input` is not none, as MAttNet);
+- relation module: an attention, guided by the relation phrase, over up to `max_contexts` nearest
+  other candidates as context objects (their pooled feature, colour and offset);
+- score = sum over modules of weight x cosine(module feature, phrase). Loss: cross-entropy over the
+  valid candidates (a sample whose target is not among them adds none) + a hinge ranking loss
+  against a mismatched expression and a mismatched image of the batch.
 
-CM-Erase (training only, `model.mattnet.erase`): from the model's own attention on the sample, a copy is
-built with the most dominant evidence erased - the most attended word replaced by [MASK] (language), or
-for every candidate its most attended subject cell or most attended context object zeroed, whichever of the
-two modules weighs more (visual) - and trained on with the same loss, so the model learns complementary
-evidence instead of one dominant cue.
+Candidate categories (`category_input`) are off by default: on RefShapes the category is the
+expression's noun, so they would hand the model the answer for many expressions.
+
+CM-Erase (training only, `model.mattnet.erase`), from the model's own attention on the sample, as
+the official code: a language copy with one word replaced by [MASK], drawn from the module-weighted
+word attention, and a visual copy in which a module is drawn from the module weights and then, for
+every candidate, one of that module's items drawn from its attention is zeroed: a window of subject
+cells, a location item (its own geometry or a neighbour's offset) or a context object. Each copy is
+trained on with the cross-entropy and the paper's hinge term (language copy: against a mismatched
+image; visual copy: against a mismatched expression), so the model learns complementary evidence
+instead of one dominant cue. `rule: argmax` erases the most attended item instead of drawing.
 """
 from __future__ import annotations
 
@@ -112,48 +121,102 @@ def candidate_cross_entropy(logits: torch.Tensor, valid: torch.Tensor, target: t
     return F.cross_entropy(logits[has].masked_fill(~valid[has], FAR), target[has])
 
 
-def ranking_loss(pos: torch.Tensor, neg_expression: torch.Tensor, neg_image: torch.Tensor, keep: torch.Tensor,
+def ranking_loss(pos: torch.Tensor, neg_expression: Optional[torch.Tensor],
+                 neg_image: Optional[torch.Tensor], keep: torch.Tensor,
                  margin: float) -> torch.Tensor:
     """MAttNet's hinge ranking loss, averaged over the samples `keep` marks:
     max(0, margin - S(o_i, r_i) + S(o_i, r_j)) + max(0, margin - S(o_i, r_i) + S(o_k, r_i)),
-    with r_j a mismatched expression and o_k an object of a mismatched image."""
+    with r_j a mismatched expression and o_k an object of a mismatched image (a None negative: no
+    such term, as CM-Erase's erased copies have one each)."""
     if not keep.any():
         return pos.sum() * 0.0
-    pos, ne, ni = pos[keep], neg_expression[keep], neg_image[keep]
-    return (F.relu(margin - pos + ne) + F.relu(margin - pos + ni)).mean()
+    loss = pos.new_zeros(int(keep.sum()))
+    for neg in (neg_expression, neg_image):
+        if neg is not None:
+            loss = loss + F.relu(margin - pos[keep] + neg[keep])
+    return loss.mean()
 
 
 # ------------------------------------------------------------------------------------------- erasing
 
+def choose(weights: torch.Tensor, rule: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
+    """One index per row of `weights` [..., N] (>= 0): a multinomial draw in proportion to the row
+    (CM-Erase's `torch.multinomial` over the attention) or, with rule "argmax", its largest; and
+    whether the row has any weight [...] (an all-zero row has nothing to choose; its index is 0). A
+    zero-weight item is never drawn."""
+    shape, n = weights.shape[:-1], weights.shape[-1]
+    flat = weights.detach().reshape(-1, n).float().clamp_min(0)
+    has = flat.sum(-1) > 0
+    if len(flat) == 0:
+        return torch.zeros(shape, dtype=torch.long, device=weights.device), has.view(shape)
+    if rule == "argmax":
+        idx = flat.argmax(-1)
+    elif rule == "sample":
+        some = torch.where(has[:, None], flat, torch.ones_like(flat))  # (an empty row: discarded)
+        idx = torch.multinomial(some, 1).squeeze(-1)
+    else:
+        raise ValueError(f"erase rule must be 'sample' or 'argmax', got {rule!r}")
+    return torch.where(has, idx, torch.zeros_like(idx)).view(shape), has.view(shape)
+
+
 def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: torch.Tensor,
-                token_id: int) -> torch.Tensor:
-    """A copy of input_ids [B,L] in which, for each sample of `rows` (bool [B]), the most attended word
-    (argmax of word_attention [B,L], zero outside the words) is `token_id`."""
+                token_id: int, rule: str = "sample") -> torch.Tensor:
+    """A copy of input_ids [B,L] in which, for each sample of `rows` (bool [B]), one word chosen
+    from word_attention [B,L] (zero outside the words, so only a word can be chosen) is
+    `token_id`."""
     out = input_ids.clone()
-    top = word_attention.argmax(1)
-    r = rows.nonzero().squeeze(1)
-    out[r, top[r]] = token_id
+    idx, has = choose(word_attention, rule)
+    r = (rows & has).nonzero().squeeze(1)
+    out[r, idx[r]] = token_id
     return out
 
 
-def erase_cells(rois: torch.Tensor, cell_attention: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A copy of the RoI features [B,K,C,P*P] in which, for each sample of `rows`, every candidate's most
-    attended cell (argmax of cell_attention [B,K,P*P]) is zero."""
-    drop = F.one_hot(cell_attention.argmax(-1), rois.shape[-1]).bool() & rows[:, None, None]  # [B,K,P*P]
+def erase_cells(rois: torch.Tensor, cell_attention: torch.Tensor, rows: torch.Tensor,
+                window: int = 1, rule: str = "sample") -> torch.Tensor:
+    """A copy of the RoI features [B,K,C,P*P] in which, for each sample of `rows`, every candidate
+    loses a window x window block of cells, chosen from the block averages of its cell_attention
+    [B,K,P*P] (as the official code's avg_pool2d with stride 1 over the 7x7 attention, then a
+    draw)."""
+    b, k, _, n = rois.shape
+    p = math.isqrt(n)
+    w = min(window, p)
+    q = p - w + 1  # block positions per side
+    grid = cell_attention.detach().reshape(b * k, 1, p, p)
+    blocks = F.avg_pool2d(grid, w, stride=1).view(b, k, q * q)
+    idx, _ = choose(blocks, rule)
+    cells = torch.arange(p, device=rois.device)
+    in_y = (cells >= (idx // q)[..., None]) & (cells < (idx // q)[..., None] + w)  # [B,K,P]
+    in_x = (cells >= (idx % q)[..., None]) & (cells < (idx % q)[..., None] + w)
+    drop = (in_y[..., :, None] & in_x[..., None, :]).flatten(-2) & rows[:, None, None]  # [B,K,P*P]
     return rois.masked_fill(drop[:, :, None, :], 0.0)
 
 
-def erase_contexts(contexts: torch.Tensor, context_scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A copy of the context inputs [B,K,M,D] in which, for each sample of `rows`, every candidate's most
-    attended context object (argmax of context_scores [B,K,M], non-contexts already at -inf) is zero."""
-    drop = F.one_hot(context_scores.argmax(-1), contexts.shape[2]).bool() & rows[:, None, None]  # [B,K,M]
-    return contexts.masked_fill(drop[..., None], 0.0)
+def erase_items(items: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor,
+                rule: str = "sample") -> torch.Tensor:
+    """A copy of per-candidate items [B,K,M,D] (location items, context objects) in which, for each
+    sample of `rows`, every candidate loses one item chosen from its attention [B,K,M] (zero on
+    non-items: never chosen; a candidate with no item keeps everything)."""
+    idx, has = choose(attention, rule)
+    drop = F.one_hot(idx, items.shape[2]).bool() & (has & rows[:, None])[..., None]  # [B,K,M]
+    return items.masked_fill(drop[..., None], 0.0)
 
 
 # ------------------------------------------------------------------------------------------- modules
 
 def _mlp(d_in: int, d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(inplace=True), nn.Linear(d, d))
+
+
+def _attend(d: int) -> nn.Sequential:
+    """Attention logit of an item given a phrase: [item; phrase] -> tanh layer -> 1 (CM-Erase's
+    attn_fuse)."""
+    return nn.Sequential(nn.Linear(2 * d, d), nn.Tanh(), nn.Linear(d, 1))
+
+
+def _attention(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax of logits [...,M] over the valid items; all zero where none is valid."""
+    has = valid.any(-1, keepdim=True)
+    return logits.masked_fill(~valid, -math.inf).masked_fill(~has, 0.0).softmax(-1) * valid
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -210,7 +273,8 @@ class MAttNet(nn.Module):
         self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max(64, cfg.data.max_tokens))
         channels, d = self.visual.out_channels[-1], c.d_model
         self.language = LanguageAttention(self.text.hidden_size, d)
-        self.category = nn.Embedding(c.num_categories, d)
+        embed_category = c.category_input == "embedding"
+        self.category = nn.Embedding(c.num_categories, d) if embed_category else None
         # subject: cells of the RoI, phrase-guided attention over them, attribute cues
         self.cell = nn.Linear(channels, d)
         self.cell_key = nn.Linear(d, d)
@@ -218,10 +282,18 @@ class MAttNet(nn.Module):
         self.cell_score = nn.Linear(d, 1)
         self.colour = nn.Linear(3, d)
         self.subject_out = _mlp(d, d)
-        # location: own geometry + offsets to same-category neighbours
-        self.location_out = _mlp(5 + 5 * c.neighbours, d)
-        # relation: each context object's appearance and offset
-        self.context_out = _mlp(channels + 3 + d + 5, d)
+        # location: attention over own geometry and the neighbours' offsets (CM-Erase's
+        # LocationEncoderAtt)
+        self.location_own = nn.Sequential(nn.Linear(5, d), nn.ReLU(inplace=True))
+        self.location_offset = nn.Sequential(nn.Linear(5, d), nn.ReLU(inplace=True))
+        self.location_attend_own = _attend(d)
+        self.location_attend_offset = _attend(d)
+        self.location_out = _mlp(d, d)
+        # relation: attention over the context objects' appearance and offset (CM-Erase's
+        # RelationEncoderAtt)
+        self.context_in = nn.Linear(channels + 3 + (d if embed_category else 0) + 5, d)
+        self.context_attend = _attend(d)
+        self.context_out = _mlp(d, d)
         self.phrase_out = nn.ModuleList(nn.Linear(d, d) for _ in MODULES)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # cosine scores -> candidate logits
         self.erase_token_id: Optional[int] = None  # [MASK], looked up in the tokenizer on first use
@@ -231,21 +303,32 @@ class MAttNet(nn.Module):
         c = self.c
         boxes = cxcywh_to_xyxy(batch["cand_boxes"].float())
         valid = batch["cand_valid"]
-        category = batch["cand_category"].clamp(0, c.num_categories - 1)
         fmap = self.visual(batch["image"])[-1]
         rois = roi_align(fmap, boxes, c.roi_size, c.roi_samples).flatten(3)  # [B,K,C,P*P]
         colour = roi_align(batch["image"], boxes, 1, 4).flatten(2)  # [B,K,3] mean colour of the box
         offsets = pair_offsets(boxes).clamp(-10, 10)  # [B,K,K,5]
         pair_ok = valid[:, None, :] & valid[..., None]
-        same = pair_ok & (category[:, None, :] == category[..., None])
-        idx, real = nearest_others(boxes, same, c.neighbours)
-        neighbours = (_gather_pairs(offsets, idx) * real[..., None]).flatten(2)  # [B,K,5N]
+        vis = {}
+        neighbour_ok = pair_ok
+        if c.category_input != "none":  # MAttNet: offsets to same-category objects only
+            category = batch["cand_category"].clamp(0, c.num_categories - 1)
+            neighbour_ok = pair_ok & (category[:, None, :] == category[..., None])
+            if self.category is not None:
+                vis["category"] = category
+        idx, real = nearest_others(boxes, neighbour_ok, c.neighbours)
+        neighbours = _gather_pairs(offsets, idx) * real[..., None]  # [B,K,N,5]
         x0, y0, x1, y1 = boxes.unbind(-1)
-        location = torch.cat([boxes, ((x1 - x0) * (y1 - y0))[..., None], neighbours], -1)
+        own = torch.cat([boxes, ((x1 - x0) * (y1 - y0))[..., None]], -1)[:, :, None]  # [B,K,1,5]
+        location = torch.cat([own, neighbours], 2)  # [B,K,1+N,5]
+        location_valid = torch.cat([real.new_ones(*real.shape[:2], 1), real], 2)  # own: always
         idx, ctx_valid = nearest_others(boxes, pair_ok, c.max_contexts)
-        appearance = torch.cat([rois.mean(-1), colour, self.category(category)], -1)  # [B,K,C+3+d]
+        appearance = [rois.mean(-1), colour]
+        if self.category is not None:
+            appearance.append(self.category(vis["category"]))
+        appearance = torch.cat(appearance, -1)  # [B,K,C+3(+d)]
         contexts = torch.cat([_gather_objects(appearance, idx), _gather_pairs(offsets, idx)], -1) * ctx_valid[..., None]
-        return {"rois": rois, "colour": colour, "category": category, "location": location,
+        return {**vis, "rois": rois, "colour": colour, "location": location,
+                "location_valid": location_valid,
                 "contexts": contexts, "context_valid": ctx_valid, "context_index": idx, "valid": valid}
 
     def encode_language(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,24 +337,43 @@ class MAttNet(nn.Module):
 
     # --- matching
     def score(self, vis: dict, lang: dict) -> dict[str, torch.Tensor]:
-        q = [proj(lang["phrases"][:, i]) for i, proj in enumerate(self.phrase_out)]  # [B,d] each
+        phrases = lang["phrases"]
+        q = [proj(phrases[:, i]) for i, proj in enumerate(self.phrase_out)]  # [B,d] each
+        # subject
         cells = F.relu(self.cell(vis["rois"].transpose(2, 3)))  # [B,K,P*P,d]
-        guide = self.cell_query(lang["phrases"][:, 0])[:, None, None]  # the subject phrase
+        guide = self.cell_query(phrases[:, 0])[:, None, None]  # the subject phrase
         cell_logits = self.cell_score(torch.tanh(self.cell_key(cells) + guide))
         cell_attention = cell_logits.squeeze(-1).softmax(-1)  # [B,K,P*P]
-        attributes = self.colour(vis["colour"]) + self.category(vis["category"])
+        attributes = self.colour(vis["colour"])
+        if self.category is not None:
+            attributes = attributes + self.category(vis["category"])
         subject = (cell_attention[..., None] * cells).sum(2) + attributes
         s_subject = _cosine(self.subject_out(subject), q[0][:, None])
-        s_location = _cosine(self.location_out(vis["location"]), q[1][:, None])
-        context_scores = _cosine(self.context_out(vis["contexts"]), q[2][:, None, None])  # [B,K,M]
-        context_scores = context_scores.masked_fill(~vis["context_valid"], -math.inf)
-        s_relation = context_scores.amax(-1)
-        s_relation = torch.where(torch.isfinite(s_relation), s_relation, torch.zeros_like(s_relation))  # no context
+        # location
+        loc = vis["location"]
+        own, offsets = self.location_own(loc[:, :, :1]), self.location_offset(loc[:, :, 1:])
+        items = torch.cat([own, offsets], 2)  # [B,K,S,d]
+        guide = phrases[:, 1][:, None, None].expand_as(items)
+        loc_logits = torch.cat([
+            self.location_attend_own(torch.cat([own, guide[:, :, :1]], -1)),
+            self.location_attend_offset(torch.cat([offsets, guide[:, :, 1:]], -1))], 2)
+        location_attention = _attention(loc_logits.squeeze(-1), vis["location_valid"])  # [B,K,S]
+        location = (location_attention[..., None] * items).sum(2)
+        s_location = _cosine(self.location_out(location), q[1][:, None])
+        # relation
+        ctx = self.context_in(vis["contexts"])  # [B,K,M,d]
+        guide = phrases[:, 2][:, None, None].expand_as(ctx)
+        context_attention = _attention(self.context_attend(torch.cat([ctx, guide], -1)).squeeze(-1),
+                                       vis["context_valid"])  # [B,K,M]
+        relation = (context_attention[..., None] * ctx).sum(2)
+        has_context = vis["context_valid"].any(-1)
+        s_relation = _cosine(self.context_out(relation), q[2][:, None]) * has_context  # none: 0
         modules = torch.stack([s_subject, s_location, s_relation], -1)  # [B,K,3]
         scores = (modules * lang["weights"][:, None]).sum(-1)
         logits = (scores * self.logit_scale.exp()).masked_fill(~vis["valid"], FAR)
         return {"scores": scores, "logits": logits, "cell_attention": cell_attention,
-                "context_scores": context_scores, "module_scores": modules}
+                "location_attention": location_attention, "context_attention": context_attention,
+                "module_scores": modules}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         batch = trim_candidates(batch)
@@ -315,10 +417,9 @@ class MAttNet(nn.Module):
         cx, cy = (cell % p).float(), (cell // p).float()
         w, h = (x1 - x0) / p, (y1 - y0) / p
         cell_box = torch.stack([x0 + cx * w, y0 + cy * h, x0 + (cx + 1) * w, y0 + (cy + 1) * h], -1)
-        ctx = out["context_scores"][rows, best]  # [B,M]
-        slot = ctx.argmax(-1)
-        context = vis["context_index"][rows, best, slot]
-        context = torch.where(torch.isfinite(ctx.amax(-1)), context, torch.full_like(context, -1))
+        ctx = out["context_attention"][rows, best]  # [B,M], all zero without a context object
+        context = vis["context_index"][rows, best, ctx.argmax(-1)]
+        context = torch.where(ctx.amax(-1) > 0, context, torch.full_like(context, -1))
         return {"word_attention": (lang["word_attention"] * lang["weights"][..., None]).sum(1),
                 "module_weights": lang["weights"], "best": best, "cell_box": cell_box, "context": context}
 
@@ -334,29 +435,63 @@ class MAttNet(nn.Module):
                 f"{prefix}rank_keep": (target >= 0) & (t_next >= 0) & (len(target) > 1)}
 
     def _erased(self, batch: dict, vis: dict, lang: dict, out: dict) -> dict[str, torch.Tensor]:
-        """The CM-Erase copy of a `rate` fraction of the batch, scored, with its own mismatched pairs."""
+        """The CM-Erase copies (`erased_language_*`, `erased_visual_*`) of a `rate` fraction of the
+        batch, scored, each with the mismatched pair of its hinge term."""
         e = self.c.erase
         b = len(batch["input_ids"])
         device = batch["input_ids"].device
         rows = (torch.rand(b, device=device) < e.rate).nonzero().squeeze(1)
         if len(rows) == 0:
             return {}
-        language = torch.full((len(rows),), e.type == "language", dtype=torch.bool, device=device)
-        if e.type == "both":
-            language = torch.rand(len(rows), device=device) < 0.5
-        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
-        ids = erase_words(ids, out["word_attention"][rows].detach(), language, self._erase_token())
-        sub = {k: v[rows] for k, v in vis.items()}
-        weights = lang["weights"][rows].detach()
-        visual = ~language
-        on_subject = visual & (weights[:, 0] >= weights[:, 2])  # the dominant of the two erasable modules
-        sub["rois"] = erase_cells(sub["rois"], out["cell_attention"][rows].detach(), on_subject)
-        sub["contexts"] = erase_contexts(sub["contexts"], out["context_scores"][rows].detach(), visual & ~on_subject)
-        lang_e = self.encode_language(ids, mask)
-        scored = self.score(sub, lang_e)
+        sub_vis = {k: v[rows] for k, v in vis.items()}
+        sub_lang = {k: v[rows] for k, v in lang.items()}
         target = batch["cand_target"][rows]
-        return {"erased_logits": scored["logits"], "erased_scores": scored["scores"], "erased_rows": rows,
-                "erased_valid": sub["valid"], **self._mismatched(sub, lang_e, target, prefix="erased_")}
+        n = torch.arange(len(rows), device=device)
+        t, t_next = target.clamp_min(0), target.roll(-1, 0)
+        res = {"erased_rows": rows}
+        if e.type in ("language", "both"):
+            ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+            # shorter expressions enter unchanged (paper)
+            long_enough = real_words(ids, mask).sum(1) >= e.min_words
+            ids = erase_words(ids, out["word_attention"][rows], long_enough, self._erase_token(),
+                              e.rule)
+            lang_e = self.encode_language(ids, mask)
+            scored = self.score(sub_vis, lang_e)
+            rolled = {k: v.roll(-1, 0) for k, v in sub_vis.items()}
+            # the paper's term for it: the erased expression with an object it does not describe
+            neg_image = self.score(rolled, lang_e)["scores"][n, t_next.clamp_min(0)]
+            res |= {"erased_language_logits": scored["logits"],
+                    "erased_language_scores": scored["scores"],
+                    "erased_language_neg_image": neg_image,
+                    "erased_language_rank_keep": (target >= 0) & (t_next >= 0) & (len(rows) > 1)}
+        if e.type in ("visual", "both"):
+            attention = {k: out[k][rows]
+                         for k in ("cell_attention", "location_attention", "context_attention")}
+            vis_e = self.erase_visual(sub_vis, lang["weights"][rows], attention)
+            scored = self.score(vis_e, sub_lang)
+            rolled = {k: v.roll(-1, 0) for k, v in sub_lang.items()}
+            # the paper's term for it: the erased object with an expression not describing it
+            neg_expression = self.score(vis_e, rolled)["scores"][n, t]
+            res |= {"erased_visual_logits": scored["logits"],
+                    "erased_visual_scores": scored["scores"],
+                    "erased_visual_neg_expression": neg_expression,
+                    "erased_visual_rank_keep": (target >= 0) & (len(rows) > 1)}
+        return res
+
+    def erase_visual(self, vis: dict, weights: torch.Tensor,
+                     attention: dict) -> dict[str, torch.Tensor]:
+        """The visual inputs with, per sample, a module chosen from its weights [B,3] and, for every
+        candidate, one of that module's items chosen from its attention zeroed: a window of subject
+        cells, a location item (own geometry or a neighbour's offset) or a context object
+        (CM-Erase's erase_allvisual)."""
+        e = self.c.erase
+        module, _ = choose(weights, e.rule)
+        rois = erase_cells(vis["rois"], attention["cell_attention"], module == 0, e.cell_window,
+                           e.rule)
+        location = erase_items(vis["location"], attention["location_attention"], module == 1,
+                               e.rule)
+        contexts = erase_items(vis["contexts"], attention["context_attention"], module == 2, e.rule)
+        return {**vis, "rois": rois, "location": location, "contexts": contexts}
 
     def _erase_token(self) -> int:
         """[MASK] of the prepared dataset's tokenizer ([UNK] when it has none); training needs the prepared data."""
@@ -380,12 +515,18 @@ class MAttNet(nn.Module):
                                        outputs["neg_expression"], outputs["neg_image"], outputs["rank_keep"])
         loss = ce + self.c.rank_weight * rank
         erased_ce = erased_rank = loss.new_zeros(())
-        if "erased_logits" in outputs:
-            erased_ce, erased_rank = self._sample_losses(
-                outputs["erased_logits"], outputs["erased_scores"], outputs["erased_valid"],
-                target[outputs["erased_rows"]], outputs["erased_neg_expression"], outputs["erased_neg_image"],
-                outputs["erased_rank_keep"])
-            loss = loss + erased_ce + self.c.rank_weight * erased_rank
+        for kind in ("language", "visual"):  # each copy weighs as much as the sample (paper: 1)
+            key = f"erased_{kind}_"
+            if key + "logits" not in outputs:
+                continue
+            rows = outputs["erased_rows"]
+            c, r = self._sample_losses(
+                outputs[key + "logits"], outputs[key + "scores"], outputs["valid"][rows],
+                target[rows],
+                outputs.get(key + "neg_expression"), outputs.get(key + "neg_image"),
+                outputs[key + "rank_keep"])
+            erased_ce, erased_rank = erased_ce + c, erased_rank + r
+        loss = loss + erased_ce + self.c.rank_weight * erased_rank
         return {"loss": loss, "ce": ce, "rank": rank, "erased_ce": erased_ce, "erased_rank": erased_rank}
 
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
