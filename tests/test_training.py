@@ -119,3 +119,11 @@ def test_predict_on_a_raw_image(in_tiny):
     image = Image.open(os.path.join(cfg.data.image_dir, rec["file_name"]))
     box = Grounder(stages.checkpoint_dir(cfg, "transvg") / BEST).predict([image], [rec["sentence"]])[0]
     assert box.shape == (4,) and 0 <= box[0] <= box[2] <= image.width and 0 <= box[1] <= box[3] <= image.height
+    # The box the evaluator gives that sample with the trained weights: the same weights, the same letterbox
+    # and the same mapping back to the image's pixels (a model not loaded from best.pt is pixels off).
+    from refvg.engine.evaluator import predict_split
+
+    model, _, _ = stages.load_trained(stages.checkpoint_dir(cfg, "transvg") / BEST)
+    split = PreparedSplit(prepared_path(cfg), "val")
+    expected = predict_split(model, split, 8, torch.device("cpu"), "off").pred_xyxy[0]
+    assert np.allclose(box, expected, atol=1e-2), (box, expected)
