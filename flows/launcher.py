@@ -204,6 +204,9 @@ def _start_worker(path: Path, env: dict[str, str]) -> None:
     from flows.runtime import begin_prefect_api
 
     prefect_ready = begin_prefect_api()
+    # A socket file that refused us (we hold the spawn lock) is a dead worker's: gone, so that the wait below
+    # is for the new worker's socket, not satisfied at once by the old one.
+    path.unlink(missing_ok=True)
     log = path.with_suffix(".log")
     idle = env.get(IDLE_ENV, str(DEFAULT_IDLE_SECONDS))
     with open(log, "ab") as out:

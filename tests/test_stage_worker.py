@@ -34,6 +34,8 @@ def main(argv):
     import torch
 
     if argv[:1] == ["sleep"]:
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))  # what a stage does on SIGTERM: clean exit
         open(argv[1], "w").write(str(os.getpid()))
         try:
             time.sleep(120)
@@ -132,7 +134,7 @@ def _as_from_a_terminal() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
 def test_the_stage_dies_with_its_client(probe_dir, how, tmp_path):
     pid_file = tmp_path / "child.pid"
     client = subprocess.Popen([sys.executable, "-m", "probe_stage", "sleep", str(pid_file)], cwd=probe_dir,
@@ -150,6 +152,8 @@ def test_the_stage_dies_with_its_client(probe_dir, how, tmp_path):
         _, err = client.communicate(timeout=300)  # the client ends with its stage: waits on its exit
         if how == "SIGINT":  # forwarded: the stage gets its KeyboardInterrupt, cleans up, and dies of SIGINT
             assert client.returncode == -signal.SIGINT and "KeyboardInterrupt" in err and "cleanup ran" in err, err
+        if how == "SIGTERM":  # forwarded: the stage's own handler exits 3, and the client with it (not -15)
+            assert client.returncode == 3 and "cleanup ran" in err, (client.returncode, err)
         deadline = time.monotonic() + 300  # a ceiling, not a race: the worker kills it within seconds
         while _alive(child):
             assert time.monotonic() < deadline, f"stage {child} outlived its client ({how})"
