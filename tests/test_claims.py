@@ -189,18 +189,21 @@ def test_the_stage_worker_dies_its_stage_dies_and_an_idle_worker_exits(tmp_path)
     (project / "sleeper_stage.py").write_text(SLEEPER)
     env = _env(REFVG_PREFECT_SERVER="ephemeral", PREFECT_LOGGING_LEVEL="WARNING",
                **{DIR_ENV: str(workers), IDLE_ENV: "2"})
-    pid_file = tmp_path / "child.pid"
-    client = subprocess.Popen([sys.executable, "-m", "sleeper_stage", str(pid_file)], cwd=project, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file, log = tmp_path / "child.pid", tmp_path / "client.log"
+    # The client's output to a file: a stage left running would hold a pipe open, and reading it would hang.
+    with open(log, "w") as out:
+        client = subprocess.Popen([sys.executable, "-m", "sleeper_stage", str(pid_file)], cwd=project, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
     child = None
     try:
         while not pid_file.exists() or not pid_file.read_text():
-            assert client.poll() is None, client.stderr.read()[-3000:]
+            assert client.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
         child = int(pid_file.read_text())
         [worker] = list_workers(workers)
         os.kill(worker["pid"], signal.SIGKILL)  # the worker dies; its client must not leave the stage running
-        _, err = client.communicate(timeout=300)
+        client.wait(timeout=300)
+        err = log.read_text()
         assert client.returncode == 1 and "the stage worker died while running the stage" in err, err[-3000:]
         assert _gone(child), f"stage {child} outlived its worker"
 
@@ -212,10 +215,10 @@ def test_the_stage_worker_dies_its_stage_dies_and_an_idle_worker_exits(tmp_path)
         assert worker != os.getpid() and _gone(worker), "the idle worker did not exit"
         assert not list(workers.glob("worker-*.sock")), "its socket is removed"
     finally:
-        client.kill()
-        client.communicate()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+        client.kill()
+        client.wait()
         for w in list_workers(workers) if workers.exists() else []:
             os.kill(w["pid"], signal.SIGKILL)
 

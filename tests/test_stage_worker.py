@@ -159,10 +159,10 @@ def test_the_stage_dies_with_its_client(probe_dir, how, tmp_path):
             assert time.monotonic() < deadline, f"stage {child} outlived its client ({how})"
             time.sleep(0.2)
     finally:
+        if child is not None and _alive(child):  # first: it holds the client's stdout/stderr open
+            os.kill(child, signal.SIGKILL)
         client.kill()
         client.communicate()
-        if child is not None and _alive(child):
-            os.kill(child, signal.SIGKILL)
 
 
 class _Interrupted(Exception):
