@@ -5,14 +5,21 @@ with the input named), and data lost (must be 0).
     python benchmarks/faults.py            # ~5-10 min on 2 CPU cores (several small trainings, 2 MLflow server starts)
 
 Data lost, per fault: training — tensors and per-epoch results that differ from an uninterrupted run with the
-same seed (bitwise); inputs — good records dropped besides the bad one; tracking — logged values missing from
-the store once it is back (after `python -m refvg.tracking replay` where the stage ended while it was down).
+same seed (bitwise); non-finite steps — good steps whose update is missing, epochs missing from the history,
+non-finite tensors, and (divergence) tensors of last.pt that differ from the clean run's state after the same
+good steps; inputs — good records dropped besides the bad one; refused files (pickle, checkpoint, params) —
+files of the folder changed or removed by the attempt, and messages that do not name the file or key they
+claim to; tracking — logged values missing from the store once it is back (after `python -m refvg.tracking
+replay` where the stage ended while it was down).
+
+    python benchmarks/faults.py non_finite hostile_inputs   # only these groups
 The injectors are the tests' (tests/faults.py); the tests assert the same behaviour case by case.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +72,17 @@ def differences(reference: dict, state: dict) -> int:
     return weights + epochs + abs(len(reference["history"]) - len(state["history"]))
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def changed(before: dict[str, str], folder: Path) -> int:
+    """Files of `before` that are gone or different in `folder` now."""
+    after = snapshot(folder)
+    return sum(after.get(name) != digest for name, digest in before.items())
+
+
 @contextlib.contextmanager
 def workdir(base: Path, name: str, **params):
     """A folder with the tiny dataset (linked) and its own params.yaml, as cwd."""
@@ -115,27 +133,52 @@ def non_finite(base: Path) -> None:
     with workdir(base, "nan") as folder:
         cfg, model, data = small_training(folder, train={"max_bad_steps": 3})  # 2 epochs x 4 steps
         logging.getLogger("refvg.engine.trainer").setLevel(logging.ERROR)  # the per-step warnings are the point, not output
+        evaluate = lambda _: {"acc@0.5": 0.0}  # noqa: E731
+        # The clean baseline: the same run, nothing poisoned; its state before step 3 (after 2 updates,
+        # BatchNorm statistics included) is what the divergence case must keep.
+        clean, before_step3, forwards = model(), {}, [0]
+
+        def before_forward(module, _args):  # before step 3's forward: its BatchNorm statistics not yet moved
+            forwards[0] += 1
+            if forwards[0] == 3:
+                before_step3.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+        clean.register_forward_pre_hook(before_forward)
+        baseline = train(clean, data, cfg, folder / "clean", method="t", evaluate=evaluate)
+        clean_updates = int(load_checkpoint(folder / "clean" / LAST)["optimizer"]["state"][0]["step"])
+
         m = model()
+        poisoned = {2, 3, 6, 7}
         poison_loss(m, {2, 3, 6}, "loss")
         poison_loss(m, {7}, "grad")
-        result = train(m, data, cfg, folder / "burst", method="t", evaluate=lambda _: {"acc@0.5": 0.0})
-        updates = int(load_checkpoint(folder / "burst" / LAST)["optimizer"]["state"][0]["step"])
-        finite = all(torch.isfinite(p).all() for p in m.parameters())
-        record("NaN/inf loss or gradient (4 of 8 steps)", result.skipped_steps == 4 and updates == 4 and finite, 0,
-               f"{result.skipped_steps} steps skipped and counted, {updates} updates, weights finite")
+        result = train(m, data, cfg, folder / "burst", method="t", evaluate=evaluate)
+        state = load_checkpoint(folder / "burst" / LAST)
+        updates = int(state["optimizer"]["state"][0]["step"])
+        non_finite = sum(not torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+        lost = abs(clean_updates - len(poisoned) - updates) + non_finite \
+            + abs(len(baseline.history) - len(result.history)) + abs(result.skipped_steps - len(poisoned))
+        record("NaN/inf loss or gradient (4 of 8 steps)", lost == 0, lost,
+               f"{result.skipped_steps} steps skipped and counted, {updates} of the clean run's {clean_updates} "
+               f"updates less the {len(poisoned)} bad ones, {len(result.history)} epochs recorded, "
+               f"{non_finite} non-finite tensors")
 
         m = model()
         poison_loss(m, set(range(3, 100)), "loss")
         try:
-            train(m, data, cfg, folder / "diverge", method="t", evaluate=lambda _: {"acc@0.5": 0.0})
+            train(m, data, cfg, folder / "diverge", method="t", evaluate=evaluate)
             stopped = ""
         except NonFiniteLossError as err:
             stopped = str(err)
         state = load_checkpoint(folder / "diverge" / LAST)
-        good = int(state["optimizer"]["state"][0]["step"]) == 2 and all(
-            torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-        record("NaN loss from step 3 on (divergence)", bool(stopped) and good, 0 if good else 1,
-               "stopped after train.max_bad_steps=3 in a row; last.pt = the state after the last good step")
+        updates = int(state["optimizer"]["state"][0]["step"])
+        differ = [k for k, v in state["model"].items() if not torch.equal(before_step3[k], v)]
+        if differ:
+            print(f"    differing from the clean state: {differ}", flush=True)
+        lost = abs(2 - updates) + len(differ)
+        named = "max_bad_steps" in stopped
+        record("NaN loss from step 3 on (divergence)", bool(stopped) and named and lost == 0, lost,
+               f"stopped after train.max_bad_steps=3 in a row (message names the knob: {named}); last.pt holds "
+               f"{updates} updates, its tensors compared bitwise with the clean run's after the same 2 steps")
 
 
 # ---------------------------------------------------------------- inputs
@@ -157,20 +200,31 @@ def hostile_inputs(base: Path) -> None:
     evil.mkdir()
     shutil.copy(raw / "instances.json", evil / "instances.json")
     (evil / "refs(unc).p").write_bytes(pickle.dumps([{"ref_id": 0, "x": Payload()}], protocol=2))
+    before = snapshot(evil)
+    message = ""
     try:
         ReferDataset(base, "evil")
-        refused = False
-    except BadRecordError:
-        refused = True
-    record("refs pickle carrying os.system", refused and not marker.exists(), 0, "refused, nothing executed")
+    except BadRecordError as err:
+        message = str(err)
+    lost = changed(before, evil)
+    named = str(evil / "refs(unc).p") in message
+    record("refs pickle carrying os.system", bool(message) and named and not marker.exists() and lost == 0, lost,
+           f"refused naming the file: {named}; nothing executed: {not marker.exists()}; {lost} file(s) changed")
 
-    torch.save({"format": "refvg-checkpoint-v1", "model": Payload()}, base / "evil.pt")
+    ckpt_dir = base / "evil_ckpt"
+    ckpt_dir.mkdir()
+    torch.save({"format": "refvg-checkpoint-v1", "model": Payload()}, ckpt_dir / "best.pt")
+    before = snapshot(ckpt_dir)
+    message = ""
     try:
-        stages.load_trained(base / "evil.pt")
-        refused = False
-    except CheckpointError:
-        refused = True
-    record("checkpoint that is not ours", refused and not marker.exists(), 0, "CheckpointError naming the file")
+        stages.load_trained(ckpt_dir / "best.pt")
+    except CheckpointError as err:
+        message = str(err)
+    lost = changed(before, ckpt_dir)
+    named = str(ckpt_dir / "best.pt") in message
+    record("checkpoint that is not ours", bool(message) and named and not marker.exists() and lost == 0, lost,
+           f"CheckpointError naming the file: {named}; nothing executed: {not marker.exists()}; "
+           f"{lost} file(s) changed")
 
     def reader_case(label: str, name: str, corrupt, reasons: set[str]) -> None:
         r, i = copy.deepcopy(refs), copy.deepcopy(instances)
@@ -216,17 +270,26 @@ def hostile_inputs(base: Path) -> None:
         record("truncated JPEG", manifest["skipped"]["counts"].get("corrupt_image", 0) >= 1 and lost == 0, lost,
                f"counted skip of its {on_victim} samples ({manifest['skipped']['counts']})")
 
-    bad = base / "bad_params.yaml"
-    rejected = 0
-    for text in ("train:\n  lrr: 0.1\n", "train:\n  epochs: many\n", "train:\n  lr: 0.1\n  lr: 0.2\n",
-                 "train:\n  epochs: yes\n", "train:\n  lr: .inf\n"):
+    # Each bad params.yaml with what its message must name: the key path (or, for a duplicate key, which the
+    # YAML parser reports before any path exists, the key and its line).
+    cases = [("train:\n  lrr: 0.1\n", ["train.lrr"]), ("train:\n  epochs: many\n", ["train.epochs"]),
+             ("train:\n  lr: 0.1\n  lr: 0.2\n", ["'lr'", "line 3"]), ("train:\n  epochs: yes\n", ["train.epochs"]),
+             ("train:\n  lr: .inf\n", ["train.lr"])]
+    params_dir = base / "params"
+    params_dir.mkdir()
+    rejected = named = lost = 0
+    for i, (text, names) in enumerate(cases):
+        bad = params_dir / f"bad{i}.yaml"
         bad.write_text(text)
+        before = snapshot(params_dir)
         try:
             load_config(bad)
-        except ConfigError:
+        except ConfigError as err:
             rejected += 1
-    record("params.yaml: unknown key, wrong types, duplicate key, bool, inf", rejected == 5, 0,
-           f"{rejected}/5 rejected with the key path named")
+            named += str(bad) in str(err) and all(n in str(err) for n in names)
+        lost += changed(before, params_dir)
+    record("params.yaml: unknown key, wrong types, duplicate key, bool, inf", rejected == named == 5 and lost == 0,
+           lost, f"{rejected}/5 rejected, {named}/5 naming the file and the key path (duplicate: key and line)")
 
 
 # ---------------------------------------------------------------- services
@@ -297,7 +360,9 @@ def main() -> None:
         stages.generate(cfg)
         stages.prepare(cfg)
         t0 = time.perf_counter()
-        for group in (kill_and_resume, non_finite, hostile_inputs, tracking_faults):
+        groups = (kill_and_resume, non_finite, hostile_inputs, tracking_faults)
+        chosen = sys.argv[1:] or [g.__name__ for g in groups]
+        for group in (g for g in groups if g.__name__ in chosen):
             print(f"{group.__name__}:", flush=True)
             group(base)
         os.chdir(ROOT)

@@ -7,8 +7,11 @@ worker (flows/launcher.py).
   ways in interleaved rounds (so a busy machine slows all three alike; medians of `--repeats` rounds):
   bare (`refvg report`: no Prefect, no MLflow); as a Prefect flow + MLflow run in its own process
   (`REFVG_STAGE_WORKER=0 python -m flows.report`, the path without the worker); the same through a warm
-  stage worker (`python -m flows.report`, the default). Orchestration cost = each minus bare; also each
-  one's time outside the stage's work (wall minus the work seconds the flow reports), an upper bound;
+  stage worker (`python -m flows.report`, the default). Two figures, never netted against each other: the
+  gross cost of orchestration (own process minus bare: Prefect + MLflow imported and run; and each path's
+  time outside the stage's work, wall minus the work seconds the flow reports, an upper bound), and the net
+  effect of the worker (worker minus own process; worker minus bare, signed: below zero when the worker's
+  pre-imported libraries save more than orchestration costs);
 - once per pipeline, the first stage over a warm one: on a fresh machine, where it starts the local Prefect
   server (new state, database created and migrated; through the worker path it also starts the worker,
   whose imports run while the server boots), and in a later pipeline through the worker path (the server
@@ -124,33 +127,43 @@ def report(costs: dict[str, float], pipeline_wall: float | None, repeats: int, s
     c = costs
     print(f"report stage, medians of {repeats} interleaved rounds:")
     print(f"  bare (refvg CLI, no Prefect/MLflow):         {c['bare_stage']:6.2f} s")
-    print(f"  Prefect flow + MLflow run, own process:      {c['in_process_stage']:6.2f} s  -> orchestration "
-          f"{c['in_process_per_stage']:5.2f} s per stage ({c['in_process_outside_work']:.2f} s outside work)")
-    print(f"  same through the warm stage worker:          {c['worker_stage']:6.2f} s  -> orchestration "
-          f"{c['worker_per_stage']:5.2f} s per stage ({c['worker_outside_work']:.2f} s outside work)")
+    print(f"  Prefect flow + MLflow run, own process:      {c['in_process_stage']:6.2f} s")
+    print(f"  same through the warm stage worker:          {c['worker_stage']:6.2f} s")
+    print("gross cost of orchestration per stage (not netted against the worker's saving):")
+    print(f"  own process minus bare:                      {c['in_process_per_stage']:+6.2f} s")
+    print(f"  outside the stage's work, own process:       {c['in_process_outside_work']:6.2f} s (upper bound)")
+    print(f"  outside the stage's work, stage worker:      {c['worker_outside_work']:6.2f} s (upper bound)")
+    print("net effect of the stage worker per stage (signed):")
+    print(f"  worker minus own process:                    {c['worker_stage'] - c['in_process_stage']:+6.2f} s")
+    print(f"  worker minus bare:                           {c['worker_per_stage']:+6.2f} s "
+          f"(below zero: its pre-imported libraries save more than orchestration costs)")
     print("first stage of a pipeline (once per pipeline: the extra over the stages above):")
     print(f"  fresh machine, own process (starts the Prefect server):      {c['first_fresh_in_process']:6.2f} s "
-          f"(+{c['once_fresh_in_process']:.2f} s)")
+          f"({c['once_fresh_in_process']:+.2f} s)")
     print(f"  fresh machine, worker path (starts server and worker):       {c['first_fresh_worker']:6.2f} s "
-          f"(+{c['once_fresh_worker']:.2f} s)")
+          f"({c['once_fresh_worker']:+.2f} s)")
     print(f"  later pipeline, worker path (server up, starts the worker):  {c['first_later_worker']:6.2f} s "
-          f"(+{c['once_later_worker']:.2f} s)")
+          f"({c['once_later_worker']:+.2f} s)")
     print(f"  the local Prefect server on fresh state, alone:              {c['server_start']:6.2f} s")
     print(f"dvc status (DVC's own graph/hash check):                       {c['dvc']:6.2f} s")
     if not pipeline_wall:
         return
     n = stages or len(yaml.safe_load(Path("dvc.lock").read_text())["stages"])
-    print(f"pipeline of {n} stage processes, {pipeline_wall:.0f} s wall: orchestration (once + {n} x per stage + dvc)")
+    print(f"pipeline of {n} stage processes, {pipeline_wall:.0f} s wall: once + {n} x per stage + dvc, signed "
+          f"(no term clamped)")
     for name, once, per_stage in (
-        ("fresh machine, own process per stage", c["once_fresh_in_process"], c["in_process_per_stage"]),
-        ("fresh machine, stage worker", c["once_fresh_worker"], c["worker_per_stage"]),
-        ("fresh machine, stage worker, all outside work", c["once_fresh_worker"], c["worker_outside_work"]),
-        ("later run, own process per stage", 0.0, c["in_process_per_stage"]),
-        ("later run, stage worker", c["once_later_worker"], c["worker_per_stage"]),
-        ("later run, stage worker, all outside work", c["once_later_worker"], c["worker_outside_work"]),
+        ("gross, fresh machine, own process per stage", c["once_fresh_in_process"], c["in_process_per_stage"]),
+        ("gross, fresh machine, worker, outside work", c["once_fresh_worker"], c["worker_outside_work"]),
+        ("gross, later run, own process per stage", 0.0, c["in_process_per_stage"]),
+        ("gross, later run, worker, outside work", c["once_later_worker"], c["worker_outside_work"]),
+        ("net vs bare, fresh machine, stage worker", c["once_fresh_worker"], c["worker_per_stage"]),
+        ("net vs bare, later run, stage worker", c["once_later_worker"], c["worker_per_stage"]),
     ):
-        overhead = max(once, 0.0) + n * max(per_stage, 0.0) + c["dvc"]
-        print(f"  {name:47s} ~{overhead:4.0f} s = {100 * overhead / pipeline_wall:4.1f} %")
+        overhead = once + n * per_stage + c["dvc"]
+        print(f"  {name:47s} {overhead:+5.0f} s = {100 * overhead / pipeline_wall:+5.1f} %")
+    saving = n * (c["in_process_stage"] - c["worker_stage"])
+    print(f"  the worker's saving over own processes ({n} stages, later run): {saving:+.0f} s "
+          f"= {100 * saving / pipeline_wall:+.1f} %")
 
 
 def main() -> None:

@@ -204,6 +204,9 @@ def _start_worker(path: Path, env: dict[str, str]) -> None:
     from flows.runtime import begin_prefect_api
 
     prefect_ready = begin_prefect_api()
+    # A socket file that refused us (we hold the spawn lock) is a dead worker's: gone, so that the wait below
+    # is for the new worker's socket, not satisfied at once by the old one.
+    path.unlink(missing_ok=True)
     log = path.with_suffix(".log")
     idle = env.get(IDLE_ENV, str(DEFAULT_IDLE_SECONDS))
     with open(log, "ab") as out:
@@ -236,6 +239,38 @@ def _stdio_fds() -> list[int]:
     return fds
 
 
+class _Relay:
+    """This process's forwarded signals from before the request is sent: held until the child runs, then
+    relayed to it. Installed later, a Ctrl-C between the child's start and the handlers would kill this
+    client alone, and the worker would SIGTERM the stage instead of giving it its KeyboardInterrupt."""
+
+    def __init__(self):
+        self.held: list[int] = []
+        self.remote: _Remote | None = None
+        self.saved = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+        for sig, handler in self.saved.items():
+            if handler != signal.SIG_IGN:  # ignored (nohup, `cmd &`): the child ignores it too
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.remote is None:
+            self.held.append(signum)
+        else:
+            self.remote.forward(signum)
+
+    def attach(self, remote: "_Remote") -> None:
+        self.remote = remote
+        while self.held:
+            remote.forward(self.held.pop(0))
+
+    def restore(self) -> None:
+        """No child runs the stage: the handlers of before, and the held signals delivered to them."""
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        for sig in self.held:
+            os.kill(os.getpid(), sig)
+
+
 class _Remote:
     """A stage running in a worker's child: relays this process's signals to it and waits for its status."""
 
@@ -243,9 +278,6 @@ class _Remote:
         self.sock, self.replies, self.child = sock, replies, child
 
     def wait(self) -> int:
-        for sig in FORWARDED_SIGNALS:
-            if signal.getsignal(sig) != signal.SIG_IGN:
-                signal.signal(sig, self._forward)
         try:
             line = self.replies.readline()
         except OSError:
@@ -262,7 +294,7 @@ class _Remote:
             return 128 - status
         return status
 
-    def _forward(self, signum, _frame) -> None:
+    def forward(self, signum: int) -> None:
         try:
             send_message(self.sock, {"signal": signum})
         except OSError:  # the worker is gone; the child must not outlive us
@@ -274,6 +306,7 @@ def _start_remote(sock: socket.socket, module: str, env: dict[str, str]) -> _Rem
     request = {"op": "run", "module": module, "argv": sys.argv, "cwd": os.getcwd(), "env": env,
                "sys_path": sys.path, "umask": _umask(), "started": _IMPORTED_AT, "client_pid": os.getpid(),
                "ignored_signals": [s for s in FORWARDED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN]}
+    relay = _Relay()
     try:
         send_request(sock, request, _stdio_fds())
         replies = sock.makefile("rb")
@@ -282,8 +315,11 @@ def _start_remote(sock: socket.socket, module: str, env: dict[str, str]) -> _Rem
         first = {"error": f"{type(err).__name__}: {err}"}
     if "pid" not in first:
         sock.close()
+        relay.restore()
         return first.get("error", "the worker closed the connection")
-    return _Remote(sock, replies, first["pid"])
+    remote = _Remote(sock, replies, first["pid"])
+    relay.attach(remote)
+    return remote
 
 
 def _umask() -> int:

@@ -108,7 +108,7 @@ def prefect_api():
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=600):  # a ceiling: it waits for the server to answer
         yield PREFECT_API_URL.value()
 
 
@@ -162,7 +162,7 @@ def s3_server(tmp_path_factory) -> str:
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # a ceiling for a hang; the wait is on the server answering
     while True:
         try:
             urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1).close()

@@ -191,7 +191,9 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 120) -> "MlflowServer":
+    def start(self, timeout: float = 600) -> "MlflowServer":
+        # Waits for the server's /health (or its exit); the timeout is a ceiling for a hang, not a race:
+        # on a loaded 2-core machine a start has taken minutes.
         log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),

@@ -36,6 +36,7 @@ def test_prefect_yaml_entrypoints_and_schedules_are_valid():
 def test_served_deployment_runs_when_triggered(in_tiny, prefect_api, mlflow_uri):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     cfg = load_config(write_params(in_tiny, train={"epochs": 1, "batch_size": 16, "warmup_steps": 2},
                                    methods={"transvg": {"model": "transvg"}}))
@@ -46,12 +47,14 @@ def test_served_deployment_runs_when_triggered(in_tiny, prefect_api, mlflow_uri)
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + 120
+            # Until `serve` registers it (or dies); any other error is the test's failure, at once. The
+            # ceiling only bounds a hang: a busy machine takes what it takes.
+            deadline = time.monotonic() + 600
             while True:
                 try:
                     deployment = client.read_deployment_by_name("evaluate/refvg-evaluate")
                     break
-                except Exception:  # noqa: BLE001 - not registered yet
+                except ObjectNotFound:
                     assert serve.poll() is None, serve.stdout.read()[-4000:]
                     assert time.monotonic() < deadline, "the deployment was never registered"
                     time.sleep(0.5)
@@ -61,14 +64,18 @@ def test_served_deployment_runs_when_triggered(in_tiny, prefect_api, mlflow_uri)
             assert deployment.parameters == declared["parameters"]
 
             run = run_deployment("evaluate/refvg-evaluate", timeout=0)
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 600  # a ceiling, as above
             while not (state := client.read_flow_run(run.id).state).is_final():
                 assert serve.poll() is None, serve.stdout.read()[-4000:]
-                assert time.monotonic() < deadline, f"flow run still {state.type} after 300 s"
+                assert time.monotonic() < deadline, f"flow run still {state.type} after 600 s"
                 time.sleep(1)
         assert state.is_completed(), state.message
         assert (in_tiny / "metrics" / "transvg.json").exists()  # the run worked where it was served
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(timeout=30)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # ended either way: SIGKILL to it and the flow runs it started
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()

@@ -14,6 +14,7 @@ from refvg.data.prepare import prepared_path
 def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_uri):
     import mlflow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.client.schemas.sorting import FlowRunSort
 
     from flows.pipeline import pipeline_flow
@@ -53,11 +54,17 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
                                        "expression": [rec["sentence"]]}))
     assert list(out.columns) == ["x0", "y0", "x1", "y1"] and len(out) == 1
 
+    # This pipeline's own flow runs, not every run on the session's shared server (earlier tests fail some
+    # on purpose): the pipeline run and its subflows.
+    pipeline_run = state.state_details.flow_run_id
     with get_client(sync_client=True) as prefect:
-        flow_runs = prefect.read_flow_runs(limit=200, sort=FlowRunSort.START_TIME_ASC)
-        names = {prefect.read_flow(r.flow_id).name for r in flow_runs}
+        flow_runs = [prefect.read_flow_run(pipeline_run), *prefect.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run])),
+            limit=200, sort=FlowRunSort.START_TIME_ASC)]
+        names = [prefect.read_flow(r.flow_id).name for r in flow_runs]
     assert all(r.state.is_completed() for r in flow_runs)
-    assert {"refvg-pipeline", "prepare", "train", "evaluate", "report"} <= names
+    assert sorted(names) == sorted(["refvg-pipeline", "prepare", "detections", "train", "evaluate", "train",
+                                    "evaluate", "report"])
 
 
 def test_unreachable_tracking_store_does_not_stop_a_stage(in_tiny, prefect_api, monkeypatch, caplog):

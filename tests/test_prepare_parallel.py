@@ -4,6 +4,7 @@ path, bad images included."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -58,8 +59,19 @@ def test_plan_cuts_every_split_and_a_shard_reports_bad_images(raw_with_a_bad_ima
                               str(tmp_path / "s.npy"), strict=True))
 
 
+PIDS_ENV = "REFVG_TEST_SHARD_PIDS"
+
+
+def _letterbox_noting_pid(shard: Shard):
+    """letterbox_shard, noting which process ran it (a Dask worker imports this module by name)."""
+    with open(os.environ[PIDS_ENV], "a") as out:
+        out.write(f"{os.getpid()}\n")
+    return letterbox_shard(shard)
+
+
 @pytest.mark.parametrize("runner", ["dask", "threads"])
-def test_prepare_flow_maps_shards_and_matches_one_process(raw_with_a_bad_image, tmp_path, prefect_api, mlflow_uri, runner):
+def test_prepare_flow_maps_shards_and_matches_one_process(raw_with_a_bad_image, tmp_path, prefect_api, mlflow_uri,
+                                                          runner, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
@@ -71,15 +83,24 @@ def test_prepare_flow_maps_shards_and_matches_one_process(raw_with_a_bad_image, 
 
     write_params(tmp_path, data={"image_size": 64, "prepared_dir": "data/sharded"},
                  parallel={"prepare_shards": 5, "prepare_runner": runner, "prepare_workers": 2})
+    pids = tmp_path / "shard_pids.txt"
+    monkeypatch.setenv(PIDS_ENV, str(pids))
+    monkeypatch.setattr("refvg.data.prepare.letterbox_shard", _letterbox_noting_pid)
     state = prepare_flow(params="params.yaml", return_state=True)
     assert state.is_completed(), state.message
+    ran_in = pids.read_text().split()  # one line per shard run
+    if runner == "dask":  # Dask's worker processes, not threads of this one
+        assert str(os.getpid()) not in ran_in, ran_in
+    else:
+        assert set(ran_in) == {str(os.getpid())}, ran_in
     manifest = state.result()["manifest"]
     assert manifest["skipped"] == reference["skipped"] and manifest["skipped"]["counts"]["corrupt_image"] >= 1
     assert manifest["splits"] == reference["splits"]
     _assert_same(_split_arrays(prepared_path(load_config("params.yaml"))), _split_arrays(prepared_path(cfg)))
 
-    # Task-run states reach the server asynchronously (Prefect's events client): poll briefly for the last ones.
-    deadline = time.monotonic() + 60
+    # Task-run states reach the server as events, recorded asynchronously: wait until it has the last ones
+    # (the ceiling only bounds a hang; on a busy machine the events can take a minute).
+    deadline = time.monotonic() + 600
     while True:
         with get_client(sync_client=True) as client:
             tasks = client.read_task_runs(
@@ -91,3 +112,4 @@ def test_prepare_flow_maps_shards_and_matches_one_process(raw_with_a_bad_image, 
             break
         time.sleep(0.5)
     assert done, [(t.name, t.state) for t in shards]
+    assert len(ran_in) == len(shards), (ran_in, [t.name for t in shards])

@@ -8,8 +8,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,8 @@ def main(argv):
     import torch
 
     if argv[:1] == ["sleep"]:
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))  # what a stage does on SIGTERM: clean exit
         open(argv[1], "w").write(str(os.getpid()))
         try:
             time.sleep(120)
@@ -122,25 +126,88 @@ def test_worker_key_follows_what_imports_read():
     assert worker_key(base, interpreter_flags=["-O"]) != key
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def _as_from_a_terminal() -> None:
+    # SIGINT and SIGQUIT as a shell with job control leaves them to the command it starts. Under a
+    # non-interactive `pytest ... &` they arrive ignored, and an ignored SIGINT is (rightly) not forwarded:
+    # the client, as Python itself would, stays deaf to it (this test then timed out, issue 18).
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
 def test_the_stage_dies_with_its_client(probe_dir, how, tmp_path):
     pid_file = tmp_path / "child.pid"
     client = subprocess.Popen([sys.executable, "-m", "probe_stage", "sleep", str(pid_file)], cwd=probe_dir,
-                              env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not pid_file.exists() or not pid_file.read_text():
-        assert client.poll() is None and time.monotonic() < deadline, "the stage did not start"
-        time.sleep(0.1)
-    child = int(pid_file.read_text())
-    assert child != client.pid, "the stage ran in the worker"
-    client.send_signal(getattr(signal, how))
-    _, err = client.communicate(timeout=60)
-    if how == "SIGINT":  # forwarded: the stage gets its KeyboardInterrupt, cleans up, and dies of SIGINT
-        assert client.returncode == -signal.SIGINT and "KeyboardInterrupt" in err and "cleanup ran" in err
-    deadline = time.monotonic() + 30
-    while _alive(child):
-        assert time.monotonic() < deadline, f"stage {child} outlived its client ({how})"
-        time.sleep(0.2)
+                              env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_as_from_a_terminal)
+    child = None
+    try:
+        deadline = time.monotonic() + 300
+        while not pid_file.exists() or not pid_file.read_text():
+            assert client.poll() is None and time.monotonic() < deadline, "the stage did not start"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert child != client.pid, "the stage ran in the worker"
+        client.send_signal(getattr(signal, how))
+        _, err = client.communicate(timeout=300)  # the client ends with its stage: waits on its exit
+        if how == "SIGINT":  # forwarded: the stage gets its KeyboardInterrupt, cleans up, and dies of SIGINT
+            assert client.returncode == -signal.SIGINT and "KeyboardInterrupt" in err and "cleanup ran" in err, err
+        if how == "SIGTERM":  # forwarded: the stage's own handler exits 3, and the client with it (not -15)
+            assert client.returncode == 3 and "cleanup ran" in err, (client.returncode, err)
+        deadline = time.monotonic() + 300  # a ceiling, not a race: the worker kills it within seconds
+        while _alive(child):
+            assert time.monotonic() < deadline, f"stage {child} outlived its client ({how})"
+            time.sleep(0.2)
+    finally:
+        if child is not None and _alive(child):  # first: it holds the client's stdout/stderr open
+            os.kill(child, signal.SIGKILL)
+        client.kill()
+        client.communicate()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_signal_before_the_stage_is_known_reaches_the_stage():
+    """SIGINT between the request and the worker's reply (the child may already run): held, then forwarded
+    to the child, not taken by the client alone. A fake worker on a socketpair, the client in this process."""
+    from flows import launcher
+
+    saved = {sig: signal.getsignal(sig) for sig in launcher.FORWARDED_SIGNALS}
+    client, worker = socket.socketpair()
+    main_thread = threading.main_thread().ident
+    forwarded: list[dict] = []
+
+    def fake_worker():
+        _, fds, _, _ = socket.recv_fds(worker, 1, 3)
+        for fd in fds:
+            os.close(fd)
+        lines = worker.makefile("rb")
+        assert json.loads(lines.readline())["op"] == "run"
+        signal.pthread_kill(main_thread, signal.SIGINT)  # the client is blocked reading the reply
+        time.sleep(0.2)  # (only to let the signal land before the reply; either order must pass)
+        launcher.send_message(worker, {"pid": 4242})
+        forwarded.append(json.loads(lines.readline() or b"{}"))
+
+    def interrupted(*_):
+        raise _Interrupted  # what the client would do without forwarding: end, leaving the stage behind
+
+    thread = threading.Thread(target=fake_worker)
+    try:
+        signal.signal(signal.SIGINT, interrupted)
+        thread.start()
+        remote = launcher._start_remote(client, "probe_stage", dict(os.environ))
+        thread.join(timeout=60)
+        assert isinstance(remote, launcher._Remote) and remote.child == 4242
+        assert forwarded == [{"signal": signal.SIGINT}]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        worker.shutdown(socket.SHUT_RDWR)  # ends the fake worker's read, whatever the client did
+        client.close()
+        worker.close()
+        thread.join(timeout=60)
 
 
 def _alive(pid: int) -> bool:

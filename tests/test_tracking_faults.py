@@ -117,3 +117,35 @@ def test_pipelines_opening_one_fresh_sqlite_store_at_once(tmp_path):
     assert len(parents) == 2, "one parent run per pipeline, even when its stages start together"
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 5 for r in children)
+
+
+def test_a_fresh_sqlite_store_is_created_and_its_runs_found_under_the_store_lock(tmp_path, monkeypatch):
+    """The test above shows no collision when processes happen to race; this one shows the lock is held, with
+    no race to win: at the moment the store is opened (schema created) and the parent run found or created,
+    another process could not take the lock."""
+    from filelock import FileLock, Timeout
+
+    from refvg import tracking
+
+    store = tmp_path / "shared" / "mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    seen: dict[str, bool] = {}
+
+    def locked_while(name: str, real):
+        def probe(*args, **kwargs):
+            other = FileLock(f"{store}.lock", timeout=0)  # its own file descriptor: another process's view
+            try:
+                other.acquire()
+                other.release()
+                seen[name] = False
+            except Timeout:
+                seen[name] = True
+            return real(*args, **kwargs)
+        return probe
+
+    monkeypatch.setattr(tracking, "_client", locked_while("open store", tracking._client))
+    monkeypatch.setattr(tracking, "_open_run", locked_while("find or create runs", tracking._open_run))
+    with stage_run(load_config(write_params(tmp_path)), "train@m1", params={"stage": "train@m1"}) as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+    assert tracker.failures == 0 and tracker.run_id
+    assert seen == {"open store": True, "find or create runs": True}

@@ -119,3 +119,38 @@ def test_predict_on_a_raw_image(in_tiny):
     image = Image.open(os.path.join(cfg.data.image_dir, rec["file_name"]))
     box = Grounder(stages.checkpoint_dir(cfg, "transvg") / BEST).predict([image], [rec["sentence"]])[0]
     assert box.shape == (4,) and 0 <= box[0] <= box[2] <= image.width and 0 <= box[1] <= box[3] <= image.height
+    # The box the evaluator gives that sample with the trained weights: the same weights, the same letterbox
+    # and the same mapping back to the image's pixels (a model not loaded from best.pt is pixels off).
+    from refvg.engine.evaluator import predict_split
+
+    model, _, _ = stages.load_trained(stages.checkpoint_dir(cfg, "transvg") / BEST)
+    split = PreparedSplit(prepared_path(cfg), "val")
+    expected = predict_split(model, split, 8, torch.device("cpu"), "off").pred_xyxy[0]
+    assert np.allclose(box, expected, atol=1e-2), (box, expected)
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(in_tiny):
+    """A step skipped for a NaN loss still ran its forward, which moves BatchNorm's running statistics;
+    after a divergence last.pt must equal, tensor for tensor (buffers included), the clean run's state after
+    the same good steps."""
+    from refvg.engine.trainer import NonFiniteLossError, train
+    from tests.faults import poison_loss, small_training
+
+    cfg, model, data = small_training(in_tiny, train={"max_bad_steps": 3})
+    clean, before_step3, forwards = model(), {}, [0]
+
+    def before_forward(module, _args):  # the clean run's state after 2 updates, before step 3's forward
+        forwards[0] += 1
+        if forwards[0] == 3:
+            before_step3.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    clean.register_forward_pre_hook(before_forward)
+    train(clean, data, cfg, in_tiny / "clean", method="t", evaluate=lambda _: {"acc@0.5": 0.0})
+
+    diverging = model()
+    poison_loss(diverging, set(range(3, 100)), "loss")
+    with pytest.raises(NonFiniteLossError):
+        train(diverging, data, cfg, in_tiny / "diverge", method="t", evaluate=lambda _: {"acc@0.5": 0.0})
+    kept = load_checkpoint(in_tiny / "diverge" / LAST)["model"]
+    assert any("running_mean" in k for k in kept), "the test model has BatchNorm"
+    assert [k for k, v in kept.items() if not torch.equal(v, before_step3[k])] == []

@@ -253,19 +253,33 @@ _RESUME_ONLY = ("optimizer", "scheduler", "rng", "position", "progress")  # best
 def _train_step(model, step_model, batch, optimizer, scheduler, tcfg: TrainConfig, device) -> Optional[dict]:
     """One optimisation step; returns the loss parts, or None (and nothing updated) when the loss or the
     gradient norm is not finite."""
+    # The forward itself moves BatchNorm's running statistics: a skipped step puts them back, or the bad
+    # batch (NaN inputs included) would stay in the statistics evaluation uses.
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    saved = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
+
+    def skip() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(buffers[k])
+
     with autocast(device, tcfg.amp):
         losses = model.compute_loss(step_model(batch), batch)
     optimizer.zero_grad(set_to_none=True)
     values = {k: float(v.detach()) for k, v in losses.items()}
     # Under DDP all ranks skip together, or the others would wait forever in backward's all-reduce.
     if not distributed.all_ranks(math.isfinite(values["loss"]), device):
+        skip()
         return None
     losses["loss"].backward()
     # Always take the norm (max_norm=inf when clipping is off: a multiply by exactly 1): a finite loss can
     # still give inf/NaN gradients, and one such update ruins every weight.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
     if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
+        skip()
         return None
     optimizer.step()
     scheduler.step()
