@@ -199,12 +199,17 @@ def report_flow(params: str = "params.yaml") -> dict:
     return {"summary": str(summary), "work_seconds": seconds}
 
 
+NOTE_LIMIT = 8000  # MLflow's longest tag value
+
+
 def report_on_parent(tracker: Tracker, cfg: Config, files: list[Path]) -> None:
     """The run a user lands on tells the whole story: the pipeline's parent run gets the summary table (as
     its description, which MLflow shows on the run's page, and as a file), the comparison figure, and each
     method's headline figures as metrics (to compare pipelines, e.g. DVC experiments, side by side)."""
-    summary = files[0]
-    tracker.set_tags({"mlflow.note.content": summary.read_text()[:5000]}, parent=True)
+    text = files[0].read_text()
+    if len(text) > NOTE_LIMIT:
+        text = text[:NOTE_LIMIT - 60] + "\n\n(truncated: the whole table is report/summary.md)\n"
+    tracker.set_tags({"mlflow.note.content": text}, parent=True)
     figures = {}
     for method in cfg.all_methods:
         path = Path(cfg.eval.metrics_dir) / f"{method}.json"

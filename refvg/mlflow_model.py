@@ -8,15 +8,14 @@ image's pixels.
 
 The signature declares `image` binary, so `mlflow models serve` decodes the base64 text of a JSON request
 into bytes. A path in `image` is opened only when whoever loads the model allows it (model_config
-`allow_image_paths`, or `REFVG_ALLOW_IMAGE_PATHS=1` in the server's environment): otherwise a client of a
-served model could make the server open any file it can read. A bad row is answered with a short error
-naming the row, not a traceback.
+`{"allow_image_paths": true}` at load, or in MLflow's MLFLOW_PYFUNC_INFERENCE_CONFIG for a server):
+otherwise a client of a served model could make the server open any file it can read. A bad row is
+answered with a short error naming the row, not a traceback.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -25,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-ALLOW_PATHS_ENV = "REFVG_ALLOW_IMAGE_PATHS"
+MODEL_CONFIG = {"allow_image_paths": False}  # logged with the model: only declared keys can be overridden
 
 
 def signature():
@@ -42,9 +41,7 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from refvg.engine.predict import Grounder
 
-        config = context.model_config or {}
-        self.allow_paths = bool(config.get("allow_image_paths")) or os.environ.get(ALLOW_PATHS_ENV, "") in (
-            "1", "true", "yes")
+        self.allow_paths = bool((context.model_config or {}).get("allow_image_paths", False))
         self.grounder = Grounder(Path(context.artifacts["checkpoint"]), Path(context.artifacts["tokenizer"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -107,6 +104,7 @@ def log_grounding_model(run_id: str, checkpoint: Path, tokenizer_dir: Path, name
             python_model=__file__,
             artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer_dir)},
             signature=signature(),
+            model_config=MODEL_CONFIG,
             # Explicit requirements: inferring them would import-scan the environment (slow, and offline here).
             pip_requirements=[f"refvg=={refvg.__version__}", "torch", "transformers", "pillow", "pandas"],
         )

@@ -164,7 +164,9 @@ class Tracker:
         if self.pending and self._connect():
             while self.pending:
                 try:
-                    _send(self.client, self._target(self.pending[0]), self.pending[0])
+                    target = self._target(self.pending[0])
+                    if target is not None:  # (None: a run outside any pipeline has no parent to update)
+                        _send(self.client, target, self.pending[0])
                 except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
                     self.failures += 1
                     log.warning("MLflow: could not %s (%s: %s); %d call(s) kept to send with the next one, the run "
@@ -174,18 +176,19 @@ class Tracker:
                 self.pending.pop(0)
         return not self.pending
 
-    def _target(self, call: dict) -> str:
+    def _target(self, call: dict) -> Optional[str]:
         if call.get("target") != "parent":
             return self.run_id
         if self.parent_id is None:  # a run created before this was recorded (a replayed file)
-            self.parent_id = self.client.get_run(self.run_id).data.tags["mlflow.parentRunId"]
+            self.parent_id = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
         return self.parent_id
 
     def end(self, status: str) -> None:
-        self._queue({"kind": "end", "status": status, "end_time": _now_ms()})
+        now = _now_ms()
+        self._queue({"kind": "end", "status": status, "end_time": now})
         # The parent takes the outcome of its latest stage: FINISHED after the pipeline's last stage, or
         # FAILED where a stage failed (DVC stops there); the next stage reopens it.
-        self._queue({"kind": "end", "status": status, "end_time": _now_ms(), "target": "parent"})
+        self._queue({"kind": "end", "status": status, "end_time": now, "target": "parent"})
 
     def log_params(self, params: dict) -> None:
         items = [[k, str(v)[:6000]] for k, v in flatten(params).items()]
@@ -215,7 +218,10 @@ class Tracker:
         if not self.active:
             self.not_uploaded.append(str(path))
             return
-        run_id = self.parent_id if parent else self.run_id
+        run_id = self._target({"target": "parent"}) if parent else self.run_id
+        if run_id is None:
+            self.not_uploaded.append(f"{path} (no pipeline run to attach it to)")
+            return
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), artifact_path)
         elif path.exists():

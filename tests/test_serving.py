@@ -88,7 +88,7 @@ def test_mlflow_models_serve_answers_a_base64_image(registered_model, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered_model["tracking_uri"],
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("REFVG_ALLOW_IMAGE_PATHS", None)
+    env.pop("MLFLOW_PYFUNC_INFERENCE_CONFIG", None)
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(

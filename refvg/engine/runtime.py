@@ -65,7 +65,7 @@ class CpuShare:
     when the process dies, so a killed stage never leaves its slot taken) and uses cores // (slots held)
     threads; `refresh` recounts (at most every REFRESH_S seconds), so a training that started alone gives
     back threads when another starts, and takes them again when it ends. Where file locks do not exist
-    (Windows) it does nothing."""
+    (Windows), or with REFVG_CPU_SHARE=0, it does nothing."""
 
     REFRESH_S = 2.0
 
@@ -77,7 +77,7 @@ class CpuShare:
         self.checked = -float("inf")
 
     def enter(self) -> "CpuShare":
-        if fcntl is None or self.file is not None:
+        if fcntl is None or self.file is not None or _off(os.environ.get("REFVG_CPU_SHARE", "")):
             return self
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for i in range(4096):
@@ -129,11 +129,15 @@ class CpuShare:
         self.checked = now
         holders = self.holders()
         threads = thread_share(_cores(), self.cap or 1, holders)
-        if threads != self.threads:
+        if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             if self.threads is not None or holders > 1:
                 log.info("%d processes computing on %d cores: %d threads here", holders, _cores(), threads)
-            self.threads = threads
+        self.threads = threads
+
+
+def _off(value: str) -> bool:
+    return value.strip().lower() in ("0", "false", "off", "no")
 
 
 def _cores() -> int:
