@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -98,7 +99,10 @@ def _json(row: int, value) -> list:
 def log_grounding_model(run_id: str, checkpoint: Path, tokenizer_dir: Path, name: str = "model"):
     import refvg
 
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # No input example: it would store an image with every model and make MLflow run the model at log
+        # time; the signature is declared instead, which is what the warning asks an example for.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=__file__,

@@ -9,12 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from flows.launcher import DIR_ENV, stop_workers
 from tests.conftest import ROOT, write_params
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +56,9 @@ def test_queued_experiment_logs_to_the_repository_and_leaves_nothing_running(tmp
                  methods={"transvg": {"model": "transvg"}})
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "REFVG_PREFECT_HOME")}  # the defaults
+    workers = Path(tempfile.mkdtemp(prefix="refvg-x-"))  # this test's stage workers (short: sockets)
     env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                DIR_ENV: str(workers),
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                 "GIT_COMMITTER_EMAIL": "t@t", "REFVG_CPU_SLOTS_DIR": str(tmp_path / "cpu-slots")})
     (repo / ".gitignore").write_text("mlruns.db*\nmlartifacts/\n.prefect/\n.refvg/\n")
@@ -90,11 +94,15 @@ def test_queued_experiment_logs_to_the_repository_and_leaves_nothing_running(tmp
         others = [p for p in _ours(tmp_path) if _group(p) != server and p.pid not in before]
         _, alive = psutil.wait_procs(others, timeout=60)  # a worker notices its project is gone within ~1 s
         assert not alive, [" ".join(p.cmdline()) for p in alive]
+        logs = [log.read_text() for log in workers.glob("worker-*.log")]
+        assert logs and all("listening on" in t and t.rstrip().endswith("exiting") for t in logs), logs
         assert server in {p.pid for p in _ours(tmp_path)} and {_group(p) for p in _ours(tmp_path)} == {server}
     finally:
         from flows.runtime import stop_local_server
 
         stop_local_server(repo / ".prefect")
+        stop_workers(workers)
+        shutil.rmtree(workers, ignore_errors=True)
         for p in _ours(tmp_path):
             if p.pid not in before:
                 p.kill()
