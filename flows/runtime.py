@@ -7,10 +7,11 @@ and every later process just connects to it (~2 s). The first stage starts it be
 so the boot (~18 s on a fresh state, mostly database migrations) overlaps those imports.
 `REFVG_PREFECT_SERVER=ephemeral` restores the ephemeral per-process mode.
 
-One server per repository: its state lives in the DVC project's `.prefect/` (`DVC_ROOT`, which DVC points
-at the repository for `--temp` and queued experiments too), so experiments running in DVC's temporary
-workspaces share the repository's server instead of each starting one that outlives its workspace; a file
-lock makes stages that start together (`dvc queue start -j N`) start one server, not N.
+One server per repository: its state lives in the DVC project's `.prefect/` (`DVC_ROOT`, which DVC
+points at the repository for `--temp` and queued experiments too), so experiments running in DVC's
+temporary workspaces share the repository's server instead of each starting one that outlives its
+workspace; a file lock makes stages that start together (`dvc queue start -j N`) start one server,
+not N.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from refvg.tracking import disable_telemetry, from_root
 disable_telemetry()  # before prefect / mlflow are imported anywhere in this process
 
 PREFECT_HOME = from_root(os.environ.get("REFVG_PREFECT_HOME", ".prefect")).resolve()
-SERVER_LOCK_TIMEOUT_S = 300.0  # another stage booting the server: its boot takes ~18 s, minutes when thrashing
+SERVER_LOCK_TIMEOUT_S = 300.0  # another stage booting the server: ~18 s, minutes when thrashing
 SERVER_STATE = PREFECT_HOME / "server.json"
 log = logging.getLogger("refvg.flows")
 
@@ -94,9 +95,9 @@ def wait_for_server(url: str, proc: subprocess.Popen, home: Path = PREFECT_HOME,
 
 
 def begin_local_server(home: Path = PREFECT_HOME) -> Callable[[], str]:
-    """The server recorded in `home` if it answers, else a new one started now; the callable waits for it
-    and returns its API URL. Until it answers, `home`'s lock is held: a stage starting meanwhile waits for
-    this server rather than starting another."""
+    """The server recorded in `home` if it answers, else a new one started now; the callable waits
+    for it and returns its API URL. Until it answers, `home`'s lock is held: a stage starting
+    meanwhile waits for this server rather than starting another."""
     from filelock import FileLock
 
     home.mkdir(parents=True, exist_ok=True)

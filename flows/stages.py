@@ -143,12 +143,14 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
         tracker.log_metrics({"best_val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
                              "train_samples_per_second": result.samples_per_second})
         model_uri = transfer.with_options(name="log-model")(
-            tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR, return_state=True)
+            tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR,
+            return_state=True)
         if model_uri.is_failed():
             log.warning("log-model failed after retries: %s", model_uri.message)
         else:  # a new version per training run: models:/refvg-<method>/<n>
             upload(tracker.register_model, model_uri.result(), f"refvg-{method}",
-                   {"val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch, "method": method},
+                   {"val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
+                    "method": method},
                    name="register-model")
     return {"best_score": result.best_score, "best_epoch": result.best_epoch,
             "samples_per_second": result.samples_per_second, "work_seconds": result.compute_seconds}
@@ -194,8 +196,8 @@ def report_flow(params: str = "params.yaml") -> dict:
     print(summary.read_text())
     uri = display_uri(tracker.spec["uri"])  # no user:password@
     print(f"metrics: {cfg.eval.metrics_dir}/<method>.json (dvc metrics show), plots: {cfg.eval.plots_dir}/<method>/, "
-          f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri}, then "
-          f"http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning)")
+          f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri}, "
+          f"then http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning)")
     return {"summary": str(summary), "work_seconds": seconds}
 
 
@@ -203,9 +205,10 @@ NOTE_LIMIT = 8000  # MLflow's longest tag value
 
 
 def report_on_parent(tracker: Tracker, cfg: Config, files: list[Path]) -> None:
-    """The run a user lands on tells the whole story: the pipeline's parent run gets the summary table (as
-    its description, which MLflow shows on the run's page, and as a file), the comparison figure, and each
-    method's headline figures as metrics (to compare pipelines, e.g. DVC experiments, side by side)."""
+    """The run a user lands on tells the whole story: the pipeline's parent run gets the summary
+    table (as its description, which MLflow shows on the run's page, and as a file), the comparison
+    figure, and each method's headline figures as metrics (to compare pipelines, e.g. DVC
+    experiments, side by side)."""
     text = files[0].read_text()
     if len(text) > NOTE_LIMIT:
         text = text[:NOTE_LIMIT - 60] + "\n\n(truncated: the whole table is report/summary.md)\n"
@@ -215,8 +218,9 @@ def report_on_parent(tracker: Tracker, cfg: Config, files: list[Path]) -> None:
         path = Path(cfg.eval.metrics_dir) / f"{method}.json"
         if path.exists():
             splits = json.loads(path.read_text()).get("splits", {})
-            figures.update({f"{method}.{split}.acc_at_0.5": m["acc@0.5"] for split, m in splits.items()
-                            if isinstance(m, dict) and "acc@0.5" in m})
+            for split, m in splits.items():
+                if isinstance(m, dict) and "acc@0.5" in m:
+                    figures[f"{method}.{split}.acc_at_0.5"] = m["acc@0.5"]
     tracker.log_parent_metrics(figures)
 
     def _all():

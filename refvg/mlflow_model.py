@@ -1,16 +1,16 @@
 """The MLflow pyfunc flavour of a refvg model: image + expression -> box.
 
-Logged as "models from code": MLflow stores this file and our checkpoint (a weights-only file), and loading
-the model runs this file, so nothing is unpickled on load. Input: a DataFrame with columns `image` (the
-encoded image's bytes) and `expression`, and for a model that ranks candidate boxes (mattnet) `candidates`,
-the image's detections as a JSON list in the COCO results format; output: columns x0, y0, x1, y1 in the
-image's pixels.
+Logged as "models from code": MLflow stores this file and our checkpoint (a weights-only file), and
+loading the model runs this file, so nothing is unpickled on load. Input: a DataFrame with columns
+`image` (the encoded image's bytes) and `expression`, and for a model that ranks candidate boxes
+(mattnet) `candidates`, the image's detections as a JSON list in the COCO results format; output:
+columns x0, y0, x1, y1 in the image's pixels.
 
-The signature declares `image` binary, so `mlflow models serve` decodes the base64 text of a JSON request
-into bytes. A path in `image` is opened only when whoever loads the model allows it (model_config
-`{"allow_image_paths": true}` at load, or in MLflow's MLFLOW_PYFUNC_INFERENCE_CONFIG for a server):
-otherwise a client of a served model could make the server open any file it can read. A bad row is
-answered with a short error naming the row, not a traceback.
+The signature declares `image` binary, so `mlflow models serve` decodes the base64 text of a JSON
+request into bytes. A path in `image` is opened only when whoever loads the model allows it
+(model_config `{"allow_image_paths": true}` at load, or in MLflow's MLFLOW_PYFUNC_INFERENCE_CONFIG
+for a server): otherwise a client of a served model could make the server open any file it can read.
+A bad row is answered with a short error naming the row, not a traceback.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-MODEL_CONFIG = {"allow_image_paths": False}  # logged with the model: only declared keys can be overridden
+# Logged with the model: MLflow lets a loader override only the keys declared here.
+MODEL_CONFIG = {"allow_image_paths": False}
 
 
 def signature():
@@ -55,7 +56,8 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
         for column in ("image", "expression"):
             if column not in model_input:
                 raise ValueError(f"no column {column!r} (columns: {list(model_input.columns)})")
-        images = [_image(i, v, getattr(self, "allow_paths", False)) for i, v in enumerate(model_input["image"])]
+        allow_paths = getattr(self, "allow_paths", False)
+        images = [_image(i, v, allow_paths) for i, v in enumerate(model_input["image"])]
         candidates = None
         if "candidates" in model_input and model_input["candidates"].notna().any():
             from refvg.data.proposals import candidates_from_detections
@@ -68,8 +70,8 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
 
 def _image(row: int, value, allow_paths: bool) -> Image.Image:
     if isinstance(value, str) and not allow_paths:
-        raise ValueError(f"row {row}: image must be the image file's bytes (base64 text in a JSON request); "
-                         f"paths are not accepted by this model")
+        raise ValueError(f"row {row}: image must be the image file's bytes (base64 text in a JSON "
+                         f"request); paths are not accepted by this model")
     if not isinstance(value, (str, bytes, bytearray)):
         raise ValueError(f"row {row}: image must be bytes, not {type(value).__name__}")
     return _open(row, value)
@@ -81,7 +83,8 @@ def _open(row: int, value) -> Image.Image:
             return Image.open(io.BytesIO(value)).convert("RGB")
         return Image.open(value).convert("RGB")
     except OSError as err:  # missing, truncated or not an image: say which row, not only PIL's words
-        what = f"({len(value)} bytes)" if isinstance(value, (bytes, bytearray)) else repr(str(value)[:200])
+        is_bytes = isinstance(value, (bytes, bytearray))
+        what = f"({len(value)} bytes)" if is_bytes else repr(str(value)[:200])
         raise ValueError(f"row {row}: cannot read the image {what}: {_first_line(err)}") from None
 
 
@@ -100,8 +103,8 @@ def log_grounding_model(run_id: str, checkpoint: Path, tokenizer_dir: Path, name
     import refvg
 
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # No input example: it would store an image with every model and make MLflow run the model at log
-        # time; the signature is declared instead, which is what the warning asks an example for.
+        # No input example: it would store an image with every model and make MLflow run the model
+        # at log time; the signature is declared instead, which is what the warning wants it for.
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         return mlflow.pyfunc.log_model(
             name=name,

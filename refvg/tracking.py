@@ -1,17 +1,18 @@
 """The one module that talks to MLflow.
 
 - Store: `MLFLOW_TRACKING_URI` when set, else `tracking.tracking_uri` of params.yaml (sqlite in the repo).
-  Relative paths (the sqlite file, `artifact_root`, `unlogged_dir`) are taken from the DVC project's root
-  (`DVC_ROOT`, which DVC sets to the repository itself even for `--temp` and queued experiments), else
-  from the working directory: every workspace of one repository logs to one store, and nothing is left in
-  a temporary workspace DVC deletes.
+  Relative paths (the sqlite file, `artifact_root`, `unlogged_dir`) start at the DVC project's root
+  (`DVC_ROOT`, which DVC sets to the repository itself even for `--temp` and queued experiments),
+  else at the working directory: every workspace of one repository logs to one store, and nothing
+  is left in a temporary workspace DVC deletes.
 - Grouping: every stage of one pipeline run is a child of one parent run, found by a key made of the git
   commit, the params and the DVC experiment's name; so `dvc repro` (one process per stage) and
-  `flows/pipeline.py` (one process) group the same way, and each `dvc exp run` gets a parent of its own,
-  named and tagged after the experiment. Each stage reopens the parent and, when it ends, closes it with
-  its own outcome (FINISHED, or FAILED): after the last stage the parent is closed, with its duration.
-- The experiment is marked as a model-training one (`mlflow.experimentKind`), so MLflow 3's UI opens it on
-  its runs rather than on the GenAI overview.
+  `flows/pipeline.py` (one process) group the same way, and each `dvc exp run` gets a parent of its
+  own, named and tagged after the experiment. Each stage reopens the parent and, when it ends,
+  closes it with its own outcome (FINISHED, or FAILED): after the last stage the parent is closed,
+  with its duration.
+- The experiment is marked as a model-training one (`mlflow.experimentKind`), so MLflow 3's UI opens
+  it on its runs rather than on the GenAI overview.
 - Cost: metrics go in one `log_batch` per epoch, never one call per value.
 - Faults: a tracking failure is reported and counted, never raised into training (losing a metric is better
   than losing a run), and the refused call is kept: it goes out with the next one once the store answers
@@ -80,8 +81,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def project_root() -> Path:
-    """Where relative store paths start: the DVC project (`DVC_ROOT`; for a `--temp` or queued experiment
-    DVC points it at the repository, not at the temporary copy it runs in), else the working directory."""
+    """Where relative store paths start: the DVC project (`DVC_ROOT`; for a `--temp` or queued
+    experiment DVC points it at the repository, not at the temporary copy it runs in), else the
+    working directory."""
     root = os.environ.get(DVC_ROOT)
     return Path(root).resolve() if root and Path(root).is_dir() else Path.cwd()
 
@@ -165,7 +167,7 @@ class Tracker:
             while self.pending:
                 try:
                     target = self._target(self.pending[0])
-                    if target is not None:  # (None: a run outside any pipeline has no parent to update)
+                    if target is not None:  # (None: a run outside any pipeline has no parent)
                         _send(self.client, target, self.pending[0])
                 except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
                     self.failures += 1
@@ -186,8 +188,8 @@ class Tracker:
     def end(self, status: str) -> None:
         now = _now_ms()
         self._queue({"kind": "end", "status": status, "end_time": now})
-        # The parent takes the outcome of its latest stage: FINISHED after the pipeline's last stage, or
-        # FAILED where a stage failed (DVC stops there); the next stage reopens it.
+        # The parent takes the outcome of its latest stage: FINISHED after the pipeline's last
+        # stage, or FAILED where a stage failed (DVC stops there); the next stage reopens it.
         self._queue({"kind": "end", "status": status, "end_time": now, "target": "parent"})
 
     def log_params(self, params: dict) -> None:
@@ -213,7 +215,8 @@ class Tracker:
         self._queue({"kind": "metrics", "metrics": items, "target": "parent"})
 
     # File transfers raise, unlike the calls above: the caller retries them and reports the final failure.
-    def log_artifact(self, path: Path, artifact_path: Optional[str] = None, parent: bool = False) -> None:
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None,
+                     parent: bool = False) -> None:
         path = Path(path)
         if not self.active:
             self.not_uploaded.append(str(path))
@@ -228,14 +231,15 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def register_model(self, model_uri: Optional[str], name: str, tags: dict) -> Optional[int]:
-        """A new version of registered model `name` (created if new) for a logged model; its version.
-        Raises on failure, like the other transfers."""
+        """A new version of registered model `name` (created if new) for a logged model; returns the
+        version. Raises on failure, like the other transfers."""
         if model_uri is None or not self.active:
             return None
         import mlflow
 
         with _store_lock(self.spec["uri"]):  # two pipelines registering at once on one sqlite file
-            version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+            version = mlflow.register_model(model_uri, name,
+                                            tags={k: str(v) for k, v in tags.items()})
         log.info("registered %s as models:/%s/%s", model_uri, name, version.version)
         return int(version.version)
 
@@ -301,8 +305,8 @@ class Tracker:
             return None
         path = Path(self.spec["unlogged_dir"]) / f"{_slug(stage)}-{self.run_id or 'no-run'}-{_now_ms()}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"spec": self.spec, "run_id": self.run_id, "parent_id": self.parent_id,
-                                    "pending": self.pending}))
+        path.write_text(json.dumps({"spec": self.spec, "run_id": self.run_id,
+                                    "parent_id": self.parent_id, "pending": self.pending}))
         log.warning("MLflow: not logged for stage %s (run %s): %s. Saved to %s; send it once the store is back: "
                     "python -m refvg.tracking replay %s", stage, self.run_id or "not created", _describe(self.pending),
                     path, path)
@@ -387,9 +391,12 @@ def _slug(stage: str) -> str:
 def _store_uri(cfg: Config) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
     path = _sqlite_path(uri)
-    # Absolute, so a replay from another folder (or a stage that changed directory) reaches the same file,
-    # and from the project's root, so every workspace of a repository (DVC's temporary ones too) shares it.
-    return f"sqlite:///{from_root(str(path)).resolve()}" if path is not None and not path.is_absolute() else uri
+    # Absolute, so a replay from another folder (or a stage that changed directory) reaches the same
+    # file, and from the project's root, so every workspace of a repository (DVC's temporary ones
+    # too) shares it.
+    if path is None or path.is_absolute():
+        return uri
+    return f"sqlite:///{from_root(str(path)).resolve()}"
 
 
 def _sqlite_path(uri: str) -> Optional[Path]:
@@ -450,7 +457,8 @@ def _run_spec(cfg: Config, stage: str, run_name: Optional[str]) -> dict:
     exp = dvc_experiment()
     return {"uri": _store_uri(cfg), "experiment": t.experiment, "artifact_location": artifacts, "stage": stage,
             "run_name": run_name or stage, "commit": commit, "dirty": dirty,
-            "pipeline_key": pipeline_key(cfg, commit, exp.get("name")), "config": cfg.model_dump(mode="json"),
+            "pipeline_key": pipeline_key(cfg, commit, exp.get("name")),
+            "config": cfg.model_dump(mode="json"),
             "dvc_exp": exp, "unlogged_dir": str(from_root(t.unlogged_dir).resolve()),
             "http_retries": t.http_retries, "http_timeout_s": t.http_timeout_s}
 
@@ -467,18 +475,20 @@ def _open_run(client, spec: dict) -> tuple[str, str]:
     parent = _parent_run(client, exp_id, spec)
     run = client.create_run(exp_id, run_name=spec["run_name"], tags={
         "mlflow.parentRunId": parent, "refvg.stage": spec["stage"], "dvc.stage": spec["stage"],
-        "git.commit": spec["commit"], "git.dirty": str(spec["dirty"]), "refvg.kind": "stage", **_exp_tags(spec)})
+        "git.commit": spec["commit"], "git.dirty": str(spec["dirty"]), "refvg.kind": "stage",
+        **_exp_tags(spec)})
     return run.info.run_id, parent
 
 
 def _experiment_id(client, spec: dict) -> str:
     exp = client.get_experiment_by_name(spec["experiment"])
     if exp is not None:
-        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before this tag was set; a user's choice stays
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag existed; a user's kind stays
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(spec["experiment"], artifact_location=spec["artifact_location"],
+        return client.create_experiment(spec["experiment"],
+                                        artifact_location=spec["artifact_location"],
                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # noqa: BLE001 - another stage created it between our two calls (a server store)
         return client.get_experiment_by_name(spec["experiment"]).experiment_id
@@ -491,7 +501,7 @@ def _parent_run(client, exp_id: str, spec: dict) -> str:
     found = client.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1,
                                order_by=["attributes.start_time ASC"])
     if found:
-        if found[0].info.status != "RUNNING":  # closed by the previous stage: this one runs in it again
+        if found[0].info.status != "RUNNING":  # closed by the previous stage: this one reopens it
             client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     name = f"pipeline {commit[:8]}{'+dirty' if dirty else ''}"

@@ -1,5 +1,5 @@
-"""Trainings side by side share the cores: each uses cores // (trainings computing) threads, recounted as
-others start and end, and a killed one gives its share back."""
+"""Trainings side by side share the cores: each uses cores // (trainings computing) threads,
+recounted as others start and end, and a killed one gives its share back."""
 from __future__ import annotations
 
 import subprocess
@@ -35,8 +35,9 @@ def test_each_training_gets_its_share_and_a_killed_one_gives_it_back(tmp_path, m
 
         # A training killed mid-run: the kernel drops its lock with the process.
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-             "print('held', flush=True); sys.stdin.read()", str(tmp_path / "slot-9.lock")],
+            [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+             str(tmp_path / "slot-9.lock")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "held"

@@ -1,7 +1,7 @@
-"""A queued DVC experiment, as a user runs it: `dvc exp run --queue -S ...` then `dvc exp run --run-all`.
-DVC runs it in a temporary workspace (.dvc/tmp/exps/<tmp>/) that it deletes afterwards. Its MLflow runs must
-be in the repository's store, named and tagged after the experiment; the repository's one Prefect server
-serves it; and nothing it started is left running."""
+"""A queued DVC experiment, as a user runs it: `dvc exp run --queue -S ...` then `dvc exp run
+--run-all`. DVC runs it in a temporary workspace (.dvc/tmp/exps/<tmp>/) that it deletes afterwards.
+Its MLflow runs must be in the repository's store, named and tagged after the experiment; the
+repository's one Prefect server serves it; and nothing it started is left running."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 
 def sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    out = f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out}"
     return proc
 
 
@@ -52,11 +53,11 @@ def test_queued_experiment_logs_to_the_repository_and_leaves_nothing_running(tmp
     for item in ("refvg", "flows"):
         shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    write_params(repo, synthetic={"num_images": 32, "image_size": 64, "seed": 0}, train={"epochs": 1},
-                 methods={"transvg": {"model": "transvg"}})
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "REFVG_PREFECT_HOME")}  # the defaults
-    workers = Path(tempfile.mkdtemp(prefix="refvg-x-"))  # this test's stage workers (short: sockets)
+    write_params(repo, synthetic={"num_images": 32, "image_size": 64, "seed": 0},
+                 train={"epochs": 1}, methods={"transvg": {"model": "transvg"}})
+    defaults = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "REFVG_PREFECT_HOME")  # a user's
+    env = {k: v for k, v in os.environ.items() if k not in defaults}
+    workers = Path(tempfile.mkdtemp(prefix="refvg-x-"))  # its own stage workers (a short path)
     env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                 DIR_ENV: str(workers),
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -74,29 +75,34 @@ def test_queued_experiment_logs_to_the_repository_and_leaves_nothing_running(tmp
         shown = sh(["dvc", "exp", "show", "--json"], repo, env).stdout
         assert "lr-up" in shown
 
-        # Its runs are in the repository's store (not in the deleted workspace), named after the experiment.
-        assert not (repo / ".dvc" / "tmp" / "exps").exists() or not list((repo / ".dvc/tmp/exps").glob("tmp*"))
+        # Its runs are in the repository's store (not in the deleted workspace), named after it.
+        assert not list((repo / ".dvc" / "tmp").glob("exps/tmp*"))
         client = MlflowClient(f"sqlite:///{repo / 'mlruns.db'}")
         runs = client.search_runs([client.get_experiment_by_name("refvg").experiment_id])
         [parent] = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
-        assert parent.data.tags["dvc.exp_name"] == "lr-up" and parent.info.run_name.startswith("lr-up (")
+        assert parent.data.tags["dvc.exp_name"] == "lr-up"
+        assert parent.info.run_name.startswith("lr-up (")
         assert parent.data.params["train.lr"] == "0.002" and parent.info.status == "FINISHED"
-        stages = {r.data.tags["refvg.stage"]: r for r in runs if r.data.tags.get("refvg.kind") == "stage"}
+        stages = {r.data.tags["refvg.stage"]: r for r in runs
+                  if r.data.tags.get("refvg.kind") == "stage"}
         assert {"train@transvg", "evaluate@transvg", "report"} <= set(stages)
-        assert all(r.data.tags["dvc.exp_name"] == "lr-up" and r.info.status == "FINISHED" for r in stages.values())
+        assert all(r.data.tags["dvc.exp_name"] == "lr-up" and r.info.status == "FINISHED"
+                   for r in stages.values())
         assert stages["train@transvg"].data.params["train.lr"] == "0.002"
-        assert client.get_model_version("refvg-transvg", "1").run_id == stages["train@transvg"].info.run_id
+        version = client.get_model_version("refvg-transvg", "1")
+        assert version.run_id == stages["train@transvg"].info.run_id
         artifacts = {a.path for a in client.list_artifacts(stages["evaluate@transvg"].info.run_id)}
         assert "transvg.json" in artifacts  # artifacts too: the repository's mlartifacts/
 
-        # One Prefect server, the repository's; no stage worker of the deleted workspace outlives it.
+        # One Prefect server, the repository's; no stage worker of the deleted workspace lives on.
         server = json.loads((repo / ".prefect" / "server.json").read_text())["pid"]
         others = [p for p in _ours(tmp_path) if _group(p) != server and p.pid not in before]
-        _, alive = psutil.wait_procs(others, timeout=60)  # a worker notices its project is gone within ~1 s
+        _, alive = psutil.wait_procs(others, timeout=60)  # a worker sees its project gone in ~1 s
         assert not alive, [" ".join(p.cmdline()) for p in alive]
         logs = [log.read_text() for log in workers.glob("worker-*.log")]
-        assert logs and all("listening on" in t and t.rstrip().endswith("exiting") for t in logs), logs
-        assert server in {p.pid for p in _ours(tmp_path)} and {_group(p) for p in _ours(tmp_path)} == {server}
+        assert logs and all("listening on" in t and t.rstrip().endswith("exiting") for t in logs)
+        left = _ours(tmp_path)
+        assert server in {p.pid for p in left} and {_group(p) for p in left} == {server}
     finally:
         from flows.runtime import stop_local_server
 

@@ -1,6 +1,6 @@
-"""What a user finds in MLflow: the pipeline's parent run closed with its stages' outcome and carrying the
-report, an experiment that opens as a model-training one, the store of the repository whichever DVC
-workspace a stage runs in, and a registered model version per training run."""
+"""What a user finds in MLflow: the pipeline's parent run closed with its stages' outcome and
+carrying the report, an experiment that opens as a model-training one, the store of the repository
+whichever DVC workspace a stage runs in, and a registered model version per training run."""
 from __future__ import annotations
 
 import os
@@ -29,22 +29,24 @@ def test_parent_run_takes_the_outcome_of_its_latest_stage(tmp_path, monkeypatch,
 
     with pytest.raises(RuntimeError):
         with stage_run(cfg, "train@transvg") as failing:
-            assert _parent(client, failing.run_id).info.status == "RUNNING"  # reopened by the next stage
+            assert _parent(client, failing.run_id).info.status == "RUNNING"  # reopened
             raise RuntimeError("a stage fails")
     assert client.get_run(failing.run_id).info.status == "FAILED"
     assert _parent(client, failing.run_id).info.status == "FAILED"
 
-    with stage_run(cfg, "train@transvg") as again:  # the user reruns: same commit and params, same parent
+    with stage_run(cfg, "train@transvg") as again:  # a rerun: same commit and params, same parent
         pass
     parent = _parent(client, again.run_id)
     assert parent.info.run_id == _parent(client, first.run_id).info.run_id
-    assert parent.info.status == "FINISHED" and parent.info.end_time >= client.get_run(again.run_id).info.end_time
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time >= client.get_run(again.run_id).info.end_time
 
     exp = client.get_experiment_by_name("refvg")
     assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
 
 
-def test_experiment_kind_set_on_an_old_experiment_and_a_users_choice_kept(tmp_path, monkeypatch, mlflow_uri):
+def test_experiment_kind_set_on_an_old_experiment_and_a_users_choice_kept(tmp_path, monkeypatch,
+                                                                          mlflow_uri):
     monkeypatch.chdir(tmp_path)
     client = MlflowClient(mlflow_uri)
     client.create_experiment("refvg")  # as an earlier refvg (or MLflow's UI) created it: no kind
@@ -53,13 +55,15 @@ def test_experiment_kind_set_on_an_old_experiment_and_a_users_choice_kept(tmp_pa
         pass
     with stage_run(load_config(write_params(tmp_path, tracking={"experiment": "mine"})), "prepare"):
         pass
-    assert client.get_experiment_by_name("refvg").tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    kind = client.get_experiment_by_name("refvg").tags[EXPERIMENT_KIND_TAG]
+    assert kind == "custom_model_development"
     assert client.get_experiment_by_name("mine").tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
 def test_every_workspace_of_a_repository_logs_to_its_store(tmp_path, monkeypatch):
-    """DVC runs a queued or --temp experiment in .dvc/tmp/exps/<tmp>/ and deletes it afterwards; DVC_ROOT
-    names the repository there. A relative store, artifact root and unlogged folder are the repository's."""
+    """DVC runs a queued or --temp experiment in .dvc/tmp/exps/<tmp>/ and deletes it afterwards;
+    DVC_ROOT names the repository there. A relative store, artifact root and unlogged folder are the
+    repository's."""
     repo = tmp_path / "repo"
     workspace = repo / ".dvc" / "tmp" / "exps" / "tmpabc"
     workspace.mkdir(parents=True)
@@ -80,11 +84,13 @@ def test_every_workspace_of_a_repository_logs_to_its_store(tmp_path, monkeypatch
     run = client.get_run(tracker.run_id)
     parent = _parent(client, tracker.run_id)
     for r in (run, parent):
-        assert r.data.tags["dvc.exp_name"] == "lr-up" and r.data.tags["dvc.exp_baseline"] == "0" * 40
-    assert parent.info.run_name.startswith("lr-up (pipeline ") and parent.data.params["train.lr"] == str(cfg.train.lr)
+        assert r.data.tags["dvc.exp_name"] == "lr-up"
+        assert r.data.tags["dvc.exp_baseline"] == "0" * 40
+    assert parent.info.run_name.startswith("lr-up (pipeline ")
+    assert parent.data.params["train.lr"] == str(cfg.train.lr)
     assert not list(workspace.glob("*.db")) and not (workspace / "mlartifacts").exists()
 
-    # Another experiment with the very same params is another parent; outside DVC the cwd is the root.
+    # Another experiment with the same params is another parent; outside DVC the cwd is the root.
     monkeypatch.setenv("DVC_EXP_NAME", "lr-up-again")
     with stage_run(cfg, "train@transvg") as other:
         pass
@@ -112,7 +118,7 @@ def test_pipeline_parent_run_is_finished_with_the_report_and_models_registered(i
     [parent] = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED"
-    assert parent.info.end_time == max(r.info.end_time for r in children)  # closed by the last stage
+    assert parent.info.end_time == max(r.info.end_time for r in children)  # by the last stage
 
     summary = (in_tiny / "reports" / "summary.md").read_text()
     assert "| transvg |" in parent.data.tags["mlflow.note.content"]

@@ -51,21 +51,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def thread_share(cores: int, cap: int, holders: int) -> int:
-    """Compute threads for one of `holders` processes computing at once on `cores` cores, never above
-    `cap` (what this process would use alone)."""
+    """Compute threads for one of `holders` processes computing at once on `cores` cores, never
+    above `cap` (what this process would use alone)."""
     return max(1, min(cap, cores // max(holders, 1)))
 
 
 class CpuShare:
     """This process's share of the machine's cores while other refvg processes compute beside it.
 
-    N trainings side by side (`dvc queue start -j N`, `dvc exp run --run-all -j N`) each start torch's pool
-    with a thread per core: N x cores threads fight for the cores and each runs several times slower than
-    its share. A computing process holds a slot (a file lock in a per-user folder, released by the kernel
-    when the process dies, so a killed stage never leaves its slot taken) and uses cores // (slots held)
-    threads; `refresh` recounts (at most every REFRESH_S seconds), so a training that started alone gives
-    back threads when another starts, and takes them again when it ends. Where file locks do not exist
-    (Windows), or with REFVG_CPU_SHARE=0, it does nothing."""
+    N trainings side by side (`dvc queue start -j N`, `dvc exp run --run-all -j N`) each start
+    torch's pool with a thread per core: N x cores threads fight for the cores and each runs several
+    times slower than its share. A computing process holds a slot (a file lock in a per-user folder,
+    released by the kernel when the process dies, so a killed stage never leaves its slot taken) and
+    uses cores // (slots held) threads; `refresh` recounts (at most every REFRESH_S seconds), so a
+    training that started alone gives back threads when another starts, and takes them again when it
+    ends. Where file locks do not exist (Windows), or with REFVG_CPU_SHARE=0, it does nothing."""
 
     REFRESH_S = 2.0
 
@@ -90,7 +90,7 @@ class CpuShare:
             self.file = f
             break
         if self.cap is None:
-            self.cap = torch.get_num_threads()  # what this process would use alone (OMP_NUM_THREADS honoured)
+            self.cap = torch.get_num_threads()  # what it would use alone (OMP_NUM_THREADS honoured)
         self.refresh(force=True)
         return self
 
@@ -132,7 +132,8 @@ class CpuShare:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             if self.threads is not None or holders > 1:
-                log.info("%d processes computing on %d cores: %d threads here", holders, _cores(), threads)
+                log.info("%d processes computing on %d cores: %d threads here", holders, _cores(),
+                         threads)
         self.threads = threads
 
 
@@ -141,7 +142,9 @@ def _off(value: str) -> bool:
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _slots_dir() -> Path:
@@ -149,7 +152,8 @@ def _slots_dir() -> Path:
         return Path(os.environ["REFVG_CPU_SLOTS_DIR"])
     import tempfile
 
-    return Path(tempfile.gettempdir()) / f"refvg-{getattr(os, 'getuid', lambda: 'user')()}" / "cpu-slots"
+    user = getattr(os, "getuid", lambda: "user")()
+    return Path(tempfile.gettempdir()) / f"refvg-{user}" / "cpu-slots"
 
 
 CPU_SHARE = CpuShare()  # the process's one share: a process is one consumer of the cores

@@ -150,7 +150,7 @@ def train(
     device = distributed.setup(resolve_device(tcfg.device))  # under torchrun: join the group, this rank's GPU
     main = distributed.is_main()  # only rank 0 logs, validates and writes checkpoints
     seed_everything(tcfg.seed)
-    CPU_SHARE.enter()  # its share of the cores while other trainings run beside it (released at the end)
+    CPU_SHARE.enter()  # its share of the cores while other trainings run beside it (until the end)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
