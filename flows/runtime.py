@@ -6,6 +6,12 @@ a local `prefect server` on loopback (state in `.prefect/`, kept running for the
 and every later process just connects to it (~2 s). The first stage starts it before importing its libraries,
 so the boot (~18 s on a fresh state, mostly database migrations) overlaps those imports.
 `REFVG_PREFECT_SERVER=ephemeral` restores the ephemeral per-process mode.
+
+One server per repository: its state lives in the DVC project's `.prefect/` (`DVC_ROOT`, which DVC
+points at the repository for `--temp` and queued experiments too), so experiments running in DVC's
+temporary workspaces share the repository's server instead of each starting one that outlives its
+workspace; a file lock makes stages that start together (`dvc queue start -j N`) start one server,
+not N.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from refvg.tracking import disable_telemetry
+from refvg.tracking import disable_telemetry, from_root
 
 disable_telemetry()  # before prefect / mlflow are imported anywhere in this process
 
-PREFECT_HOME = Path(os.environ.get("REFVG_PREFECT_HOME", ".prefect")).resolve()
+PREFECT_HOME = from_root(os.environ.get("REFVG_PREFECT_HOME", ".prefect")).resolve()
+SERVER_LOCK_TIMEOUT_S = 300.0  # another stage booting the server: ~18 s, minutes when thrashing
 SERVER_STATE = PREFECT_HOME / "server.json"
 log = logging.getLogger("refvg.flows")
 
@@ -67,6 +74,7 @@ def spawn_local_server(home: Path = PREFECT_HOME) -> tuple[str, subprocess.Popen
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # outlives this stage
+            cwd=home,  # not the stage's folder, which may be a temporary workspace DVC deletes
         )
     return url, proc
 
@@ -87,13 +95,31 @@ def wait_for_server(url: str, proc: subprocess.Popen, home: Path = PREFECT_HOME,
 
 
 def begin_local_server(home: Path = PREFECT_HOME) -> Callable[[], str]:
-    """The server recorded in `home` if it answers, else a new one started now; the callable waits for it
-    and returns its API URL."""
-    url = _recorded_server(home)
-    if url:
-        return lambda: url
-    spawned = spawn_local_server(home)
-    return lambda: wait_for_server(*spawned, home)
+    """The server recorded in `home` if it answers, else a new one started now; the callable waits
+    for it and returns its API URL. Until it answers, `home`'s lock is held: a stage starting
+    meanwhile waits for this server rather than starting another."""
+    from filelock import FileLock
+
+    home.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(home / "server.lock"), timeout=SERVER_LOCK_TIMEOUT_S)
+    lock.acquire()
+    try:
+        url = _recorded_server(home)
+        if url:
+            lock.release()
+            return lambda: url
+        spawned = spawn_local_server(home)
+    except BaseException:
+        lock.release()
+        raise
+
+    def ready() -> str:
+        try:
+            return wait_for_server(*spawned, home)
+        finally:
+            lock.release()
+
+    return ready
 
 
 def start_local_server(home: Path = PREFECT_HOME) -> str:

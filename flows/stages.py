@@ -5,6 +5,7 @@ library's data work and model compute, which the overhead benchmark subtracts fr
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -141,7 +142,16 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
             stages.train_method, cfg, method, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
         tracker.log_metrics({"best_val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
                              "train_samples_per_second": result.samples_per_second})
-        upload(tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR, name="log-model")
+        model_uri = transfer.with_options(name="log-model")(
+            tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR,
+            return_state=True)
+        if model_uri.is_failed():
+            log.warning("log-model failed after retries: %s", model_uri.message)
+        else:  # a new version per training run: models:/refvg-<method>/<n>
+            upload(tracker.register_model, model_uri.result(), f"refvg-{method}",
+                   {"val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
+                    "method": method},
+                   name="register-model")
     return {"best_score": result.best_score, "best_epoch": result.best_epoch,
             "samples_per_second": result.samples_per_second, "work_seconds": result.compute_seconds}
 
@@ -180,12 +190,44 @@ def report_flow(params: str = "params.yaml") -> dict:
         t0 = time.perf_counter()
         summary = work.with_options(name="write-report")(stages.report, cfg)
         seconds = time.perf_counter() - t0
-        log_files(tracker, [summary, summary.with_name("comparison.png")])
+        files = [summary, summary.with_name("comparison.png")]
+        log_files(tracker, files)
+        report_on_parent(tracker, cfg, files)
     print(summary.read_text())
-    uri = display_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri)  # no user:password@
+    uri = display_uri(tracker.spec["uri"])  # no user:password@
     print(f"metrics: {cfg.eval.metrics_dir}/<method>.json (dvc metrics show), plots: {cfg.eval.plots_dir}/<method>/, "
-          f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri})")
+          f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri}, "
+          f"then http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning)")
     return {"summary": str(summary), "work_seconds": seconds}
+
+
+NOTE_LIMIT = 8000  # MLflow's longest tag value
+
+
+def report_on_parent(tracker: Tracker, cfg: Config, files: list[Path]) -> None:
+    """The run a user lands on tells the whole story: the pipeline's parent run gets the summary
+    table (as its description, which MLflow shows on the run's page, and as a file), the comparison
+    figure, and each method's headline figures as metrics (to compare pipelines, e.g. DVC
+    experiments, side by side)."""
+    text = files[0].read_text()
+    if len(text) > NOTE_LIMIT:
+        text = text[:NOTE_LIMIT - 60] + "\n\n(truncated: the whole table is report/summary.md)\n"
+    tracker.set_tags({"mlflow.note.content": text}, parent=True)
+    figures = {}
+    for method in cfg.all_methods:
+        path = Path(cfg.eval.metrics_dir) / f"{method}.json"
+        if path.exists():
+            splits = json.loads(path.read_text()).get("splits", {})
+            for split, m in splits.items():
+                if isinstance(m, dict) and "acc@0.5" in m:
+                    figures[f"{method}.{split}.acc_at_0.5"] = m["acc@0.5"]
+    tracker.log_parent_metrics(figures)
+
+    def _all():
+        for p in files:
+            tracker.log_artifact(p, "report", parent=True)
+
+    upload(_all, name="log-report-on-parent")
 
 
 def _numbers(d: dict, prefix: str = "") -> dict:

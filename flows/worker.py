@@ -134,9 +134,13 @@ class Worker:
                         child.kill_at = now + KILL_GRACE_SECONDS
 
     def _still_mine(self) -> bool:
-        """False once our socket file was removed or replaced: no client can reach us any more."""
+        """False once our socket file was removed or replaced, or the project we serve (sys.path[0],
+        part of our key) is gone, as DVC's temporary workspace of an experiment is once it ran: no
+        client can reach us any more."""
         if self.listener is None:
             return True
+        if sys.path and sys.path[0] and not os.path.isdir(sys.path[0]):
+            return False
         try:
             return self.path.stat().st_ino == self.inode
         except OSError:

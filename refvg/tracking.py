@@ -1,9 +1,18 @@
 """The one module that talks to MLflow.
 
 - Store: `MLFLOW_TRACKING_URI` when set, else `tracking.tracking_uri` of params.yaml (sqlite in the repo).
+  Relative paths (the sqlite file, `artifact_root`, `unlogged_dir`) start at the DVC project's root
+  (`DVC_ROOT`, which DVC sets to the repository itself even for `--temp` and queued experiments),
+  else at the working directory: every workspace of one repository logs to one store, and nothing
+  is left in a temporary workspace DVC deletes.
 - Grouping: every stage of one pipeline run is a child of one parent run, found by a key made of the git
-  commit and the params; so `dvc repro` (one process per stage) and `flows/pipeline.py` (one process) group
-  the same way, and `dvc exp run -S train.lr=...` gets a parent of its own.
+  commit, the params and the DVC experiment's name; so `dvc repro` (one process per stage) and
+  `flows/pipeline.py` (one process) group the same way, and each `dvc exp run` gets a parent of its
+  own, named and tagged after the experiment. Each stage reopens the parent and, when it ends,
+  closes it with its own outcome (FINISHED, or FAILED): after the last stage the parent is closed,
+  with its duration.
+- The experiment is marked as a model-training one (`mlflow.experimentKind`), so MLflow 3's UI opens
+  it on its runs rather than on the GenAI overview.
 - Cost: metrics go in one `log_batch` per epoch, never one call per value.
 - Faults: a tracking failure is reported and counted, never raised into training (losing a metric is better
   than losing a run), and the refused call is kept: it goes out with the next one once the store answers
@@ -29,6 +38,10 @@ from refvg.config import Config
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "refvg.pipeline_key"
+# How MLflow 3 marks an experiment's type (its UI reads it; "genai_development" is the other kind).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# What DVC exports to a stage of an experiment (dvc/env.py; DVC_ROOT in every stage).
+DVC_ROOT, DVC_EXP_NAME, DVC_EXP_BASELINE_REV = "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
@@ -67,9 +80,30 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def pipeline_key(cfg: Config, commit: str) -> str:
-    blob = json.dumps({"commit": commit, "cfg": cfg.model_dump(mode="json")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def project_root() -> Path:
+    """Where relative store paths start: the DVC project (`DVC_ROOT`; for a `--temp` or queued
+    experiment DVC points it at the repository, not at the temporary copy it runs in), else the
+    working directory."""
+    root = os.environ.get(DVC_ROOT)
+    return Path(root).resolve() if root and Path(root).is_dir() else Path.cwd()
+
+
+def from_root(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def dvc_experiment() -> dict[str, str]:
+    """The DVC experiment this process runs in ({} outside one): its name and baseline commit."""
+    found = {"name": os.environ.get(DVC_EXP_NAME), "baseline": os.environ.get(DVC_EXP_BASELINE_REV)}
+    return {k: v for k, v in found.items() if v}
+
+
+def pipeline_key(cfg: Config, commit: str, experiment: Optional[str] = None) -> str:
+    blob = {"commit": commit, "cfg": cfg.model_dump(mode="json")}
+    if experiment:  # two experiments never share a parent, even with the same params
+        blob["dvc_exp"] = experiment
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Tracker:
@@ -83,6 +117,7 @@ class Tracker:
 
     def __init__(self, client, run_id: Optional[str], failures: int = 0, spec: Optional[dict] = None, s3=None):
         self.client, self.run_id, self.failures, self.spec = client, run_id, failures, spec
+        self.parent_id: Optional[str] = None  # the pipeline's parent run, known once the run exists
         self.s3 = s3  # refvg.storage.S3Location when artifacts may live in S3
         self.pending: list[dict] = []  # JSON-able calls not yet accepted by the store, oldest first
         self.not_uploaded: list[str] = []  # files that never reached the store (they stay on disk)
@@ -101,7 +136,7 @@ class Tracker:
                 if self.client is None:
                     self.client = _client(self.spec)
                 if self.run_id is None:
-                    self.run_id = _open_run(self.client, self.spec)
+                    self.run_id, self.parent_id = _open_run(self.client, self.spec)
                     log.info("MLflow run %s (stage %s) in %s", self.run_id, self.spec["stage"], display_uri(self.spec["uri"]))
             return True
         except Exception as err:  # noqa: BLE001 - an unreachable store must not stop the stage
@@ -131,7 +166,9 @@ class Tracker:
         if self.pending and self._connect():
             while self.pending:
                 try:
-                    _send(self.client, self.run_id, self.pending[0])
+                    target = self._target(self.pending[0])
+                    if target is not None:  # (None: a run outside any pipeline has no parent)
+                        _send(self.client, target, self.pending[0])
                 except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
                     self.failures += 1
                     log.warning("MLflow: could not %s (%s: %s); %d call(s) kept to send with the next one, the run "
@@ -141,8 +178,19 @@ class Tracker:
                 self.pending.pop(0)
         return not self.pending
 
+    def _target(self, call: dict) -> Optional[str]:
+        if call.get("target") != "parent":
+            return self.run_id
+        if self.parent_id is None:  # a run created before this was recorded (a replayed file)
+            self.parent_id = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+        return self.parent_id
+
     def end(self, status: str) -> None:
-        self._queue({"kind": "end", "status": status, "end_time": _now_ms()})
+        now = _now_ms()
+        self._queue({"kind": "end", "status": status, "end_time": now})
+        # The parent takes the outcome of its latest stage: FINISHED after the pipeline's last
+        # stage, or FAILED where a stage failed (DVC stops there); the next stage reopens it.
+        self._queue({"kind": "end", "status": status, "end_time": now, "target": "parent"})
 
     def log_params(self, params: dict) -> None:
         items = [[k, str(v)[:6000]] for k, v in flatten(params).items()]
@@ -155,19 +203,45 @@ class Tracker:
                  if isinstance(v, (int, float))]
         self._queue({"kind": "metrics", "metrics": items})
 
-    def set_tags(self, tags: dict) -> None:
-        self._queue({"kind": "tags", "tags": [[k, str(v)] for k, v in tags.items()]})
+    def set_tags(self, tags: dict, parent: bool = False) -> None:
+        call = {"kind": "tags", "tags": [[k, str(v)] for k, v in tags.items()]}
+        self._queue({**call, "target": "parent"} if parent else call)
+
+    def log_parent_metrics(self, metrics: dict) -> None:
+        """Metrics on the pipeline's parent run (the report's figures, for comparing pipelines)."""
+        now = _now_ms()
+        items = [[k.replace("@", "_at_"), float(v), now, 0] for k, v in flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self._queue({"kind": "metrics", "metrics": items, "target": "parent"})
 
     # File transfers raise, unlike the calls above: the caller retries them and reports the final failure.
-    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None,
+                     parent: bool = False) -> None:
         path = Path(path)
         if not self.active:
             self.not_uploaded.append(str(path))
             return
+        run_id = self._target({"target": "parent"}) if parent else self.run_id
+        if run_id is None:
+            self.not_uploaded.append(f"{path} (no pipeline run to attach it to)")
+            return
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            self.client.log_artifacts(run_id, str(path), artifact_path)
         elif path.exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def register_model(self, model_uri: Optional[str], name: str, tags: dict) -> Optional[int]:
+        """A new version of registered model `name` (created if new) for a logged model; returns the
+        version. Raises on failure, like the other transfers."""
+        if model_uri is None or not self.active:
+            return None
+        import mlflow
+
+        with _store_lock(self.spec["uri"]):  # two pipelines registering at once on one sqlite file
+            version = mlflow.register_model(model_uri, name,
+                                            tags={k: str(v) for k, v in tags.items()})
+        log.info("registered %s as models:/%s/%s", model_uri, name, version.version)
+        return int(version.version)
 
     def log_model(self, checkpoint: Path, tokenizer_dir: Path, name: str = "model") -> Optional[str]:
         """Log a pyfunc model (image + expression -> box) built from our checkpoint; returns its URI.
@@ -231,7 +305,8 @@ class Tracker:
             return None
         path = Path(self.spec["unlogged_dir"]) / f"{_slug(stage)}-{self.run_id or 'no-run'}-{_now_ms()}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"spec": self.spec, "run_id": self.run_id, "pending": self.pending}))
+        path.write_text(json.dumps({"spec": self.spec, "run_id": self.run_id,
+                                    "parent_id": self.parent_id, "pending": self.pending}))
         log.warning("MLflow: not logged for stage %s (run %s): %s. Saved to %s; send it once the store is back: "
                     "python -m refvg.tracking replay %s", stage, self.run_id or "not created", _describe(self.pending),
                     path, path)
@@ -280,7 +355,8 @@ def _describe(pending: list[dict]) -> str:
     tags = sum(len(c["tags"]) for c in pending if c["kind"] == "tags")
     if tags:
         parts.append(f"{tags} tags")
-    parts += [f"the run's end ({c['status']})" for c in pending if c["kind"] == "end"]
+    parts += [f"the {'pipeline' if c.get('target') == 'parent' else 'run'}'s end ({c['status']})"
+              for c in pending if c["kind"] == "end"]
     return ", ".join(parts)
 
 
@@ -291,6 +367,7 @@ def replay(path: Path) -> bool:
     path = Path(path)
     saved = json.loads(path.read_text())
     tracker = Tracker(None, saved["run_id"], spec=saved["spec"])
+    tracker.parent_id = saved.get("parent_id")
     tracker.pending = saved["pending"]
     if tracker.flush():
         path.unlink()
@@ -314,8 +391,12 @@ def _slug(stage: str) -> str:
 def _store_uri(cfg: Config) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
     path = _sqlite_path(uri)
-    # Absolute, so a replay from another folder (or a stage that changed directory) reaches the same file.
-    return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else uri
+    # Absolute, so a replay from another folder (or a stage that changed directory) reaches the same
+    # file, and from the project's root, so every workspace of a repository (DVC's temporary ones
+    # too) shares it.
+    if path is None or path.is_absolute():
+        return uri
+    return f"sqlite:///{from_root(str(path)).resolve()}"
 
 
 def _sqlite_path(uri: str) -> Optional[Path]:
@@ -371,29 +452,44 @@ def _run_spec(cfg: Config, stage: str, run_name: Optional[str]) -> dict:
     commit, dirty = git_commit()
     t = cfg.tracking
     loc = storage.location(cfg)
-    artifacts = loc.mlflow_url if loc is not None and loc.mlflow_artifacts else Path(t.artifact_root).resolve().as_uri()
+    local = from_root(t.artifact_root).resolve().as_uri()
+    artifacts = loc.mlflow_url if loc is not None and loc.mlflow_artifacts else local
+    exp = dvc_experiment()
     return {"uri": _store_uri(cfg), "experiment": t.experiment, "artifact_location": artifacts, "stage": stage,
             "run_name": run_name or stage, "commit": commit, "dirty": dirty,
-            "pipeline_key": pipeline_key(cfg, commit), "config": cfg.model_dump(mode="json"),
-            "unlogged_dir": str(Path(t.unlogged_dir).resolve()), "http_retries": t.http_retries,
-            "http_timeout_s": t.http_timeout_s}
+            "pipeline_key": pipeline_key(cfg, commit, exp.get("name")),
+            "config": cfg.model_dump(mode="json"),
+            "dvc_exp": exp, "unlogged_dir": str(from_root(t.unlogged_dir).resolve()),
+            "http_retries": t.http_retries, "http_timeout_s": t.http_timeout_s}
 
 
-def _open_run(client, spec: dict) -> str:
+def _exp_tags(spec: dict) -> dict[str, str]:
+    exp = spec.get("dvc_exp") or {}
+    tags = {"dvc.exp_name": exp.get("name"), "dvc.exp_baseline": exp.get("baseline")}
+    return {k: v for k, v in tags.items() if v}
+
+
+def _open_run(client, spec: dict) -> tuple[str, str]:
+    """(the stage's new run, the pipeline's parent run, reopened)."""
     exp_id = _experiment_id(client, spec)
     parent = _parent_run(client, exp_id, spec)
     run = client.create_run(exp_id, run_name=spec["run_name"], tags={
         "mlflow.parentRunId": parent, "refvg.stage": spec["stage"], "dvc.stage": spec["stage"],
-        "git.commit": spec["commit"], "git.dirty": str(spec["dirty"]), "refvg.kind": "stage"})
-    return run.info.run_id
+        "git.commit": spec["commit"], "git.dirty": str(spec["dirty"]), "refvg.kind": "stage",
+        **_exp_tags(spec)})
+    return run.info.run_id, parent
 
 
 def _experiment_id(client, spec: dict) -> str:
     exp = client.get_experiment_by_name(spec["experiment"])
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag existed; a user's kind stays
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(spec["experiment"], artifact_location=spec["artifact_location"])
+        return client.create_experiment(spec["experiment"],
+                                        artifact_location=spec["artifact_location"],
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # noqa: BLE001 - another stage created it between our two calls (a server store)
         return client.get_experiment_by_name(spec["experiment"]).experiment_id
 
@@ -405,10 +501,14 @@ def _parent_run(client, exp_id: str, spec: dict) -> str:
     found = client.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1,
                                order_by=["attributes.start_time ASC"])
     if found:
+        if found[0].info.status != "RUNNING":  # closed by the previous stage: this one reopens it
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"pipeline {commit[:8]}{'+dirty' if dirty else ''}",
+    name = f"pipeline {commit[:8]}{'+dirty' if dirty else ''}"
+    exp_name = (spec.get("dvc_exp") or {}).get("name")
+    run = client.create_run(exp_id, run_name=f"{exp_name} ({name})" if exp_name else name,
                             tags={PIPELINE_TAG: key, "git.commit": commit, "git.dirty": str(dirty),
-                                  "refvg.kind": "pipeline"})
+                                  "refvg.kind": "pipeline", **_exp_tags(spec)})
     params = [Param(k, str(v)[:6000]) for k, v in flatten(spec["config"]).items()]
     for i in range(0, len(params), 100):  # the store's batch limit
         client.log_batch(run.info.run_id, params=params[i:i + 100])

@@ -33,7 +33,7 @@ from refvg.engine import distributed
 from refvg.engine.checkpoint import (
     CheckpointError, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint, set_rng_state,
 )
-from refvg.engine.runtime import autocast, resolve_device, seed_everything, to_device
+from refvg.engine.runtime import CPU_SHARE, autocast, resolve_device, seed_everything, to_device
 
 log = logging.getLogger(__name__)
 LAST, BEST = "last.pt", "best.pt"
@@ -150,6 +150,7 @@ def train(
     device = distributed.setup(resolve_device(tcfg.device))  # under torchrun: join the group, this rank's GPU
     main = distributed.is_main()  # only rank 0 logs, validates and writes checkpoints
     seed_everything(tcfg.seed)
+    CPU_SHARE.enter()  # its share of the cores while other trainings run beside it (until the end)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -195,6 +196,7 @@ def train(
                    disable=None if main else True, mininterval=1.0)
         for batch in bar:
             progress.step += 1
+            CPU_SHARE.refresh()
             losses = _train_step(model, step_model, to_device(batch, device), optimizer, scheduler, tcfg, device)
             if losses is None:
                 _count_bad_step(progress, result, batch, epoch, tcfg, method, out_dir, save_last)
@@ -244,6 +246,7 @@ def train(
 
     trained = [h["samples_per_second"] for h in result.history[result.resumed_from_epoch:]]
     result.samples_per_second = sum(trained) / len(trained) if trained else 0.0
+    CPU_SHARE.leave()
     return result
 
 
