@@ -123,7 +123,9 @@ class FusionConfig(_Strict):
 
 
 class QRNetConfig(_Strict):
-    """QRNet's query-modulated backbone and fusion. Its fusion reads every `model.visual.out_stages` map."""
+    """QRNet's query-modulated backbone and fusion. Its fusion (top-down FPN + QD-ATT-gated bottom-up path)
+    reads every `model.visual.out_stages` map; the last level and one more (stride x2) enter the fusion
+    transformer as tokens of two scales."""
 
     # Query-aware dynamic attention (channel gate then spatial gate, weights generated from the sentence)
     # after every backbone stage and on every bottom-up merge of the fusion; false: the ablation, no QD-ATT
@@ -131,12 +133,6 @@ class QRNetConfig(_Strict):
     qd_att: bool = True
     qd_att_rank: int = Field(16, gt=0)  # k of the dynamic linear layers' generated weights (the paper's 30)
     qd_att_reduction: int = Field(16, gt=0)  # channel gate MLP: C -> C // this (at least 1) -> C
-    # "fpn" (the paper's): top-down FPN + QD-ATT-gated bottom-up path over the out stages; the last level
-    # and one more (stride x2) enter the fusion transformer as tokens of two scales. "level_softmax": the
-    # levels resized onto one grid (`fusion_stage`'s) and summed with softmax weights from the query.
-    fusion: Literal["fpn", "level_softmax"] = "fpn"
-    # level_softmax only: the out stage whose grid the fused tokens take (null: the finest).
-    fusion_stage: Optional[int] = None
 
 
 class CMSAConfig(_Strict):

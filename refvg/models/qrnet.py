@@ -6,12 +6,11 @@ Networks for End-to-End Visual Grounding"): TransVG whose visual backbone is ste
   every linear layer's weights are generated from the sentence feature (the text encoder's [CLS] output).
   Gates lie in (0, 1): the expression can suppress features as well as keep them. The gated map goes into
   the next stage, so later stages already compute on query-relevant features.
-- Query-aware multiscale fusion (`model.qrnet.fusion: fpn`, the paper's): the out stages' maps, projected
+- Query-aware multiscale fusion: the out stages' maps, projected
   to one width, pass a top-down FPN path (coarser maps upsampled and added) and a bottom-up path where
   each level, gated by QD-ATT and 2x2-averaged, is added to the next coarser one. The last level and one
   more (its stride-2 subsampling) enter the fusion transformer: tokens of two scales, each with a learned
-  scale embedding. `level_softmax` is a simpler alternative: the levels resized onto one grid and summed
-  with softmax weights predicted from the sentence.
+  scale embedding.
 Unlike TransVG, no visual transformer runs on the backbone's maps (QRNet has none). The fusion
 transformer, [REG] token, MLP head and L1 + GIoU loss are TransVG's (inherited, not copied).
 """
@@ -115,31 +114,6 @@ class QueryFPN(nn.Module):
         return [levels[-1], levels[-1][..., ::2, ::2]]
 
 
-class QueryMultiscaleFusion(nn.Module):
-    """The simple alternative (`fusion: level_softmax`): maps [B,C_l,h_l,w_l] (finest first) -> one
-    [B,D,h_t,w_t] on level `target`'s grid: per-level 1x1 projection, resize, weighted sum with softmax
-    weights predicted from the query."""
-
-    def __init__(self, channels: list[int], query_dim: int, out_dim: int, target: int = 0):
-        super().__init__()
-        self.proj = nn.ModuleList(nn.Conv2d(c, out_dim, 1) for c in channels)
-        self.level_logits = nn.Linear(query_dim, len(channels))
-        self.target = target
-
-    def forward(self, maps: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
-        size = maps[self.target].shape[-2:]
-        weights = self.level_logits(query).softmax(-1)
-        fused = 0
-        for i, (proj, fmap) in enumerate(zip(self.proj, maps)):
-            level = proj(fmap)
-            if level.shape[-2] > size[0]:  # finer level onto a coarser grid: average, not sample (aliasing)
-                level = F.adaptive_avg_pool2d(level, size)
-            elif level.shape[-2:] != size:
-                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-            fused = fused + weights[:, i, None, None, None].to(level.dtype) * level
-        return fused
-
-
 class QRNet(TransVG):
     def build_neck(self) -> int:
         q, d = self.cfg.model.qrnet, self.cfg.model.fusion.d_model
@@ -156,33 +130,22 @@ class QRNet(TransVG):
 
         # Not under `visual.`: QD-ATT is new even on a pretrained backbone, so it trains at the head's lr.
         self.qd_att = qd_atts(self.visual.stage_channels)
-        if q.fusion == "fpn":
-            if stages != list(range(stages[0], stages[-1] + 1)):
-                raise ValueError(f"qrnet's fpn fusion merges consecutive stages; model.visual.out_stages {stages}")
-            self.multiscale = QueryFPN(self.visual.out_channels, d, qd_atts([d] * (len(stages) - 1)))
-            return d
-        if q.fusion_stage is not None and q.fusion_stage not in stages:
-            raise ValueError(f"model.qrnet.fusion_stage {q.fusion_stage} is not one of model.visual.out_stages {stages}")
-        target = 0 if q.fusion_stage is None else stages.index(q.fusion_stage)
-        self.multiscale = QueryMultiscaleFusion(self.visual.out_channels, text_dim, d, target)
+        if stages != list(range(stages[0], stages[-1] + 1)):
+            raise ValueError(f"qrnet's fusion merges consecutive stages; model.visual.out_stages {stages}")
+        self.multiscale = QueryFPN(self.visual.out_channels, d, qd_atts([d] * (len(stages) - 1)))
         return d
 
     def visual_grids(self) -> list[tuple[int, int]]:
-        q, strides = self.cfg.model.qrnet, self.visual.strides
-        if q.fusion == "fpn":
-            side = math.ceil(self.cfg.data.image_size / strides[-1])
-            return [(side, side), (math.ceil(side / 2),) * 2]
-        target = 0 if q.fusion_stage is None else list(self.visual.out_stages).index(q.fusion_stage)
-        side = math.ceil(self.cfg.data.image_size / strides[target])
-        return [(side, side)]
+        side = math.ceil(self.cfg.data.image_size / self.visual.strides[-1])
+        return [(side, side), (math.ceil(side / 2),) * 2]
 
     @staticmethod
     def query(text: torch.Tensor) -> torch.Tensor:
         """The sentence feature QD-ATT and the fusion read: the text encoder's [CLS] output, as in QRNet."""
         return text[:, 0]
 
-    def visual_features(self, batch: dict, text: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """fpn: the two token maps (finer, coarser); level_softmax: the one fused map."""
+    def visual_features(self, batch: dict, text: torch.Tensor) -> list[torch.Tensor]:
+        """The two token maps (finer, coarser) the fusion transformer reads."""
         query = self.query(text)
         pixel_mask = batch["pixel_mask"]
         modulate = None
@@ -190,10 +153,7 @@ class QRNet(TransVG):
             def modulate(stage: int, fmap: torch.Tensor) -> torch.Tensor:
                 valid = ~downsample_mask(pixel_mask, fmap.shape[-2:]).flatten(1)
                 return self.qd_att[stage](fmap, query, valid)
-        maps = self.visual(batch["image"], modulate=modulate)
-        if isinstance(self.multiscale, QueryFPN):
-            return self.multiscale(maps, query, pixel_mask)
-        return self.multiscale(maps, query)
+        return self.multiscale(self.visual(batch["image"], modulate=modulate), query, pixel_mask)
 
 
 @register_model("qrnet")
