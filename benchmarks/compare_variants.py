@@ -1,15 +1,17 @@
 """Val Acc@0.5 of TransVG / QRNet variants, each pair trained for equal epochs from one seed.
 
     PYTHONPATH=$PWD python benchmarks/compare_variants.py [--pairs transvg qrnet_qdatt]
-        [--transvg-epochs 3] [--qrnet-epochs 2] [--seeds 0] [--params params.yaml] [--json out.json]
+        [--transvg-epochs 3] [--qrnet-epochs 2] [--seeds 0] [--variants NAME ...]
+        [--params params.yaml] [--json out.json]
 
 Pairs (the first of each is the params.yaml default):
   transvg       transvg (the paper's) vs transvg_attn (refvg's earlier variant)
   qrnet_qdatt   qrnet vs qrnet_no_qdatt (QD-ATT off)
-Methods come from params.yaml's `transvg` and `qrnet` entries plus the overrides below, so the figures
-follow params.yaml. Needs the prepared data (`python -m flows.generate` then `-m flows.prepare`). Every
-run trains into a fresh temporary checkpoint folder (nothing resumes, nothing in checkpoints/ changes).
-Prints val Acc@0.5 after every epoch and the training seconds (timings on a shared machine: ratios only).
+Methods come from params.yaml's `transvg` and `qrnet` entries plus the overrides below, so the
+figures follow params.yaml. Needs the prepared data (`python -m flows.generate`, then
+`-m flows.prepare`). Every run trains into a fresh temporary checkpoint folder (nothing resumes,
+nothing in checkpoints/ changes). Prints val Acc@0.5 after every epoch and the training seconds
+(timings on a shared machine: compare ratios within one run only).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ PAIRS = {"transvg": ("transvg", "transvg_attn"), "qrnet_qdatt": ("qrnet", "qrnet
 
 
 def run_config(cfg, name: str, epochs: int, seed: int, out_dir: str):
-    """The Config for variant `name` as a one-method table, with its epochs, seed and checkpoint folder."""
+    """The Config for variant `name` as a one-method table, with its epochs, seed and checkpoint
+    folder."""
     from refvg.config import Config, _deep_merge
 
     base, extra = VARIANTS[name]
@@ -44,7 +47,7 @@ def run_config(cfg, name: str, epochs: int, seed: int, out_dir: str):
     overrides = _deep_merge(method["overrides"], extra)
     overrides = _deep_merge(overrides, {"train": {"epochs": epochs, "seed": seed}})
     raw = cfg.model_dump(mode="python")
-    raw["train"]["checkpoint_dir"] = out_dir  # the top-level one names the method's checkpoint folder
+    raw["train"]["checkpoint_dir"] = out_dir  # the top-level one names the method's checkpoints
     raw["methods"] = {name: {**method, "overrides": overrides}}
     raw["distill_methods"] = {}
     return Config.model_validate(raw)
@@ -65,7 +68,8 @@ def train_one(cfg, name: str, epochs: int, seed: int) -> dict:
 
         train_method(rcfg, name, on_epoch_end=on_epoch_end)
         seconds = time.perf_counter() - t0
-    return {"variant": name, "seed": seed, "epochs": epochs, "val_acc@0.5": curve, "seconds": round(seconds, 1)}
+    return {"variant": name, "seed": seed, "epochs": epochs, "val_acc@0.5": curve,
+            "seconds": round(seconds, 1)}
 
 
 def main(argv=None) -> None:
@@ -76,7 +80,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                   help="train only these variants of the pairs (e.g. one per process); default: all")
+                   help="train only these variants of the pairs (one per process, say); "
+                        "default: all")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
 
@@ -97,8 +102,8 @@ def main(argv=None) -> None:
                 row = done[name, epochs, seed]
                 rows.append({"pair": pair, **row})
                 curve = " ".join(f"{a:.3f}" for a in row["val_acc@0.5"])
-                print(f"{pair:13s} {name:15s} seed {seed} epochs {epochs}: val Acc@0.5 per epoch {curve} "
-                      f"({row['seconds']:.0f} s)", flush=True)
+                print(f"{pair:13s} {name:15s} seed {seed} epochs {epochs}: val Acc@0.5 per epoch "
+                      f"{curve} ({row['seconds']:.0f} s)", flush=True)
     print("\n| pair | variant | seeds | epochs | val Acc@0.5 (last epoch, mean) | train s (mean) |")
     print("|---|---|---|---|---|---|")
     for pair in args.pairs:
@@ -108,7 +113,8 @@ def main(argv=None) -> None:
                 continue
             acc = sum(r["val_acc@0.5"][-1] for r in mine) / len(mine)
             sec = sum(r["seconds"] for r in mine) / len(mine)
-            print(f"| {pair} | {name} | {len(mine)} | {mine[0]['epochs']} | {acc:.3f} | {sec:.0f} |")
+            epochs = mine[0]["epochs"]
+            print(f"| {pair} | {name} | {len(mine)} | {epochs} | {acc:.3f} | {sec:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -103,19 +103,21 @@ class FusionConfig(_Strict):
     num_heads: int = 4
     ffn_dim: int = 256
     dropout: float = Field(0.0, ge=0, lt=1)
-    # TransVG's visual transformer: DETR encoder layers (post-norm, 2-D sine positions on queries and keys)
-    # on the CNN's last map, projected to d_model by a 1x1 conv. The paper has 6; 0: none (the CNN map goes
-    # straight to the fusion transformer, as in transvg_attn).
+    # TransVG's visual transformer: DETR encoder layers (post-norm, 2-D sine positions on queries
+    # and keys) on the CNN's last map, projected to d_model by a 1x1 conv. The paper has 6; 0: none
+    # (the CNN map goes straight to the fusion transformer, as in transvg_attn).
     visual_encoder_layers: int = Field(2, ge=0)
-    # Positions in the fusion transformer. "query_key" (the paper's): one learned embedding per token slot
-    # ([REG], text, visual), added to queries and keys in every post-norm layer. "tokens": 2-D sine (visual),
-    # learned (text) and type embeddings added once to the tokens themselves, pre-norm layers (transvg_attn).
+    # Positions in the fusion transformer. "query_key" (the paper's): one learned embedding per
+    # token slot ([REG], text, visual), added to queries and keys in every post-norm layer.
+    # "tokens": 2-D sine (visual), learned (text) and type embeddings added once to the tokens
+    # themselves, pre-norm layers (transvg_attn).
     position: Literal["query_key", "tokens"] = "query_key"
     # Append FAOA-style 8-d cell coordinates to each visual token (not in the paper; transvg_attn).
     cell_coords: bool = False
     # "mlp": the paper's head, an MLP on the [REG] output. "attention": [REG] also attends over the fused
     # visual tokens and the box centre is the attention-weighted cell centre plus an MLP offset; it reads
-    # location off the feature map instead of decoding it (transvg_attn, with train.loss.attention_weight).
+    # location off the feature map instead of decoding it (transvg_attn, with
+    # train.loss.attention_weight).
     box_head: Literal["mlp", "attention"] = "mlp"
     # Attention head only: the box is read from the cells within this many cells of the attention peak
     # (null: from the whole map). A soft average over the whole map lands between two candidate objects.
@@ -127,9 +129,10 @@ class QRNetConfig(_Strict):
     reads every `model.visual.out_stages` map; the last level and one more (stride x2) enter the fusion
     transformer as tokens of two scales."""
 
-    # Query-aware dynamic attention (channel gate then spatial gate, weights generated from the sentence)
-    # after every backbone stage and on every bottom-up merge of the fusion; false: the ablation, no QD-ATT
-    # anywhere (the visual path never sees the expression), as the paper's use_channel/use_spatial off.
+    # Query-aware dynamic attention (channel gate then spatial gate, weights generated from the
+    # sentence) after every backbone stage and on every bottom-up merge of the fusion; false: the
+    # ablation, no QD-ATT anywhere (the visual path never sees the expression), as the paper's
+    # use_channel/use_spatial off.
     qd_att: bool = True
     qd_att_rank: int = Field(16, gt=0)  # k of the dynamic linear layers' generated weights (the paper's 30)
     qd_att_reduction: int = Field(16, gt=0)  # channel gate MLP: C -> C // this (at least 1) -> C

@@ -64,8 +64,9 @@ def test_default_transvg_is_the_papers():
     assert not model.vl.cell_coords and model.vl.visual_proj.in_features == model.vl.d_model
     assert model.vl.visual_pos.num_embeddings == 64  # 64 px at stride 8: one learned position per cell
 
-    # The visual transformer mixes the whole map: a change in the top-left corner of the image moves the
-    # bottom-right cell's features after the encoder, though not the CNN's, whose receptive field ends early.
+    # The visual transformer mixes the whole map: a change in the top-left corner of the image moves
+    # the bottom-right cell's features after the encoder, though not the CNN's, whose receptive
+    # field ends early.
     batch = make_batch(2)
     batch["pixel_mask"][:] = False
     other = dict(batch, image=batch["image"].clone())

@@ -1,6 +1,7 @@
-"""QRNet: QD-ATT gates (they suppress as well as keep, and follow the sentence), that the expression really
-reaches the backbone, the paper's fusion (top-down + gated bottom-up, tokens of two scales into the fusion
-transformer), the ablation switch, the pretrained path, and that it trains through the shared TransVG loss."""
+"""QRNet: QD-ATT gates (they suppress as well as keep, and follow the sentence), that the expression
+really reaches the backbone, the paper's fusion (top-down + gated bottom-up, tokens of two scales
+into the fusion transformer), the ablation switch, the pretrained path, and that it trains through
+the shared TransVG loss."""
 import pytest
 import torch
 from transformers import BertConfig, BertModel, SwinConfig, SwinModel
@@ -27,8 +28,9 @@ def make_qrnet(qd_att=True, kind="swin", out_stages=(1, 2), **qrnet) -> QRNet:
 
 
 def as_trained(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """The dynamic layers' V starts at zero (every gate at exactly 0.5, whatever the sentence, as in QRNet);
-    give it values, as training does, so that gates differ between sentences and positions."""
+    """The dynamic layers' V starts at zero (every gate at exactly 0.5, whatever the sentence, as in
+    QRNet); give it values, as training does, so that gates differ between sentences and positions.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
@@ -139,7 +141,8 @@ def test_fpn_fusion_top_down_and_gated_bottom_up():
     assert [o.shape for o in out] == [(2, 6, 2, 2), (2, 6, 1, 1)]  # the last level and one at stride x2
     torch.testing.assert_close(out[1], out[0][..., :1, :1])
     zero = [torch.zeros_like(m) for m in maps]
-    # Top-down then bottom-up: the coarsest map comes back from each finer level it was added to (x3).
+    # Top-down then bottom-up: the coarsest map comes back from each finer level it was added to
+    # (x3).
     torch.testing.assert_close(plain([*zero[:2], maps[2]], query, no_pad)[0], 3 * plain.lateral[2](maps[2]))
     # Bottom-up: the finest map reaches the coarsest output, 2x2-averaged at every merge.
     torch.testing.assert_close(plain([maps[0], *zero[1:]], query, no_pad)[0],

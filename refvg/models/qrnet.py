@@ -1,16 +1,18 @@
-"""QRNet (Ye et al., CVPR 2022, "Shifting More Attention to Visual Backbone: Query-modulated Refinement
-Networks for End-to-End Visual Grounding"): TransVG whose visual backbone is steered by the expression.
+"""QRNet (Ye et al., CVPR 2022, "Shifting More Attention to Visual Backbone: Query-modulated
+Refinement Networks for End-to-End Visual Grounding"): TransVG whose visual backbone is steered by
+the expression.
 
-- Query-aware dynamic attention (QD-ATT) after every backbone stage: two multiplicative gates in sequence,
-  a channel gate sigmoid(MLP(avg-pool) + MLP(max-pool)) and a spatial gate sigmoid(linear C -> 1), where
-  every linear layer's weights are generated from the sentence feature (the text encoder's [CLS] output).
-  Gates lie in (0, 1): the expression can suppress features as well as keep them. The gated map goes into
-  the next stage, so later stages already compute on query-relevant features.
-- Query-aware multiscale fusion: the out stages' maps, projected
-  to one width, pass a top-down FPN path (coarser maps upsampled and added) and a bottom-up path where
-  each level, gated by QD-ATT and 2x2-averaged, is added to the next coarser one. The last level and one
-  more (its stride-2 subsampling) enter the fusion transformer: tokens of two scales, each with a learned
-  scale embedding.
+- Query-aware dynamic attention (QD-ATT) after every backbone stage: two multiplicative gates in
+  sequence, a channel gate sigmoid(MLP(avg-pool) + MLP(max-pool)) and a spatial gate
+  sigmoid(linear C -> 1), where every linear layer's weights are generated from the sentence feature
+  (the text encoder's [CLS] output). Gates lie in (0, 1): the expression can suppress features as
+  well as keep them. The gated map goes into the next stage, so later stages already compute on
+  query-relevant features.
+- Query-aware multiscale fusion: the out stages' maps, projected to one width, pass a top-down FPN
+  path (coarser maps upsampled and added) and a bottom-up path where each level, gated by QD-ATT and
+  2x2-averaged, is added to the next coarser one. The last level and one more (its stride-2
+  subsampling) enter the fusion transformer: tokens of two scales, each with a learned scale
+  embedding.
 Unlike TransVG, no visual transformer runs on the backbone's maps (QRNet has none). The fusion
 transformer, [REG] token, MLP head and L1 + GIoU loss are TransVG's (inherited, not copied).
 """
@@ -36,9 +38,9 @@ def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class DynamicLinear(nn.Module):
-    """x [B,...,C_in] -> [B,...,C_out] through a weight and bias generated from the query:
-    [W; b](q) = U(q) V, U(q) [C_in+1, rank] a linear function of q, V [rank, C_out] learned. V starts at
-    zero (as in QRNet), so the layer starts at 0 and every gate built on it at sigmoid(0) = 0.5."""
+    """x [B,...,C_in] -> [B,...,C_out] through a weight and bias generated from the query: [W; b](q)
+    = U(q) V, U(q) [C_in+1, rank] a linear function of q, V [rank, C_out] learned. V starts at zero
+    (as in QRNet), so the layer starts at 0 and every gate built on it at sigmoid(0) = 0.5."""
 
     def __init__(self, in_dim: int, out_dim: int, query_dim: int, rank: int):
         super().__init__()
@@ -55,8 +57,9 @@ class DynamicLinear(nn.Module):
 
 
 class QueryDynamicAttention(nn.Module):
-    """QD-ATT on one map [B,C,h,w] -> the same shape: x * channel gate, then * spatial gate (computed on the
-    channel-gated map). Pooling for the channel gate covers real pixels only (not letterbox padding)."""
+    """QD-ATT on one map [B,C,h,w] -> the same shape: x * channel gate, then * spatial gate
+    (computed on the channel-gated map). Pooling for the channel gate covers real pixels only (not
+    letterbox padding)."""
 
     def __init__(self, channels: int, query_dim: int, rank: int, reduction: int = 16):
         super().__init__()
@@ -68,8 +71,10 @@ class QueryDynamicAttention(nn.Module):
     def channel_mlp(self, pooled: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         return self.channel_out(F.relu(self.channel_in(pooled, query)), query)
 
-    def gates(self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(channel [B,C], spatial [B,h*w]) gates in (0, 1); `valid` bool [B,h*w] (False on padding)."""
+    def gates(self, fmap: torch.Tensor, query: torch.Tensor,
+              valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channel [B,C], spatial [B,h*w]) gates in (0, 1); `valid` bool [B,h*w] (False on
+        padding)."""
         x = fmap.flatten(2).transpose(1, 2)  # [B,N,C]
         avg = masked_mean(x, valid)
         peak = x.masked_fill(~valid.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
@@ -80,32 +85,37 @@ class QueryDynamicAttention(nn.Module):
     def forward(self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         channel, spatial = self.gates(fmap, query, valid)
         b, c, h, w = fmap.shape
-        return fmap * channel.view(b, c, 1, 1).to(fmap.dtype) * spatial.view(b, 1, h, w).to(fmap.dtype)
+        channel, spatial = channel.to(fmap.dtype), spatial.to(fmap.dtype)
+        return fmap * channel.view(b, c, 1, 1) * spatial.view(b, 1, h, w)
 
 
 def avg_down(fmap: torch.Tensor) -> torch.Tensor:
-    """2x2 average (odd sides zero-padded first, as QRNet's merge), halving the grid like a backbone stage."""
+    """2x2 average (odd sides zero-padded first, as QRNet's merge), halving the grid like a backbone
+    stage."""
     h, w = fmap.shape[-2:]
     return F.avg_pool2d(F.pad(fmap, (0, w % 2, 0, h % 2)), 2)
 
 
 class QueryFPN(nn.Module):
-    """QRNet's fusion: maps [B,C_l,h_l,w_l] (finest first, each half the previous one's side) -> the two
-    coarsest outputs [B,D,h,w] and [B,D,ceil(h/2),ceil(w/2)].
+    """QRNet's fusion: maps [B,C_l,h_l,w_l] (finest first, each half the previous one's side) -> the
+    two coarsest outputs [B,D,h,w] and [B,D,ceil(h/2),ceil(w/2)].
 
-    1x1 lateral projections; top-down: each coarser level upsampled (nearest) and added to the finer one;
-    bottom-up: each level, QD-ATT-gated and 2x2-averaged, added to the next coarser one; then one extra level
-    (the last one at stride 2, as FPN's extra max-pool level). `qd_att` None: ungated merges."""
+    1x1 lateral projections; top-down: each coarser level upsampled (nearest) and added to the finer
+    one; bottom-up: each level, QD-ATT-gated and 2x2-averaged, added to the next coarser one; then
+    one extra level (the last one at stride 2, as FPN's extra max-pool level). `qd_att` None:
+    ungated merges."""
 
     def __init__(self, channels: list[int], out_dim: int, qd_att: nn.ModuleList | None):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, out_dim, 1) for c in channels)
         self.qd_att = qd_att  # one per bottom-up merge
 
-    def forward(self, maps: list[torch.Tensor], query: torch.Tensor, pixel_mask: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, maps: list[torch.Tensor], query: torch.Tensor,
+                pixel_mask: torch.Tensor) -> list[torch.Tensor]:
         levels = [proj(m) for proj, m in zip(self.lateral, maps)]
         for i in range(len(levels) - 1, 0, -1):
-            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="nearest")
+            up = F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="nearest")
+            levels[i - 1] = levels[i - 1] + up
         for i in range(len(levels) - 1):
             x = levels[i]
             if self.qd_att is not None:
@@ -125,13 +135,15 @@ class QRNet(TransVG):
         def qd_atts(channels: list[int]) -> nn.ModuleList | None:
             if not q.qd_att:
                 return None
-            return nn.ModuleList(QueryDynamicAttention(c, text_dim, q.qd_att_rank, q.qd_att_reduction)
-                                 for c in channels)
+            rank, reduction = q.qd_att_rank, q.qd_att_reduction
+            return nn.ModuleList(QueryDynamicAttention(c, text_dim, rank, reduction) for c in channels)
 
-        # Not under `visual.`: QD-ATT is new even on a pretrained backbone, so it trains at the head's lr.
+        # Not under `visual.`: QD-ATT is new even on a pretrained backbone, so it trains at the
+        # head's lr.
         self.qd_att = qd_atts(self.visual.stage_channels)
         if stages != list(range(stages[0], stages[-1] + 1)):
-            raise ValueError(f"qrnet's fusion merges consecutive stages; model.visual.out_stages {stages}")
+            raise ValueError(
+                f"qrnet's fusion merges consecutive stages; model.visual.out_stages {stages}")
         self.multiscale = QueryFPN(self.visual.out_channels, d, qd_atts([d] * (len(stages) - 1)))
         return d
 
@@ -141,7 +153,8 @@ class QRNet(TransVG):
 
     @staticmethod
     def query(text: torch.Tensor) -> torch.Tensor:
-        """The sentence feature QD-ATT and the fusion read: the text encoder's [CLS] output, as in QRNet."""
+        """The sentence feature QD-ATT and the fusion read: the text encoder's [CLS] output, as in
+        QRNet."""
         return text[:, 0]
 
     def visual_features(self, batch: dict, text: torch.Tensor) -> list[torch.Tensor]:

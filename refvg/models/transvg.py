@@ -50,9 +50,9 @@ class TransVG(nn.Module):
         self.head = build_box_head(m.fusion)
 
     def build_neck(self) -> int:
-        """Modules between the backbones and the fusion transformer (TransVG: the visual transformer on the
-        last out stage's map, unless `fusion.visual_encoder_layers` is 0); returns the channels of the map
-        the fusion transformer consumes."""
+        """Modules between the backbones and the fusion transformer (TransVG: the visual transformer
+        on the last out stage's map, unless `fusion.visual_encoder_layers` is 0); returns the
+        channels of the map the fusion transformer consumes."""
         channels = self.visual.out_channels[-1]
         f = self.cfg.model.fusion
         self.visual_encoder = VisualEncoder(channels, f) if f.visual_encoder_layers > 0 else None

@@ -170,12 +170,13 @@ class VLTransformer(nn.Module):
             self.visual_pos = nn.Embedding(num_visual_tokens, d)
             self.norm = nn.Identity()  # post-norm layers end normalised
             xavier_(self.layers)
-            # N(0, 1), TransVG's nn.Embedding default for its [REG] token and position table: at the scale
-            # of the normalised tokens, so positions steer attention from the first step.
+            # N(0, 1), TransVG's nn.Embedding default for its [REG] token and position table: at the
+            # scale of the normalised tokens, so positions steer attention from the first step.
             for table in (self.reg_token, self.reg_pos, self.visual_pos.weight):
                 nn.init.normal_(table)
         else:
-            # The [REG] token has no position of its own; the type embeddings tell the three kinds apart.
+            # The [REG] token has no position of its own; the type embeddings tell the three kinds
+            # apart.
             self.type_embed = nn.Parameter(torch.zeros(3, d))
             self.norm = nn.LayerNorm(d)
             nn.init.normal_(self.type_embed, std=0.02)
