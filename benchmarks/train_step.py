@@ -7,7 +7,8 @@ Prints samples/s and peak memory for fp32 vs bf16 autocast and eager vs `torch.c
 speed relative to fp32 eager of the same model. Every (model, variant) runs in its own process, so peak
 memory (CUDA: max allocated; CPU: peak RSS growth) and compile caches are its own.
 `--real-size`: the papers' sizes built from config (no download): Swin-T / ResNet-50 visual backbone,
-BERT-base text encoder, a 6-layer 256-d fusion transformer, stride-32 tokens (qrnet fuses strides 8/16/32).
+BERT-base text encoder, 6-layer 256-d transformers, stride-32 tokens (qrnet: FPN over strides 4-32, tokens
+at strides 32 and 64).
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ VARIANTS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled")
 
 REAL_SIZE = {
     "text": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "vocab_size": 30522},
-    "fusion": {"d_model": 256, "num_layers": 6, "num_heads": 8, "ffn_dim": 2048},
+    "fusion": {"d_model": 256, "num_layers": 6, "num_heads": 8, "ffn_dim": 2048, "visual_encoder_layers": 6},
 }
 REAL_VISUAL = {
     "transvg": {"kind": "resnet", "hidden_sizes": [256, 512, 1024, 2048], "depths": [3, 4, 6, 3], "out_stages": [3]},
     "qrnet": {"kind": "swin", "embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24],
-              "out_stages": [1, 2, 3]},
+              "out_stages": [0, 1, 2, 3]},
 }
 
 
@@ -39,10 +40,8 @@ def model_config(model: str, image_size: int, real_size: bool):
     over: dict = {"data": {"image_size": image_size}}
     if real_size:
         over["model"] = {**REAL_SIZE, "visual": REAL_VISUAL[model]}
-        if model == "qrnet":
-            over["model"]["qrnet"] = {"fusion_stage": 3}
     elif model == "qrnet":
-        over["model"] = {"visual": {"kind": "swin", "out_stages": [1, 2]}}  # the default pipeline's qrnet
+        over["model"] = {"visual": {"kind": "swin", "out_stages": [0, 1]}}  # the default pipeline's qrnet
     return Config.model_validate(_deep_merge(raw, over))
 
 

@@ -132,26 +132,41 @@ class FusionConfig(_Strict):
     num_heads: int = 4
     ffn_dim: int = 256
     dropout: float = Field(0.0, ge=0, lt=1)
+    # TransVG's visual transformer: DETR encoder layers (post-norm, 2-D sine positions on queries
+    # and keys) on the CNN's last map, projected to d_model by a 1x1 conv. The paper has 6; 0: none
+    # (the CNN map goes straight to the fusion transformer, as in transvg_attn).
+    visual_encoder_layers: int = Field(2, ge=0)
+    # Positions in the fusion transformer. "query_key" (the paper's): one learned embedding per
+    # token slot ([REG], text, visual), added to queries and keys in every post-norm layer.
+    # "tokens": 2-D sine (visual), learned (text) and type embeddings added once to the tokens
+    # themselves, pre-norm layers (transvg_attn).
+    position: Literal["query_key", "tokens"] = "query_key"
+    # Append FAOA-style 8-d cell coordinates to each visual token (not in the paper; transvg_attn).
+    cell_coords: bool = False
     # "mlp": the paper's head, an MLP on the [REG] output. "attention": [REG] also attends over the fused
     # visual tokens and the box centre is the attention-weighted cell centre plus an MLP offset; it reads
-    # location off the feature map instead of decoding it, and converges several times faster from scratch.
-    box_head: Literal["mlp", "attention"] = "attention"
+    # location off the feature map instead of decoding it (transvg_attn, with
+    # train.loss.attention_weight).
+    box_head: Literal["mlp", "attention"] = "mlp"
     # Attention head only: the box is read from the cells within this many cells of the attention peak
     # (null: from the whole map). A soft average over the whole map lands between two candidate objects.
     readout_radius: Optional[int] = Field(1, ge=0)
 
 
 class QRNetConfig(_Strict):
-    """QRNet's query-modulated backbone. Its multiscale fusion reads every `model.visual.out_stages` map."""
+    """QRNet's query-modulated backbone and fusion. Its fusion (top-down FPN + QD-ATT-gated bottom-up path)
+    reads every `model.visual.out_stages` map; the last level and one more (stride x2) enter the fusion
+    transformer as tokens of two scales."""
 
-    # Query-aware dynamic attention inside every backbone stage up to the last out stage; false: the
-    # ablation, a backbone that never sees the expression (the multiscale fusion stays query-aware).
+    # Query-aware dynamic attention (channel gate then spatial gate, weights generated from the
+    # sentence) after every backbone stage and on every bottom-up merge of the fusion; false: the
+    # ablation, no QD-ATT anywhere (the visual path never sees the expression), as the paper's
+    # use_channel/use_spatial off.
     qd_att: bool = True
-    qd_att_rank: int = Field(16, gt=0)  # rank of the dynamic linear layer's query-generated weights
-    qd_att_key_dim: int = Field(64, gt=0)
-    # The out stage whose grid the fused map (the fusion transformer's visual tokens) takes; null: the
-    # finest. Small RefShapes objects need stride 8; at 640 px stride 32 keeps the token count at 400.
-    fusion_stage: Optional[int] = None
+    qd_att_rank: int = Field(16, gt=0)  # k of the dynamic linear layers' generated weights (the paper's 30)
+    qd_att_reduction: int = Field(16, gt=0)  # channel gate MLP: C -> C // this (at least 1) -> C
+
+
 class CMSAConfig(_Strict):
     """CMSA (referring segmentation): one cross-modal self-attention block per backbone level of
     `visual.out_stages`, gated fusion of the levels, an upsampling decoder to mask logits."""
@@ -304,8 +319,8 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    l1_weight: float = 5.0
-    giou_weight: float = 2.0
+    l1_weight: float = 1.0  # TransVG's and QRNet's L1 + GIoU, unweighted (DETR: 5 and 2)
+    giou_weight: float = 1.0
     # Weight of -log(read-out attention mass inside the target box); only with fusion.box_head "attention".
     attention_weight: float = Field(1.0, ge=0)
     # Mask methods: per-pixel BCE and soft Dice on the letterboxed mask logits (padding excluded).

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel, SwinConfig, SwinModel
@@ -8,6 +10,7 @@ from refvg.models import build_model, list_models, register_model
 from refvg.models.backbones import build_text_encoder, build_visual_backbone
 
 VOCAB, PAD = 200, 0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_batch(b=4, size=64, length=12, seed=0):
@@ -43,10 +46,60 @@ def test_transvg_shapes_loss_and_grads(kind):
     assert pred.shape == (4, 4) and pred.dtype == torch.float32
     assert ((pred >= 0) & (pred <= 1)).all()
     losses = model.compute_loss(out, batch)
-    assert {"loss", "l1", "giou", "attention"} <= set(losses) and torch.isfinite(losses["loss"])
+    assert set(losses) == {"loss", "l1", "giou"} and torch.isfinite(losses["loss"])
     losses["loss"].backward()
-    for part in (model.visual, model.text, model.vl, model.head):
+    for part in (model.visual, model.visual_encoder, model.text, model.vl, model.head):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
+
+
+def test_default_transvg_is_the_papers():
+    """CNN + visual transformer, BERT, [REG], fusion transformer with learned positions on queries and keys,
+    an MLP head on [REG], and L1 + GIoU only."""
+    from refvg.models.vl import BoxHead, VisualEncoder
+
+    model = make_model().eval()
+    assert isinstance(model.visual_encoder, VisualEncoder) and len(model.visual_encoder.layers) == 2
+    assert all(layer.post_norm for layer in (*model.visual_encoder.layers, *model.vl.layers))
+    assert type(model.head) is BoxHead  # the MLP, not the attention head
+    assert not model.vl.cell_coords and model.vl.visual_proj.in_features == model.vl.d_model
+    assert model.vl.visual_pos.num_embeddings == 64  # 64 px at stride 8: one learned position per cell
+
+    # The visual transformer mixes the whole map: a change in the top-left corner of the image moves
+    # the bottom-right cell's features after the encoder, though not the CNN's, whose receptive
+    # field ends early.
+    batch = make_batch(2)
+    batch["pixel_mask"][:] = False
+    other = dict(batch, image=batch["image"].clone())
+    other["image"][:, :, :8, :8] += 3.0
+    with torch.no_grad():
+        cnn = [model.visual(b["image"])[-1][..., -1, -1] for b in (batch, other)]
+        enc = [model.visual_features(b, None)[..., -1, -1] for b in (batch, other)]
+    torch.testing.assert_close(cnn[0], cnn[1])
+    assert not torch.allclose(enc[0], enc[1])
+
+    # The loss is the unweighted L1 + GIoU (params.yaml: train.loss l1_weight = giou_weight = 1).
+    out = model(batch)
+    losses = model.compute_loss(out, batch)
+    torch.testing.assert_close(losses["loss"], losses["l1"] + losses["giou"])
+
+
+def test_transvg_attn_is_the_same_class_configured():
+    """params.yaml's transvg_attn: no visual encoder, cell coordinates, positions in the tokens, attention
+    box head and its attention-in-box loss, DETR's 5:2 box loss weights."""
+    from refvg.config import load_config
+    from refvg.models.vl import AttentionBoxHead
+
+    cfg = load_config(ROOT / "params.yaml").for_method("transvg_attn")
+    torch.manual_seed(0)
+    model = build_model("transvg", cfg, VOCAB, PAD)
+    assert model.visual_encoder is None and isinstance(model.head, AttentionBoxHead)
+    assert model.vl.cell_coords and model.vl.position == "tokens"
+    assert model.vl.visual_proj.in_features == model.visual.out_channels[-1] + 8
+    batch = make_batch(2)
+    out = model(batch)
+    losses = model.compute_loss(out, batch)
+    assert set(losses) == {"loss", "l1", "giou", "attention"}
+    torch.testing.assert_close(losses["loss"], 5 * losses["l1"] + 2 * losses["giou"] + losses["attention"])
 
 
 def test_transvg_overfits_one_batch():
@@ -174,11 +227,12 @@ def test_registry():
 def test_box_heads_and_grounding_attention_loss():
     from refvg.models.vl import attention_in_box_loss
 
-    # The paper's MLP head is still available and trains without the attention term.
-    model = make_model(box_head="mlp")
+    # The attention head (transvg_attn) adds its read-out attention and the attention-in-box term.
+    model = make_model(box_head="attention")
     b = make_batch(2)
     out = model(b)
-    assert "readout_attention" not in out and set(model.compute_loss(out, b)) == {"loss", "l1", "giou"}
+    assert out["readout_attention"].shape == (2, 64) and out["grid"] == (8, 8)
+    assert set(model.compute_loss(out, b)) == {"loss", "l1", "giou", "attention"}
 
     # All attention on the cell holding the box centre -> ~0 loss; all of it elsewhere -> large.
     grid = (4, 4)
@@ -215,7 +269,7 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
     assert logits.grad.abs().sum() > 0
 
     # The head's centre follows the local read-out: on the stronger object, not between the two.
-    head = make_model().head
+    head = make_model(box_head="attention").head
     assert head.readout_radius == 1
     d = head.query.in_features
     with torch.no_grad():

@@ -1,15 +1,24 @@
-"""QRNet (Ye et al., CVPR 2022, "Shifting More Attention to Visual Backbone: Query-modulated Refinement
-Networks for End-to-End Visual Grounding"): TransVG whose visual backbone is steered by the expression.
+"""QRNet (Ye et al., CVPR 2022, "Shifting More Attention to Visual Backbone: Query-modulated
+Refinement Networks for End-to-End Visual Grounding"): TransVG whose visual backbone is steered by
+the expression.
 
-- Query-aware dynamic attention (QD-ATT) after every backbone stage: a linear layer whose weights are
-  generated from the sentence feature maps each pixel to a key; keys give a spatial attention (key . query)
-  and a channel attention (pooled keys gated by the query). The refined map goes into the next stage, so
-  later stages already see query-relevant features.
-- Query-aware multiscale fusion: the out stages' maps (e.g. strides 8, 16, 32) are projected to one width,
-  resized to one grid (`fusion_stage`'s) and summed with per-level weights predicted from the query.
-The fusion transformer, [REG] token, box head and L1 + GIoU loss are TransVG's (inherited, not copied).
+- Query-aware dynamic attention (QD-ATT) after every backbone stage: two multiplicative gates in
+  sequence, a channel gate sigmoid(MLP(avg-pool) + MLP(max-pool)) and a spatial gate
+  sigmoid(linear C -> 1), where every linear layer's weights are generated from the sentence feature
+  (the text encoder's [CLS] output). Gates lie in (0, 1): the expression can suppress features as
+  well as keep them. The gated map goes into the next stage, so later stages already compute on
+  query-relevant features.
+- Query-aware multiscale fusion: the out stages' maps, projected to one width, pass a top-down FPN
+  path (coarser maps upsampled and added) and a bottom-up path where each level, gated by QD-ATT and
+  2x2-averaged, is added to the next coarser one. The last level and one more (its stride-2
+  subsampling) enter the fusion transformer: tokens of two scales, each with a learned scale
+  embedding.
+Unlike TransVG, no visual transformer runs on the backbone's maps (QRNet has none). The fusion
+transformer, [REG] token, MLP head and L1 + GIoU loss are TransVG's (inherited, not copied).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,105 +32,141 @@ from refvg.models.vl import downsample_mask
 
 def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean over the kept positions: [B,N,D], [B,N] (nonzero/True = keep) -> [B,D]. For the sentence feature
-    (the real tokens) and for pooling keys over real pixels (not letterbox padding)."""
+    (the real tokens) and for pooling over real pixels (not letterbox padding)."""
     m = keep.unsqueeze(-1).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 class DynamicLinear(nn.Module):
-    """x [B,N,C_in] -> [B,N,C_out] through W(q) = U diag(g(q)) V: a per-sample weight generated from the
-    query, factorised so generating it costs `rank` numbers instead of C_in * C_out."""
+    """x [B,...,C_in] -> [B,...,C_out] through a weight and bias generated from the query: [W; b](q)
+    = U(q) V, U(q) [C_in+1, rank] a linear function of q, V [rank, C_out] learned. V starts at zero
+    (as in QRNet), so the layer starts at 0 and every gate built on it at sigmoid(0) = 0.5."""
 
     def __init__(self, in_dim: int, out_dim: int, query_dim: int, rank: int):
         super().__init__()
-        self.u = nn.Linear(in_dim, rank, bias=False)
-        self.g = nn.Linear(query_dim, rank)
-        self.v = nn.Linear(rank, out_dim)
+        self.in_dim, self.rank = in_dim, rank
+        self.decoder = nn.Linear(query_dim, (in_dim + 1) * rank)
+        self.v = nn.Parameter(torch.zeros(rank, out_dim))
 
     def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.v(self.u(x) * self.g(query).unsqueeze(1))
+        b = x.shape[0]
+        param = self.decoder(query).view(b, self.in_dim + 1, self.rank) @ self.v.to(query.dtype)
+        param = param.to(x.dtype)
+        bias = param[:, -1].view(b, *([1] * (x.dim() - 2)), -1)
+        return torch.einsum("b...i,bio->b...o", x, param[:, :-1]) + bias
 
 
 class QueryDynamicAttention(nn.Module):
-    """QD-ATT on one stage: map [B,C,h,w] -> map of the same shape, re-weighted per channel and per pixel
-    by how well they match the expression.
+    """QD-ATT on one map [B,C,h,w] -> the same shape: x * channel gate, then * spatial gate
+    (computed on the channel-gated map). Pooling for the channel gate covers real pixels only (not
+    letterbox padding)."""
 
-    Output = map + map * channel_att * spatial_att: the residual keeps a pretrained backbone's features
-    intact where the query gives no evidence, so the attention refines rather than replaces them."""
-
-    def __init__(self, channels: int, query_dim: int, key_dim: int, rank: int):
+    def __init__(self, channels: int, query_dim: int, rank: int, reduction: int = 16):
         super().__init__()
-        self.key = DynamicLinear(channels, key_dim, query_dim, rank)
-        self.spatial_query = nn.Linear(query_dim, key_dim)
-        self.channel_query = nn.Linear(query_dim, key_dim)
-        self.channel = nn.Linear(key_dim, channels)
-        self.scale = key_dim ** -0.5
+        hidden = max(1, channels // reduction)
+        self.channel_in = DynamicLinear(channels, hidden, query_dim, rank)
+        self.channel_out = DynamicLinear(hidden, channels, query_dim, rank)
+        self.spatial = DynamicLinear(channels, 1, query_dim, rank)
 
-    def attention(self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(channel [B,C], spatial [B,h*w]) attention in (0, 1); `valid` bool [B,h*w] excludes padding from pooling."""
-        key = F.gelu(self.key(fmap.flatten(2).transpose(1, 2), query))  # [B,N,K]
-        spatial = torch.sigmoid((key @ self.spatial_query(query).unsqueeze(-1)).squeeze(-1) * self.scale)
-        channel = torch.sigmoid(self.channel(masked_mean(key, valid) * self.channel_query(query)))
+    def channel_mlp(self, pooled: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return self.channel_out(F.relu(self.channel_in(pooled, query)), query)
+
+    def gates(self, fmap: torch.Tensor, query: torch.Tensor,
+              valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channel [B,C], spatial [B,h*w]) gates in (0, 1); `valid` bool [B,h*w] (False on
+        padding)."""
+        x = fmap.flatten(2).transpose(1, 2)  # [B,N,C]
+        avg = masked_mean(x, valid)
+        peak = x.masked_fill(~valid.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
+        channel = torch.sigmoid(self.channel_mlp(avg, query) + self.channel_mlp(peak, query))
+        spatial = torch.sigmoid(self.spatial(x * channel.unsqueeze(1), query)).squeeze(-1)
         return channel, spatial
 
     def forward(self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        channel, spatial = self.attention(fmap, query, valid)
+        channel, spatial = self.gates(fmap, query, valid)
         b, c, h, w = fmap.shape
-        gate = channel.view(b, c, 1, 1) * spatial.view(b, 1, h, w)
-        return fmap + fmap * gate.to(fmap.dtype)
+        channel, spatial = channel.to(fmap.dtype), spatial.to(fmap.dtype)
+        return fmap * channel.view(b, c, 1, 1) * spatial.view(b, 1, h, w)
 
 
-class QueryMultiscaleFusion(nn.Module):
-    """Maps [B,C_l,h_l,w_l] (finest first) -> one [B,D,h_t,w_t] on level `target`'s grid: per-level 1x1
-    projection, resize, weighted sum with softmax weights predicted from the query."""
+def avg_down(fmap: torch.Tensor) -> torch.Tensor:
+    """2x2 average (odd sides zero-padded first, as QRNet's merge), halving the grid like a backbone
+    stage."""
+    h, w = fmap.shape[-2:]
+    return F.avg_pool2d(F.pad(fmap, (0, w % 2, 0, h % 2)), 2)
 
-    def __init__(self, channels: list[int], query_dim: int, out_dim: int, target: int = 0):
+
+class QueryFPN(nn.Module):
+    """QRNet's fusion: maps [B,C_l,h_l,w_l] (finest first, each half the previous one's side) -> the
+    two coarsest outputs [B,D,h,w] and [B,D,ceil(h/2),ceil(w/2)].
+
+    1x1 lateral projections; top-down: each coarser level upsampled (nearest) and added to the finer
+    one; bottom-up: each level, QD-ATT-gated and 2x2-averaged, added to the next coarser one; then
+    one extra level (the last one at stride 2, as FPN's extra max-pool level). `qd_att` None:
+    ungated merges."""
+
+    def __init__(self, channels: list[int], out_dim: int, qd_att: nn.ModuleList | None):
         super().__init__()
-        self.proj = nn.ModuleList(nn.Conv2d(c, out_dim, 1) for c in channels)
-        self.level_logits = nn.Linear(query_dim, len(channels))
-        self.target = target
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_dim, 1) for c in channels)
+        self.qd_att = qd_att  # one per bottom-up merge
 
-    def forward(self, maps: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
-        size = maps[self.target].shape[-2:]
-        weights = self.level_logits(query).softmax(-1)
-        fused = 0
-        for i, (proj, fmap) in enumerate(zip(self.proj, maps)):
-            level = proj(fmap)
-            if level.shape[-2] > size[0]:  # finer level onto a coarser grid: average, not sample (aliasing)
-                level = F.adaptive_avg_pool2d(level, size)
-            elif level.shape[-2:] != size:
-                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-            fused = fused + weights[:, i, None, None, None].to(level.dtype) * level
-        return fused
+    def forward(self, maps: list[torch.Tensor], query: torch.Tensor,
+                pixel_mask: torch.Tensor) -> list[torch.Tensor]:
+        levels = [proj(m) for proj, m in zip(self.lateral, maps)]
+        for i in range(len(levels) - 1, 0, -1):
+            up = F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="nearest")
+            levels[i - 1] = levels[i - 1] + up
+        for i in range(len(levels) - 1):
+            x = levels[i]
+            if self.qd_att is not None:
+                x = self.qd_att[i](x, query, ~downsample_mask(pixel_mask, x.shape[-2:]).flatten(1))
+            levels[i + 1] = levels[i + 1] + avg_down(x)
+        return [levels[-1], levels[-1][..., ::2, ::2]]
 
 
 class QRNet(TransVG):
     def build_neck(self) -> int:
         q, d = self.cfg.model.qrnet, self.cfg.model.fusion.d_model
-        if list(self.visual.out_stages) != sorted(self.visual.out_stages):
-            raise ValueError(f"qrnet fuses model.visual.out_stages finest first; got {self.visual.out_stages}")
-        text_dim = self.text.hidden_size
-        self.query_norm = nn.LayerNorm(text_dim)
-        # Not under `visual.`: QD-ATT is new even on a pretrained backbone, so it trains at the head's lr.
-        self.qd_att = nn.ModuleList(
-            QueryDynamicAttention(c, text_dim, q.qd_att_key_dim, q.qd_att_rank) for c in self.visual.stage_channels
-        ) if q.qd_att else None
         stages = list(self.visual.out_stages)
-        if q.fusion_stage is not None and q.fusion_stage not in stages:
-            raise ValueError(f"model.qrnet.fusion_stage {q.fusion_stage} is not one of model.visual.out_stages {stages}")
-        target = 0 if q.fusion_stage is None else stages.index(q.fusion_stage)
-        self.multiscale = QueryMultiscaleFusion(self.visual.out_channels, text_dim, d, target)
+        if stages != sorted(stages):
+            raise ValueError(f"qrnet fuses model.visual.out_stages finest first; got {stages}")
+        text_dim = self.text.hidden_size
+
+        def qd_atts(channels: list[int]) -> nn.ModuleList | None:
+            if not q.qd_att:
+                return None
+            rank, reduction = q.qd_att_rank, q.qd_att_reduction
+            return nn.ModuleList(QueryDynamicAttention(c, text_dim, rank, reduction) for c in channels)
+
+        # Not under `visual.`: QD-ATT is new even on a pretrained backbone, so it trains at the
+        # head's lr.
+        self.qd_att = qd_atts(self.visual.stage_channels)
+        if stages != list(range(stages[0], stages[-1] + 1)):
+            raise ValueError(
+                f"qrnet's fusion merges consecutive stages; model.visual.out_stages {stages}")
+        self.multiscale = QueryFPN(self.visual.out_channels, d, qd_atts([d] * (len(stages) - 1)))
         return d
 
-    def visual_features(self, batch: dict, text: torch.Tensor) -> torch.Tensor:
-        query = self.query_norm(masked_mean(text, batch["attention_mask"]))
+    def visual_grids(self) -> list[tuple[int, int]]:
+        side = math.ceil(self.cfg.data.image_size / self.visual.strides[-1])
+        return [(side, side), (math.ceil(side / 2),) * 2]
+
+    @staticmethod
+    def query(text: torch.Tensor) -> torch.Tensor:
+        """The sentence feature QD-ATT and the fusion read: the text encoder's [CLS] output, as in
+        QRNet."""
+        return text[:, 0]
+
+    def visual_features(self, batch: dict, text: torch.Tensor) -> list[torch.Tensor]:
+        """The two token maps (finer, coarser) the fusion transformer reads."""
+        query = self.query(text)
         pixel_mask = batch["pixel_mask"]
         modulate = None
         if self.qd_att is not None:
             def modulate(stage: int, fmap: torch.Tensor) -> torch.Tensor:
                 valid = ~downsample_mask(pixel_mask, fmap.shape[-2:]).flatten(1)
                 return self.qd_att[stage](fmap, query, valid)
-        return self.multiscale(self.visual(batch["image"], modulate=modulate), query)
+        return self.multiscale(self.visual(batch["image"], modulate=modulate), query, pixel_mask)
 
 
 @register_model("qrnet")

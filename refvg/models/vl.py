@@ -1,4 +1,5 @@
-"""Visual-linguistic fusion shared by the transformer grounding models (TransVG, QRNet).
+"""Visual-linguistic fusion shared by the transformer grounding models (TransVG, QRNet), and TransVG's
+visual transformer (a DETR encoder on the CNN's map).
 
 Token layout fed to the encoder: [REG] + text tokens + visual tokens. The [REG] output is what the
 box head reads, so it must never be masked; that also guarantees no attention row is fully masked.
@@ -54,30 +55,31 @@ def cell_coords(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm encoder layer on `scaled_dot_product_attention`.
+    """Encoder layer on `scaled_dot_product_attention`: pre-norm with GELU (default), or post-norm with
+    ReLU (`post_norm`: DETR's and TransVG's layer).
 
     Positions are added to queries and keys only (DETR style), so values carry content alone; with a
     fused qkv weight that is W_qk @ pos added to q and k, computed without a second full projection."""
 
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, post_norm: bool = False):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
+        self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
-            nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model)
+            nn.Linear(d_model, ffn_dim), nn.ReLU() if post_norm else nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(ffn_dim, d_model)
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
-        """x [B,N,D]; pos [B or 1,N,D] or None; keep bool [B,N] (True = a real key) or None."""
-        b, n, d = x.shape
-        h = self.norm1(x)
+    def attend(self, h: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = h.shape
         qkv = self.qkv(h)
         if pos is not None:
             qk_pos = F.linear(pos.to(qkv.dtype), self.qkv.weight[: 2 * d].to(qkv.dtype))
@@ -87,63 +89,150 @@ class TransformerLayer(nn.Module):
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, d)))
+        return self.drop(self.out(a.transpose(1, 2).reshape(b, n, d)))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        """x [B,N,D]; pos [B or 1,N,D] or None; keep bool [B,N] (True = a real key) or None."""
+        if self.post_norm:
+            x = self.norm1(x + self.attend(x, pos, keep))
+            return self.norm2(x + self.drop(self.ffn(x)))
+        x = x + self.attend(self.norm1(x), pos, keep)
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+def xavier_(module: nn.Module) -> None:
+    """DETR's (and TransVG's) init of its transformers: Xavier-uniform on every matrix."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+class VisualEncoder(nn.Module):
+    """TransVG's visual transformer: the CNN map [B,C,h,w] -> 1x1 conv to d_model -> DETR encoder layers
+    (post-norm, 2-D sine positions on queries and keys, letterbox padding masked) -> [B,d_model,h,w]."""
+
+    def __init__(self, in_channels: int, cfg: FusionConfig):
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.input_proj = nn.Conv2d(in_channels, cfg.d_model, 1)
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout, post_norm=True)
+            for _ in range(cfg.visual_encoder_layers)
+        )
+        xavier_(self.layers)
+
+    def forward(self, fmap: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = fmap.shape
+        pad = downsample_mask(pixel_mask, (h, w))
+        x = self.input_proj(fmap).flatten(2).transpose(1, 2)
+        pos = sine_position_2d(pad, self.d_model).flatten(1, 2)
+        keep = ~pad.flatten(1)
+        for layer in self.layers:
+            x = layer(x, pos, keep)
+        return x.transpose(1, 2).reshape(b, self.d_model, h, w)
+
+
 class VLTransformer(nn.Module):
-    """Fuses one visual feature map with text token features; returns ([REG] [B,D], tokens [B,1+L+N,D]).
+    """Fuses visual feature maps with text token features; returns ([REG] [B,D], tokens [B,1+L+N,D]).
 
-    Token order in the output: [REG], the L text tokens, then the h*w visual tokens (row-major)."""
+    Token order in the output: [REG], the L text tokens, then each map's h*w visual tokens (row-major),
+    maps in the order given. Several maps (QRNet's two scales) each get a learned scale embedding, added
+    to their features before the projection, as in QRNet.
 
-    def __init__(self, visual_dim: int, text_dim: int, cfg: FusionConfig, max_text_len: int = 64):
+    `position` "query_key" (TransVG's): a learned embedding per token slot added to queries and keys of
+    post-norm layers; it needs `num_visual_tokens`, the visual token count, fixed by the letterbox size.
+    "tokens": positions added to the tokens once, pre-norm layers and a final norm. `cell_coords`: 8-d
+    cell coordinates appended to each visual token's features."""
+
+    def __init__(self, visual_dim: int, text_dim: int, cfg: FusionConfig, max_text_len: int = 64, *,
+                 position: str = "tokens", cell_coords: bool = True, num_visual_tokens: int | None = None,
+                 num_scales: int = 1):
         super().__init__()
         d = cfg.d_model
         self.d_model = d
-        self.visual_proj = nn.Linear(visual_dim + 8, d)
+        self.position = position
+        self.cell_coords = cell_coords
+        self.visual_proj = nn.Linear(visual_dim + (8 if cell_coords else 0), d)
         self.text_proj = nn.Linear(text_dim, d)
         self.text_pos = nn.Embedding(max_text_len, d)
         self.reg_token = nn.Parameter(torch.zeros(1, 1, d))
-        # The [REG] token has no position of its own; the type embeddings tell the three kinds apart.
-        self.type_embed = nn.Parameter(torch.zeros(3, d))
+        self.scale_embed = nn.Parameter(torch.zeros(num_scales, visual_dim)) if num_scales > 1 else None
+        post_norm = position == "query_key"
         self.layers = nn.ModuleList(
-            TransformerLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.num_layers)
+            TransformerLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, post_norm=post_norm)
+            for _ in range(cfg.num_layers)
         )
-        self.norm = nn.LayerNorm(d)
         nn.init.normal_(self.reg_token, std=0.02)
-        nn.init.normal_(self.type_embed, std=0.02)
-        nn.init.normal_(self.text_pos.weight, std=0.02)
+        if post_norm:
+            if num_visual_tokens is None:
+                raise ValueError("position 'query_key' needs num_visual_tokens")
+            self.reg_pos = nn.Parameter(torch.zeros(1, 1, d))
+            self.visual_pos = nn.Embedding(num_visual_tokens, d)
+            self.norm = nn.Identity()  # post-norm layers end normalised
+            xavier_(self.layers)
+            # N(0, 1), TransVG's nn.Embedding default for its [REG] token and position table: at the
+            # scale of the normalised tokens, so positions steer attention from the first step.
+            for table in (self.reg_token, self.reg_pos, self.visual_pos.weight):
+                nn.init.normal_(table)
+        else:
+            # The [REG] token has no position of its own; the type embeddings tell the three kinds
+            # apart.
+            self.type_embed = nn.Parameter(torch.zeros(3, d))
+            self.norm = nn.LayerNorm(d)
+            nn.init.normal_(self.type_embed, std=0.02)
+        nn.init.normal_(self.text_pos.weight, std=1.0 if post_norm else 0.02)
+        if self.scale_embed is not None:
+            nn.init.normal_(self.scale_embed)  # N(0, 1): QRNet's nn.Embedding default
 
     def forward(
         self,
-        visual: torch.Tensor,
+        visual: torch.Tensor | list[torch.Tensor],
         pixel_mask: torch.Tensor,
         text: torch.Tensor,
         text_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """visual [B,C,h,w]; pixel_mask bool [B,S,S] (True = padding); text [B,L,Ct]; text_mask [B,L] (1 = real)."""
-        b, _, fh, fw = visual.shape
-        L = text.shape[1]
+        """visual [B,C,h,w] or a list of such maps; pixel_mask bool [B,S,S] (True = padding); text [B,L,Ct];
+        text_mask [B,L] (1 = real)."""
+        maps = [visual] if isinstance(visual, torch.Tensor) else list(visual)
+        b, L = text.shape[0], text.shape[1]
         if L > self.text_pos.num_embeddings:
             raise ValueError(f"{L} text tokens exceed max_text_len {self.text_pos.num_embeddings}")
-        vis_pad = downsample_mask(pixel_mask, (fh, fw)).flatten(1)  # [B,N]
-        coords = cell_coords(fh, fw, visual).expand(b, -1, -1)
-        v = self.visual_proj(torch.cat([visual.flatten(2).transpose(1, 2), coords], -1))
+        feats, pads, sines = [], [], []
+        for i, fmap in enumerate(maps):
+            fh, fw = fmap.shape[-2:]
+            pad = downsample_mask(pixel_mask, (fh, fw))
+            f = fmap.flatten(2).transpose(1, 2)
+            if self.scale_embed is not None:
+                f = f + self.scale_embed[i].to(f.dtype)
+            if self.cell_coords:
+                f = torch.cat([f, cell_coords(fh, fw, fmap).expand(b, -1, -1)], -1)
+            feats.append(f)
+            pads.append(pad.flatten(1))
+            if self.position == "tokens":
+                sines.append(sine_position_2d(pad, self.d_model).flatten(1, 2))
+        v = self.visual_proj(torch.cat(feats, 1))
+        vis_pad = torch.cat(pads, 1)
+        n = v.shape[1]
         t = self.text_proj(text)
         dtype = v.dtype
-        reg = self.reg_token.to(dtype).expand(b, -1, -1)
-        x = torch.cat([reg, t, v], dim=1)
-
-        v_pos = sine_position_2d(vis_pad.view(b, fh, fw), self.d_model).flatten(1, 2)
-        t_pos = self.text_pos.weight[:L].expand(b, -1, -1)
-        te = self.type_embed
-        types = torch.cat([te[:1], te[1:2].expand(L, -1), te[2:].expand(fh * fw, -1)])
-        zeros = v_pos.new_zeros(b, 1, self.d_model)
-        pos = (torch.cat([zeros, t_pos.float(), v_pos], dim=1) + types.float()).to(dtype)
-
+        x = torch.cat([self.reg_token.to(dtype).expand(b, -1, -1), t, v], dim=1)
         keep = torch.cat(
             [torch.ones(b, 1, dtype=torch.bool, device=x.device), text_mask.bool(), ~vis_pad], dim=1
         )
+        t_pos = self.text_pos.weight[:L].expand(b, -1, -1)
+        if self.position == "query_key":
+            if n != self.visual_pos.num_embeddings:
+                raise ValueError(f"{n} visual tokens, but the fusion transformer was built for "
+                                 f"{self.visual_pos.num_embeddings} (data.image_size changed?)")
+            pos = torch.cat([self.reg_pos.expand(b, -1, -1), t_pos, self.visual_pos.weight.expand(b, -1, -1)], 1)
+            for layer in self.layers:
+                x = layer(x, pos, keep)
+            return x[:, 0], x
+
+        te = self.type_embed
+        types = torch.cat([te[:1], te[1:2].expand(L, -1), te[2:].expand(n, -1)])
+        zeros = v.new_zeros(b, 1, self.d_model, dtype=torch.float32)
+        pos = (torch.cat([zeros, t_pos.float(), torch.cat(sines, 1)], dim=1) + types.float()).to(dtype)
         # Positions go into the tokens themselves (not only queries and keys, as in DETR), so attention
         # outputs carry where they read from: backbones trained from scratch have no other location cue.
         x = x + pos
