@@ -110,6 +110,9 @@ class VisualConfig(_Strict):
     depths: tuple[int, ...] = (1, 1, 1)
     embed_dim: int = 32  # swin only
     num_heads: tuple[int, ...] = (2, 4, 8)  # swin only
+    # Swin only, small config: stochastic depth. Explicit because transformers' SwinConfig defaults to 0.1,
+    # which was on unseen (and made DDP and single-process gradients differ by ~0.5 %).
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
     # Which backbone stages feed the grounding model (0-based); the last is the one TransVG uses.
     out_stages: tuple[int, ...] = (1,)
     freeze: bool = False

@@ -143,6 +143,7 @@ def _swin(cfg: VisualConfig, image_size: int) -> SwinModel:
         depths=list(cfg.depths),
         num_heads=list(cfg.num_heads),
         window_size=window,
+        drop_path_rate=cfg.drop_path_rate,
         attn_implementation="sdpa",
     )
     return SwinModel(config, add_pooling_layer=False)
