@@ -7,7 +7,6 @@ image's detections as a JSON list in the COCO results format; output: columns x0
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -35,12 +34,13 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _open(row: int, value) -> Image.Image:
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            return Image.open(io.BytesIO(value)).convert("RGB")
-        return Image.open(value).convert("RGB")
-    except OSError as err:  # missing, truncated or not an image: say which row, not only PIL's words
-        raise ValueError(f"row {row}: cannot read the image {str(value)[:200]!r}: {err}") from None
+    from refvg.data.images import ImageReadError, open_photo
+
+    try:  # as `refvg predict` opens it: upright by EXIF, alpha composited, bombs refused
+        return open_photo(value if isinstance(value, (bytes, bytearray)) else str(value))
+    # missing, truncated or not an image: say which row, not only PIL's words
+    except ImageReadError as err:
+        raise ValueError(f"row {row}: cannot read the image {err}") from None
 
 
 def _json(row: int, value) -> list:
