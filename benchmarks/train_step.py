@@ -2,9 +2,13 @@
 
     python benchmarks/train_step.py [--models transvg qrnet] [--image-size 64] [--batch 64]
                                     [--real-size] [--device auto] [--variants fp32-eager bf16-eager ...]
+                                    [--compare-with GIT_REF] [--json rows.json]
 
 Prints samples/s and peak memory for fp32 vs bf16 autocast and eager vs `torch.compile`, and each variant's
-speed relative to fp32 eager of the same model. Every (model, variant) runs in its own process, so peak
+speed relative to fp32 eager of the same model. Also how close to the hardware each runs: the FLOPs of one
+step (forward + backward, counted by torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions,
+attention; the optimizer's elementwise update is not counted), the achieved FLOP/s, and that over the
+machine's matmul peak measured in the same process with the same thread count (a large fp32 matmul). Every (model, variant) runs in its own process, so peak
 memory (CUDA: max allocated; CPU: peak RSS growth) and compile caches are its own.
 `--real-size`: the papers' sizes built from config (no download): Swin-T / ResNet-50 visual backbone,
 BERT-base text encoder, 6-layer 256-d transformers, stride-32 tokens (qrnet: FPN over strides 4-32, tokens
@@ -83,11 +87,14 @@ def run_one(model_name: str, variant: str, image_size: int, batch: int, steps: i
     amp = "bf16" if precision == "bf16" else "off"
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    def step():
+    def step_on(m):
         with autocast(device, amp):
-            loss = model.compute_loss(step_model(data), data)["loss"]
+            loss = model.compute_loss(m(data), data)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+
+    def step():
+        step_on(step_model)
         opt.step()
 
     t0 = time.perf_counter()
@@ -109,9 +116,44 @@ def run_one(model_name: str, variant: str, image_size: int, batch: int, steps: i
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:  # ru_maxrss is KiB on Linux: the growth over the model's construction is the step's working set
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    flops = step_flops(lambda: step_on(model))  # eager: the same math, and the counter sees every op
+    peak = matmul_peak_flops(device)
+    steps_per_s = statistics.median(rates) / batch
     return {"model": model_name, "variant": variant, "samples_per_s": statistics.median(rates),
             "peak_mib": peak_mib, "warmup_s": warmup_s, "device": str(device),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "flops_per_step": flops, "achieved_flops": flops * steps_per_s, "peak_flops": peak,
+            "threads": torch.get_num_threads()}
+
+
+def step_flops(fn) -> float:
+    """FLOPs of one call of `fn` (a forward + backward), by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak_flops(device, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large fp32 matmul here, now, with this process's threads: the ceiling a training step
+    could reach on this machine (its best case; a step also runs ops that are not matmuls)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def main() -> None:
@@ -125,6 +167,9 @@ def main() -> None:
     ap.add_argument("--real-size", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--variant-timeout", type=float, default=600, help="seconds one (model, variant) may take")
+    ap.add_argument("--compare-with", metavar="GIT_REF",
+                    help="also run refvg as of this git ref (e.g. HEAD~1), interleaved, and print ratios")
+    ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     common = dict(image_size=args.image_size, batch=args.batch, steps=args.steps, repeats=args.repeats,
@@ -133,38 +178,99 @@ def main() -> None:
         print(json.dumps(run_one(*args.one, **common)))
         return
 
+    codes = [("this tree", None)]
+    if args.compare_with:
+        codes.insert(0, (args.compare_with, export_tree(args.compare_with)))
     rows = []
     for model in args.models:
         for variant in args.variants:
-            cmd = [sys.executable, __file__, "--one", model, variant, "--image-size", str(args.image_size),
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
-                   "--device", args.device] + (["--real-size"] if args.real_size else [])
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
-            except subprocess.TimeoutExpired:  # e.g. inductor compiling bf16 kernels on a small CPU for minutes
-                print(f"{model} {variant}: not done in {args.variant_timeout:.0f} s, left out", file=sys.stderr)
-                rows.append({"model": model, "variant": variant, "timed_out": True})
-                continue
-            if proc.returncode != 0:
-                print(f"{model} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"  done {model} {variant}", file=sys.stderr, flush=True)
+            for label, tree in codes:  # before and after side by side: the machine's load hits both alike
+                row = run_variant(model, variant, args, tree)
+                rows.append({**row, "code": label})
+    print_tables(rows, args, [label for label, _ in codes])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
+
+def export_tree(ref: str) -> str:
+    """The refvg package as of git `ref`, in a temporary folder to put first on PYTHONPATH."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tempfile.mkdtemp(prefix="refvg-bench-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    archive = subprocess.run(["git", "-C", str(root), "archive", ref, "refvg"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
+    return out
+
+
+def run_variant(model: str, variant: str, args, tree) -> dict:
+    import os
+
+    cmd = [sys.executable, __file__, "--one", model, variant, "--image-size", str(args.image_size),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--device", args.device] + (["--real-size"] if args.real_size else [])
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, env=env)
+    except subprocess.TimeoutExpired:  # e.g. inductor compiling bf16 kernels on a small CPU for minutes
+        print(f"{model} {variant}: not done in {args.variant_timeout:.0f} s, left out", file=sys.stderr)
+        return {"model": model, "variant": variant, "timed_out": True}
+    if proc.returncode != 0:
+        print(f"{model} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {"model": model, "variant": variant, "failed": True}
+    print(f"  done {model} {variant}", file=sys.stderr, flush=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_tables(rows: list[dict], args, codes: list[str]) -> None:
+    ok = [r for r in rows if not r.get("timed_out") and not r.get("failed")]
     size = "real-size" if args.real_size else "default pipeline size"
-    print(f"\ntrain step (forward + backward + AdamW), {args.image_size}x{args.image_size}, batch {args.batch}, {size}, "
-          f"device {next((r['device'] for r in rows if 'device' in r), args.device)}; median of {args.repeats} x {args.steps} steps")
-    print(f"{'model':<9}{'params M':>9}  {'variant':<15}{'samples/s':>10}{'vs fp32 eager':>15}{'peak MiB':>10}{'warm-up s':>11}")
+    device = next((r["device"] for r in ok), args.device)
+    print(f"\ntrain step (forward + backward + AdamW), {args.image_size}x{args.image_size}, batch "
+          f"{args.batch}, {size}, device {device}; median of {args.repeats} x {args.steps} steps")
+    code_col = len(codes) > 1
+    head = f"{'model':<9}{'params M':>9}  {'variant':<15}" + (f"{'code':<12}" if code_col else "")
+    print(head + f"{'samples/s':>10}{'vs fp32 eager':>15}{'peak MiB':>10}{'warm-up s':>11}")
     for r in rows:
-        if r.get("timed_out"):
-            print(f"{r['model']:<9}{'':>9}  {r['variant']:<15}{'timed out (over --variant-timeout)':>35}")
+        code = f"{r.get('code', ''):<12}" if code_col else ""
+        if r.get("timed_out") or r.get("failed"):
+            why = "timed out (over --variant-timeout)" if r.get("timed_out") else "failed"
+            print(f"{r['model']:<9}{'':>9}  {r['variant']:<15}{code}{why:>35}")
             continue
-        base = next((b for b in rows if b["model"] == r["model"] and b["variant"] == "fp32-eager"
-                     and not b.get("timed_out")), None)
+        base = next((b for b in ok if b["model"] == r["model"] and b["variant"] == "fp32-eager"
+                     and b.get("code") == r.get("code")), None)
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
-        print(f"{r['model']:<9}{r['params_m']:>9.1f}  {r['variant']:<15}{r['samples_per_s']:>10.1f}{ratio:>15}"
-              f"{r['peak_mib']:>10.0f}{r['warmup_s']:>11.1f}")
+        print(f"{r['model']:<9}{r['params_m']:>9.1f}  {r['variant']:<15}{code}{r['samples_per_s']:>10.1f}"
+              f"{ratio:>15}{r['peak_mib']:>10.0f}{r['warmup_s']:>11.1f}")
 
+    print(f"\nhow close to the hardware: FLOPs of one step (forward + backward, FlopCounterMode) x steps/s, "
+          f"over a {2048}x{2048} fp32 matmul's FLOP/s measured in the same process")
+    print(f"{'model':<9}{'variant':<15}" + (f"{'code':<12}" if code_col else "")
+          + f"{'threads':>8}{'GFLOP/step':>12}{'GFLOP/s':>10}{'peak GFLOP/s':>14}{'% of peak':>11}")
+    for r in ok:
+        code = f"{r.get('code', ''):<12}" if code_col else ""
+        print(f"{r['model']:<9}{r['variant']:<15}{code}{r['threads']:>8}{r['flops_per_step'] / 1e9:>12.2f}"
+              f"{r['achieved_flops'] / 1e9:>10.1f}{r['peak_flops'] / 1e9:>14.1f}"
+              f"{100 * r['achieved_flops'] / r['peak_flops']:>10.1f}%")
+    if code_col:
+        before, after = codes
+        print(f"\n{after} vs {before} (same run, interleaved): samples/s ratio")
+        for r in ok:
+            if r.get("code") != after:
+                continue
+            b = next((x for x in ok if x.get("code") == before and x["model"] == r["model"]
+                      and x["variant"] == r["variant"]), None)
+            if b:
+                print(f"  {r['model']:<9}{r['variant']:<15}{r['samples_per_s'] / b['samples_per_s']:.2f}x "
+                      f"({b['samples_per_s']:.1f} -> {r['samples_per_s']:.1f} samples/s)")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,10 @@ it imports `PRELOAD` (prefect, mlflow with the submodules the stages use, torch,
 client's cwd, umask, environment, sys.path, argv and stdin/stdout/stderr, imports the stage module fresh
 (so edits to the code are always picked up) and runs its `main(argv)`; the worker reports the child's exit
 status to the client. If the client goes away, the child's process group gets SIGTERM, then SIGKILL.
+A SIGTERM the client gets is forwarded to the child's process group (training then stops at the next
+step with a checkpoint, exit 143); a SIGTERM the worker itself gets (a scheduler signalling every
+process of a job) goes to every running child too, with no SIGKILL of ours after it: the sender's
+grace period applies.
 
 Fork safety: the worker opens no database connection and starts no thread of its own; the only threads
 the imports start are OpenBLAS's (numpy) and jemalloc's (pyarrow, via mlflow), which both re-initialise in
@@ -19,6 +23,7 @@ import argparse
 import atexit
 import importlib
 import json
+import math
 import os
 import selectors
 import signal
@@ -74,6 +79,8 @@ class Worker:
         self.path, self.idle_seconds = path, idle_seconds
         self.children: dict[int, Child] = {}
         self.stopping = False
+        # SIGTERM/SIGINT to the worker: children get SIGTERM and the sender's grace
+        self.terminated = False
         self.last_active = time.monotonic()
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
@@ -100,7 +107,7 @@ class Worker:
         return listener
 
     def _stop(self, *_):
-        self.stopping = True
+        self.stopping = self.terminated = True
 
     def serve(self) -> None:
         log(f"listening on {self.path} (idle timeout {self.idle_seconds:.0f} s)")
@@ -131,7 +138,9 @@ class Worker:
                 for pid, child in self.children.items():
                     if child.kill_at is None:
                         _signal_group(pid, signal.SIGTERM)
-                        child.kill_at = now + KILL_GRACE_SECONDS
+                        # Our own SIGKILL only when we decided to stop (idle, `stop`, socket
+                        # gone): a preempted training stage needs its step and checkpoint write.
+                        child.kill_at = math.inf if self.terminated else now + KILL_GRACE_SECONDS
 
     def _still_mine(self) -> bool:
         """False once our socket file was removed or replaced, or the project we serve (sys.path[0],

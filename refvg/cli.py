@@ -20,17 +20,16 @@ from refvg.config import Config, ConfigError, load_config
 
 
 def _predict(args) -> None:
-    from PIL import Image
-
+    from refvg.data.images import ImageReadError, open_photo
     from refvg.engine.checkpoint import CheckpointError
     from refvg.engine.predict import Grounder
     from refvg.engine.trainer import BEST
     from refvg.visualize import draw_grounding
 
     try:
-        image = Image.open(args.image).convert("RGB")
-    except OSError as err:
-        raise SystemExit(f"refvg predict: cannot read image {args.image}: {err}") from None
+        image = open_photo(args.image)  # upright by its EXIF orientation; the box is in that frame
+    except ImageReadError as err:
+        raise SystemExit(f"refvg predict: cannot read image {err}") from None
     local = Path(args.model)
     if local.is_dir() and (local / BEST).exists():
         local = local / BEST

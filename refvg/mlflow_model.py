@@ -14,7 +14,6 @@ A bad row is answered with a short error naming the row, not a traceback.
 """
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from pathlib import Path
@@ -78,18 +77,13 @@ def _image(row: int, value, allow_paths: bool) -> Image.Image:
 
 
 def _open(row: int, value) -> Image.Image:
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            return Image.open(io.BytesIO(value)).convert("RGB")
-        return Image.open(value).convert("RGB")
-    except OSError as err:  # missing, truncated or not an image: say which row, not only PIL's words
-        is_bytes = isinstance(value, (bytes, bytearray))
-        what = f"({len(value)} bytes)" if is_bytes else repr(str(value)[:200])
-        raise ValueError(f"row {row}: cannot read the image {what}: {_first_line(err)}") from None
+    from refvg.data.images import ImageReadError, open_photo
 
-
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    try:  # as `refvg predict` opens it: upright by EXIF, alpha composited, bombs refused
+        return open_photo(value if isinstance(value, (bytes, bytearray)) else str(value))
+    # missing, truncated or not an image: say which row, not only PIL's words
+    except ImageReadError as err:
+        raise ValueError(f"row {row}: cannot read the image {err}") from None
 
 
 def _json(row: int, value) -> list:

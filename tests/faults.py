@@ -3,6 +3,9 @@
 - `python -m tests.faults train ...`: a training process that kills itself with SIGKILL (kill -9: no handler,
   no cleanup, no flush) at a chosen point: while fetching the N-th training sample, or half-way through its
   K-th checkpoint write. Run it with `train_process`; rerun the same command to resume.
+  `spawn_train_process(..., term_at_item=N, started=FILE)` starts one that, while fetching its N-th
+  training sample, writes FILE and waits until a SIGTERM has arrived (the test sends it), so the
+  preemption lands in a known step without any timing.
 - `MlflowServer`: a real `mlflow server` process on loopback that a test can kill and start again.
 """
 from __future__ import annotations
@@ -62,12 +65,51 @@ def _kill_in_write(k: int) -> None:
     torch.save = half_save
 
 
+def _wait_for_sigterm_at_item(n: int, started: Path) -> None:
+    from refvg.data.dataset import PreparedSplit
+    from refvg.engine import preemption
+
+    fetch, fetched = PreparedSplit.__getitem__, [0]
+
+    def getitem(self, i):
+        if self.split == "train":
+            fetched[0] += 1
+            if fetched[0] == n:
+                started.write_text(str(os.getpid()))
+                while not preemption.requested():  # the handler runs between these short waits
+                    preemption._requested.wait(0.05)
+        return fetch(self, i)
+
+    PreparedSplit.__getitem__ = getitem
+
+
+def _train_cmd(method: str, kill_at_item: int = 0, kill_in_write: int = 0, term_at_item: int = 0,
+               started: Optional[Path] = None) -> tuple[list[str], dict]:
+    cmd = [sys.executable, "-m", "tests.faults", "train", "--method", method,
+           "--kill-at-item", str(kill_at_item), "--kill-in-write", str(kill_in_write),
+           "--term-at-item", str(term_at_item), "--started", str(started or "")]
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return cmd, {**os.environ, "PYTHONPATH": pythonpath}
+
+
+def spawn_train_process(workdir: Path, log: Path, method: str = "transvg", term_at_item: int = 0,
+                        started: Optional[Path] = None, via_worker: bool = False,
+                        env: Optional[dict] = None) -> subprocess.Popen:
+    """`refvg train` started in the background (stdout and stderr to `log`); see `term_at_item`
+    above. `via_worker`: run as a stage process does, in a stage worker's child
+    (flows/launcher.py)."""
+    cmd, base_env = _train_cmd(method, term_at_item=term_at_item, started=started)
+    cmd += ["--via-worker"] if via_worker else []
+    env = {**base_env, **(env or {})}
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+
+
 def train_process(workdir: Path, method: str = "transvg", kill_at_item: int = 0, kill_in_write: int = 0,
                   timeout: float = 600) -> subprocess.CompletedProcess:
     """`refvg train` in a fresh Python process in `workdir`, optionally killed as described above."""
-    cmd = [sys.executable, "-m", "tests.faults", "train", "--method", method,
-           "--kill-at-item", str(kill_at_item), "--kill-in-write", str(kill_in_write)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd, env = _train_cmd(method, kill_at_item, kill_in_write)
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -79,6 +121,8 @@ def _train_main(args) -> None:
         _kill_at_item(args.kill_at_item)
     if args.kill_in_write:
         _kill_in_write(args.kill_in_write)
+    if args.term_at_item:
+        _wait_for_sigterm_at_item(args.term_at_item, Path(args.started))
     from refvg import stages
     from refvg.config import load_config
 
@@ -245,15 +289,28 @@ def log_then_kill_server(tracker, server: MlflowServer, kill_after_epoch: int = 
     return on_epoch_end, stalls
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="refvg train in this folder, optionally killing itself")
     p.add_argument("--method", default="transvg")
     p.add_argument("--kill-at-item", type=int, default=0, help="SIGKILL while fetching this training sample (1-based)")
     p.add_argument("--kill-in-write", type=int, default=0, help="SIGKILL half-way through this checkpoint write")
+    p.add_argument("--term-at-item", type=int, default=0,
+                   help="at this training sample, write --started and wait for a SIGTERM")
+    p.add_argument("--started", default="", help="the file --term-at-item writes")
     p = sub.add_parser("log", help="a stage that only logs to MLflow")
     p.add_argument("--stage", required=True)
     p.add_argument("--steps", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     (_train_main if args.command == "train" else _log_main)(args)
+
+
+if __name__ == "__main__":
+    # as a DVC stage runs: through the warm stage worker (flows/launcher.py)
+    if "--via-worker" in sys.argv:
+        from flows.launcher import launch
+
+        sys.argv.remove("--via-worker")
+        launch("tests.faults", main)
+    main()

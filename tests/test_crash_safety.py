@@ -1,11 +1,15 @@
 """Training under faults: kill -9 at any point then the same command again (bitwise the same end on CPU), a
-checkpoint write cut in half, NaN/inf losses and gradients."""
+checkpoint write cut in half, SIGTERM (preemption: checkpoint at the step boundary, exit 143,
+resume), NaN/inf losses and gradients."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -15,10 +19,11 @@ from refvg.config import load_config
 from refvg.data.dataset import prepared_fingerprint, read_manifest
 from refvg.data.prepare import prepared_path
 from refvg.data.samplers import ResumableShuffle
+from refvg.engine import preemption
 from refvg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refvg.engine.trainer import BEST, LAST, NonFiniteLossError, train
 from tests.conftest import write_params
-from tests.faults import poison_loss, small_training, train_process
+from tests.faults import poison_loss, small_training, spawn_train_process, train_process
 
 TIMINGS = ("samples_per_second", "epoch_seconds")
 
@@ -59,6 +64,138 @@ def test_kill_9_mid_epoch_then_rerun_ends_bitwise_like_an_uninterrupted_run(in_t
     assert ref_last["optimizer"]["state"][0]["step"] == last["optimizer"]["state"][0]["step"]
     assert _results(last["history"]) == _results(reference.history)
     assert best["best_epoch"] == reference.best_epoch
+
+
+def _wait_for_file(path, proc) -> None:
+    """Until the process wrote `path` (it is stepping); fails if it exits first."""
+    while not path.exists():
+        assert proc.poll() is None, f"exited with {proc.returncode} before it started stepping"
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_rerun_ends_bitwise(in_tiny, tmp_path):
+    # the only mid-epoch checkpoint: SIGTERM's
+    write_params(in_tiny, train={"checkpoint_every_steps": 0})
+    cfg = load_config("params.yaml")
+    ckpt = stages.checkpoint_dir(cfg, "transvg")
+    reference = stages.train_method(cfg, "transvg")
+    ref_last, ref_best = load_checkpoint(ckpt / LAST), load_checkpoint(ckpt / BEST)
+    shutil.rmtree(ckpt)
+
+    # SIGTERM while the process fetches its 3rd batch: it finishes that step, saves, exits 143.
+    started, log = tmp_path / "started", tmp_path / "train.log"
+    third_batch = 2 * cfg.train.batch_size + 1
+    proc = spawn_train_process(in_tiny, log, term_at_item=third_batch, started=started)
+    try:
+        _wait_for_file(started, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert proc.returncode == preemption.PREEMPTED_EXIT_CODE == 143, out[-3000:]
+    assert "stopped in epoch 1 after step 3 with a resumable checkpoint" in out
+    state = load_checkpoint(ckpt / LAST)
+    assert (state["epoch"], state["progress"]["step"]) == (0, 3)
+    assert not (ckpt / BEST).exists()  # no epoch was validated yet
+
+    done = train_process(in_tiny)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "after 0 epochs and 3 steps" in done.stderr
+    last, best = load_checkpoint(ckpt / LAST), load_checkpoint(ckpt / BEST)
+    assert _same_tensors(ref_last["model"], last["model"])
+    assert _same_tensors(ref_best["model"], best["model"])
+    assert _same_tensors(ref_last["optimizer"]["state"][0], last["optimizer"]["state"][0])
+    assert _results(last["history"]) == _results(reference.history)
+
+
+def test_sigterm_in_process_raises_preempted_and_restores_the_handler(in_tiny, tmp_path):
+    cfg, build, data = small_training(in_tiny)
+    train(build(), data, cfg, tmp_path / "ref", method="t", evaluate=_no_eval)
+    model = build()
+    _sigterm_on_call(model, 6)  # epoch 2, step 2 (4 steps per epoch)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(preemption.Preempted) as stop:
+        train(model, data, cfg, tmp_path / "run", method="t", evaluate=_no_eval)
+    assert stop.value.code == 143 and "epoch 2 after step 2" in str(stop.value)
+    assert signal.getsignal(signal.SIGTERM) is before  # SIGTERM outside training is untouched
+    state = load_checkpoint(tmp_path / "run" / LAST)
+    assert (state["epoch"], state["progress"]["step"]) == (1, 2)
+    result = train(build(), data, cfg, tmp_path / "run", method="t", evaluate=_no_eval)
+    assert (result.resumed_from_epoch, result.resumed_from_step) == (1, 2)
+    ref, run = load_checkpoint(tmp_path / "ref" / LAST), load_checkpoint(tmp_path / "run" / LAST)
+    assert _same_tensors(ref["model"], run["model"])
+    assert _results(ref["history"]) == _results(run["history"])
+
+
+def _sigterm_on_call(model, n: int, workers: bool = False) -> None:
+    """SIGTERM during the n-th compute_loss, as a scheduler sends it: from another process (`kill`),
+    to this one and, with `workers`, to its DataLoader workers too."""
+    import multiprocessing
+
+    compute, calls = model.compute_loss, [0]
+
+    def compute_loss(outputs, batch):
+        calls[0] += 1
+        if calls[0] == n:
+            children = [p.pid for p in multiprocessing.active_children()] if workers else []
+            pids = [os.getpid(), *children]
+            subprocess.run(["kill", "-TERM", *map(str, pids)], check=True)
+            while not preemption.requested():  # delivered to this process asynchronously
+                time.sleep(0.01)
+        return compute(outputs, batch)
+
+    model.compute_loss = compute_loss
+
+
+def test_dataloader_workers_outlive_a_group_sigterm_but_not_their_parents(in_tiny, tmp_path):
+    cfg, build, data = small_training(in_tiny, train={"num_workers": 1})
+    model = build()
+    _sigterm_on_call(model, 2, workers=True)
+    # not a dead-worker error
+    with pytest.raises(preemption.Preempted, match="epoch 1 after step 2"):
+        train(model, data, cfg, tmp_path / "run", method="t", evaluate=_no_eval)
+    assert load_checkpoint(tmp_path / "run" / LAST)["progress"]["step"] == 2
+    # A worker still ends when its parent terminates it (torch's and multiprocessing's last resort).
+    from torch.utils.data import DataLoader
+
+    it = iter(DataLoader(data, batch_size=4, num_workers=1, collate_fn=lambda b: b,
+                         worker_init_fn=preemption.ignore_sigterm_in_worker))
+    next(it)
+    (worker,) = it._workers
+    worker.terminate()
+    worker.join(timeout=60)
+    assert worker.exitcode == -signal.SIGTERM
+    it._shutdown_workers()
+
+
+@pytest.mark.e2e
+def test_sigterm_reaches_training_in_a_stage_worker_child(in_tiny, tmp_path):
+    """A DVC stage runs in a stage worker's child (flows/launcher.py): SIGTERM to the stage process
+    DVC started is forwarded there, and its exit code comes back."""
+    write_params(in_tiny, train={"checkpoint_every_steps": 0})
+    cfg = load_config("params.yaml")
+    ckpt = stages.checkpoint_dir(cfg, "transvg")
+    started, log = tmp_path / "started", tmp_path / "train.log"
+    proc = spawn_train_process(in_tiny, log, term_at_item=cfg.train.batch_size + 1, started=started,
+                               via_worker=True, env={"REFVG_PREFECT_SERVER": "ephemeral"})
+    try:
+        _wait_for_file(started, proc)
+        assert int(started.read_text()) != proc.pid, "the training ran in the worker's child"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped in epoch 1 after step 2 with a resumable checkpoint" in out
+    assert "stage worker unavailable" not in out
+    state = load_checkpoint(ckpt / LAST)
+    assert (state["epoch"], state["progress"]["step"]) == (0, 2)
 
 
 def _no_eval(model) -> dict:

@@ -1,13 +1,15 @@
-"""Hostile and broken inputs at the library's edges: checkpoints that are not ours, truncated JPEGs, and
-expressions that are not text or absurdly long at inference. Each ends in a clear error naming the input, or
-a counted skip; none in a traceback from deep inside torch or PIL. (Reader-level cases: test_refer.py;
-params.yaml: test_config.py.)"""
+"""Hostile and broken inputs at the library's edges: checkpoints that are not ours, truncated JPEGs,
+expressions that are not text or absurdly long at inference, and real photos (EXIF orientation,
+greyscale, CMYK, alpha, non-images, decompression bombs, image symlinks leading out of the dataset).
+Each ends in a clear error naming the input, or a counted skip; none in a traceback from deep inside
+torch or PIL. (Reader-level cases: test_refer.py; params.yaml: test_config.py.)"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,6 +25,8 @@ from refvg.engine.predict import Grounder
 from refvg.models import build_model
 from tests.conftest import write_params
 from tests.faults import truncated_jpeg
+
+RED = (255, 0, 0)
 
 
 class _Exploit:
@@ -180,3 +184,150 @@ def test_expressions_that_are_not_text_or_absurdly_long_at_inference(untrained):
     box = grounder.predict([image], ["  the red circle  "])[0]  # control
     assert box.shape == (4,) and 0 <= box[0] <= box[2] <= image.width
 
+
+
+# ---------------------------------------------------------------- real photos (refvg.data.images)
+
+ORIENTATION = 0x0112  # EXIF tag; 6: "turn 90 degrees clockwise to view"
+
+
+def _landscape_with_red_corner() -> np.ndarray:
+    """40 wide x 20 high, black, a red 8x8 block top-left (big enough to survive JPEG)."""
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:8, :8] = RED
+    return a
+
+
+def _phone_jpeg(path) -> np.ndarray:
+    """A JPEG as a phone writes it: the sensor's (landscape) pixels and orientation 6; returns
+    the pixels."""
+    stored = _landscape_with_red_corner()
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[ORIENTATION] = 6
+    img.save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return stored
+
+
+def _red_at(img: Image.Image) -> tuple[float, float]:
+    a = np.asarray(img).astype(int)
+    rows, cols = np.nonzero((a[..., 0] > 150) & (a[..., 1] < 100))
+    return rows.mean(), cols.mean()
+
+
+def test_a_phone_photo_is_turned_upright_for_predict_but_not_for_prepare(tmp_path):
+    from refvg.data.images import open_dataset_image, open_photo
+
+    stored = _phone_jpeg(tmp_path / "phone.jpg")
+    upright = open_photo(tmp_path / "phone.jpg")
+    # shown portrait, as every viewer shows it
+    assert upright.mode == "RGB" and upright.size == (20, 40)
+    # the stored top-left, turned clockwise
+    expected = Image.fromarray(np.rot90(stored, k=-1).copy())
+    assert _red_at(upright) == pytest.approx(_red_at(expected), abs=0.5)
+    assert _red_at(upright)[1] > 10  # moved to the right-hand side
+    # The dataset frame: COCO boxes refer to the stored pixel array, so no turn there.
+    as_stored = open_dataset_image(tmp_path / "phone.jpg", tmp_path)
+    assert as_stored.size == (40, 20) and _red_at(as_stored) == pytest.approx((3.5, 3.5), abs=0.5)
+
+
+def test_greyscale_cmyk_16_bit_and_transparent_images_become_the_rgb_they_show(tmp_path):
+    from refvg.data.images import open_photo
+
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    rgb = np.asarray(open_photo(tmp_path / "grey.png"))
+    assert rgb.shape == (8, 16, 3) and (rgb == grey[..., None]).all()
+
+    # red ink
+    Image.new("CMYK", (16, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", "JPEG", quality=95)
+    assert np.abs(np.asarray(open_photo(tmp_path / "cmyk.jpg")).astype(int) - RED).max() <= 3
+
+    deep = Image.fromarray(np.full((4, 4), 32896, np.uint16))  # mid-grey in 16 bits
+    deep.save(tmp_path / "deep.png")
+    # not clipped white
+    assert np.asarray(open_photo(tmp_path / "deep.png"))[0, 0].tolist() == [128, 128, 128]
+
+    rgba = np.zeros((4, 12, 4), np.uint8)
+    rgba[:, :4] = (0, 255, 0, 0)  # fully transparent; the green under it must not show
+    rgba[:, 4:8] = (255, 0, 0, 255)  # opaque red
+    rgba[:, 8:] = (0, 0, 0, 128)  # half-transparent black over the white background
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    out = np.asarray(open_photo(tmp_path / "alpha.png")).astype(int)
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 5].tolist() == list(RED)
+    assert np.abs(out[0, 9] - 127).max() <= 1
+
+
+def test_a_non_image_or_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
+    from refvg.data.images import ImageReadError, open_photo
+
+    fake = tmp_path / "holiday.jpg"
+    fake.write_text("these are my holiday notes, not a photo\n")
+    with pytest.raises(ImageReadError, match=r"holiday\.jpg: not an image"):
+        open_photo(fake)
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")  # 10 000 pixels
+    Image.new("RGB", (40, 40)).save(tmp_path / "fair.png")  # 1 600: PIL itself would only warn
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for name in ("big.png", "fair.png"):
+        bomb = rf"{name}: refused as a possible decompression bomb.*1000"
+        with pytest.raises(ImageReadError, match=bomb):
+            open_photo(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    assert open_photo(tmp_path / "big.png").size == (100, 100)  # control: under the limit it opens
+
+
+def test_predict_on_a_phone_photo_answers_in_the_upright_frame(untrained, tmp_path, capsys):
+    path, _ = untrained
+    _phone_jpeg(tmp_path / "phone.jpg")
+    cli(["predict", str(tmp_path / "phone.jpg"), "the red square", "--model", str(path),
+         "--out", str(tmp_path / "drawn.png")])
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    x0, y0, x1, y1 = payload["box_xyxy"]
+    assert 0 <= x0 <= x1 <= 20 and 0 <= y0 <= y1 <= 40  # clipped to the upright 20 x 40 image
+    assert Image.open(tmp_path / "drawn.png").size == (20, 40)
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    with pytest.raises(SystemExit, match=r"cannot read image .*notes\.jpg: not an image"):
+        cli(["predict", str(tmp_path / "notes.jpg"), "the red square", "--model", str(path)])
+
+
+def test_prepare_refuses_an_image_symlink_leading_out_of_the_image_folder(tiny_workdir, tmp_path,
+                                                                          monkeypatch):
+    from refvg.data.images import UnsafeImagePath, open_dataset_image
+    from refvg.data.prepare import ImageJob, Shard, letterbox_shard
+
+    images = tmp_path / "images"
+    images.mkdir()
+    source = sorted((tiny_workdir / "data/raw/refshapes/images").iterdir())[0]
+    outside = tmp_path / "secret.png"
+    shutil.copy(source, outside)  # a readable image: only where it lives is wrong
+    # leads out too: the dataset's own folder is elsewhere
+    (images / "inside.png").symlink_to(source)
+    (images / "escape.png").symlink_to(outside)
+    (images / "sub").mkdir()
+    shutil.copy(source, images / "sub" / "ok.png")
+    (images / "alias.png").symlink_to(images / "sub" / "ok.png")  # a link that stays inside is fine
+    with pytest.raises(UnsafeImagePath, match=r"escape\.png: resolves to .*secret\.png, outside"):
+        open_dataset_image(images / "escape.png", images)
+    assert open_dataset_image(images / "alias.png", images).size == Image.open(source).size
+
+    w, h = Image.open(source).size
+    jobs = tuple(ImageJob(i, str(images / n), w, h, str(images))
+                 for i, n in enumerate(["alias.png", "escape.png", "inside.png"]))
+    result = letterbox_shard(Shard("train", 0, jobs, 32, str(tmp_path / "s.npy"), strict=False))
+    assert result.image_ids == [0] and {k: v[0] for k, v in result.bad.items()} == {
+        1: "unsafe_image_path", 2: "unsafe_image_path"}
+    with pytest.raises(BadRecordError, match=r"image 1: unsafe_image_path: .*escape\.png"):
+        letterbox_shard(Shard("train", 0, jobs[:2], 32, str(tmp_path / "s.npy"), strict=True))
+
+    # Through prepare itself: one image of the raw dataset replaced by a link to a file outside its
+    # folder.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_workdir / "data" / "raw", tmp_path / "data" / "raw")
+    raw = tmp_path / "data/raw/refshapes"
+    victim = json.loads((raw / "instances.json").read_text())["images"][0]["file_name"]
+    shutil.move(raw / "images" / victim, tmp_path / "moved.png")
+    (raw / "images" / victim).symlink_to(tmp_path / "moved.png")
+    manifest = prepare_dataset(load_config(write_params(tmp_path)))
+    # counted per sample of it
+    assert manifest["skipped"]["counts"].get("unsafe_image_path", 0) >= 1
+    assert any(victim in e for e in manifest["skipped"]["examples"])

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from refvg.config import Config
 from refvg.data.dataset import MANIFEST, MASKS, MASKS_RLE
+from refvg.data.images import UnsafeImagePath, open_dataset_image
 from refvg.data.proposals import write_gt_candidates
 from refvg.data.refer import BadRecordError, ReferDataset, RefSample, SkipLog, open_source, select_splits
 from refvg.data.text import TOKENIZER_DIR, encode, get_tokenizer
@@ -41,10 +42,11 @@ def prepared_path(cfg: Config) -> Path:
     return Path(cfg.data.prepared_dir) / cfg.data.dataset
 
 
-def _load_image(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()  # decode fully now: a truncated file must fail here, not in the middle of training
-        return img.convert("RGB")
+def _load_image(path: Path, image_dir: Path | None = None) -> Image.Image:
+    # Decoded fully now (a truncated file fails here, not in the middle of training), in the stored
+    # pixel frame the boxes use (no EXIF turn), and only from inside the image folder
+    # (refvg.data.images).
+    return open_dataset_image(path, image_dir)
 
 
 # ------------------------------------------------------------------ shards: the unit of parallel work
@@ -59,6 +61,7 @@ class ImageJob:
     path: str
     width: int  # as annotated: the boxes are in this frame
     height: int
+    image_dir: str = ""  # the folder the resolved path must stay in ("": not checked)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ def image_jobs(refer: ReferDataset, samples: list[RefSample]) -> list[ImageJob]:
     seen: dict[int, ImageJob] = {}
     for s in samples:
         if s.image_id not in seen:
-            seen[s.image_id] = ImageJob(s.image_id, str(refer.image_path(s)), s.image_width, s.image_height)
+            seen[s.image_id] = ImageJob(s.image_id, str(refer.image_path(s)), s.image_width,
+                                        s.image_height, str(refer.image_dir))
     return list(seen.values())
 
 
@@ -107,7 +111,12 @@ def letterbox_shard(shard: Shard) -> ShardResult:
     frames, ids, bad = [], [], {}
     for job in shard.jobs:
         try:
-            img = _load_image(Path(job.path))
+            img = _load_image(Path(job.path), Path(job.image_dir) if job.image_dir else None)
+        except UnsafeImagePath as err:
+            if shard.strict:
+                raise BadRecordError(f"image {job.image_id}: unsafe_image_path: {err}") from None
+            bad[job.image_id] = ("unsafe_image_path", str(err))
+            continue
         except (OSError, UnidentifiedImageError, ValueError) as err:
             if shard.strict:
                 raise BadRecordError(f"{job.path}: image {job.image_id} cannot be decoded: {err}") from None

@@ -7,6 +7,8 @@ everything that decides the rest of the run (weights, optimizer, schedule, RNG s
 epoch's data order, the epoch's running sums), so a run killed at any point and started again ends bitwise
 where the uninterrupted run ends (on CPU). A step whose loss or gradient norm is not finite is skipped (no
 update) and counted; `train.max_bad_steps` of them in a row stop the run with the last good state saved.
+SIGTERM (preemption) stops the run at the next step boundary with last.pt written and exit code 143
+(refvg.engine.preemption).
 
 Tracking stays outside: the caller passes `on_epoch_end(metrics, epoch)` (the flows hook MLflow there), so
 this module runs the same under a test, a notebook, DVC, Prefect or torchrun.
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 from refvg.config import Config, TrainConfig
 from refvg.data.dataset import collate
 from refvg.data.samplers import ResumableShuffle
-from refvg.engine import distributed
+from refvg.engine import distributed, preemption
 from refvg.engine.checkpoint import (
     CheckpointError, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint, set_rng_state,
 )
@@ -127,6 +129,7 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+@preemption.stops_on_sigterm
 def train(
     model: torch.nn.Module,
     train_set: Dataset,
@@ -165,6 +168,7 @@ def train(
         train_set, batch_size=local_batch, sampler=sampler, drop_last=len(train_set) > tcfg.batch_size,
         collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=tcfg.num_workers > 0, generator=torch.Generator().manual_seed(tcfg.seed),
+        worker_init_fn=preemption.ignore_sigterm_in_worker,
     )
     steps_per_epoch = len(loader)
     total_steps = tcfg.epochs * steps_per_epoch
@@ -213,6 +217,9 @@ def train(
             if tcfg.checkpoint_every_steps and global_step % tcfg.checkpoint_every_steps == 0 \
                     and progress.step < steps_per_epoch:
                 save_last(epoch, progress)
+            if _preempted(device):  # every rank stops at the same step
+                save_last(epoch, progress)
+                raise _stopped(method, epoch, progress.step, out_dir)
         totals = distributed.sum_over_ranks({"seen": progress.seen, **progress.parts_sum}, device)
         seen = totals.pop("seen")
         train_seconds = time.perf_counter() - t0
@@ -248,6 +255,18 @@ def train(
     result.samples_per_second = sum(trained) / len(trained) if trained else 0.0
     CPU_SHARE.leave()
     return result
+
+
+def _preempted(device) -> bool:
+    return not distributed.all_ranks(not preemption.requested(), device)
+
+
+def _stopped(method: str, epoch: int, step: int, out_dir: Path) -> preemption.Preempted:
+    message = (f"{method}: SIGTERM: stopped in epoch {epoch + 1} after step {step} with a "
+               f"resumable checkpoint in {out_dir / LAST}; run the same command again to resume "
+               f"(exit code {preemption.PREEMPTED_EXIT_CODE})")
+    log.warning("%s", message)
+    return preemption.Preempted(message)
 
 
 _RESUME_ONLY = ("optimizer", "scheduler", "rng", "position", "progress")  # best.pt is for inference
