@@ -38,9 +38,12 @@ class EpmVG(TransVG):
         if self.cfg.model.epmvg.distills:
             # Linear heads from the student's feature spaces to the teacher's joint space: the backbones keep
             # their own width, and what the fusion transformer reads is their output, not the projection.
+            # Drawn from a forked RNG: the modules built after them (fusion, head) start from the
+            # weights the ablation's start from, so the pair differs in the distillation alone.
             dim = self.cfg.teacher.projection_dim
-            self.distill_visual = nn.Linear(visual_dim, dim)
-            self.distill_text = nn.Linear(self.text.hidden_size, dim)
+            with torch.random.fork_rng(devices=[]):
+                self.distill_visual = nn.Linear(visual_dim, dim)
+                self.distill_text = nn.Linear(self.text.hidden_size, dim)
         return visual_dim
 
     def extra_outputs(self, batch: dict, visual: torch.Tensor, text: torch.Tensor) -> dict:
