@@ -3,15 +3,16 @@
     PYTHONPATH=$PWD python benchmarks/compare_epmvg.py [--params params.yaml] [--seeds 0 1 2]
                                                        [--work outputs/compare_epmvg]
 
-Needs the prepared data of `params.yaml` (dvc repro prepare, or python -m flows.generate && -m flows.prepare).
-Trains the teacher once (as the `teacher` stage does, into <work>/teacher), then for every seed trains both
-students with `train.seed` = that seed and their params.yaml epochs (equal: distill_methods.epmvg and
-methods.epmvg_no_distill), and prints:
-- the teacher's figures: recall@1 on its own corpus's held-out images (caption -> image, image -> caption)
-  with chance, and on the grounding val split (expression -> object among its image's referred objects) with
-  chance (the mean of 1 / referred objects of the expression's image);
-- val Acc@0.5 of each student per seed, the per-seed differences, their mean, and whether the mean lies
-  inside the seed spread (the range of either method's val Acc@0.5 over the seeds).
+Needs the prepared data of `params.yaml` (dvc repro prepare, or python -m flows.generate and
+python -m flows.prepare). Trains the teacher once (as the `teacher` stage does, into
+<work>/teacher), then for every seed trains both students with `train.seed` = that seed and their
+params.yaml epochs (equal: distill_methods.epmvg and methods.epmvg_no_distill), and prints:
+- the teacher's figures: recall@1 on its own corpus's held-out images (caption -> image,
+  image -> caption) with chance, and on the grounding val split (expression -> object among its
+  image's referred objects) with chance (the mean of 1 / referred objects of the expression's
+  image);
+- val Acc@0.5 of each student per seed, the per-seed differences, their mean, and whether the mean
+  lies inside the seed spread (the range of either method's val Acc@0.5 over the seeds).
 Library calls only (no MLflow, no Prefect); everything is written under --work.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ PAIR = ("epmvg", "epmvg_no_distill")
 
 
 def val_chance(cfg) -> float:
-    """Expected image_recall@1 of a random pick among the referred objects of the expression's image."""
+    """Expected image_recall@1 of a random pick among the referred objects of the expression's
+    image."""
     from refvg.data.prepare import prepared_path
 
     records = json.loads((prepared_path(cfg) / "val" / "samples.json").read_text())
@@ -40,7 +42,8 @@ def main() -> None:
     from refvg import stages
     from refvg.config import _validate, load_config
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default="outputs/compare_epmvg")
@@ -55,17 +58,20 @@ def main() -> None:
     cfg = _validate(base, args.params)
     epochs = {m: cfg.for_method(m).train.epochs for m in PAIR}
     if len(set(epochs.values())) != 1:
-        raise SystemExit(f"{args.params}: the pair trains for different epochs {epochs}; make them equal")
+        raise SystemExit(f"{args.params}: the pair trains for different epochs {epochs}; "
+                         f"make them equal")
 
     t0 = time.perf_counter()
     taught = stages.teacher(cfg)
     teacher_seconds = time.perf_counter() - t0
     c, v = taught["corpus"], taught["val"]
-    print(f"teacher ({teacher_seconds:.0f} s wall): its corpus, {c['held_out_images']} held-out images "
-          f"(trained on {c['images']}, {c['images_shared_with_grounding']} shared with the grounding splits)")
-    print(f"  caption -> image recall@1 {c['text_recall@1']:.3f}  recall@5 {c['text_recall@5']:.3f}")
-    print(f"  image -> caption recall@1 {c['image_recall@1']:.3f}  recall@5 {c['image_recall@5']:.3f}"
-          f"  (chance@1 {c['chance@1']:.3f})")
+    print(f"teacher ({teacher_seconds:.0f} s wall): its corpus, {c['held_out_images']} held-out "
+          f"images (trained on {c['images']}, {c['images_shared_with_grounding']} shared with the "
+          f"grounding splits)")
+    print(f"  caption -> image recall@1 {c['text_recall@1']:.3f}  "
+          f"recall@5 {c['text_recall@5']:.3f}")
+    print(f"  image -> caption recall@1 {c['image_recall@1']:.3f}  "
+          f"recall@5 {c['image_recall@5']:.3f}  (chance@1 {c['chance@1']:.4f})")
     print(f"  grounding val, expression -> object of its image: recall@1 {v['image_recall@1']:.3f} "
           f"(chance {val_chance(cfg):.3f}); among all val objects {v['recall@1']:.3f}")
 
@@ -89,10 +95,11 @@ def main() -> None:
     print(f"\n| seed | {PAIR[0]} | {PAIR[1]} | difference |\n|---|---|---|---|")
     for seed, a, b, d in zip(args.seeds, acc[PAIR[0]], acc[PAIR[1]], diffs):
         print(f"| {seed} | {a:.4f} | {b:.4f} | {d:+.4f} |")
-    print(f"| mean | {statistics.fmean(acc[PAIR[0]]):.4f} | {statistics.fmean(acc[PAIR[1]]):.4f} | {mean:+.4f} |")
+    means = [statistics.fmean(acc[m]) for m in PAIR]
+    print(f"| mean | {means[0]:.4f} | {means[1]:.4f} | {mean:+.4f} |")
     verdict = "inside noise" if abs(mean) <= spread else "outside the seed spread"
-    print(f"\nmean difference {mean:+.4f}; seed spread (largest range of one method over the seeds) {spread:.4f}: "
-          f"{verdict}")
+    print(f"\nmean difference {mean:+.4f}; seed spread (largest range of one method over the "
+          f"seeds) {spread:.4f}: {verdict}")
 
 
 if __name__ == "__main__":
