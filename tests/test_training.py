@@ -175,3 +175,26 @@ def test_an_auxiliary_loss_never_rescales_the_main_terms_step(aux_weight):
     free = _one_sgd_step(_MainPlusAuxiliary(aux_weight), grad_clip=0.0)
     torch.testing.assert_close(free["a"], torch.tensor([6.0, -8.0]))
     torch.testing.assert_close(free["shared"], torch.tensor([2.0, 4.0]) + aux_grad[2:])
+
+
+def test_each_methods_auxiliary_term_is_exactly_what_its_ablation_lacks():
+    """What the trainer clips apart: CM-Erase's erased copies and the attention mining, and nothing
+    of the loss the ablation also has (EpmVG's distillation: tests/test_epmvg.py)."""
+    from refvg.models import build_model
+    from tests.test_mattnet import _batch as mattnet_batch, _model as mattnet_model
+    from tests.test_weak_cam import _grads, _tiny_cfg as weak_cfg
+
+    erase = mattnet_model(erase={"type": "both", "rate": 1.0})
+    plain = mattnet_model(erase={"type": "none"})
+    assert erase.auxiliary_loss and not plain.auxiliary_loss
+    batch = mattnet_batch()
+    losses = erase.train().compute_loss(erase(batch), batch)
+    assert losses["auxiliary"].requires_grad and losses["auxiliary"].item() > 0
+    torch.testing.assert_close(losses["loss"] - losses["auxiliary"],
+                               losses["ce"] + erase.c.rank_weight * losses["rank"])
+    _, mined = _grads(1.0)
+    _, unmined = _grads(0.0)
+    torch.testing.assert_close(mined["auxiliary"], mined["mining"])
+    assert "auxiliary" not in unmined
+    assert build_model("weak_cam", weak_cfg(1.0), vocab_size=60, pad_token_id=0).auxiliary_loss
+    assert not build_model("weak_cam", weak_cfg(0.0), vocab_size=60, pad_token_id=0).auxiliary_loss
