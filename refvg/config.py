@@ -277,7 +277,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(50, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: tuple[float, ...] = (0.7, 0.9)  # fractions of total steps, for schedule "step"
-    grad_clip: float = Field(1.0, ge=0)  # 0 disables
+    # Total-norm clip; a method's auxiliary loss (what its ablation lacks) is clipped apart from the
+    # main loss, so adding it never rescales the main term's step. 0 disables (the papers' TransVG).
+    grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
     num_workers: int = Field(0, ge=0)
