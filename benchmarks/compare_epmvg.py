@@ -38,6 +38,20 @@ def val_chance(cfg) -> float:
     return statistics.fmean(1 / len(objects[r["image_index"]]) for r in records)
 
 
+def print_teacher(meta: dict, chance: float, seconds: float | None) -> None:
+    c, v = meta["corpus"], meta["val"]
+    took = f"{seconds:.0f} s wall" if seconds is not None else "reused"
+    print(f"teacher ({took}): its corpus, {c['held_out_images']} held-out images (trained on "
+          f"{c['images']}, {c['images_shared_with_grounding']} shared with the grounding splits)")
+    print(f"  caption -> image recall@1 {c['text_recall@1']:.3f}  "
+          f"recall@5 {c['text_recall@5']:.3f}")
+    print(f"  image -> caption recall@1 {c['image_recall@1']:.3f}  "
+          f"recall@5 {c['image_recall@5']:.3f}  (chance@1 {c['chance@1']:.4f})")
+    print(f"  grounding val, expression -> object of its image: recall@1 "
+          f"{v['image_recall@1']:.3f} (chance {chance:.3f}); among all val objects "
+          f"{v['recall@1']:.3f}", flush=True)
+
+
 def main() -> None:
     from refvg import stages
     from refvg.config import _validate, load_config
@@ -45,8 +59,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--work", default="outputs/compare_epmvg")
+    # To spread the runs over processes: each run's figure is kept in <work>/seed<s>/<method>.json,
+    # the table is printed from every such file of --seeds (a run already there is not repeated).
+    parser.add_argument("--methods", nargs="+", default=list(PAIR), choices=PAIR)
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="read the teacher's figures from <work>/teacher when it is there")
     args = parser.parse_args()
     work = Path(args.work)
     base = load_config(args.params).model_dump(mode="json")
@@ -61,45 +80,46 @@ def main() -> None:
         raise SystemExit(f"{args.params}: the pair trains for different epochs {epochs}; "
                          f"make them equal")
 
-    t0 = time.perf_counter()
-    taught = stages.teacher(cfg)
-    teacher_seconds = time.perf_counter() - t0
-    c, v = taught["corpus"], taught["val"]
-    print(f"teacher ({teacher_seconds:.0f} s wall): its corpus, {c['held_out_images']} held-out "
-          f"images (trained on {c['images']}, {c['images_shared_with_grounding']} shared with the "
-          f"grounding splits)")
-    print(f"  caption -> image recall@1 {c['text_recall@1']:.3f}  "
-          f"recall@5 {c['text_recall@5']:.3f}")
-    print(f"  image -> caption recall@1 {c['image_recall@1']:.3f}  "
-          f"recall@5 {c['image_recall@5']:.3f}  (chance@1 {c['chance@1']:.4f})")
-    print(f"  grounding val, expression -> object of its image: recall@1 {v['image_recall@1']:.3f} "
-          f"(chance {val_chance(cfg):.3f}); among all val objects {v['recall@1']:.3f}")
+    manifest = work / "teacher" / "features" / "manifest.json"
+    if args.reuse_teacher and manifest.exists():
+        print_teacher(json.loads(manifest.read_text()), val_chance(cfg), None)
+    elif "epmvg" in args.methods:
+        t0 = time.perf_counter()
+        taught = stages.teacher(cfg)
+        print_teacher(taught["features"], val_chance(cfg), time.perf_counter() - t0)
 
-    acc: dict[str, list[float]] = {m: [] for m in PAIR}
     for seed in args.seeds:
         raw = json.loads(json.dumps(base))
         raw["train"]["seed"] = seed
         raw["train"]["checkpoint_dir"] = str(work / f"seed{seed}")
         run_cfg = _validate(raw, f"{args.params} (train.seed {seed})")
-        for method in PAIR:
+        for method in args.methods:
+            out = work / f"seed{seed}" / f"{method}.json"
+            if out.exists():
+                continue
             t1 = time.perf_counter()
             result = stages.train_method(run_cfg, method)
-            last = result.history[-1]
-            acc[method].append(float(last["val/acc@0.5"]))
-            print(f"seed {seed} {method:17s} val Acc@0.5 {acc[method][-1]:.4f} "
+            acc = float(result.history[-1]["val/acc@0.5"])
+            out.write_text(json.dumps({"acc@0.5": acc, "epochs": epochs[method]}) + "\n")
+            print(f"seed {seed} {method:17s} val Acc@0.5 {acc:.4f} "
                   f"({epochs[method]} epochs, {time.perf_counter() - t1:.0f} s wall)", flush=True)
 
+    done = [s for s in args.seeds if all((work / f"seed{s}" / f"{m}.json").exists() for m in PAIR)]
+    if not done:
+        return
+    acc = {m: [json.loads((work / f"seed{s}" / f"{m}.json").read_text())["acc@0.5"] for s in done]
+           for m in PAIR}
     diffs = [a - b for a, b in zip(acc[PAIR[0]], acc[PAIR[1]])]
     spread = max(max(a) - min(a) for a in acc.values())
     mean = statistics.fmean(diffs)
     print(f"\n| seed | {PAIR[0]} | {PAIR[1]} | difference |\n|---|---|---|---|")
-    for seed, a, b, d in zip(args.seeds, acc[PAIR[0]], acc[PAIR[1]], diffs):
+    for seed, a, b, d in zip(done, acc[PAIR[0]], acc[PAIR[1]], diffs):
         print(f"| {seed} | {a:.4f} | {b:.4f} | {d:+.4f} |")
     means = [statistics.fmean(acc[m]) for m in PAIR]
     print(f"| mean | {means[0]:.4f} | {means[1]:.4f} | {mean:+.4f} |")
     verdict = "inside noise" if abs(mean) <= spread else "outside the seed spread"
-    print(f"\nmean difference {mean:+.4f}; seed spread (largest range of one method over the "
-          f"seeds) {spread:.4f}: {verdict}")
+    print(f"\nmean difference {mean:+.4f} over seeds {done}; seed spread (largest range of one "
+          f"method over the seeds) {spread:.4f}: {verdict}")
 
 
 if __name__ == "__main__":
