@@ -61,8 +61,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--work", default="outputs/compare_epmvg")
-    # To spread the runs over processes (one thread each: on a loaded machine two torch threads spend
-    # most of their time waiting for each other): each run's figure is kept in
+    # To spread the runs over processes (one thread each: on a loaded machine two torch threads
+    # spend most of their time waiting for each other): each run's figure is kept in
     # <work>/seed<s>/<method>.json; the table is printed from every such file of --seeds, and a run
     # already there is not repeated.
     parser.add_argument("--methods", nargs="+", default=list(PAIR), choices=PAIR)
