@@ -119,7 +119,8 @@ def main() -> None:
         print(f"| {seed} | {a:.4f} | {b:.4f} | {d:+.4f} |")
     means = [statistics.fmean(acc[m]) for m in PAIR]
     print(f"| mean | {means[0]:.4f} | {means[1]:.4f} | {mean:+.4f} |")
-    verdict = "inside noise" if abs(mean) <= spread else "outside the seed spread"
+    verdict = ("inside noise" if abs(mean) <= spread else "outside the seed spread") \
+        if len(done) > 1 else "one seed: no spread to compare with"
     print(f"\nmean difference {mean:+.4f} over seeds {done}; seed spread (largest range of one "
           f"method over the seeds) {spread:.4f}: {verdict}")
 
