@@ -158,18 +158,22 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
 
 @flow(name="teacher")
 def teacher_flow(params: str = "params.yaml") -> dict:
-    """The CLIP teacher the distilling methods learn from: its own MLflow run (per-epoch contrastive loss and
-    val retrieval recall), the model folder and the features' manifest as artifacts."""
+    """The CLIP teacher the distilling methods learn from: its own MLflow run (per-epoch contrastive
+    loss, retrieval recall on its caption corpus's held-out images and on val), the model folder and
+    the features' manifest as artifacts."""
     cfg = load_config(params)
     with stage_run(cfg, "teacher", params={"teacher": cfg.teacher.model_dump(mode="json")}) as tracker:
         result = work.with_options(name="teacher")(
             stages.teacher, cfg, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
-        tracker.log_metrics({**{f"final_val/{k}": v for k, v in result["val"].items()}, "teacher_seconds": result["seconds"]})
+        tracker.log_metrics({**{f"final_val/{k}": v for k, v in result["val"].items()},
+                             **{f"final_corpus/{k}": v for k, v in result["corpus"].items()},
+                             "teacher_seconds": result["seconds"]})
         out = Path(result["out_dir"])
         log_files(tracker, [out / "features" / "manifest.json"])
         if (out / "model").exists():  # not when no method distils
             upload(tracker.log_artifact, out / "model", "teacher", name="log-teacher")  # save_pretrained folder
-    return {"val": result["val"], "out_dir": result["out_dir"], "work_seconds": result["seconds"]}
+    return {"val": result["val"], "corpus": result["corpus"], "out_dir": result["out_dir"],
+            "work_seconds": result["seconds"]}
 
 
 @flow(name="evaluate")

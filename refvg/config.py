@@ -340,7 +340,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(50, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: tuple[float, ...] = (0.7, 0.9)  # fractions of total steps, for schedule "step"
-    grad_clip: float = Field(1.0, ge=0)  # 0 disables
+    # Total-norm clip; a method's auxiliary loss (what its ablation lacks) is clipped apart from the
+    # main loss, so adding it never rescales the main term's step. 0 disables (the papers' TransVG).
+    grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
     num_workers: int = Field(0, ge=0)
@@ -379,8 +381,10 @@ class MethodConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    """The CLIP teacher (stage `teacher`, what EpmVG distils from): a pretrained CLIPModel, used as is, or a
-    small one trained contrastively on the train split (target crops and whole images vs expressions).
+    """The CLIP teacher (stage `teacher`, what EpmVG distils from): a pretrained CLIPModel, used as
+    is, or a small one trained contrastively on its own image-caption corpus (refvg.data.captions:
+    RefShapes scenes from another random stream, captions of the whole scene, no box), never on the
+    grounding splits.
 
     Its own section, not under `model`: every method's train stage depends on `model`, and a new teacher must
     retrain only the methods that distil from it (`distill_methods`)."""
@@ -405,9 +409,22 @@ class TeacherConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(20, ge=0)
-    whole_image_weight: float = Field(0.5, ge=0)  # InfoNCE of whole images vs expressions, next to crops'
+    # The caption corpus (small config only): scenes like `synthetic`'s (size, objects per scene),
+    # drawn from the stream SeedSequence([seed, captions.CORPUS_STREAM]); the last `corpus_held_out`
+    # score the teacher.
+    corpus_images: int = Field(4000, ge=2)
+    corpus_held_out: int = Field(500, ge=1)
+    captions_per_image: int = Field(2, ge=1)
     seed: int = 0
     max_text_tokens: int = Field(77, ge=4)  # pretrained tokenizer only: CLIP's context length
+
+    @model_validator(mode="after")
+    def _corpus_leaves_training_images(self) -> "TeacherConfig":
+        if self.corpus_held_out >= self.corpus_images:
+            raise ValueError(f"corpus_held_out ({self.corpus_held_out}) must be below "
+                             f"corpus_images ({self.corpus_images}): the rest is what the teacher "
+                             f"trains on")
+        return self
 
 
 class TrackingConfig(_Strict):

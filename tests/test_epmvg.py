@@ -20,7 +20,8 @@ from tests.conftest import write_params
 from tests.test_models import PAD, VOCAB, make_batch
 
 SMALL_TEACHER = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "projection_dim": 16,
-                 "epochs": 1, "batch_size": 16, "warmup_steps": 2}
+                 "epochs": 1, "batch_size": 16, "warmup_steps": 2,
+                 "corpus_images": 48, "corpus_held_out": 16}
 EPMVG = {"epmvg": {"model": "epmvg"}}
 
 
@@ -89,6 +90,24 @@ def test_gradients_reach_the_student_and_never_the_teacher():
     d = student.compute_loss(student(batch), batch)
     (d["distill_image"] + d["distill_text"] + d["distill_similarity"]).backward()
     assert student.visual.body.embedder.embedder.convolution.weight.grad.abs().sum() > 0
+
+
+def test_method_and_ablation_start_from_the_same_weights_and_split_the_loss():
+    """The distilling student and its control differ in the distillation alone: every weight they
+    share starts equal (the projection heads draw from a forked RNG), and the distillation is
+    reported as the auxiliary term the trainer clips apart from the grounding loss."""
+    on, off = make_epmvg(), make_epmvg(image_weight=0, text_weight=0, similarity_weight=0)
+    plain = dict(off.named_parameters())
+    shared = {k: p for k, p in on.named_parameters() if not k.startswith("distill_")}
+    assert shared.keys() == plain.keys()
+    for name, p in shared.items():
+        torch.testing.assert_close(p, plain[name], rtol=0, atol=0, msg=name)
+    assert on.auxiliary_loss and not off.auxiliary_loss
+    batch = make_batch()
+    batch["teacher_patch"], batch["teacher_sentence"] = torch.randn(4, 64, 16), torch.randn(4, 16)
+    losses, control = on.compute_loss(on(batch), batch), off.compute_loss(off(batch), batch)
+    torch.testing.assert_close(losses["loss"] - losses["auxiliary"], control["loss"])
+    assert "auxiliary" not in control
 
 
 def test_no_distillation_means_no_heads_and_no_teacher():
@@ -197,3 +216,56 @@ def test_epmvg_without_the_teacher_names_the_stage(in_tiny):
     manifest.write_text(json.dumps({**meta, "data_fingerprint": "0" * 16}))
     with pytest.raises(TeacherFeaturesError, match="other prepared data"):
         stages.train_method(cfg, "epmvg")
+
+
+def test_the_teachers_corpus_is_its_own_scenes_with_captions_and_no_box(in_tiny, monkeypatch):
+    """The small teacher learns from image-caption pairs outside the grounding data: scenes from
+    another random stream (no image of any grounding split, not even identical pixels, even with the
+    grounding data's own seed), captions naming every object of the scene, and no box anywhere it is
+    given."""
+    import dataclasses
+
+    from refvg.data import captions
+    from refvg.data.synthetic import random_scene
+
+    cfg = load_config(write_params(in_tiny, teacher=SMALL_TEACHER, distill_methods=EPMVG))
+    prepared = Path(cfg.data.prepared_dir) / cfg.data.dataset
+    assert cfg.teacher.seed == cfg.synthetic.seed  # one seed: the stream is what keeps them apart
+    corpus = captions.build_corpus(cfg.synthetic, 40, 2, cfg.data.image_size, cfg.teacher.seed)
+    assert {f.name for f in dataclasses.fields(corpus)} == {"images", "captions"}
+    assert captions.shared_with_prepared(corpus, prepared) == 0
+    again = captions.build_corpus(cfg.synthetic, 40, 2, cfg.data.image_size, cfg.teacher.seed)
+    assert np.array_equal(again.images, corpus.images) and again.captions == corpus.captions
+    # The check can fail: a grounding image slipped into the corpus is found.
+    leaked = captions.CaptionCorpus(corpus.images.copy(), corpus.captions)
+    leaked.images[3] = np.load(prepared / "val" / "images.npy")[0]
+    assert captions.shared_with_prepared(leaked, prepared) == 1
+    # A caption names every object of its scene (colour and shape), in the prepared vocabulary's
+    # words.
+    image, objs = random_scene(cfg.synthetic, np.random.default_rng(5))
+    text = captions.scene_caption(objs, image.width, image.height, np.random.default_rng(6))
+    assert all(f"{o.colour} {o.shape}" in text for o in objs) and text.count("the ") == len(objs)
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    words = " ".join(c for caps in corpus.captions for c in caps)
+    assert tokenizer.unk_token not in tokenizer.tokenize(words)
+
+    seen = {}
+
+    def spy(model, pairs, *args):
+        seen["pairs"] = pairs
+        return train(model, pairs, *args)
+
+    train = ct.train_teacher
+    monkeypatch.setattr(ct, "train_teacher", spy)
+    result = stages.teacher(cfg)
+    pairs = seen["pairs"]
+    assert isinstance(pairs, captions.CorpusPairs) and len(pairs) == 48 - 16
+    assert "box" not in pairs.batch(torch.arange(4))
+    arrays = [np.load(p) for p in prepared.glob("*/images.npy")]
+    grounding = set().union(*(captions.image_digests(a) for a in arrays))
+    assert not captions.image_digests(pairs.images.numpy()) & grounding
+    assert result["corpus"]["images_shared_with_grounding"] == 0
+    assert result["corpus"]["chance@1"] == pytest.approx(1 / 16)
+    assert {"text_recall@1", "image_recall@1"} <= set(result["corpus"])
+    meta = json.loads((Path(result["out_dir"]) / "features" / "manifest.json").read_text())
+    assert meta["corpus"]["held_out_images"] == 16

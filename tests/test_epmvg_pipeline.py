@@ -30,6 +30,8 @@ def test_teacher_then_epmvg_through_the_flows(in_tiny, prefect_api, mlflow_uri, 
     meta = json.loads((features / "manifest.json").read_text())
     assert meta["dim"] == 16 and meta["grid"] == 8 and (Path(cfg.teacher.out_dir) / "model" / "config.json").exists()
     assert set(taught["val"]) == {"recall@1", "recall@5", "image_recall@1"}
+    own_task = taught["corpus"]
+    assert own_task["images_shared_with_grounding"] == 0 and 0 <= own_task["text_recall@1"] <= 1
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the student must read the cached teacher features, not run the teacher")
@@ -50,6 +52,13 @@ def test_teacher_then_epmvg_through_the_flows(in_tiny, prefect_api, mlflow_uri, 
     assert [m.step for m in recall] == [1, 2] and all(0 <= m.value <= 1 for m in recall)
     assert teacher_run.data.metrics["final_val/recall_at_5"] >= teacher_run.data.metrics["final_val/recall_at_1"] == recall[-1].value
     assert teacher_run.data.params["teacher.projection_dim"] == "16"
+    # Its own task, per epoch and final: retrieval on the caption corpus's held-out images, with
+    # chance.
+    own = client.get_metric_history(teacher_run.info.run_id, "corpus/image_recall_at_1")
+    final = teacher_run.data.metrics
+    assert [m.step for m in own] == [1, 2]
+    assert final["final_corpus/image_recall_at_1"] == own[-1].value
+    assert final["final_corpus/chance_at_1"] == own_task["chance@1"]
     artifacts = {a.path for a in client.list_artifacts(teacher_run.info.run_id)}
     assert {"manifest.json", "teacher"} <= artifacts
     assert "teacher/config.json" in {a.path for a in client.list_artifacts(teacher_run.info.run_id, "teacher")}

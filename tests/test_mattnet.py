@@ -92,7 +92,8 @@ def test_modules_shapes_prediction_and_loss():
 
     model.train()
     losses = model.compute_loss(model(batch), batch)
-    assert set(losses) == {"loss", "ce", "rank", "erased_ce", "erased_rank"} and torch.isfinite(losses["loss"])
+    assert set(losses) == {"loss", "ce", "rank", "erased_ce", "erased_rank", "auxiliary"}
+    assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
     for name in ("cell.weight", "location_out.0.weight", "location_attend_offset.0.weight",
                  "context_in.weight", "context_attend.0.weight", "language.attend.weight",

@@ -154,3 +154,82 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(in_tiny):
     kept = load_checkpoint(in_tiny / "diverge" / LAST)["model"]
     assert any("running_mean" in k for k in kept), "the test model has BatchNorm"
     assert [k for k, v in kept.items() if not torch.equal(v, before_step3[k])] == []
+
+
+class _MainPlusAuxiliary(torch.nn.Module):
+    """A grounding-like main loss on `a` (and `shared`) and an auxiliary term on `b` (and `shared`), as a
+    method adds distillation / erased copies / mining over its ablation."""
+
+    def __init__(self, aux_weight: float):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+        self.shared = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        self.b = torch.nn.Parameter(torch.tensor([10.0, 10.0]))
+        self.aux_weight = aux_weight
+        self.auxiliary_loss = aux_weight > 0
+
+    def forward(self, batch):
+        return {}
+
+    def compute_loss(self, outputs, batch):
+        main = (self.a ** 2).sum() + (self.shared ** 2).sum()
+        losses = {"main": main, "loss": main}
+        if self.auxiliary_loss:
+            aux = self.aux_weight * ((self.b ** 2).sum() + 5 * self.shared.sum())
+            losses |= {"auxiliary": aux, "loss": main + aux}
+        return losses
+
+
+def _one_sgd_step(model, grad_clip: float) -> dict[str, torch.Tensor]:
+    from refvg.config import TrainConfig
+    from refvg.engine.trainer import _train_step
+
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the step is the clipped gradient, visibly
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    tcfg = TrainConfig(grad_clip=grad_clip)
+    assert _train_step(model, model, {}, optimizer, scheduler, tcfg, torch.device("cpu")) is not None
+    return {k: (p.detach() - before[k]) / -0.1 for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("aux_weight", [1e-6, 1.0, 1e3])
+def test_an_auxiliary_loss_never_rescales_the_main_terms_step(aux_weight):
+    """Method vs ablation differ in the auxiliary term alone: with clipping on, the main loss's parameters
+    get exactly the ablation's clipped gradient however large the auxiliary term (one clip of the sum shrank
+    it: a method then also trained its grounding loss at another effective learning rate)."""
+    ablation = _one_sgd_step(_MainPlusAuxiliary(0.0), grad_clip=1.0)
+    method = _one_sgd_step(_MainPlusAuxiliary(aux_weight), grad_clip=1.0)
+    torch.testing.assert_close(method["a"], ablation["a"], rtol=0, atol=0)
+    # The shared parameter gets the main term's clipped gradient plus the auxiliary's, clipped on its own.
+    aux_grad = torch.cat([2 * aux_weight * torch.tensor([10.0, 10.0]), torch.full((2,), 5.0 * aux_weight)])
+    aux_clipped = aux_grad * min(1.0, 1.0 / (float(aux_grad.norm()) + 1e-6))
+    torch.testing.assert_close(method["shared"], ablation["shared"] + aux_clipped[2:])
+    torch.testing.assert_close(method["b"], aux_clipped[:2])
+    assert float(torch.cat([ablation["a"], ablation["shared"]]).norm()) == pytest.approx(1.0, abs=1e-5)  # clipped
+    # Without clipping the gradients simply add: one backward, the same main-term step.
+    free = _one_sgd_step(_MainPlusAuxiliary(aux_weight), grad_clip=0.0)
+    torch.testing.assert_close(free["a"], torch.tensor([6.0, -8.0]))
+    torch.testing.assert_close(free["shared"], torch.tensor([2.0, 4.0]) + aux_grad[2:])
+
+
+def test_each_methods_auxiliary_term_is_exactly_what_its_ablation_lacks():
+    """What the trainer clips apart: CM-Erase's erased copies and the attention mining, and nothing
+    of the loss the ablation also has (EpmVG's distillation: tests/test_epmvg.py)."""
+    from refvg.models import build_model
+    from tests.test_mattnet import _batch as mattnet_batch, _model as mattnet_model
+    from tests.test_weak_cam import _grads, _tiny_cfg as weak_cfg
+
+    erase = mattnet_model(erase={"type": "both", "rate": 1.0})
+    plain = mattnet_model(erase={"type": "none"})
+    assert erase.auxiliary_loss and not plain.auxiliary_loss
+    batch = mattnet_batch()
+    losses = erase.train().compute_loss(erase(batch), batch)
+    assert losses["auxiliary"].requires_grad and losses["auxiliary"].item() > 0
+    torch.testing.assert_close(losses["loss"] - losses["auxiliary"],
+                               losses["ce"] + erase.c.rank_weight * losses["rank"])
+    _, mined = _grads(1.0)
+    _, unmined = _grads(0.0)
+    torch.testing.assert_close(mined["auxiliary"], mined["mining"])
+    assert "auxiliary" not in unmined
+    assert build_model("weak_cam", weak_cfg(1.0), vocab_size=60, pad_token_id=0).auxiliary_loss
+    assert not build_model("weak_cam", weak_cfg(0.0), vocab_size=60, pad_token_id=0).auxiliary_loss

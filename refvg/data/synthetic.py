@@ -336,6 +336,20 @@ def _draw(objs: list[Obj], polys, w: int, h: int, rng: np.random.Generator) -> I
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def random_scene(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[Image.Image, list[Obj]]:
+    """One scene drawn from `rng` as `generate_refshapes` draws its images (width, objects, texture,
+    noise), with no expression and no file: for a caller that needs scenes from a random stream of
+    its own."""
+    h = cfg.image_size
+    w = int(round(cfg.image_size * rng.uniform(0.8, 1.2)))
+    placed = None
+    while placed is None:
+        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        placed = _place(_attributes(n, rng), w, h, rng)
+    objs, polys = placed
+    return _draw(objs, polys, w, h, rng), objs
+
+
 def _polygon_area(poly) -> float:
     xs, ys = np.array([p[0] for p in poly]), np.array([p[1] for p in poly])
     return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)

@@ -104,6 +104,19 @@ def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, t.tolist()))
 
 
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Each parameter's .grad averaged over the ranks, as DDP's reducer does (for a backward run without
+    it). A rank without a gradient for a parameter contributes zeros, as under find_unused_parameters."""
+    if not is_active():
+        return
+    n = world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(n)
+
+
 def all_ranks(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true on every rank (a decision every rank must take the same way)."""
     if not is_active():

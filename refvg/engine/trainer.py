@@ -15,6 +15,7 @@ this module runs the same under a test, a notebook, DVC, Prefect or torchrun.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -288,7 +289,11 @@ def _train_step(model, step_model, batch, optimizer, scheduler, tcfg: TrainConfi
                 for k, b in m.named_buffers(recurse=False):
                     b.copy_(buffers[k])
 
-    with autocast(device, tcfg.amp):
+    per_term = tcfg.grad_clip > 0 and getattr(model, "auxiliary_loss", False)
+    # One backward per term, and DDP's reducer allows one per forward: then the forward skips its hooks
+    # and _backward_clipped averages each term's gradients over the ranks itself.
+    ddp = per_term and hasattr(step_model, "no_sync")
+    with step_model.no_sync() if ddp else contextlib.nullcontext(), autocast(device, tcfg.amp):
         losses = model.compute_loss(step_model(batch), batch)
     optimizer.zero_grad(set_to_none=True)
     values = {k: float(v.detach()) for k, v in losses.items()}
@@ -296,16 +301,52 @@ def _train_step(model, step_model, batch, optimizer, scheduler, tcfg: TrainConfi
     if not distributed.all_ranks(math.isfinite(values["loss"]), device):
         skip()
         return None
-    losses["loss"].backward()
     # Always take the norm (max_norm=inf when clipping is off: a multiply by exactly 1): a finite loss can
     # still give inf/NaN gradients, and one such update ruins every weight.
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
+    norm = _backward_clipped(losses, model, tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf,
+                             per_term, average=ddp)
     if not torch.isfinite(norm):
         skip()
         return None
     optimizer.step()
     scheduler.step()
     return values
+
+
+def _backward_clipped(losses: dict, model, max_norm: float, per_term: bool, average: bool) -> torch.Tensor:
+    """Backward of losses["loss"], gradients clipped to total norm `max_norm`; returns the norm (the sum of
+    both terms' with per_term).
+
+    per_term: the method's losses["auxiliary"] (what it adds over its ablation: distillation, erased copies,
+    attention mining; already inside "loss") is clipped apart from the rest. One clip of the sum would let a
+    large auxiliary gradient shrink the grounding loss's step too, so method and ablation would differ in
+    step size as well as in the feature; clipped apart, the main term gets the ablation's exact gradient.
+    Costs a second backward through the shared layers (only while clipping is on: without it the sum is
+    already separable). `average`: the forward ran without DDP's hooks; each term's gradients are averaged
+    over the ranks here, before its clip, as DDP would have."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    aux = losses.get("auxiliary") if per_term else None
+    if aux is None or not aux.requires_grad:
+        losses["loss"].backward()
+        if average:
+            distributed.average_gradients(params)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # d(loss - aux)/d(aux) is exactly 0: the auxiliary branch adds exact zeros to the main term's gradients.
+    (losses["loss"] - aux).backward(retain_graph=True)
+    if average:
+        distributed.average_gradients(params)
+    main_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    main = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    aux.backward()
+    if average:
+        distributed.average_gradients(params)
+    aux_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    for p, g in zip(params, main):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
+    return main_norm + aux_norm
 
 
 def _count_bad_step(progress: _EpochProgress, result: TrainResult, batch: dict, epoch: int, tcfg: TrainConfig,

@@ -3,8 +3,12 @@ retrieval, and extract the features the student learns from.
 
 - Small config (the default, nothing to download): a `transformers` CLIPModel whose ViT reads our letterboxed
   `data.image_size` images (patch `teacher.patch_size`, so its patch grid is the student's stride-8 grid at
-  64 px) and whose text transformer reads the prepared tokenizer's ids. Trained with InfoNCE over the train
-  split: each expression against the crop of its target box, and against its whole image.
+  64 px) and whose text transformer reads the prepared tokenizer's ids. Trained with InfoNCE on its
+  own image-caption corpus (refvg.data.captions: scenes from another random stream than the
+  grounding images, captions of the whole scene, no box), so what it knows comes from outside the
+  grounding data; scored on that corpus's held-out images (its own task) and by expression -> object
+  retrieval on the grounding val split (how far that knowledge carries to referring expressions;
+  never trained on).
 - `teacher.pretrained` (a name or a save_pretrained folder): a real CLIP, used as is. No CLIPProcessor: it
   gets our letterboxed images resized to its own input size (224) with CLIP's normalisation, and the
   expressions tokenized by its own tokenizer (from the same name/folder), never by our prepared one.
@@ -27,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPConfig, CLIPModel
 
 from refvg.config import Config, TeacherConfig
+from refvg.data.captions import CorpusPairs
 from refvg.data.dataset import PreparedSplit, collate
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -97,8 +102,7 @@ def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torc
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of (image, text) pairs; `same` bool [B,B] marks every pair that matches
-    (two expressions of one object, or expressions of one image against whole images), so a duplicate in the
-    batch is a positive, not a negative."""
+    (two captions of one image), so a duplicate in the batch is a positive, not a negative."""
     logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
     target = same.float() / same.float().sum(1, keepdim=True)
     return (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.T.log_softmax(1)).sum(1).mean()) / 2
@@ -142,14 +146,17 @@ def _batches(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) ->
                       generator=torch.Generator().manual_seed(seed))
 
 
-def train_teacher(model: CLIPModel, train: TeacherView, tcfg: TeacherConfig, device: torch.device,
+def train_teacher(model: CLIPModel, pairs: CorpusPairs, tcfg: TeacherConfig, device: torch.device,
                   evaluate: Callable[[CLIPModel], dict], on_epoch_end: Callable[[dict, int], None]) -> list[dict]:
-    """InfoNCE of expressions vs target crops + `whole_image_weight` x vs whole images, AdamW with linear warmup
-    then cosine decay; `evaluate(model)` after every epoch. Returns the per-epoch metrics."""
+    """InfoNCE of the caption corpus's images vs their captions (captions of one image are all
+    positives), AdamW with linear warmup then cosine decay; `evaluate(model)` after every epoch.
+    Returns the per-epoch metrics. The corpus has no box and no grounding image: the teacher never
+    sees the grounding labels."""
     model.to(device).train()
-    loader = _batches(train, tcfg.batch_size, shuffle=True, seed=tcfg.seed)
+    generator = torch.Generator().manual_seed(tcfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    total = tcfg.epochs * len(loader)
+    steps_per_epoch = math.ceil(len(pairs) / tcfg.batch_size)
+    total = tcfg.epochs * steps_per_epoch
     warmup = min(tcfg.warmup_steps, total - 1)
 
     def factor(step: int) -> float:
@@ -161,33 +168,51 @@ def train_teacher(model: CLIPModel, train: TeacherView, tcfg: TeacherConfig, dev
     size = input_size(model)
     history = []
     for epoch in range(1, tcfg.epochs + 1):
-        sums, seen = {"loss": 0.0, "crop": 0.0, "whole": 0.0}, 0
-        for batch in loader:
+        loss_sum, seen = 0.0, 0
+        for batch in pairs.batches(tcfg.batch_size, generator):
             batch = {k: v.to(device) for k, v in batch.items()}
-            pixels = teacher_pixels(batch["image"], size)
             scale = model.logit_scale.exp().clamp(max=100)
             text = encode_texts(model, batch["input_ids"], batch["attention_mask"])
-            crop, _ = encode_images(model, crop_boxes(pixels, batch["box"], size))
-            whole, _ = encode_images(model, pixels)
-            ann, img = batch["ann_id"], batch["image_index"]
-            parts = {"crop": contrastive_loss(crop, text, scale, ann[:, None] == ann[None]),
-                     "whole": contrastive_loss(whole, text, scale, img[:, None] == img[None])}
-            loss = parts["crop"] + tcfg.whole_image_weight * parts["whole"]
+            image, _ = encode_images(model, teacher_pixels(batch["image"], size))
+            img = batch["image_index"]
+            loss = contrastive_loss(image, text, scale, img[:, None] == img[None])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            n = len(ann)
-            seen += n
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] += float(v.detach()) * n
-        metrics = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
-        metrics.update({f"val/{k}": v for k, v in evaluate(model).items()})
-        metrics["lr"] = scheduler.get_last_lr()[0]
+            seen += len(img)
+            loss_sum += float(loss.detach()) * len(img)
+        metrics = {"train/loss": loss_sum / max(seen, 1), **evaluate(model),
+                   "lr": scheduler.get_last_lr()[0]}
         history.append({"epoch": epoch, **metrics})
         on_epoch_end(metrics, epoch)
         model.train()
     return history
+
+
+@torch.no_grad()
+def caption_retrieval_recall(model: CLIPModel, pairs: CorpusPairs, batch_size: int,
+                             device: torch.device) -> dict[str, float]:
+    """The teacher's own task on held-out corpus images: each image's first caption against the N
+    images ("text_recall@k": the caption finds its image among N) and each image against those N
+    captions ("image_recall@k"); "chance@1" = 1/N."""
+    was_training = model.training
+    model.eval()
+    size = input_size(model)
+    images, texts = [], []
+    for start in range(0, len(pairs), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(pairs)))
+        batch = {k: v.to(device) for k, v in pairs.batch(rows).items()}
+        image = encode_images(model, teacher_pixels(batch["image"], size))[0]
+        images.append(F.normalize(image.float(), dim=-1))
+        text = encode_texts(model, batch["input_ids"], batch["attention_mask"])
+        texts.append(F.normalize(text.float(), dim=-1))
+    model.train(was_training)
+    similarity = torch.cat(texts) @ torch.cat(images).T  # [caption, image]
+    right = torch.arange(len(pairs), device=similarity.device)
+    out = {f"text_{k}": v for k, v in retrieval_recall(similarity, right).items()}
+    out |= {f"image_{k}": v for k, v in retrieval_recall(similarity.T, right).items()}
+    return out | {"chance@1": 1.0 / len(pairs)}
 
 
 @torch.no_grad()

@@ -34,12 +34,16 @@ class EpmVG(TransVG):
     def build_neck(self) -> int:
         visual_dim = super().build_neck()
         self.distill_visual = self.distill_text = None
+        self.auxiliary_loss = self.cfg.model.epmvg.distills  # the trainer clips its gradient apart
         if self.cfg.model.epmvg.distills:
             # Linear heads from the student's feature spaces to the teacher's joint space: the backbones keep
             # their own width, and what the fusion transformer reads is their output, not the projection.
+            # Drawn from a forked RNG: the modules built after them (fusion, head) start from the
+            # weights the ablation's start from, so the pair differs in the distillation alone.
             dim = self.cfg.teacher.projection_dim
-            self.distill_visual = nn.Linear(visual_dim, dim)
-            self.distill_text = nn.Linear(self.text.hidden_size, dim)
+            with torch.random.fork_rng(devices=[]):
+                self.distill_visual = nn.Linear(visual_dim, dim)
+                self.distill_text = nn.Linear(self.text.hidden_size, dim)
         return visual_dim
 
     def extra_outputs(self, batch: dict, visual: torch.Tensor, text: torch.Tensor) -> dict:
@@ -66,7 +70,7 @@ class EpmVG(TransVG):
                                     valid, e.temperature)
         total = e.image_weight * parts["distill_image"] + e.text_weight * parts["distill_text"] \
             + e.similarity_weight * parts["distill_similarity"]
-        return {**losses, **parts, "loss": losses["loss"] + total}
+        return {**losses, **parts, "loss": losses["loss"] + total, "auxiliary": total}
 
 
 def patch_grid(cells: int) -> tuple[int, int]:

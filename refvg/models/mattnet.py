@@ -504,6 +504,11 @@ class MAttNet(nn.Module):
         return int(self.erase_token_id)
 
     # --- loss
+    @property
+    def auxiliary_loss(self) -> bool:
+        """Whether compute_loss has an "auxiliary" term (the erased copies; the trainer clips it apart)."""
+        return self.c.erase.type != "none" and self.c.erase.rate > 0
+
     def _sample_losses(self, logits, scores, valid, target, neg_expression, neg_image, keep) -> tuple:
         ce = candidate_cross_entropy(logits, valid, target)
         pos = scores.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
@@ -527,7 +532,8 @@ class MAttNet(nn.Module):
                 outputs[key + "rank_keep"])
             erased_ce, erased_rank = erased_ce + c, erased_rank + r
         loss = loss + erased_ce + self.c.rank_weight * erased_rank
-        return {"loss": loss, "ce": ce, "rank": rank, "erased_ce": erased_ce, "erased_rank": erased_rank}
+        return {"loss": loss, "ce": ce, "rank": rank, "erased_ce": erased_ce, "erased_rank": erased_rank,
+                "auxiliary": erased_ce + self.c.rank_weight * erased_rank}  # the trainer clips it apart
 
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
         return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)

@@ -148,6 +148,11 @@ class WeakCAM(nn.Module):
     def wcfg(self) -> WeakCAMConfig:
         return self.cfg.model.weak_cam
 
+    @property
+    def auxiliary_loss(self) -> bool:
+        """Whether compute_loss has an "auxiliary" term (the mining; the trainer clips its gradient apart)."""
+        return self.wcfg.mining_weight > 0
+
     def score(self, visual: torch.Tensor, pixel_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
               cam: torch.Tensor | None = None) -> torch.Tensor:
         """Matching logit [B] of (visual map, expression) pairs; with `cam`, the CAM embedding is added first."""
@@ -269,7 +274,8 @@ class WeakCAM(nn.Module):
         total = w.itc_weight * itc + w.itm_weight * itm1 + w.cam_itm_weight * itm2
         if "mined" in outputs:
             losses["mining"] = F.softplus(outputs["mined"]).mean()  # -log(1 - p(match)) of what the CAM left
-            total = total + w.mining_weight * losses["mining"]
+            losses["auxiliary"] = w.mining_weight * losses["mining"]  # the trainer clips its gradient apart
+            total = total + losses["auxiliary"]
         losses["loss"] = total
         return losses
 
