@@ -31,6 +31,8 @@ ATTN = {"model": {"fusion": {"visual_encoder_layers": 0, "position": "tokens", "
 VARIANTS = {
     "transvg": ("transvg", {}),
     "transvg_attn": ("transvg", ATTN),
+    # The paper's TransVG but for the box head: isolates the one difference that decides learning here.
+    "transvg_attention_head": ("transvg", {"model": {"fusion": {"box_head": "attention"}}}),
     "qrnet": ("qrnet", {}),
     "qrnet_no_qdatt": ("qrnet", {"model": {"qrnet": {"qd_att": False}}}),
 }
