@@ -5,8 +5,9 @@
         [--params params.yaml] [--json out.json]
 
 Pairs (the first of each is the params.yaml default):
-  transvg       transvg (the paper's) vs transvg_attn (refvg's earlier variant)
-  qrnet_qdatt   qrnet vs qrnet_no_qdatt (QD-ATT off)
+  transvg        transvg (the paper's) vs transvg_attn (refvg's earlier variant)
+  qrnet_qdatt    qrnet vs qrnet_no_qdatt (QD-ATT off)
+  transvg_parts  the paper's TransVG vs itself with one of transvg_attn's differences each
 Methods come from params.yaml's `transvg` and `qrnet` entries plus the overrides below, so the
 figures follow params.yaml. Needs the prepared data (`python -m flows.generate`, then
 `-m flows.prepare`). Every run trains into a fresh temporary checkpoint folder (nothing resumes,
@@ -31,12 +32,18 @@ ATTN = {"model": {"fusion": {"visual_encoder_layers": 0, "position": "tokens", "
 VARIANTS = {
     "transvg": ("transvg", {}),
     "transvg_attn": ("transvg", ATTN),
-    # The paper's TransVG but for the box head: isolates the one difference that decides learning here.
+    # The paper's TransVG with one of transvg_attn's differences each: which one decides learning here.
     "transvg_attention_head": ("transvg", {"model": {"fusion": {"box_head": "attention"}}}),
+    "transvg_tokens": ("transvg", {"model": {"fusion": {"position": "tokens"}}}),
+    "transvg_cell_coords": ("transvg", {"model": {"fusion": {"cell_coords": True}}}),
+    "transvg_no_encoder": ("transvg", {"model": {"fusion": {"visual_encoder_layers": 0}}}),
+    "transvg_paper_lr": ("transvg", {"train": {"lr": 1e-4, "lr_backbone": 1e-4}}),
     "qrnet": ("qrnet", {}),
     "qrnet_no_qdatt": ("qrnet", {"model": {"qrnet": {"qd_att": False}}}),
 }
-PAIRS = {"transvg": ("transvg", "transvg_attn"), "qrnet_qdatt": ("qrnet", "qrnet_no_qdatt")}
+PAIRS = {"transvg": ("transvg", "transvg_attn"), "qrnet_qdatt": ("qrnet", "qrnet_no_qdatt"),
+         "transvg_parts": ("transvg", "transvg_attention_head", "transvg_tokens", "transvg_cell_coords",
+                           "transvg_no_encoder", "transvg_paper_lr")}
 
 
 def run_config(cfg, name: str, epochs: int, seed: int, out_dir: str):
@@ -94,7 +101,7 @@ def main(argv=None) -> None:
     cfg = load_config(args.params)
     rows, done = [], {}
     for pair in args.pairs:
-        epochs = args.transvg_epochs if pair == "transvg" else args.qrnet_epochs
+        epochs = args.qrnet_epochs if pair == "qrnet_qdatt" else args.transvg_epochs
         for seed in args.seeds:
             for name in PAIRS[pair]:
                 if args.variants and name not in args.variants:
