@@ -239,3 +239,18 @@ def test_match_scores_pair_each_expression_with_another_image():
     neg = model.score(visual[[5, 0, 1, 2, 3, 4]], batch["pixel_mask"], words, batch["attention_mask"])
     torch.testing.assert_close(out["neg"], neg)
     assert out["neg_valid"].tolist() == [True, False, True, True, True, True]  # rows 0, 1 show image 0
+
+
+def test_negative_images_random_or_by_similarity():
+    from refvg.models.weak_cam import _hard_negatives
+
+    image = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])
+    same = image[:, None] == image[None, :]
+    sim = torch.zeros(8, 8)
+    sim[:, 3] = 50.0  # image 2 looks like every expression's match
+    torch.manual_seed(0)
+    hard = torch.stack([_hard_negatives(sim, same)[0] for _ in range(50)])
+    rand = torch.stack([_hard_negatives(torch.zeros_like(sim), same)[0] for _ in range(50)])
+    assert (hard[:, [0, 1, 2, 4, 5, 6, 7]] == 3).all()  # "hard": the most similar other image
+    assert (image[rand] != image).all()  # "random" (zero similarities): never the pair's own image...
+    assert rand[:, 0].unique().tolist() == [2, 3, 4, 5, 6, 7]  # ...and any other one
