@@ -140,7 +140,8 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
                    params={"method": cfg.all_methods[method].model_dump(mode="json"), **run_cfg.model_dump(mode="json")}) as tracker:
         result = work.with_options(name=f"train-{method}")(
             stages.train_method, cfg, method, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
-        tracker.log_metrics({"best_val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
+        best = f"best_val_{result.select_metric}".replace("@", "_at_")  # weak methods: a box-free metric
+        tracker.log_metrics({best: result.best_score, "best_epoch": result.best_epoch,
                              "train_samples_per_second": result.samples_per_second})
         model_uri = transfer.with_options(name="log-model")(
             tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR,

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
         result = stages.train_method(cfg, args.method)  # under torchrun: one rank of a DDP run
         if env_rank() == 0:
-            print(json.dumps({"best_val_acc@0.5": result.best_score, "best_epoch": result.best_epoch}))
+            print(json.dumps({f"best_val_{result.select_metric}": result.best_score,
+                              "best_epoch": result.best_epoch}))
     elif args.command == "evaluate":
         print(json.dumps(stages.evaluate_method(cfg, args.method).metrics, indent=2))
     elif args.command == "report":

@@ -195,14 +195,20 @@ class WeakCAMConfig(_Strict):
     The fusion transformer is `model.fusion`'s; these are the matching objective, the CAM encoder, the
     attention-mining loss and how a box is read off the CAM at test time."""
 
-    itc_weight: float = Field(1.0, ge=0)  # in-batch image-text contrastive loss (the unimodal embeddings)
+    # in-batch image-text contrastive loss (the unimodal embeddings). 0.1: at 1 its gradient dominates the
+    # clipped update and the fusion's matching loss never leaves ln 2 (docs/weak_cam.md)
+    itc_weight: float = Field(0.1, ge=0)
     itm_weight: float = Field(1.0, ge=0)  # matching loss of the first fusion pass (positives + hard negatives)
     cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
     embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
     cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
-    match_fraction: float = Field(0.125, gt=0, le=1)  # share of each batch the fusion matching + mining see
+    match_fraction: float = Field(0.25, gt=0, le=1)  # share of each batch the fusion matching + mining see
+    # The negative image of each matched expression: "random" (any other image of the batch) or "hard"
+    # (ALBEF: drawn by contrastive similarity). On RefShapes a hard negative mostly holds an object the
+    # expression also fits ("the top shape"): labelled "no match", it keeps the matcher at chance.
+    negatives: Literal["random", "hard"] = "random"
     cam_per_cell: bool = False  # HiResCAM: weigh channels by each cell's gradient, not the map's mean (Grad-CAM)
-    contrastive_in_score: bool = True  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
+    contrastive_in_score: bool = False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
     # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
     # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
     mining_weight: float = Field(1.0, ge=0)

@@ -89,10 +89,11 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     from refvg.data.dataset import prepared_fingerprint, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.engine.distributed import env_rank
-    from refvg.engine.evaluator import box_metrics, mask_metrics, predict_split
+    from refvg.engine.evaluator import box_metrics, mask_metrics, match_metrics, predict_split
     from refvg.engine.runtime import resolve_device, seed_everything
     from refvg.engine.trainer import train
     from refvg.models import build_model, model_needs
+    from refvg.models.registry import is_weakly_supervised
 
     rcfg = cfg.for_method(method)  # raises for a method params.yaml does not declare
     mcfg = cfg.all_methods[method]
@@ -103,7 +104,10 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     if "teacher" in model_needs(mcfg.model, rcfg):
         train_set, teacher_version = with_teacher_features(cfg, method, train_set, prepared)
         data_version += f"+teacher:{teacher_version}"  # a new teacher must not resume the old student
-    val_set = open_split(rcfg, mcfg.model, "val", mcfg.language_blind)
+    weak = is_weakly_supervised(mcfg.model)
+    # Weak end to end: a weak method validates on the val split's image-sentence pairs (a WeakSplit: no
+    # box to read) and best.pt is chosen by its model's box-free criterion, never by Acc@0.5.
+    val_set = open_split(rcfg, mcfg.model, "val", mcfg.language_blind, training=weak)
     seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
     model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
     device = resolve_device(rcfg.train.device)
@@ -112,11 +116,14 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
         shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
 
     def evaluate(m: torch.nn.Module) -> dict:
+        if weak:
+            return match_metrics(m, val_set, rcfg.eval.batch_size, device, rcfg.train.amp)
         pred = predict_split(m, val_set, rcfg.eval.batch_size, device, rcfg.train.amp)
         return {**box_metrics(pred, rcfg.eval.iou_thresholds), **{f"mask/{k}": v for k, v in mask_metrics(pred).items()}}
 
     return train(
         model, train_set, rcfg, checkpoint_dir(cfg, method), method=method, evaluate=evaluate,
+        select_metric=model.select_metric if weak else "acc@0.5",
         on_epoch_end=on_epoch_end, data_version=data_version,
         extra_state={"model_name": mcfg.model, "language_blind": mcfg.language_blind,
                      "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"]},

@@ -191,3 +191,66 @@ def test_mining_on_the_image_reaches_the_cam_through_the_backbone():
             assert model.cam_encoder.body[2].weight.grad.abs().sum() > 0
             assert model.visual.body.embedder.embedder.convolution.weight.grad.abs().sum() > 0
     assert not torch.allclose(scores["feature"], scores["image"])
+
+
+def test_the_matcher_learns_on_real_pairs(tiny_workdir, monkeypatch):
+    """The fusion's matching loss leaves ln 2 under the default objective (random negative images, the
+    contrastive loss at 0.1): a fixed batch of the tiny RefShapes pairs, seeded, full-batch steps."""
+    import math
+
+    from refvg import stages
+    from refvg.config import load_config
+    from refvg.data.dataset import collate, read_manifest
+    from refvg.data.prepare import prepared_path
+    from refvg.engine.runtime import to_device
+
+    monkeypatch.chdir(tiny_workdir)
+    cfg = load_config("params.yaml")
+    raw = cfg.model_dump(mode="python")
+    raw["model"]["weak_cam"].update(mining_weight=0.0, match_fraction=1.0)
+    cfg = Config.model_validate(raw)
+    assert cfg.model.weak_cam.negatives == "random" and not cfg.model.weak_cam.contrastive_in_score
+    pairs = stages.open_split(cfg, "weak_cam", "train", training=True)
+    batch = to_device(collate([pairs[i] for i in range(0, 64, 4)]), torch.device("cpu"))
+    manifest = read_manifest(prepared_path(cfg))
+    torch.manual_seed(0)
+    model = build_model("weak_cam", cfg, manifest["vocab_size"], manifest["pad_token_id"]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    itm = []
+    for _ in range(40):
+        losses = model.compute_loss(model(batch), batch)
+        opt.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        itm.append(float(losses["itm"].detach()))
+    assert abs(itm[0] - math.log(2)) < 0.05  # starts at chance
+    assert sum(itm[-5:]) / 5 < 0.5, itm  # and learns: clearly below ln 2
+
+
+def test_match_scores_pair_each_expression_with_another_image():
+    batch = _weak_batch()
+    model = _tiny_model().eval()
+    out = model.match_scores(batch)
+    visual = model.visual(batch["image"])[-1]
+    words = model.text(batch["input_ids"], batch["attention_mask"])
+    pos = model.score(visual, batch["pixel_mask"], words, batch["attention_mask"])
+    torch.testing.assert_close(out["pos"], pos)
+    neg = model.score(visual[[5, 0, 1, 2, 3, 4]], batch["pixel_mask"], words, batch["attention_mask"])
+    torch.testing.assert_close(out["neg"], neg)
+    assert out["neg_valid"].tolist() == [True, False, True, True, True, True]  # rows 0, 1 show image 0
+
+
+def test_negative_images_random_or_by_similarity():
+    from refvg.models.weak_cam import _hard_negatives
+
+    image = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])
+    same = image[:, None] == image[None, :]
+    sim = torch.zeros(8, 8)
+    sim[:, 3] = 50.0  # image 2 looks like every expression's match
+    torch.manual_seed(0)
+    hard = torch.stack([_hard_negatives(sim, same)[0] for _ in range(50)])
+    rand = torch.stack([_hard_negatives(torch.zeros_like(sim), same)[0] for _ in range(50)])
+    assert (hard[:, [0, 1, 2, 4, 5, 6, 7]] == 3).all()  # "hard": the most similar other image
+    assert (image[rand] != image).all()  # "random" (zero similarities): never the pair's own image...
+    assert rand[:, 0].unique().tolist() == [2, 3, 4, 5, 6, 7]  # ...and any other one

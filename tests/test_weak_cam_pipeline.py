@@ -1,6 +1,7 @@
 """weak_cam end to end on the tiny set: train_method (whose every training batch is checked for any trace of the
-target) -> the evaluate flow (Prefect test harness, real MLflow sqlite store) -> metrics, the Grad-CAM figure as
-an MLflow artifact, the report's weak-supervision note."""
+target, and whose validation and best.pt selection must read no box) -> the evaluate flow (Prefect test
+harness, real MLflow sqlite store) -> metrics, the Grad-CAM figure as an MLflow artifact, the report's
+weak-supervision note."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ WEAK = {"weak_cam": {"model": "weak_cam", "overrides": {"model": {"weak_cam": {"
 
 
 def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, mlflow_uri, monkeypatch):
+    import refvg.engine.evaluator as evaluator
     import refvg.engine.trainer as trainer
     from flows.stages import evaluate_flow
 
@@ -34,12 +36,30 @@ def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, 
         datasets.append(train_set)
         return real_train(model, train_set, *args, **kwargs)
 
+    validated = []
+    real_match = evaluator.match_metrics
+
+    def spy_match(model, pairs, *args, **kwargs):
+        validated.append(pairs)
+        return real_match(model, pairs, *args, **kwargs)
+
+    def no_boxes(*args, **kwargs):
+        raise AssertionError("a weak method's training read val boxes")
+
     monkeypatch.setattr(trainer, "_train_step", spy_step)
     monkeypatch.setattr(trainer, "train", spy_train)
     epochs = []
-    result = stages.train_method(cfg, "weak_cam", on_epoch_end=lambda m, e: epochs.append(m))
+    with monkeypatch.context() as during_training:  # validation and best.pt selection included
+        during_training.setattr(evaluator, "match_metrics", spy_match)
+        for name in ("predict_split", "predict_batches", "box_metrics"):
+            during_training.setattr(evaluator, name, no_boxes)
+        result = stages.train_method(cfg, "weak_cam", on_epoch_end=lambda m, e: epochs.append(m))
     assert result.best_checkpoint.exists() and len(epochs) == 1
-    assert {"train/itc", "train/itm", "train/itm_cam", "train/mining", "val/acc@0.5"} <= set(epochs[0])
+    assert {"train/itc", "train/itm", "train/itm_cam", "train/mining", "val/match_acc"} <= set(epochs[0])
+    assert not any(k.startswith("val/acc") for k in epochs[0])
+    # best.pt is chosen by the box-free matching accuracy on val image-sentence pairs
+    assert result.select_metric == "match_acc" and result.best_score == epochs[0]["val/match_acc"]
+    assert len(validated) == 1 and isinstance(validated[0], WeakSplit)
     assert seen_keys and all(keys == set(WEAK_KEYS) for keys in seen_keys)  # no box, mask, ann id, candidate
     (train_set,) = datasets
     assert isinstance(train_set, WeakSplit)

@@ -101,3 +101,31 @@ def box_metrics(pred: SplitPredictions, thresholds) -> dict:
 def mask_metrics(pred: SplitPredictions) -> dict:
     """oIoU, mIoU, prec@0.5..0.9 and n; empty for a box-only model."""
     return summarize_mask_metrics(pred.mask_inter, pred.mask_union) if pred.has_masks else {}
+
+
+@torch.no_grad()
+def match_metrics(model: torch.nn.Module, pairs, batch_size: int, device: torch.device, amp: str = "auto",
+                  seed: int = 0) -> dict:
+    """Box-free validation of a weakly supervised matcher on image-sentence pairs (`pairs`: a
+    refvg.data.weak.WeakSplit, which holds no box): each expression against its own image and against
+    another image, through `model.match_scores`. "match_acc": share of those pairs classified right
+    (logit > 0 = match), "match_loss": their mean BCE. A fixed seeded order mixes the images within a
+    batch (a split lists an image's expressions together), so every epoch meets the same negatives."""
+    was_training = model.training
+    model.eval()
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    loader = DataLoader(Subset(pairs, order), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    correct = loss = count = 0.0
+    try:
+        for batch in loader:
+            with autocast(device, amp):
+                out = model.match_scores(to_device(batch, device))
+            logits = torch.cat([out["pos"], out["neg"][out["neg_valid"]]]).float()
+            labels = torch.cat([torch.ones_like(out["pos"]), torch.zeros_like(logits[len(out["pos"]):])])
+            correct += float(((logits > 0) == (labels > 0)).sum())
+            loss += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(),
+                                                                              reduction="sum"))
+            count += len(logits)
+    finally:
+        model.train(was_training)
+    return {"match_acc": correct / max(count, 1), "match_loss": loss / max(count, 1), "match_pairs": count}

@@ -56,6 +56,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_score: float = -math.inf
     best_epoch: int = -1
+    select_metric: str = "acc@0.5"  # the val metric best_score is of (weak methods: a box-free one)
     checkpoint_dir: Optional[Path] = None
     samples_per_second: float = 0.0
     compute_seconds: float = 0.0  # forward/backward/step and validation: the work, not the orchestration
@@ -176,7 +177,7 @@ def train(
     optimizer = build_optimizer(model, tcfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     key = run_key(cfg, method, data_version)
-    result = TrainResult(checkpoint_dir=out_dir)
+    result = TrainResult(checkpoint_dir=out_dir, select_metric=select_metric)
     for leftover in remove_partial_writes(out_dir) if main else ():
         log.warning("removed %s, a checkpoint write cut short by a crash (the previous checkpoint is intact)", leftover)
     start_epoch, progress = _maybe_resume(out_dir / LAST, key, model, optimizer, scheduler, sampler, result)

@@ -2,15 +2,22 @@
 grounding by learning where to focus on"): trained on image-sentence pairs only, never a box.
 
 - Matching. A CNN backbone (model.visual) and the text encoder (model.text) give a visual map A [B,C,h,w] and
-  word features. Two objectives over the batch: an image-text contrastive loss on pooled embeddings over the
-  whole in-batch image x expression grid (pairs showing the same image are all positives: RefShapes has
-  several expressions per image), and a matching loss of the fusion transformer (refvg.models.vl.VLTransformer,
-  its [REG] output -> one logit) on each positive pair and one hard negative image per expression, drawn from
-  the contrastive similarities (ALBEF's hard negatives: random ones are too easy to force the fusion to look
-  for the described object). The fusion sees only the first `match_fraction` of each (shuffled) batch: it is
-  most of a step's cost, the contrastive loss over the whole batch is cheap. With `contrastive_in_score` the
-  matching score is the fusion's logit plus the pair's contrastive cell-text similarity: that similarity learns
-  within an epoch, the fusion's logit alone did not (its loss stayed at ln 2 and its Grad-CAM was at chance).
+  word features. Two objectives over the batch: an image-text contrastive loss on pooled
+  embeddings over the whole in-batch image x expression grid (pairs showing the same image are all
+  positives: RefShapes has several expressions per image), and a matching loss of the fusion
+  transformer (refvg.models.vl.VLTransformer, its [REG] output -> one logit) on each positive pair
+  and one negative image per expression: by default a random other image of the batch. ALBEF's
+  hard negatives (drawn from the contrastive similarities, `negatives: hard`) kept the matcher at
+  ln 2 here: the images most similar to "the top shape" or "the green circle" are those that hold
+  such an object too, so most "negatives" were matches (docs/weak_cam.md). The fusion sees only
+  the first `match_fraction` of each (shuffled) batch: it is most of a step's cost, the
+  contrastive loss over the whole batch is cheap; the contrastive loss is weighted down
+  (itc_weight 0.1) so that its gradient does not fill the clipped update. With
+  `contrastive_in_score` (off by default: the Grad-CAM is then of the matcher alone) the matching
+  score also adds the pair's contrastive cell-text similarity.
+- Checkpoint selection is box-free: `select_metric` (the first pass's matching accuracy on the val
+  split's image-sentence pairs, `match_scores`), which refvg.stages hands to the trainer for weak
+  models.
 - Grad-CAM. alpha_c = mean over cells of d score / d A_c; cam = ReLU(sum_c alpha_c A_c), padding cells
   zeroed, divided by its peak. Computed inside the forward with torch.autograd.grad, differentiably
   (create_graph) where the attention-mining loss needs to push on it.
@@ -128,6 +135,9 @@ class RegionMatchHead(nn.Module):
 
 
 class WeakCAM(nn.Module):
+    # best.pt by a criterion that needs no box: matching accuracy on val image-sentence pairs
+    select_metric = "match_acc"
+
     def __init__(self, cfg: Config, vocab_size: int, pad_token_id: int):
         super().__init__()
         self.cfg = cfg
@@ -205,7 +215,11 @@ class WeakCAM(nn.Module):
         pad, tmask = batch["pixel_mask"], batch["attention_mask"]
         logits = self._contrastive_logits(visual, pad, words, tmask)
         same = batch["image_index"][:, None] == batch["image_index"][None, :]
-        neg_image, has_neg = _hard_negatives(logits.detach().t(), same)  # per expression: another image
+        # per expression: another image, uniformly ("random": zero similarities) or by similarity
+        sim = logits.detach().t()
+        if self.wcfg.negatives == "random":
+            sim = torch.zeros_like(sim)
+        neg_image, has_neg = _hard_negatives(sim, same)
         # The fusion (two passes + Grad-CAM, double backward when mining) costs most of a step: it sees the
         # first `match_fraction` of the (shuffled) batch, while the cheap contrastive loss sees all of it.
         b = max(1, round(visual.shape[0] * self.wcfg.match_fraction))
@@ -229,6 +243,19 @@ class WeakCAM(nn.Module):
             keep = 1 - torch.sigmoid((cam2[:b] - self.wcfg.mining_threshold) * self.wcfg.mining_sharpness)
             out["mined"] = self._mined_score(batch["image"][:b], visual, keep, pad, words, tmask)
         return out
+
+    @torch.no_grad()
+    def match_scores(self, batch: dict) -> dict[str, torch.Tensor]:
+        """First-pass matching logits of image-sentence pairs (WeakSplit rows, no box): "pos" [B]
+        of each pair, "neg" [B] of its expression with the previous row's image, "neg_valid" [B]
+        where that image is another one. What best.pt is selected by (refvg.engine.evaluator)."""
+        visual = self.visual(batch["image"])[-1]
+        words = self.text(batch["input_ids"], batch["attention_mask"])
+        pad, tmask = batch["pixel_mask"], batch["attention_mask"]
+        pos = self.score(visual, pad, words, tmask)
+        neg = self.score(visual.roll(1, 0), pad.roll(1, 0), words, tmask)
+        other = batch["image_index"].roll(1, 0) != batch["image_index"]
+        return {"pos": pos, "neg": neg, "neg_valid": other}
 
     def _mined_score(self, image, visual, keep, pad, words, tmask) -> torch.Tensor:
         """Matching score of what the CAM's soft complement `keep` [b,h,w] leaves: of the visual map times it
@@ -304,8 +331,9 @@ class WeakCAM(nn.Module):
 
 
 def _hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of similarities [B,B], a column drawn with probability softmax(sim) among the columns that
-    are not the row's own image; (index [B], has-one [B]). A row with no such column gets itself, flagged."""
+    """For each row of similarities [B,B], a column drawn with probability softmax(sim) among the
+    columns that are not the row's own image (uniformly for all-zero rows); (index [B], has-one
+    [B]). A row with no such column gets itself, flagged."""
     weights = sim.float().softmax(1).masked_fill(same, 0)
     ok = weights.sum(1) > 0
     weights[~ok] = same[~ok].float()  # any column; the pair's loss weight is 0
