@@ -27,13 +27,18 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
 
 @pytest.mark.e2e
 def test_compare_on_the_tiny_set(in_tiny, tmp_path):
+    from refvg.engine.checkpoint import load_checkpoint
+
     params = write_params(in_tiny, train={"epochs": 1, "batch_size": 16, "warmup_steps": 2})
-    records = compare.compare(params, [("transvg", "transvg_blind")], [0, 1], tmp_path / "work", keep=False)
+    records = compare.compare(params, [("transvg", "transvg_blind")], [0, 1], tmp_path / "work", keep=True)
     assert [r["split"] for r in records] == ["val", "testA", "testB"]
     for r in records:
         assert r["pair"] == "transvg vs transvg_blind" and r["seeds"] == 2 and len(r["a"]) == len(r["b"]) == 2
         assert r["mean_diff"] == pytest.approx(r["a_mean"] - r["b_mean"])
-        assert r["a"][0] != r["a"][1] or r["b"][0] != r["b"][1]  # the seed reached the runs
+    for seed in (0, 1):  # each run trained with its own seed, the rest of params.yaml as it is
+        for method in ("transvg", "transvg_blind"):
+            saved = load_checkpoint(tmp_path / "work" / f"seed{seed}" / "checkpoints" / method / "best.pt")
+            assert saved["config"]["train"]["seed"] == seed and saved["config"]["train"]["epochs"] == 1
     assert "| transvg vs transvg_blind | val | 1 | 2 |" in compare.markdown(records)
 
     unequal = write_params(in_tiny, methods={"transvg": {"model": "transvg"}, "transvg_blind": {

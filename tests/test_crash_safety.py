@@ -165,6 +165,12 @@ def test_dataloader_workers_outlive_a_group_sigterm_but_not_their_parents(in_tin
                          worker_init_fn=preemption.ignore_sigterm_in_worker))
     next(it)
     (worker,) = it._workers
+    # As torch's own shutdown does before it terminates a worker: stop watching its pid, or the SIGCHLD
+    # handler of this (the parent) process raises "DataLoader worker killed" during the join below.
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._remove_worker_pids(id(it))
+    it._worker_pids_set = False
     worker.terminate()
     worker.join(timeout=60)
     assert worker.exitcode == -signal.SIGTERM
