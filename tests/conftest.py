@@ -51,6 +51,19 @@ def write_params(folder: Path, **overrides) -> Path:
     return path
 
 
+def project_copy(repo: Path, **params) -> Path:
+    """A folder holding the project as DVC runs it (the code, dvc.yaml, a tiny params.yaml): what the tests
+    turn into a git + DVC repository."""
+    import shutil
+
+    repo.mkdir(parents=True)
+    for item in ("refvg", "flows"):
+        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    write_params(repo, **params)
+    return repo
+
+
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory) -> Path:
     """A folder with params.yaml and the generated + prepared tiny dataset. Read-only for tests: copy it

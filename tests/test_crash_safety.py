@@ -73,6 +73,20 @@ def _wait_for_file(path, proc) -> None:
         time.sleep(0.05)
 
 
+def _sigterm_once_stepping(proc, started, check=lambda: None) -> None:
+    """SIGTERM as a scheduler sends it, once the process steps; waits for it to exit (killed if the test
+    fails first)."""
+    try:
+        _wait_for_file(started, proc)
+        check()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_rerun_ends_bitwise(in_tiny, tmp_path):
     # the only mid-epoch checkpoint: SIGTERM's
     write_params(in_tiny, train={"checkpoint_every_steps": 0})
@@ -86,14 +100,7 @@ def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_rerun_ends_bitwise
     started, log = tmp_path / "started", tmp_path / "train.log"
     third_batch = 2 * cfg.train.batch_size + 1
     proc = spawn_train_process(in_tiny, log, term_at_item=third_batch, started=started)
-    try:
-        _wait_for_file(started, proc)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _sigterm_once_stepping(proc, started)
     out = log.read_text()
     assert proc.returncode == preemption.PREEMPTED_EXIT_CODE == 143, out[-3000:]
     assert "stopped in epoch 1 after step 3 with a resumable checkpoint" in out
@@ -187,15 +194,11 @@ def test_sigterm_reaches_training_in_a_stage_worker_child(in_tiny, tmp_path):
     started, log = tmp_path / "started", tmp_path / "train.log"
     proc = spawn_train_process(in_tiny, log, term_at_item=cfg.train.batch_size + 1, started=started,
                                via_worker=True, env={"REFVG_PREFECT_SERVER": "ephemeral"})
-    try:
-        _wait_for_file(started, proc)
+
+    def in_the_workers_child() -> None:
         assert int(started.read_text()) != proc.pid, "the training ran in the worker's child"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    _sigterm_once_stepping(proc, started, in_the_workers_child)
     out = log.read_text()
     assert proc.returncode == 143, out[-3000:]
     assert "stopped in epoch 1 after step 2 with a resumable checkpoint" in out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, write_params
+from tests.conftest import project_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -27,12 +26,7 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def dvc_repo(tmp_path, prefect_api) -> tuple[Path, dict]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("refvg", "flows"):
-        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    write_params(repo, synthetic={"num_images": 32, "image_size": 64, "seed": 0})
+    repo = project_copy(tmp_path / "repo", synthetic={"num_images": 32, "image_size": 64, "seed": 0})
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_api,
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "GIT_AUTHOR_NAME": "t",

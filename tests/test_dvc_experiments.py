@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.launcher import DIR_ENV, stop_workers
-from tests.conftest import ROOT, write_params
+from tests.conftest import project_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -48,13 +48,8 @@ def _group(p: psutil.Process) -> int:
 
 
 def test_queued_experiment_logs_to_the_repository_and_leaves_nothing_running(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("refvg", "flows"):
-        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    write_params(repo, synthetic={"num_images": 32, "image_size": 64, "seed": 0},
-                 train={"epochs": 1}, methods={"transvg": {"model": "transvg"}})
+    repo = project_copy(tmp_path / "repo", synthetic={"num_images": 32, "image_size": 64, "seed": 0},
+                        train={"epochs": 1}, methods={"transvg": {"model": "transvg"}})
     defaults = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "REFVG_PREFECT_HOME")  # a user's
     env = {k: v for k, v in os.environ.items() if k not in defaults}
     workers = Path(tempfile.mkdtemp(prefix="refvg-x-"))  # its own stage workers (a short path)

@@ -3,7 +3,6 @@ scheduled run runs the stale stages and pushes to the remote; a second with noth
 leaves dvc.lock as it was."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, write_params
+from tests.conftest import project_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -27,13 +26,9 @@ def _git_dvc_repo(repo: Path, env: dict) -> None:
 def test_scheduled_run_is_dvc_repro_and_a_second_one_trains_nothing(tmp_path, prefect_api, monkeypatch):
     from flows.scheduled import scheduled_flow
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("refvg", "flows"):
-        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    write_params(repo, synthetic={"num_images": 24, "image_size": 64, "seed": 0},
-                 train={"epochs": 1, "batch_size": 16, "warmup_steps": 2}, methods={"transvg": {"model": "transvg"}})
+    repo = project_copy(tmp_path / "repo", synthetic={"num_images": 24, "image_size": 64, "seed": 0},
+                        train={"epochs": 1, "batch_size": 16, "warmup_steps": 2},
+                        methods={"transvg": {"model": "transvg"}})
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
     for key, value in {"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": store, "GIT_AUTHOR_NAME": "t",
                        "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}.items():
