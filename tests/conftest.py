@@ -51,6 +51,14 @@ def write_params(folder: Path, **overrides) -> Path:
     return path
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def project_copy(repo: Path, **params) -> Path:
     """A folder holding the project as DVC runs it (the code, dvc.yaml, a tiny params.yaml): what the tests
     turn into a git + DVC repository."""

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from refvg.config import load_config
 from refvg.tracking import TELEMETRY_OFF, stage_run
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, pid_alive, write_params
 from tests.faults import blocked_sqlite_store, log_process
 
 
@@ -119,18 +119,10 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _gone(pid: int, ceiling: float = 300) -> bool:
     """Waits for a process that is not our child to end (a ceiling, not a race)."""
     deadline = time.monotonic() + ceiling
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
@@ -151,7 +143,7 @@ def test_the_local_prefect_server_starts_once_is_reused_and_stops(tmp_path):
     try:
         url = runtime("url")
         state = json.loads((home / "server.json").read_text())
-        assert state["api_url"] == url and _healthy(url) and _alive(state["pid"])
+        assert state["api_url"] == url and _healthy(url) and pid_alive(state["pid"])
         assert runtime("url") == url  # reused: the same server, not a second one
         assert json.loads((home / "server.json").read_text())["pid"] == state["pid"]
         assert runtime("stop") == "stopped"
@@ -215,7 +207,7 @@ def test_the_stage_worker_dies_its_stage_dies_and_an_idle_worker_exits(tmp_path)
         assert worker != os.getpid() and _gone(worker), "the idle worker did not exit"
         assert not list(workers.glob("worker-*.sock")), "its socket is removed"
     finally:
-        if child is not None and _alive(child):
+        if child is not None and pid_alive(child):
             os.kill(child, signal.SIGKILL)
         client.kill()
         client.wait()

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.launcher import DIR_ENV, SWITCH_ENV, list_workers, worker_key
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, pid_alive, write_params
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the stage worker needs fork and unix sockets")
 
@@ -155,11 +155,11 @@ def test_the_stage_dies_with_its_client(probe_dir, how, tmp_path):
         if how == "SIGTERM":  # forwarded: the stage's own handler exits 3, and the client with it (not -15)
             assert client.returncode == 3 and "cleanup ran" in err, (client.returncode, err)
         deadline = time.monotonic() + 300  # a ceiling, not a race: the worker kills it within seconds
-        while _alive(child):
+        while pid_alive(child):
             assert time.monotonic() < deadline, f"stage {child} outlived its client ({how})"
             time.sleep(0.2)
     finally:
-        if child is not None and _alive(child):  # first: it holds the client's stdout/stderr open
+        if child is not None and pid_alive(child):  # first: it holds the client's stdout/stderr open
             os.kill(child, signal.SIGKILL)
         client.kill()
         client.communicate()
@@ -208,14 +208,6 @@ def test_a_signal_before_the_stage_is_known_reaches_the_stage():
         client.close()
         worker.close()
         thread.join(timeout=60)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_kill_switch_runs_the_stage_in_process(probe_dir, tmp_path):
