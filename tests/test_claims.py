@@ -86,7 +86,12 @@ def test_a_hung_tracking_server_costs_its_timeout_not_the_stage(tmp_path):
     uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
     unlogged = tmp_path / "unlogged"
     write_params(tmp_path, tracking={"http_retries": 0, "http_timeout_s": 2, "unlogged_dir": str(unlogged)})
-    proc = log_process(tmp_path, "train@m1", 3, _env(MLFLOW_TRACKING_URI=uri))
+    # As a fresh shell has it: an earlier test's in-process tracking exported MLflow's HTTP settings here,
+    # which a child process would take for the user's own (they win over params).
+    from refvg.tracking import _HTTP_ENV
+
+    env = {k: v for k, v in _env(MLFLOW_TRACKING_URI=uri).items() if k not in _HTTP_ENV}
+    proc = log_process(tmp_path, "train@m1", 3, env)
     try:
         out, err = proc.communicate(timeout=300)  # a ceiling two orders of magnitude above the bound
     finally:

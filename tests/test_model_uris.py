@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import pandas as pd
@@ -15,7 +18,7 @@ from refvg.config import load_config
 from refvg.data.dataset import PreparedSplit
 from refvg.data.prepare import prepared_path
 from refvg.data.proposals import read_gt_candidates
-from tests.conftest import untrained_checkpoint, write_params
+from tests.conftest import ROOT, untrained_checkpoint, write_params
 
 
 @pytest.fixture
@@ -48,15 +51,16 @@ def test_the_pyfunc_ranks_the_candidates_column(logged_ranker):
         model.predict(pd.DataFrame({"image": [image], "expression": [rec["sentence"]]}))
 
 
-def test_refvg_predict_loads_a_runs_uri(logged_ranker, tmp_path, capsys):
-    from refvg.cli import main
-
+def test_refvg_predict_loads_a_runs_uri(logged_ranker, tmp_path):
+    # Its own process, as a user runs it (loading a model also sets MLflow's HTTP settings process-wide).
     uri, rec, image, detections, cands = logged_ranker
     photo, dets = tmp_path / "photo.png", tmp_path / "dets.json"
     Image.open(io.BytesIO(image)).save(photo)
     dets.write_text(json.dumps(detections))
-    main(["predict", str(photo), rec["sentence"], "--model", uri, "--candidates", str(dets),
-          "--out", str(tmp_path / "drawn.png")])
-    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-m", "refvg.cli", "predict", str(photo), rec["sentence"], "--model", uri,
+                           "--candidates", str(dets), "--out", str(tmp_path / "drawn.png")],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(proc.stdout.strip().splitlines()[-1])
     assert any(payload["box_xyxy"] == pytest.approx(c, abs=0.06) for c in cands.boxes_xyxy.tolist())
     assert (tmp_path / "drawn.png").stat().st_size > 0
