@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import threading
 from typing import Callable, TypeVar
@@ -77,30 +76,3 @@ def stops_on_sigterm(fn: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
-
-
-def ignore_sigterm_in_worker(_worker_id: int) -> None:
-    """DataLoader `worker_init_fn`. A scheduler (or the stage worker's killpg) signals the whole
-    process group, and a torch worker dies on SIGTERM; its parent then raises from its SIGCHLD
-    handler, possibly in the middle of an optimizer step, and the checkpoint is lost. So a worker
-    ignores a SIGTERM sent by anyone but its parent and exits on one from its parent (as torch's own
-    handler does) when the waiting thread below takes it; a thread the worker started before this
-    function does not block SIGTERM and, taking it, ignores it whoever sent it. A worker ends with its
-    loader (torch's sentinel, the normal way) and when its parent dies (torch's watchdog)."""
-    # e.g. macOS: the sender cannot be told; torch's way stays
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    parent = os.getppid()
-    # A handler, not SIG_DFL: the worker may already run a thread that does not block SIGTERM (started
-    # before this function), and a SIGTERM delivered there must not take the default action, death.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_exit_on_sigterm_from, args=(parent,), name="refvg-sigterm",
-                     daemon=True).start()
-
-
-def _exit_on_sigterm_from(parent: int) -> None:
-    while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent:
-            os._exit(0)  # torch's worker handler does the same for its parent's SIGTERM

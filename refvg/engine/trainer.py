@@ -170,7 +170,6 @@ def train(
         train_set, batch_size=local_batch, sampler=sampler, drop_last=len(train_set) > tcfg.batch_size,
         collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=tcfg.num_workers > 0, generator=torch.Generator().manual_seed(tcfg.seed),
-        worker_init_fn=preemption.ignore_sigterm_in_worker,
     )
     steps_per_epoch = len(loader)
     total_steps = tcfg.epochs * steps_per_epoch
