@@ -92,10 +92,7 @@ class DataConfig(_Strict):
         return self
 
     def vocabulary(self):
-        try:
-            return split_vocabulary(self.dataset, self.split_by, self.format, self.split_vocabulary)
-        except ValueError as err:
-            raise ValueError(str(err)) from None
+        return split_vocabulary(self.dataset, self.split_by, self.format, self.split_vocabulary)
 
     @property
     def _split_source(self) -> str:

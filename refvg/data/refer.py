@@ -518,7 +518,8 @@ class SplitFiles:
         self._boxes: dict[int, dict[tuple, int]] = {}
 
     def stored_split_counts(self) -> dict[str, int]:
-        return {split: len(v) for split, v in self.all_samples().items()}
+        """Samples per split file (a trainval made of train + val is not a file, so not counted)."""
+        return {split: len(v) for split, v in self.all_samples().items() if split in self.files}
 
     def all_samples(self) -> dict[str, list[RefSample]]:
         if self._by_split is None:
