@@ -139,3 +139,70 @@ def plot_attention(images: Sequence[np.ndarray], words: Sequence[Sequence[tuple[
         modules = f"subj {s:.2f} loc {l:.2f} rel {r:.2f}, IoU {ious[k]:.2f}"
         ax.set_title("\n".join(textwrap.wrap(text, 36)[:3]) + "\n" + modules, fontsize=7)
     _save(fig, path)
+
+
+def evaluation_figures(model, model_name: str, preds: Sequence[SplitPredictions], ds, ecfg, title: str,
+                       tokenizer_dir: Path, out_dir: Path, device, amp: str = "auto") -> list[Path]:
+    """The evaluate stage's figures in `out_dir`: accuracy vs IoU threshold of every split in `preds`, and
+    `ecfg.num_qualitative` samples of `ds` (the split of `preds` the panels show, opened as the model saw it):
+    their boxes, with the masks of a mask method, the attention of a ranking model (`explain`), and for a weakly
+    supervised one the Grad-CAM each box was read from."""
+    from torch.utils.data import Subset
+
+    from refvg.engine.evaluator import predict_batches, predict_masks
+    from refvg.models.registry import is_weakly_supervised
+
+    figures = [out_dir / "acc_vs_iou.png", out_dir / "qualitative.png"]
+    plot_accuracy_vs_iou(preds, ecfg.iou_thresholds, title, figures[0])
+    val = next(p for p in preds if p.split == ds.split)
+    pick = np.random.default_rng(0).permutation(len(ds))[: ecfg.num_qualitative]
+    scale = np.array([[ds.letterboxes[i].scale] for i in pick])
+    crops = [np.asarray(ds.images[ds.records[i]["image_index"]])[: ds.letterboxes[i].content_h, : ds.letterboxes[i].content_w]
+             for i in pick]
+    overlays = {}
+    if val.has_masks:
+        overlays = {"pred_masks": predict_masks(model, ds, pick, ecfg.batch_size, device, amp),
+                    "gt_masks": [ds.gt_mask(i) for i in pick],
+                    "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
+    if hasattr(model, "explain"):  # ranking models: the same panels, with which words and regions decided
+        _attention_figure(model, ds, pick, crops, val.ious[pick], device, tokenizer_dir, figures[1])
+    else:
+        plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,
+                         val.gt_xyxy[pick] * scale, val.ious[pick], figures[1], **overlays)
+    if is_weakly_supervised(model_name):  # the Grad-CAM each box was read from, over its image
+        cams = [c for out in predict_batches(model, Subset(ds, pick.tolist()), ecfg.batch_size, device, amp,
+                                             keys=("cam",)) for c in out["cam"]]
+        figures.append(out_dir / "cams.png")
+        plot_cams(crops, [c[: crop.shape[0], : crop.shape[1]].numpy() for c, crop in zip(cams, crops)],
+                  [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale, val.gt_xyxy[pick] * scale,
+                  figures[-1])
+    return figures
+
+
+def _attention_figure(model, ds, pick, crops, ious, device, tokenizer_dir: Path, path: Path) -> None:
+    """The qualitative figure of a ranking model (`explain`): chosen box, target, the word attention, the
+    module weights, the most attended sub-region and context object."""
+    import torch
+
+    from refvg.data.dataset import collate
+    from refvg.data.text import load_tokenizer
+    from refvg.data.transforms import cxcywh_to_xyxy
+    from refvg.engine.runtime import to_device
+
+    if len(pick) == 0:
+        return
+    batch = collate([ds[int(i)] for i in pick])
+    ex = {k: v.cpu() for k, v in model.explain(to_device(batch, device)).items()}
+    tok = load_tokenizer(tokenizer_dir)
+    words = []
+    for ids, mask, att in zip(batch["input_ids"], batch["attention_mask"], ex["word_attention"]):
+        n = int(mask.sum())
+        words.append([(tok.convert_ids_to_tokens(int(t)), float(a)) for t, a in zip(ids[1:n - 1], att[1:n - 1])])
+    size = ds.size
+    rows = torch.arange(len(pick))
+    chosen = cxcywh_to_xyxy(batch["cand_boxes"][rows, ex["best"]]).numpy() * size
+    context = cxcywh_to_xyxy(batch["cand_boxes"][rows, ex["context"].clamp_min(0)]).numpy() * size
+    context[ex["context"].numpy() < 0] = np.nan
+    target = cxcywh_to_xyxy(batch["box"]).numpy() * size
+    plot_attention(crops, words, ex["module_weights"].numpy(), chosen, ex["cell_box"].numpy() * size, context, target,
+                   ious, path)

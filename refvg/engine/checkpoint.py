@@ -10,9 +10,13 @@ import pickle
 import random
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from refvg.config import Config
 
 FORMAT = "refvg-checkpoint-v1"
 
@@ -83,3 +87,23 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+TRAINED_KEYS = ("model", "config", "model_name", "vocab_size", "pad_token_id", "language_blind", "best_epoch")
+
+
+def load_trained(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """Rebuild a model from one of our training checkpoints (its own config, not today's params.yaml), in eval
+    mode on `device`; also returns that config and the checkpoint's state."""
+    from refvg.config import _validate
+    from refvg.models import build_model
+
+    state = load_checkpoint(path, map_location=device, require=TRAINED_KEYS)
+    try:
+        cfg = _validate(state["config"], source="its config")
+        model = build_model(state["model_name"], cfg, vocab_size=state["vocab_size"], pad_token_id=state["pad_token_id"])
+        model.load_state_dict(state["model"])
+    except (ValueError, TypeError, RuntimeError) as err:  # config of another version; weights that do not fit
+        reason = " ".join(str(err).split())[:400]
+        raise CheckpointError(f"{path}: cannot rebuild its {state['model_name']!r} model: {reason}") from None
+    return model.to(device).eval(), cfg, state

@@ -1,6 +1,5 @@
-"""Evaluation shared by every method: predict on a prepared split, map boxes (and masks, for mask methods)
-back to the original image, and score them there (not in the padded square): Acc@IoU for boxes; oIoU, mIoU
-and prec@IoU for masks."""
+"""Running a model over a prepared split and feeding its outputs to evaluators (refvg.evaluation): boxes (and
+masks, for mask methods) are scored back in the original image, not in the padded square."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,9 +10,15 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from refvg.data.dataset import PreparedSplit, collate
-from refvg.data.transforms import cxcywh_to_xyxy
 from refvg.engine.runtime import autocast, to_device
-from refvg.metrics import box_iou, mask_intersection_union, summarize_box_metrics, summarize_mask_metrics
+from refvg.evaluation import BoxEvaluator, DatasetEvaluator, original_mask
+from refvg.metrics import summarize_box_metrics
+
+
+def read_outputs(outputs, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The outputs named in `keys` that a model's forward (or `match_scores`) returned. The one place that knows
+    how a model holds its outputs: evaluation and inference read them through here."""
+    return {k: outputs[k] for k in keys if k in outputs}
 
 
 @dataclass
@@ -22,8 +27,7 @@ class SplitPredictions:
     pred_xyxy: np.ndarray  # [N, 4] original pixels
     gt_xyxy: np.ndarray  # [N, 4] original pixels
     ious: np.ndarray  # [N]
-    # Mask methods only: per-sample pixel counts at the original resolution (the masks themselves are not
-    # kept: a RefCOCO split of 640x480 masks would not fit in memory).
+    # Mask methods only: per-sample pixel counts at the original resolution.
     mask_inter: Optional[np.ndarray] = None  # [N]
     mask_union: Optional[np.ndarray] = None  # [N]
 
@@ -33,56 +37,51 @@ class SplitPredictions:
 
 
 @torch.no_grad()
+def _run(model: torch.nn.Module, dataset, batch_size: int, device: torch.device, amp: str, keys: Sequence[str],
+         forward: Optional[str] = None, order_seed: Optional[int] = None,
+         ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """(the collated batch on the CPU, the model's outputs of `keys` on the CPU) batch by batch; the model in
+    eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    if order_seed is not None:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(order_seed)).tolist()
+        dataset = Subset(dataset, order)
+    call = model if forward is None else getattr(model, forward)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    try:
+        for batch in loader:
+            with autocast(device, amp):
+                out = call(to_device(batch, device))
+            yield batch, {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in read_outputs(out, keys).items()}
+    finally:
+        model.train(was_training)
+
+
+def inference_on_dataset(model: torch.nn.Module, dataset, evaluator: DatasetEvaluator, batch_size: int,
+                         device: torch.device, amp: str = "auto") -> dict:
+    """Reset `evaluator`, show it every batch of `dataset` with the model's outputs, return its results."""
+    evaluator.reset()
+    for inputs, outputs in _run(model, dataset, batch_size, device, amp, evaluator.output_keys, evaluator.forward,
+                                evaluator.order_seed):
+        evaluator.process(inputs, outputs)
+    return evaluator.evaluate()
+
+
 def predict_batches(
     model: torch.nn.Module, dataset, batch_size: int, device: torch.device, amp: str = "auto",
     keys: Sequence[str] = ("pred_boxes", "pred_masks"),
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The model's outputs (those of `keys` it has) batch by batch, in dataset order, as float32 on the CPU."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    try:
-        for batch in loader:
-            batch = to_device(batch, device)
-            with autocast(device, amp):
-                out = model(batch)
-            yield {k: out[k].float().cpu() for k in keys if k in out}
-    finally:
-        model.train(was_training)
-
-
-def predict_square_boxes(
-    model: torch.nn.Module, dataset: PreparedSplit, batch_size: int, device: torch.device, amp: str = "auto"
-) -> np.ndarray:
-    """Normalised xyxy boxes in the letterboxed square, [N, 4]."""
-    out = [cxcywh_to_xyxy(o["pred_boxes"]) for o in predict_batches(model, dataset, batch_size, device, amp)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 4))
+    for _, outputs in _run(model, dataset, batch_size, device, amp, keys):
+        yield outputs
 
 
 def predict_split(model, dataset: PreparedSplit, batch_size: int, device, amp: str = "auto") -> SplitPredictions:
-    """Boxes of every sample, and for a model that outputs "pred_masks" each mask's intersection and union
-    with the target mask, both at the original resolution; in one pass over the split."""
-    square, inter, union = [], [], []
-    row = 0
-    for out in predict_batches(model, dataset, batch_size, device, amp):
-        square.append(cxcywh_to_xyxy(out["pred_boxes"]))
-        for logits in out.get("pred_masks", ()):
-            iu = mask_intersection_union(original_mask(dataset, row, logits), dataset.gt_mask(row))
-            inter.append(iu[0])
-            union.append(iu[1])
-            row += 1
-    square = torch.cat(square).numpy() if square else np.zeros((0, 4))
-    pred = np.stack([lb.box_from_square(b) for lb, b in zip(dataset.letterboxes, square)]) if len(square) else square
-    gt = np.asarray([r["bbox_xyxy"] for r in dataset.records], dtype=np.float64).reshape(-1, 4)
-    masks = row > 0
-    return SplitPredictions(dataset.split, pred, gt, np.asarray(box_iou(pred, gt)).reshape(-1),
-                            np.asarray(inter) if masks else None, np.asarray(union) if masks else None)
-
-
-def original_mask(dataset: PreparedSplit, i: int, logits: torch.Tensor) -> np.ndarray:
-    """Sample i's predicted mask logits over the square -> bool [orig_h, orig_w]: foreground where the
-    predicted probability exceeds 0.5 (logit > 0), the convention of referring-segmentation metrics."""
-    return (dataset.letterboxes[i].mask_from_square(logits) > 0).numpy()
+    """Every sample's box in original pixels and its IoU with the target."""
+    boxes = BoxEvaluator(dataset)
+    inference_on_dataset(model, dataset, boxes, batch_size, device, amp)
+    return SplitPredictions(dataset.split, **boxes.per_sample())
 
 
 def predict_masks(model, dataset: PreparedSplit, indices: Sequence[int], batch_size: int, device,
@@ -96,36 +95,3 @@ def predict_masks(model, dataset: PreparedSplit, indices: Sequence[int], batch_s
 
 def box_metrics(pred: SplitPredictions, thresholds) -> dict:
     return summarize_box_metrics(pred.ious, thresholds)
-
-
-def mask_metrics(pred: SplitPredictions) -> dict:
-    """oIoU, mIoU, prec@0.5..0.9 and n; empty for a box-only model."""
-    return summarize_mask_metrics(pred.mask_inter, pred.mask_union) if pred.has_masks else {}
-
-
-@torch.no_grad()
-def match_metrics(model: torch.nn.Module, pairs, batch_size: int, device: torch.device, amp: str = "auto",
-                  seed: int = 0) -> dict:
-    """Box-free validation of a weakly supervised matcher on image-sentence pairs (`pairs`: a
-    refvg.data.weak.WeakSplit, which holds no box): each expression against its own image and against
-    another image, through `model.match_scores`. "match_acc": share of those pairs classified right
-    (logit > 0 = match), "match_loss": their mean BCE. A fixed seeded order mixes the images within a
-    batch (a split lists an image's expressions together), so every epoch meets the same negatives."""
-    was_training = model.training
-    model.eval()
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    loader = DataLoader(Subset(pairs, order), batch_size=batch_size, shuffle=False, collate_fn=collate)
-    correct = loss = count = 0.0
-    try:
-        for batch in loader:
-            with autocast(device, amp):
-                out = model.match_scores(to_device(batch, device))
-            logits = torch.cat([out["pos"], out["neg"][out["neg_valid"]]]).float()
-            labels = torch.cat([torch.ones_like(out["pos"]), torch.zeros_like(logits[len(out["pos"]):])])
-            correct += float(((logits > 0) == (labels > 0)).sum())
-            loss += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(),
-                                                                              reduction="sum"))
-            count += len(logits)
-    finally:
-        model.train(was_training)
-    return {"match_acc": correct / max(count, 1), "match_loss": loss / max(count, 1), "match_pairs": count}

@@ -18,6 +18,8 @@ from refvg.data.proposals import ImageCandidates, candidate_batch
 from refvg.data.refer import check_expression
 from refvg.data.text import TOKENIZER_DIR, encode, load_tokenizer
 from refvg.data.transforms import Letterbox, cxcywh_to_xyxy
+from refvg.engine.checkpoint import load_trained
+from refvg.engine.evaluator import read_outputs
 from refvg.engine.runtime import autocast, resolve_device, to_device
 
 
@@ -39,8 +41,6 @@ def mask_to_original(mask_logits: torch.Tensor, lb: Letterbox) -> np.ndarray:
 
 class Grounder:
     def __init__(self, checkpoint: Path, tokenizer_dir: Path | None = None, device: str = "auto"):
-        from refvg.stages import load_trained
-
         self.device = resolve_device(device)
         self.model, self.cfg, self.state = load_trained(checkpoint, self.device)
         self.tokenizer = load_tokenizer(tokenizer_dir or Path(checkpoint).parent / TOKENIZER_DIR)
@@ -72,7 +72,7 @@ class Grounder:
             batch |= candidate_batch(candidates, lb, self.cfg.proposals.max_candidates)
         batch = to_device(batch, self.device)
         with autocast(self.device, self.cfg.train.amp):
-            out = self.model(batch)
+            out = read_outputs(self.model(batch), ("pred_boxes", "pred_masks"))
         box = lb.box_from_square(cxcywh_to_xyxy(out["pred_boxes"].float())[0].cpu().numpy())
         masks = out.get("pred_masks")  # segmentation models (CMSA): [B, (1,) h, w] logits over the square
         if masks is None:
