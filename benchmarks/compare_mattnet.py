@@ -31,6 +31,7 @@ def run_one(base: dict, work: Path, name: str, overrides: dict) -> dict:
 
     from refvg import stages
     from refvg.config import Config, _deep_merge
+    from refvg.engine.checkpoint import load_trained
     from refvg.engine.evaluator import box_metrics, predict_split
     from refvg.engine.trainer import BEST
 
@@ -42,7 +43,7 @@ def run_one(base: dict, work: Path, name: str, overrides: dict) -> dict:
     t0 = time.perf_counter()
     stages.train_method(cfg, name)
     seconds = time.perf_counter() - t0
-    model, _, state = stages.load_trained(stages.checkpoint_dir(cfg, name) / BEST, "cpu")
+    model, _, state = load_trained(stages.checkpoint_dir(cfg, name) / BEST, "cpu")
     rcfg = cfg.for_method(name)
     acc = {}
     for split in cfg.eval.splits:

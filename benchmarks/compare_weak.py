@@ -34,6 +34,7 @@ import yaml  # noqa: E402
 
 from refvg import stages  # noqa: E402
 from refvg.config import Config  # noqa: E402
+from refvg.engine.checkpoint import load_trained  # noqa: E402
 from refvg.engine.evaluator import box_metrics, predict_split  # noqa: E402
 from refvg.engine.runtime import resolve_device  # noqa: E402
 
@@ -55,7 +56,7 @@ def run(raw: dict, method: str, seed: int, before: bool, workdir: Path, knobs: d
     t0 = time.perf_counter()
     result = stages.train_method(cfg, method, on_epoch_end=lambda m, e: epochs.append(m))
     train_s = time.perf_counter() - t0
-    model, rcfg, state = stages.load_trained(result.best_checkpoint)
+    model, rcfg, state = load_trained(result.best_checkpoint)
     val = stages.open_split(rcfg, state["model_name"], "val")  # the boxes: for the figure only
     device = resolve_device(rcfg.train.device)
     acc = box_metrics(predict_split(model, val, rcfg.eval.batch_size, device), [0.5])["acc@0.5"]

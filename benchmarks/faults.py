@@ -47,7 +47,7 @@ from refvg.config import ConfigError, load_config  # noqa: E402
 from refvg.data.dataset import read_manifest  # noqa: E402
 from refvg.data.prepare import prepare_dataset  # noqa: E402
 from refvg.data.refer import BadRecordError, ReferDataset, load_refs  # noqa: E402
-from refvg.engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from refvg.engine.checkpoint import CheckpointError, load_checkpoint, load_trained  # noqa: E402
 from refvg.engine.trainer import BEST, LAST, NonFiniteLossError, train  # noqa: E402
 from refvg.tracking import replay, stage_run  # noqa: E402
 from tests.conftest import write_params  # noqa: E402
@@ -217,7 +217,7 @@ def hostile_inputs(base: Path) -> None:
     before = snapshot(ckpt_dir)
     message = ""
     try:
-        stages.load_trained(ckpt_dir / "best.pt")
+        load_trained(ckpt_dir / "best.pt")
     except CheckpointError as err:
         message = str(err)
     lost = changed(before, ckpt_dir)

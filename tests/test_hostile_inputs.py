@@ -20,7 +20,7 @@ from refvg.config import load_config
 from refvg.data.dataset import read_manifest
 from refvg.data.prepare import prepare_dataset, prepared_path
 from refvg.data.refer import BadRecordError, load_refs
-from refvg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from refvg.engine.checkpoint import CheckpointError, load_checkpoint, load_trained, save_checkpoint
 from refvg.engine.predict import Grounder
 from refvg.models import build_model
 from tests.conftest import write_params
@@ -68,7 +68,7 @@ def test_a_checkpoint_that_carries_code_is_refused_everywhere_it_is_read(untrain
     evil = tmp_path / "evil.pt"
     torch.save({"format": "refvg-checkpoint-v1", "model": _Exploit(marker)}, evil)  # torch's own zip format
     with pytest.raises(CheckpointError, match="evil.pt: not a refvg checkpoint"):
-        stages.load_trained(evil)
+        load_trained(evil)
     with pytest.raises(SystemExit, match="evil.pt: not a refvg checkpoint"):
         cli(["predict", str(next((untrained[0].parents[1] / "data/raw/refshapes/images").iterdir())), "a circle",
              "--model", str(evil)])
@@ -101,10 +101,10 @@ def test_a_damaged_or_foreign_checkpoint_is_named_not_a_torch_traceback(untraine
         bad = _tampered(untrained, tmp_path, model=[1, 2, 3])
         match = r"tampered\.pt: cannot rebuild its 'transvg' model"
     with pytest.raises(CheckpointError, match=match):
-        stages.load_trained(bad)
+        load_trained(bad)
     with pytest.raises(CheckpointError, match=match):
         Grounder(bad)
-    model, cfg, _ = stages.load_trained(path)  # control: the undamaged one loads
+    model, cfg, _ = load_trained(path)  # control: the undamaged one loads
     assert cfg.model.fusion.d_model == state["config"]["model"]["fusion"]["d_model"]
 
 

@@ -16,7 +16,7 @@ from refvg.config import load_config
 from refvg.data.dataset import PreparedSplit, collate, read_manifest
 from refvg.data.prepare import prepare_dataset, prepared_path
 from refvg.data.refer import BadRecordError
-from refvg.engine.checkpoint import CheckpointError, load_checkpoint
+from refvg.engine.checkpoint import CheckpointError, load_checkpoint, load_trained
 from refvg.engine.trainer import BEST, LAST
 from tests.conftest import write_params
 
@@ -123,7 +123,7 @@ def test_predict_on_a_raw_image(in_tiny):
     # and the same mapping back to the image's pixels (a model not loaded from best.pt is pixels off).
     from refvg.engine.evaluator import predict_split
 
-    model, _, _ = stages.load_trained(stages.checkpoint_dir(cfg, "transvg") / BEST)
+    model, _, _ = load_trained(stages.checkpoint_dir(cfg, "transvg") / BEST)
     split = PreparedSplit(prepared_path(cfg), "val")
     expected = predict_split(model, split, 8, torch.device("cpu"), "off").pred_xyxy[0]
     assert np.allclose(box, expected, atol=1e-2), (box, expected)

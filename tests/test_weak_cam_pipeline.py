@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from refvg import stages
 from refvg.config import load_config
 from refvg.data.weak import WEAK_KEYS, WeakSplit
+from refvg.evaluation import BoxEvaluator, CandidateRecallEvaluator, MaskEvaluator, MatchEvaluator
 from tests.conftest import write_params
 
 WEAK = {"weak_cam": {"model": "weak_cam", "overrides": {"model": {"weak_cam": {"localisation": "candidates"}}}},
@@ -37,11 +38,11 @@ def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, 
         return real_train(model, train_set, *args, **kwargs)
 
     validated = []
-    real_match = evaluator.match_metrics
+    real_inference = evaluator.inference_on_dataset
 
-    def spy_match(model, pairs, *args, **kwargs):
-        validated.append(pairs)
-        return real_match(model, pairs, *args, **kwargs)
+    def spy_inference(model, dataset, evaluators, *args, **kwargs):
+        validated.append((dataset, evaluators))
+        return real_inference(model, dataset, evaluators, *args, **kwargs)
 
     def no_boxes(*args, **kwargs):
         raise AssertionError("a weak method's training read val boxes")
@@ -50,16 +51,20 @@ def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, 
     monkeypatch.setattr(trainer, "train", spy_train)
     epochs = []
     with monkeypatch.context() as during_training:  # validation and best.pt selection included
-        during_training.setattr(evaluator, "match_metrics", spy_match)
-        for name in ("predict_split", "predict_batches", "box_metrics"):
+        during_training.setattr(evaluator, "inference_on_dataset", spy_inference)
+        for name in ("predict_split", "predict_batches"):
             during_training.setattr(evaluator, name, no_boxes)
+        for scorer in (BoxEvaluator, MaskEvaluator, CandidateRecallEvaluator):
+            during_training.setattr(scorer, "process", no_boxes)
         result = stages.train_method(cfg, "weak_cam", on_epoch_end=lambda m, e: epochs.append(m))
     assert result.best_checkpoint.exists() and len(epochs) == 1
     assert {"train/itc", "train/itm", "train/itm_cam", "train/mining", "val/match_acc"} <= set(epochs[0])
     assert not any(k.startswith("val/acc") for k in epochs[0])
     # best.pt is chosen by the box-free matching accuracy on val image-sentence pairs
     assert result.select_metric == "match_acc" and result.best_score == epochs[0]["val/match_acc"]
-    assert len(validated) == 1 and isinstance(validated[0], WeakSplit)
+    (val_pairs, val_evaluators), = validated
+    assert isinstance(val_pairs, WeakSplit)
+    assert [type(e) for e in val_evaluators.evaluators] == [MatchEvaluator]
     assert seen_keys and all(keys == set(WEAK_KEYS) for keys in seen_keys)  # no box, mask, ann id, candidate
     (train_set,) = datasets
     assert isinstance(train_set, WeakSplit)

@@ -11,6 +11,9 @@ class CandidateRecallEvaluator(DatasetEvaluator):
     """Reads the batch's "cand_target" (-1: the target is not among them) and "cand_valid"; no model output.
     Results: {"candidates": {"target_recall", "misses", "mean_candidates"}}."""
 
+    def __init__(self):
+        self.reset()
+
     def reset(self) -> None:
         self._target: list[torch.Tensor] = []
         self._valid: list[torch.Tensor] = []

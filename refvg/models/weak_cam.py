@@ -248,7 +248,7 @@ class WeakCAM(nn.Module):
     def match_scores(self, batch: dict) -> dict[str, torch.Tensor]:
         """First-pass matching logits of image-sentence pairs (WeakSplit rows, no box): "pos" [B]
         of each pair, "neg" [B] of its expression with the previous row's image, "neg_valid" [B]
-        where that image is another one. What best.pt is selected by (refvg.engine.evaluator)."""
+        where that image is another one. What best.pt is selected by (refvg.evaluation.MatchEvaluator)."""
         visual = self.visual(batch["image"])[-1]
         words = self.text(batch["input_ids"], batch["attention_mask"])
         pad, tmask = batch["pixel_mask"], batch["attention_mask"]
