@@ -43,9 +43,9 @@ class FakeSplit(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         size = self.letterboxes[i].size
-        return {"image": torch.zeros(size, size, 3, dtype=torch.uint8), "pixel_mask": torch.zeros(size, size, dtype=torch.bool),
-                "input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1]), "index": torch.tensor(i),
-                "image_index": torch.tensor(i)}
+        return {"image": torch.zeros(size, size, 3, dtype=torch.uint8),
+                "pixel_mask": torch.zeros(size, size, dtype=torch.bool), "input_ids": torch.tensor([1, 2]),
+                "attention_mask": torch.tensor([1, 1]), "index": torch.tensor(i)}
 
 
 def _boxes(rows: list[int]) -> dict[str, torch.Tensor]:
@@ -125,7 +125,9 @@ def test_match_evaluator_counts_only_valid_negatives():
     ev.process({}, {"pos": torch.tensor([2.0, -1.0]), "neg": torch.tensor([-3.0, 1.0]),
                     "neg_valid": torch.tensor([True, False])})
     out = ev.evaluate()
-    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  BCE of a logit: softplus(-x) if match, softplus(x) if not
+    def softplus(x: float) -> float:  # BCE of logit x: softplus(-x) for a match, softplus(x) for a mismatch
+        return math.log1p(math.exp(x))
+
     assert out["match_acc"] == pytest.approx(2 / 3) and out["match_pairs"] == 3
     assert out["match_loss"] == pytest.approx((softplus(-2) + softplus(1) + softplus(-3)) / 3)
 
@@ -138,7 +140,8 @@ def test_combined_evaluators_merge_in_order_and_refuse_clashes():
         def evaluate(self):
             return self.result
 
-    both = DatasetEvaluators([Fixed({"a": 1}, keys=("pred_boxes",)), Fixed({"mask": {"oIoU": 0.5}}, keys=("pred_masks", "pred_boxes"))])
+    both = DatasetEvaluators([Fixed({"a": 1}, keys=("pred_boxes",)),
+                              Fixed({"mask": {"oIoU": 0.5}}, keys=("pred_masks", "pred_boxes"))])
     assert list(both.evaluate()) == ["a", "mask"] and both.output_keys == ("pred_boxes", "pred_masks")
     assert flatten(both.evaluate()) == {"a": 1, "mask/oIoU": 0.5}
     with pytest.raises(ValueError, match=r"the metric \['a'\]"):

@@ -53,7 +53,8 @@ def _run(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
         for batch in loader:
             with autocast(device, amp):
                 out = call(to_device(batch, device))
-            yield batch, {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in read_outputs(out, keys).items()}
+            outputs = read_outputs(out, keys)
+            yield batch, {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in outputs.items()}
     finally:
         model.train(was_training)
 

@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
 
 def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> TrainResult:
-    import torch
-
     from refvg.data.dataset import prepared_fingerprint, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.engine.distributed import env_rank
