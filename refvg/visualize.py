@@ -1,5 +1,7 @@
 """Figures: accuracy vs IoU threshold, and grids of qualitative predictions (predicted vs true box, and for
-mask methods predicted vs true mask, with the expression). Matplotlib with the Agg backend: no display needed."""
+mask methods predicted vs true mask, with the expression; a ranking model's attention; a weakly supervised
+model's Grad-CAMs). `evaluation_figures` draws the evaluate stage's set for a trained model. Matplotlib with the
+Agg backend: no display needed."""
 from __future__ import annotations
 
 import textwrap
