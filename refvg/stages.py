@@ -392,7 +392,7 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
         overlays = {"pred_masks": predict_masks(model, ds, pick, ecfg.batch_size, device, cfg.train.amp),
                     "gt_masks": [ds.gt_mask(i) for i in pick],
                     "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
-    if hasattr(model, "explain"):  # ranking models: the same panels, with which words and regions decided
+    if model.can_explain:  # ranking models: the same panels, with which words and regions decided
         _attention_figure(model, ds, pick, crops, val.ious[pick], device, checkpoint_dir(cfg, method) / TOKENIZER_DIR,
                           figures[1])
     else:

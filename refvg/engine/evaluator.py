@@ -37,7 +37,8 @@ def predict_batches(
     model: torch.nn.Module, dataset, batch_size: int, device: torch.device, amp: str = "auto",
     keys: Sequence[str] = ("pred_boxes", "pred_masks"),
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The model's outputs (those of `keys` it has) batch by batch, in dataset order, as float32 on the CPU."""
+    """The model's outputs (the fields of `keys` it filled) batch by batch, in dataset order, as float32 on the
+    CPU."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -46,7 +47,7 @@ def predict_batches(
             batch = to_device(batch, device)
             with autocast(device, amp):
                 out = model(batch)
-            yield {k: out[k].float().cpu() for k in keys if k in out}
+            yield {k: getattr(out, k).float().cpu() for k in keys if getattr(out, k, None) is not None}
     finally:
         model.train(was_training)
 

@@ -73,8 +73,8 @@ class Grounder:
         batch = to_device(batch, self.device)
         with autocast(self.device, self.cfg.train.amp):
             out = self.model(batch)
-        box = lb.box_from_square(cxcywh_to_xyxy(out["pred_boxes"].float())[0].cpu().numpy())
-        masks = out.get("pred_masks")  # segmentation models (CMSA): [B, (1,) h, w] logits over the square
+        box = lb.box_from_square(cxcywh_to_xyxy(out.pred_boxes.float())[0].cpu().numpy())
+        masks = out.pred_masks  # segmentation models (CMSA): [B, (1,) h, w] logits over the square
         if masks is None:
             return Grounding(box)
         return Grounding(box, mask_to_original(masks[0].reshape(masks.shape[-2:]), lb))
