@@ -546,4 +546,7 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(raw, dict) and raw.get("method") is not None:
+        raise ConfigError(f"{path}: method: is what Config.for_method sets for a run; declare methods under "
+                          "`methods:` or `distill_methods:`")
     return _validate(raw, source=str(path))
