@@ -14,7 +14,7 @@ from refvg.config import load_config
 from refvg.data.weak import WEAK_KEYS, WeakSplit
 from tests.conftest import write_params
 
-WEAK = {"weak_cam": {"model": "weak_cam", "overrides": {"model": {"weak_cam": {"localisation": "candidates"}}}},
+WEAK = {"weak_cam": {"model": "weak_cam", "config": {"localisation": "candidates"}},
         "transvg": {"model": "transvg"}}
 
 
