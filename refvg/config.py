@@ -240,11 +240,10 @@ class EvalConfig(_Strict):
 
 class MethodConfig(_Strict):
     """One entry of the `methods` table: a registered model, its family's knobs and what differs for it in the
-    shared sections. `base:` names another method whose whole entry this one inherits (resolved when the
-    params are read: the entry holds the merged values; a chain of bases is allowed)."""
+    shared sections. `base:` names another method whose whole entry this one inherits (a chain of bases is
+    allowed): resolved when the params are read, the entry then holds the merged values and no `base`."""
 
     model: str
-    base: Optional[str] = None
     # Blind control: the expression is replaced by an empty one, so only the image can be used.
     language_blind: bool = False
     # The family's knobs: a mapping in params.yaml, an instance of the family's config class (registered with
@@ -448,8 +447,9 @@ METHOD_TABLES = ("methods", "distill_methods")
 
 def resolve_method_bases(raw: dict) -> dict:
     """`raw` (params as read) with every method entry that names a `base:` replaced by the base's resolved
-    entry deep-merged with its own keys. A base may be any method of either table; chains are followed. A
-    cycle, an unknown base or a `model:` other than the base's raises, naming the key path."""
+    entry deep-merged with its own keys, `base` dropped: a resolved entry stands alone (a dump of one method,
+    or of a table without its bases, still validates). A base may be any method of either table; chains are
+    followed. A cycle, an unknown base or a `model:` other than the base's raises, naming the key path."""
     entries = {}
     for table in METHOD_TABLES:
         methods = raw.get(table)
@@ -457,7 +457,7 @@ def resolve_method_bases(raw: dict) -> dict:
             for name, entry in methods.items():
                 if isinstance(entry, dict):
                     entries[name] = (table, entry)
-    if not any("base" in e and e["base"] is not None for _, e in entries.values()):
+    if not any("base" in e for _, e in entries.values()):
         return raw
     resolved: dict[str, dict] = {}
 
@@ -465,10 +465,10 @@ def resolve_method_bases(raw: dict) -> dict:
         if name in resolved:
             return resolved[name]
         table, entry = entries[name]
-        base = entry.get("base")
-        if base is None:
+        if "base" not in entry:
             resolved[name] = entry
             return entry
+        base = entry["base"]
         where = f"{table}.{name}.base"
         if not isinstance(base, str):
             raise ValueError(f"{where}: expected a method name, got {base!r}")
@@ -480,7 +480,7 @@ def resolve_method_bases(raw: dict) -> dict:
         if "model" in entry and "model" in parent and entry["model"] != parent["model"]:
             raise ValueError(f"{table}.{name}.model: {entry['model']!r} contradicts its base {base!r}'s model "
                              f"{parent['model']!r}")
-        merged = _deep_merge({k: v for k, v in parent.items() if k != "base"}, entry)
+        merged = _deep_merge(parent, {k: v for k, v in entry.items() if k != "base"})
         resolved[name] = merged
         return merged
 
