@@ -400,7 +400,8 @@ class Config(_Strict):
             try:
                 object.__setattr__(entry, "config", _family_config(entry))
             except ValidationError as err:
-                problems += [f"{where}.config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+                problems += [f"{where}.config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in err.errors()]
             except ValueError as err:
                 problems.append(f"{where}.model: {err}")
         if problems:
@@ -438,7 +439,8 @@ def _family_config(entry: MethodConfig):
     if isinstance(entry.config, family) and type(entry.config) is family:
         return entry.config
     if isinstance(entry.config, BaseModel):
-        raise ValueError(f"config is a {type(entry.config).__name__}; model {entry.model!r} takes a {family.__name__}")
+        raise ValueError(f"config is a {type(entry.config).__name__}; model {entry.model!r} takes a "
+                         f"{family.__name__}")
     return family.model_validate(entry.config if entry.config is not None else {})
 
 

@@ -53,7 +53,8 @@ class GroundingModel(nn.Module):
                  vocab_size: int, pad_token_id: int):
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
         self.config = config
         self.image_size = image_size
         self.text_positions = text_positions(max_tokens)
@@ -73,12 +74,12 @@ class GroundingModel(nn.Module):
 
     @classmethod
     def family_config(cls, cfg):
-        """The run's family config (`cfg.method.config`); the class defaults for a config made for no method."""
+        """The run's family config (`cfg.method.config`); the class defaults for a config of no method."""
         if cfg.method is None:
             return cls.config_class()
         if type(cfg.method.config) is not cls.config_class:
-            raise ValueError(f"{cls.__name__} needs a {cls.config_class.__name__}; this run config is for model "
-                             f"{cfg.method.model!r} ({type(cfg.method.config).__name__})")
+            raise ValueError(f"{cls.__name__} needs a {cls.config_class.__name__}; this run config is for "
+                             f"model {cfg.method.model!r} ({type(cfg.method.config).__name__})")
         return cfg.method.config
 
     @property

@@ -7,8 +7,8 @@ model whose image and text features already share one space:
 - feature consistency: the student's visual tokens (projected, resampled to the teacher's patch grid) vs
   the teacher's patch features, and the student's sentence feature (projected) vs the teacher's;
 - similarity-structure consistency: the student's in-batch image-text similarity matrix vs the teacher's.
-Weights in the method's `config:` (EpmVGConfig; all 0: the same student without distillation, and without the projection heads,
-which then would have nothing to learn). The teacher's features are computed once by the `teacher` stage
+Weights in the method's `config:` (EpmVGConfig; all 0: the same student without distillation, and without
+the projection heads, which then would have nothing to learn). The teacher's features are computed once by the `teacher` stage
 and read with the batch ("teacher_patch", "teacher_sentence"), never recomputed during training.
 Backbones, fusion transformer, [REG] head and grounding loss are TransVG's (inherited, not copied).
 """

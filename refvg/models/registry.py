@@ -16,7 +16,8 @@ _WEAK: set[str] = set()  # weakly supervised: trained on image-sentence pairs, n
 DATA_NEEDS = frozenset({"masks", "candidates", "teacher"})
 
 
-def register_model(name: str, *, config: type, needs: Needs = (), weak: bool = False) -> Callable[[type], type]:
+def register_model(name: str, *, config: type, needs: Needs = (),
+                   weak: bool = False) -> Callable[[type], type]:
     """Class decorator: register a GroundingModel under `name` with its family's config class (which becomes
     its `config_class`). `needs`: data the model reads beyond image, expression and box; for a `weak` model,
     at evaluation only (its training data carries no target at all, see refvg.data.weak)."""

@@ -215,13 +215,9 @@ class WeakCAM(GroundingModel):
         return {**super().config_kwargs(cfg), "fusion": cfg.model.fusion}
 
     @property
-    def wcfg(self) -> WeakCAMConfig:
-        return self.config
-
-    @property
     def auxiliary_loss(self) -> bool:
         """Whether compute_loss has an "auxiliary" term (the mining; the trainer clips its gradient apart)."""
-        return self.wcfg.mining_weight > 0
+        return self.config.mining_weight > 0
 
     def score(self, visual: torch.Tensor, pixel_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
               cam: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +228,7 @@ class WeakCAM(GroundingModel):
         grid = visual.shape[-2:]
         pad = downsample_mask(pixel_mask, grid).flatten(1)
         logit = self.match_head(reg, tokens[:, -grid[0] * grid[1]:], pad)
-        if self.wcfg.contrastive_in_score:
+        if self.config.contrastive_in_score:
             # The pair's cell-text similarity learns fast (the cheap contrastive loss trains it on the whole
             # batch); in the score, its Grad-CAM points at the cells that match the expression from the start.
             logit = logit + self._pair_similarity(visual, pixel_mask, text, text_mask)
@@ -245,7 +241,7 @@ class WeakCAM(GroundingModel):
         backward) and the rest the fast one, which is why the second pass runs in two parts."""
         valid = ~downsample_mask(pixel_mask, visual.shape[-2:])
         s1 = self.score(visual, pixel_mask, text, text_mask)
-        cam1 = grad_cam(s1, visual, valid, per_cell=self.wcfg.cam_per_cell).detach()
+        cam1 = grad_cam(s1, visual, valid, per_cell=self.config.cam_per_cell).detach()
         s2, cam2 = [], []
         for rows in (slice(0, differentiable), slice(differentiable, None)):
             part = (visual[rows], pixel_mask[rows], text[rows], text_mask[rows])
@@ -255,7 +251,7 @@ class WeakCAM(GroundingModel):
             with sdpa_kernel(SDPBackend.MATH) if keep_graph else contextlib.nullcontext():
                 s = self.score(*part, cam=cam1[rows])
                 cam2.append(grad_cam(s, part[0], valid[rows], create_graph=keep_graph,
-                                     per_cell=self.wcfg.cam_per_cell))
+                                     per_cell=self.config.cam_per_cell))
             s2.append(s)
         return s1, cam1, torch.cat(s2), torch.cat(cam2)
 
@@ -277,12 +273,12 @@ class WeakCAM(GroundingModel):
         same = batch["image_index"][:, None] == batch["image_index"][None, :]
         # per expression: another image, uniformly ("random": zero similarities) or by similarity
         sim = logits.detach().t()
-        if self.wcfg.negatives == "random":
+        if self.config.negatives == "random":
             sim = torch.zeros_like(sim)
         neg_image, has_neg = _hard_negatives(sim, same)
         # The fusion (two passes + Grad-CAM, double backward when mining) costs most of a step: it sees the
         # first `match_fraction` of the (shuffled) batch, while the cheap contrastive loss sees all of it.
-        b = max(1, round(visual.shape[0] * self.wcfg.match_fraction))
+        b = max(1, round(visual.shape[0] * self.config.match_fraction))
         neg_image, has_neg = neg_image[:b], has_neg[:b]
         visual_all = visual
         visual, pad, words, tmask = visual[:b], pad[:b], words[:b], tmask[:b]
@@ -294,13 +290,13 @@ class WeakCAM(GroundingModel):
         pw, ptm = torch.cat([words, words]), torch.cat([tmask, tmask])
         labels = torch.cat([visual.new_ones(b), visual.new_zeros(b)]).float()
         weights = torch.cat([visual.new_ones(b), has_neg.float()]).float()
-        mining = self.wcfg.mining_weight > 0
+        mining = self.config.mining_weight > 0
         # Only the positives' fused CAMs are mined, so only they need a differentiable Grad-CAM.
         s1, cam1, s2, cam2 = self.two_pass_cams(pv, ppad, pw, ptm, differentiable=b if mining else 0)
         out = WeakCAMTraining(contrastive_logits=logits, same_image=same, match1=s1, match2=s2,
                               match_labels=labels, match_weights=weights, cam=cam2[:b].detach())
         if mining:
-            keep = 1 - torch.sigmoid((cam2[:b] - self.wcfg.mining_threshold) * self.wcfg.mining_sharpness)
+            keep = 1 - torch.sigmoid((cam2[:b] - self.config.mining_threshold) * self.config.mining_sharpness)
             out.mined = self._mined_score(batch["image"][:b], visual, keep, pad, words, tmask)
         return out
 
@@ -322,7 +318,7 @@ class WeakCAM(GroundingModel):
         ("feature"), or of the backbone's map of the image times it upsampled ("image": a zeroed feature cell
         is out of distribution for the fusion, which can call it a mismatch whatever the rest shows; a zeroed
         image patch is mean colour, which the CNN has seen, at the price of another backbone pass)."""
-        if self.wcfg.mining_on == "feature":
+        if self.config.mining_on == "feature":
             return self.score(visual * keep[:, None].to(visual.dtype), pad, words, tmask)
         up = F.interpolate(keep[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)
         return self.score(self.visual(image * up.to(image.dtype))[-1], pad, words, tmask)
@@ -351,7 +347,7 @@ class WeakCAM(GroundingModel):
         return keep, cells, txt
 
     def compute_loss(self, outputs: WeakCAMTraining, batch: dict) -> dict[str, torch.Tensor]:
-        w = self.wcfg
+        w = self.config
         itc = multi_positive_nce(outputs.contrastive_logits, outputs.same_image)
         weights = outputs.match_weights
         itm1 = _weighted_bce(outputs.match1, outputs.match_labels, weights)
@@ -373,12 +369,12 @@ class WeakCAM(GroundingModel):
         pad = batch["pixel_mask"]
         s1, cam1, s2, cam2 = self.two_pass_cams(visual, pad, words, batch["attention_mask"])
         cam_sq = cam_to_square(cam2.detach(), pad)
-        box = threshold_box(cam_sq, pad, self.wcfg.box_threshold)
-        if self.wcfg.localisation == "candidates":
+        box = threshold_box(cam_sq, pad, self.config.box_threshold)
+        if self.config.localisation == "candidates":
             if "cand_boxes" not in batch:
                 raise KeyError("weak_cam's localisation is 'candidates' but the batch has no cand_boxes "
                                "(open the split through refvg.stages.open_split)")
-            scores = candidate_scores(cam_sq, batch["cand_boxes"], batch["cand_valid"], self.wcfg.candidate_area_power)
+            scores = candidate_scores(cam_sq, batch["cand_boxes"], batch["cand_valid"], self.config.candidate_area_power)
             best = scores.argmax(1)
             picked = batch["cand_boxes"][torch.arange(len(best), device=best.device), best].float()
             has = batch["cand_valid"].any(1)[:, None]
