@@ -391,6 +391,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _family_configs(self) -> "Config":
+        # `config`'s class depends on the entry's `model`, which only the model registry knows (refvg.models
+        # imports this module, so it is looked up at validation time); each entry's mapping is replaced by its
+        # validated instance here, errors named by their full key path.
         problems = []
         tables = [("methods", self.methods), ("distill_methods", self.distill_methods)]
         entries = [(f"{table}.{name}", entry) for table, methods in tables for name, entry in methods.items()]
@@ -419,7 +422,8 @@ class Config(_Strict):
         return {**self.methods, **self.distill_methods}
 
     def for_method(self, name: str) -> "Config":
-        """The config a method actually runs with: its overrides merged into the shared sections."""
+        """The config a method actually runs with: its overrides merged into the shared sections, and its entry
+        as `method` (so `family` is its family config, and a dump of the run config holds it)."""
         if name not in self.all_methods:
             raise ConfigError(f"unknown method {name!r}; params.yaml declares {sorted(self.all_methods)}")
         entry = self.all_methods[name]
