@@ -6,10 +6,10 @@ is inside the seed spread.
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_mattnet.py --seeds 0 \\
         --category-input embedding
 
-Reads params.yaml (model.mattnet, train, detections, proposals) and the prepared default data
+Reads params.yaml (the mattnet_erase method's config, train, detections, proposals) and the prepared default data
 (flows.generate, flows.prepare); writes checkpoints and the detections file under --work (a fresh
 folder per run). Each run: the mattnet_erase method's epochs, then Acc@0.5 on val / testA / testB
-from the best checkpoint; "no erase" is the same with model.mattnet.erase.type none, as the
+from the best checkpoint; "no erase" is the same with erase.type none, as the
 mattnet_no_erase method.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def run_one(base: dict, work: Path, name: str, overrides: dict) -> dict:
+def run_one(base: dict, work: Path, name: str, config: dict, overrides: dict) -> dict:
     """Train one variant (its own method in a copy of the params), score it on each eval split."""
     import torch
 
@@ -36,7 +36,7 @@ def run_one(base: dict, work: Path, name: str, overrides: dict) -> dict:
     from refvg.engine.trainer import BEST
 
     raw = _deep_merge(base, {"train": {"checkpoint_dir": str(work / "checkpoints")}})
-    raw["methods"] = {name: {"model": "mattnet", "overrides": overrides}}
+    raw["methods"] = {name: {"model": "mattnet", "config": config, "overrides": overrides}}
     raw["distill_methods"] = {}
     cfg = Config.model_validate(raw)
     shutil.rmtree(stages.checkpoint_dir(cfg, name), ignore_errors=True)  # never resume an older run
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import yaml
 
-    from refvg.config import load_config
+    from refvg.config import _deep_merge, load_config
     from refvg.data.detections import detection_recall, stand_in_detections, write_detections
     from refvg.stages import instances_path
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="default: the mattnet_erase method's")
     p.add_argument("--category-input", default=None,
-                   help="model.mattnet.category_input (default: params')")
+                   help="mattnet's category_input (default: the mattnet_erase method's)")
     p.add_argument("--proposals", nargs="+", default=["gt", "detections"],
                    choices=["gt", "detections"])
     p.add_argument("--work", default="outputs/compare_mattnet")
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(args.params)
     base = yaml.safe_load(Path(args.params).read_text())
-    method = cfg.all_methods["mattnet_erase"].overrides
-    epochs = args.epochs or method.get("train", {}).get("epochs", cfg.train.epochs)
-    category = args.category_input or cfg.model.mattnet.category_input
+    method = cfg.all_methods["mattnet_erase"]
+    epochs = args.epochs or method.overrides.get("train", {}).get("epochs", cfg.train.epochs)
+    category = args.category_input or method.config.category_input
     work = Path(args.work)
     dets = work / "detections.json"
     rows = stand_in_detections(instances_path(cfg), cfg.detections)
@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         for erase in ("both", "none"):
             for seed in args.seeds:
                 name = f"cmp_{source}_{'erase' if erase != 'none' else 'no_erase'}_s{seed}"
-                mattnet = {"category_input": category, "erase": {"type": erase}}
-                overrides = {"train": {"epochs": epochs, "seed": seed},
-                             "model": {"mattnet": mattnet}}
+                mattnet = _deep_merge(method.config.model_dump(mode="json"),
+                                      {"category_input": category, "erase": {"type": erase}})
+                overrides = {"train": {"epochs": epochs, "seed": seed}}
                 if source == "detections":
                     overrides["proposals"] = {"source": "detections", "detections_file": str(dets)}
-                r = run_one(base, work, name, overrides)
+                r = run_one(base, work, name, mattnet, overrides)
                 results[(source, erase, seed)] = r
                 a = r["acc"]
                 print(f"  {source:10s} erase={erase:4s} seed={seed}: val {a['val']:.3f} "

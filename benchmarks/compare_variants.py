@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ATTN = {"model": {"fusion": {"visual_encoder_layers": 0, "position": "tokens", "cell_coords": True,
                              "box_head": "attention"}},
-        "train": {"loss": {"l1_weight": 5.0, "giou_weight": 2.0}}}
-# name -> (params.yaml method it starts from, extra overrides)
+        "config": {"l1_weight": 5.0, "giou_weight": 2.0}}
+# name -> (params.yaml method it starts from, extra overrides; "config": the family's knobs)
 VARIANTS = {
     "transvg": ("transvg", {}),
     "transvg_attn": ("transvg", ATTN),
@@ -39,7 +39,7 @@ VARIANTS = {
     "transvg_no_encoder": ("transvg", {"model": {"fusion": {"visual_encoder_layers": 0}}}),
     "transvg_paper_lr": ("transvg", {"train": {"lr": 1e-4, "lr_backbone": 1e-4}}),
     "qrnet": ("qrnet", {}),
-    "qrnet_no_qdatt": ("qrnet", {"model": {"qrnet": {"qd_att": False}}}),
+    "qrnet_no_qdatt": ("qrnet", {"config": {"qd_att": False}}),
 }
 PAIRS = {"transvg": ("transvg", "transvg_attn"), "qrnet_qdatt": ("qrnet", "qrnet_no_qdatt"),
          "transvg_parts": ("transvg", "transvg_attention_head", "transvg_tokens", "transvg_cell_coords",
@@ -53,11 +53,12 @@ def run_config(cfg, name: str, epochs: int, seed: int, out_dir: str):
 
     base, extra = VARIANTS[name]
     method = cfg.all_methods[base].model_dump(mode="python")
-    overrides = _deep_merge(method["overrides"], extra)
+    config = _deep_merge(method["config"], extra.get("config", {}))
+    overrides = _deep_merge(method["overrides"], {k: v for k, v in extra.items() if k != "config"})
     overrides = _deep_merge(overrides, {"train": {"epochs": epochs, "seed": seed}})
     raw = cfg.model_dump(mode="python")
     raw["train"]["checkpoint_dir"] = out_dir  # the top-level one names the method's checkpoints
-    raw["methods"] = {name: {**method, "overrides": overrides}}
+    raw["methods"] = {name: {**method, "config": config, "overrides": overrides}}
     raw["distill_methods"] = {}
     return Config.model_validate(raw)
 

@@ -45,9 +45,9 @@ LOSSES = ("itm", "itm_cam", "itc", "mining")
 
 def run(raw: dict, method: str, seed: int, before: bool, workdir: Path, knobs: dict) -> dict:
     raw = json.loads(json.dumps(raw))
-    over = raw["methods"][method].setdefault("overrides", {})
-    over.setdefault("train", {})["seed"] = seed
-    weak = over.setdefault("model", {}).setdefault("weak_cam", {})
+    entry = raw["methods"][method]
+    entry.setdefault("overrides", {}).setdefault("train", {})["seed"] = seed
+    weak = entry.setdefault("config", {})  # over its base's, for a method with `base:`
     weak.update(BEFORE if before else {})
     weak.update(knobs)
     raw["train"]["checkpoint_dir"] = str(workdir / f"{method}-{seed}-{int(before)}")
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--before", action="store_true", help="the settings before the matcher fix")
     ap.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE",
-                    help="model.weak_cam knobs for every run, e.g. negatives=hard itc_weight=1.0")
+                    help="weak_cam config knobs for every run, e.g. negatives=hard itc_weight=1.0")
     ap.add_argument("--false-negatives", action="store_true",
                     help="only print how often a random negative image fits the expression")
     args = ap.parse_args()

@@ -4,7 +4,7 @@ over every 25 steps (itm: the fusion matcher's BCE, ln 2 = 0.693 is chance) and 
 weights after each epoch (the boxes are read here only to print it, nothing is selected on it). The
 scratch runs of docs/weak_cam.md, e.g. the old objective at 1 epoch and today's:
 
-    PYTHONPATH=$PWD nice -n 10 python benchmarks/weak_cam_curve.py --set '{"model": {"weak_cam":
+    PYTHONPATH=$PWD nice -n 10 python benchmarks/weak_cam_curve.py --set '{"method": {"config":
         {"negatives": "hard", "itc_weight": 1.0, "match_fraction": 0.125}}, "train": {"epochs": 1}}'
     PYTHONPATH=$PWD nice -n 10 python benchmarks/weak_cam_curve.py
 """

@@ -146,78 +146,11 @@ class FusionConfig(_Strict):
     # "mlp": the paper's head, an MLP on the [REG] output. "attention": [REG] also attends over the fused
     # visual tokens and the box centre is the attention-weighted cell centre plus an MLP offset; it reads
     # location off the feature map instead of decoding it (transvg_attn, with
-    # train.loss.attention_weight).
+    # the TransVG family's attention_weight).
     box_head: Literal["mlp", "attention"] = "mlp"
     # Attention head only: the box is read from the cells within this many cells of the attention peak
     # (null: from the whole map). A soft average over the whole map lands between two candidate objects.
     readout_radius: Optional[int] = Field(1, ge=0)
-
-
-class QRNetConfig(_Strict):
-    """QRNet's query-modulated backbone and fusion. Its fusion (top-down FPN + QD-ATT-gated bottom-up path)
-    reads every `model.visual.out_stages` map; the last level and one more (stride x2) enter the fusion
-    transformer as tokens of two scales."""
-
-    # Query-aware dynamic attention (channel gate then spatial gate, weights generated from the
-    # sentence) after every backbone stage and on every bottom-up merge of the fusion; false: the
-    # ablation, no QD-ATT anywhere (the visual path never sees the expression), as the paper's
-    # use_channel/use_spatial off.
-    qd_att: bool = True
-    qd_att_rank: int = Field(16, gt=0)  # k of the dynamic linear layers' generated weights (the paper's 30)
-    qd_att_reduction: int = Field(16, gt=0)  # channel gate MLP: C -> C // this (at least 1) -> C
-
-
-class CMSAConfig(_Strict):
-    """CMSA (referring segmentation): one cross-modal self-attention block per backbone level of
-    `visual.out_stages`, gated fusion of the levels, an upsampling decoder to mask logits."""
-
-    visual_dim: int = Field(32, gt=0)  # C_v: each level's features are projected to this, then L2-normalised
-    word_dim: int = Field(32, gt=0)  # C_l: the same for each word's features
-    d_model: int = Field(32, gt=0)  # width of the joint (word, pixel) features inside the self-attention
-    num_heads: int = Field(1, gt=0)
-    ffn_dim: int = Field(64, gt=0)
-    num_layers: int = Field(1, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    # One 3x3 conv + 2x upsampling per entry, from the finest CMSA level; the logits are then resized to the
-    # letterbox size bilinearly.
-    decoder_channels: tuple[int, ...] = (32, 16)
-    # Inference: keep only the connected region of the thresholded mask that holds its most confident pixel
-    # (for the mask and its box); false: the whole thresholded mask and its tight box.
-    keep_peak_component: bool = True
-
-
-class WeakCAMConfig(_Strict):
-    """Weakly supervised grounding by Grad-CAM (method weak_cam): trained on image-sentence pairs only.
-
-    The fusion transformer is `model.fusion`'s; these are the matching objective, the CAM encoder, the
-    attention-mining loss and how a box is read off the CAM at test time."""
-
-    # in-batch image-text contrastive loss (the unimodal embeddings). 0.1: at 1 its gradient dominates the
-    # clipped update and the fusion's matching loss never leaves ln 2 (docs/weak_cam.md)
-    itc_weight: float = Field(0.1, ge=0)
-    itm_weight: float = Field(1.0, ge=0)  # matching loss of the first fusion pass (positives + hard negatives)
-    cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
-    embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
-    cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
-    match_fraction: float = Field(0.25, gt=0, le=1)  # share of each batch the fusion matching + mining see
-    # The negative image of each matched expression: "random" (any other image of the batch) or "hard"
-    # (ALBEF: drawn by contrastive similarity). On RefShapes a hard negative mostly holds an object the
-    # expression also fits ("the top shape"): labelled "no match", it keeps the matcher at chance.
-    negatives: Literal["random", "hard"] = "random"
-    cam_per_cell: bool = False  # HiResCAM: weigh channels by each cell's gradient, not the map's mean (Grad-CAM)
-    contrastive_in_score: bool = False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
-    # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
-    # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
-    mining_weight: float = Field(1.0, ge=0)
-    mining_threshold: float = Field(0.5, gt=0, lt=1)
-    mining_sharpness: float = Field(10.0, gt=0)
-    mining_on: Literal["feature", "image"] = "image"  # what the soft complement masks: the visual map or the image
-    # Test time: "threshold" keeps the CAM (upsampled to the square, padding excluded) above
-    # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight box;
-    # "candidates" returns the candidate box (proposals section) with the highest CAM mass / area^p.
-    localisation: Literal["threshold", "candidates"] = "candidates"
-    box_threshold: float = Field(0.5, gt=0, lt=1)
-    candidate_area_power: float = Field(1.0, ge=0, le=1)  # 1: mean CAM in the box; 0: total CAM mass
 
 
 class ProposalsConfig(_Strict):
@@ -258,80 +191,13 @@ class DetectionsConfig(_Strict):
     confusion_rate: float = Field(0.1, ge=0, le=1)
 
 
-class EraseConfig(_Strict):
-    """CM-Erase (Liu et al., CVPR 2019): also train on copies of each sample whose dominant
-    evidence, chosen from the model's own attention, is erased."""
-
-    # none: the ablation | language: a word of the expression -> [MASK] | visual: for every
-    # candidate, a window of subject RoI cells, a location item or a context object -> zeros, the
-    # module drawn from the module weights | both: a language AND a visual copy of every sample (the
-    # paper)
-    type: Literal["none", "language", "visual", "both"] = "both"
-    # sample: each choice (module, word, cell window, location item, context object) is a
-    # multinomial draw from its attention (the paper) | argmax: the most attended one every time
-    rule: Literal["sample", "argmax"] = "sample"
-    cell_window: int = Field(1, ge=1)  # side of the erased block of RoI cells (paper: 2 of 7x7)
-    min_words: int = Field(3, ge=1)  # shorter expressions: the language copy keeps them (paper: 3)
-    rate: float = Field(1.0, ge=0, le=1)  # fraction of samples that also train erased (paper: 1)
-
-
-class MAttNetConfig(_Strict):
-    """MAttNet-style modular matching over candidate boxes (method mattnet), with CM-Erase."""
-
-    d_model: int = Field(64, gt=0)  # width of the phrase and module embeddings
-    roi_size: int = Field(3, gt=0)  # RoI align output bins per side (the subject's attention grid)
-    roi_samples: int = Field(2, gt=0)  # bilinear samples per bin side, averaged
-    neighbours: int = Field(5, ge=0)  # location module: offsets to this many nearest candidates
-    max_contexts: int = Field(5, ge=1)  # relation module: the nearest other candidates
-    # What the candidates' categories feed. none: nothing (the output does not depend on them; on
-    # RefShapes the category is the expression's noun) | neighbours: MAttNet's use, location offsets
-    # to same-category candidates only | embedding: that, plus a category embedding added to subject
-    # and context features
-    category_input: Literal["none", "neighbours", "embedding"] = "none"
-    num_categories: int = Field(100, gt=0)  # category_input embedding: ids below this (COCO: 90)
-    rank_margin: float = Field(0.1, ge=0)  # hinge margin against mismatched expressions / images
-    rank_weight: float = Field(1.0, ge=0)  # weight of the ranking loss (cross-entropy over candidates: 1)
-    erase: EraseConfig = EraseConfig()
-
-
-class EpmVGConfig(_Strict):
-    """EpmVG's cross-modal distillation from the CLIP teacher (section `teacher`), on top of TransVG's
-    grounding loss. Every weight 0: no distillation (the same student, trained without the teacher)."""
-
-    # Feature consistency: 1 - cosine between the student's projected visual tokens (resampled to the
-    # teacher's patch grid) and the teacher's patch features, over real (non-padding) cells ...
-    image_weight: float = Field(0.1, ge=0)
-    # ... and between the student's projected sentence feature and the teacher's.
-    text_weight: float = Field(0.1, ge=0)
-    # Similarity structure: KL between the teacher's and the student's row-softmaxed in-batch image-text
-    # similarity matrices (both directions).
-    similarity_weight: float = Field(0.1, ge=0)
-    temperature: float = Field(0.1, gt=0)  # of those softmaxes (cosine similarities / temperature)
-
-    @property
-    def distills(self) -> bool:
-        return max(self.image_weight, self.text_weight, self.similarity_weight) > 0
-
-
 class ModelConfig(_Strict):
+    """The sections every model family shares. A family's own knobs (loss weights included) are its method
+    entry's `config:`, validated by the config class registered with its model (refvg.models)."""
+
     visual: VisualConfig = VisualConfig()
     text: TextConfig = TextConfig()
     fusion: FusionConfig = FusionConfig()
-    qrnet: QRNetConfig = QRNetConfig()
-    cmsa: CMSAConfig = CMSAConfig()
-    mattnet: MAttNetConfig = MAttNetConfig()
-    weak_cam: WeakCAMConfig = WeakCAMConfig()
-    epmvg: EpmVGConfig = EpmVGConfig()
-
-
-class LossConfig(_Strict):
-    l1_weight: float = 1.0  # TransVG's and QRNet's L1 + GIoU, unweighted (DETR: 5 and 2)
-    giou_weight: float = 1.0
-    # Weight of -log(read-out attention mass inside the target box); only with fusion.box_head "attention".
-    attention_weight: float = Field(1.0, ge=0)
-    # Mask methods: per-pixel BCE and soft Dice on the letterboxed mask logits (padding excluded).
-    mask_bce_weight: float = Field(1.0, ge=0)
-    mask_dice_weight: float = Field(1.0, ge=0)
 
 
 class TrainConfig(_Strict):
@@ -352,7 +218,6 @@ class TrainConfig(_Strict):
     device: str = "auto"
     compile: bool = False
     checkpoint_dir: str = "checkpoints"
-    loss: LossConfig = LossConfig()
     # Crash safety: last.pt is also written every this many steps (0: only at epoch ends), so a killed run
     # loses at most this much work; resume is exact at any step.
     checkpoint_every_steps: int = Field(500, ge=0)
@@ -374,11 +239,16 @@ class EvalConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    """One entry of the `methods` table: a registered model name plus what differs for it."""
+    """One entry of the `methods` table: a registered model, its family's knobs and what differs for it in the
+    shared sections. `base:` names another method whose whole entry this one inherits (a chain of bases is
+    allowed): resolved when the params are read, the entry then holds the merged values and no `base`."""
 
     model: str
     # Blind control: the expression is replaced by an empty one, so only the image can be used.
     language_blind: bool = False
+    # The family's knobs: a mapping in params.yaml, an instance of the family's config class (registered with
+    # the model, e.g. MAttNetConfig) once validated; missing keys take the class's defaults.
+    config: Any = Field(default_factory=dict)
     # Partial overrides of the shared sections, e.g. {"train": {"epochs": 20}}.
     overrides: dict[str, Any] = Field(default_factory=dict)
 
@@ -501,6 +371,16 @@ class Config(_Strict):
     # Methods that distil from the teacher: a table of their own so that only their DVC stages depend on the
     # teacher's outputs (dvc.yaml `train_distill` / `evaluate_distill`); otherwise like `methods`.
     distill_methods: dict[str, MethodConfig] = Field(default_factory=dict)
+    # The method this config runs, set by `for_method` (None in params.yaml): its family config is
+    # `family`, and it is part of the run config's dump.
+    method: Optional[MethodConfig] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_bases(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            raw = resolve_method_bases(raw)
+        return raw
 
     @model_validator(mode="after")
     def _method_names_unique(self) -> "Config":
@@ -509,20 +389,113 @@ class Config(_Strict):
             raise ValueError(f"method(s) {both} declared in both methods and distill_methods")
         return self
 
+    @model_validator(mode="after")
+    def _family_configs(self) -> "Config":
+        # `config`'s class depends on the entry's `model`, which only the model registry knows (refvg.models
+        # imports this module, so it is looked up at validation time); each entry's mapping is replaced by its
+        # validated instance here, errors named by their full key path.
+        problems = []
+        tables = [("methods", self.methods), ("distill_methods", self.distill_methods)]
+        entries = [(f"{table}.{name}", entry) for table, methods in tables for name, entry in methods.items()]
+        if self.method is not None:
+            entries.append(("method", self.method))
+        for where, entry in entries:
+            try:
+                object.__setattr__(entry, "config", _family_config(entry))
+            except ValidationError as err:
+                problems += [f"{where}.config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in err.errors()]
+            except ValueError as err:
+                problems.append(f"{where}.model: {err}")
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @property
+    def family(self):
+        """The run's family config (an instance of its model's config class); None outside `for_method`."""
+        return None if self.method is None else self.method.config
+
     @property
     def all_methods(self) -> dict[str, MethodConfig]:
         """`methods` then `distill_methods`: every method the pipeline trains, evaluates and reports."""
         return {**self.methods, **self.distill_methods}
 
     def for_method(self, name: str) -> "Config":
-        """The config a method actually runs with: its overrides merged into the shared sections."""
+        """The config a method actually runs with: its overrides merged into the shared sections, and its entry
+        as `method` (so `family` is its family config, and a dump of the run config holds it)."""
         if name not in self.all_methods:
             raise ConfigError(f"unknown method {name!r}; params.yaml declares {sorted(self.all_methods)}")
-        overrides = self.all_methods[name].overrides
-        if not overrides:
-            return self
-        merged = _deep_merge(self.model_dump(mode="python"), overrides)
-        return _validate(merged, source=f"methods.{name}.overrides")
+        entry = self.all_methods[name]
+        table = "methods" if name in self.methods else "distill_methods"
+        merged = _deep_merge(self.model_dump(mode="python"), entry.overrides)
+        merged["method"] = entry.model_dump(mode="python")
+        return _validate(merged, source=f"{table}.{name}.overrides")
+
+
+def _family_config(entry: MethodConfig):
+    """The entry's `config` as its model's family config class (validated; already one: returned as is)."""
+    from refvg.models.registry import config_class
+
+    import refvg.models  # noqa: F401  (registers every model)
+
+    family = config_class(entry.model)
+    if isinstance(entry.config, family) and type(entry.config) is family:
+        return entry.config
+    if isinstance(entry.config, BaseModel):
+        raise ValueError(f"config is a {type(entry.config).__name__}; model {entry.model!r} takes a "
+                         f"{family.__name__}")
+    return family.model_validate(entry.config if entry.config is not None else {})
+
+
+METHOD_TABLES = ("methods", "distill_methods")
+
+
+def resolve_method_bases(raw: dict) -> dict:
+    """`raw` (params as read) with every method entry that names a `base:` replaced by the base's resolved
+    entry deep-merged with its own keys, `base` dropped: a resolved entry stands alone (a dump of one method,
+    or of a table without its bases, still validates). A base may be any method of either table; chains are
+    followed. A cycle, an unknown base or a `model:` other than the base's raises, naming the key path."""
+    entries = {}
+    for table in METHOD_TABLES:
+        methods = raw.get(table)
+        if isinstance(methods, dict):
+            for name, entry in methods.items():
+                if isinstance(entry, dict):
+                    entries[name] = (table, entry)
+    if not any("base" in e for _, e in entries.values()):
+        return raw
+    resolved: dict[str, dict] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> dict:
+        if name in resolved:
+            return resolved[name]
+        table, entry = entries[name]
+        if "base" not in entry:
+            resolved[name] = entry
+            return entry
+        base = entry["base"]
+        where = f"{table}.{name}.base"
+        if not isinstance(base, str):
+            raise ValueError(f"{where}: expected a method name, got {base!r}")
+        if base in chain or base == name:
+            raise ValueError(f"{where}: cycle of bases {' -> '.join((*chain, name, base))}")
+        if base not in entries:
+            raise ValueError(f"{where}: unknown method {base!r}; methods: {', '.join(sorted(entries))}")
+        parent = resolve(base, (*chain, name))
+        if "model" in entry and "model" in parent and entry["model"] != parent["model"]:
+            raise ValueError(f"{table}.{name}.model: {entry['model']!r} contradicts its base {base!r}'s model "
+                             f"{parent['model']!r}")
+        merged = _deep_merge(parent, {k: v for k, v in entry.items() if k != "base"})
+        resolved[name] = merged
+        return merged
+
+    out = dict(raw)
+    for table in METHOD_TABLES:
+        if isinstance(raw.get(table), dict):
+            out[table] = {name: (resolve(name, ()) if isinstance(entry, dict) else entry)
+                          for name, entry in raw[table].items()}
+    return out
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -545,8 +518,9 @@ def _validate(raw: Any, source: str) -> Config:
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "<top>"
-            lines.append(f"  {where}: {e['msg']}")
+            where = ".".join(str(p) for p in e["loc"])
+            # a check of the whole config names its key paths in its message
+            lines.append(f"  {where}: {e['msg']}" if where else f"  {e['msg'].removeprefix('Value error, ')}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 
 
@@ -578,4 +552,7 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(raw, dict) and raw.get("method") is not None:
+        raise ConfigError(f"{path}: method: is what Config.for_method sets for a run; declare methods under "
+                          "`methods:` or `distill_methods:`")
     return _validate(raw, source=str(path))

@@ -102,3 +102,16 @@ def distillation_losses(student_tokens: torch.Tensor, student_sentence: torch.Te
         "distill_similarity": similarity_structure_loss(pooled(student_tokens), student_sentence,
                                                         pooled(teacher_tokens.detach()), teacher_sentence, temperature),
     }
+
+
+# ------------------------------------------------------------------ image-text contrast (weak_cam, CLIP teacher)
+
+
+def multi_positive_nce(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch image-text logits [B,B] (row: image, column: text) where every pair of
+    `same` (bool [B,B]) is a positive, the target spread evenly over them: several expressions or captions of
+    one image in a batch are matches, not negatives."""
+    target = same.float() / same.float().sum(1, keepdim=True)
+    i2t = -(target * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(target.t() * logits.t().log_softmax(1)).sum(1).mean()
+    return (i2t + t2i) / 2

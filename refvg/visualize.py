@@ -166,7 +166,7 @@ def evaluation_figures(model, model_name: str, preds: Sequence[SplitPredictions]
         overlays = {"pred_masks": predict_masks(model, ds, pick, ecfg.batch_size, device, amp),
                     "gt_masks": [ds.gt_mask(i) for i in pick],
                     "mask_ious": val.mask_inter[pick] / np.maximum(val.mask_union[pick], 1)}
-    if hasattr(model, "explain"):  # ranking models: the same panels, with which words and regions decided
+    if model.can_explain:  # ranking models: the same panels, with which words and regions decided
         _attention_figure(model, ds, pick, crops, val.ious[pick], device, tokenizer_dir, figures[1])
     else:
         plot_qualitative(crops, [ds.records[i]["sentence"] for i in pick], val.pred_xyxy[pick] * scale,

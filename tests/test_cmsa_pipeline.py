@@ -13,14 +13,14 @@ from refvg.data.dataset import read_manifest
 from refvg.data.prepare import prepared_path
 from tests.conftest import write_params
 
-CMSA = {"cmsa": {"model": "cmsa", "overrides": {"model": {"visual": {"out_stages": [1, 2]}}}}}
-SMALL = {"cmsa": {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32, "decoder_channels": [16, 8]}}
+SMALL = {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32, "decoder_channels": [16, 8]}
+CMSA = {"cmsa": {"model": "cmsa", "config": SMALL, "overrides": {"model": {"visual": {"out_stages": [1, 2]}}}}}
 
 
 def test_cmsa_train_evaluate_report(in_tiny, prefect_api, mlflow_uri):
     from flows.stages import evaluate_flow
 
-    write_params(Path.cwd(), methods=CMSA, model=SMALL)
+    write_params(Path.cwd(), methods=CMSA)
     cfg = load_config("params.yaml")
     epochs = []
     result = stages.train_method(cfg, "cmsa", on_epoch_end=lambda m, e: epochs.append(m))

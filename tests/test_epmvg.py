@@ -61,8 +61,8 @@ def make_epmvg(**epmvg) -> torch.nn.Module:
     cfg = Config.model_validate({"model": {
         "visual": {"hidden_sizes": [16, 32, 64]},
         "text": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
-        "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128},
-        "epmvg": epmvg}, "teacher": SMALL_TEACHER})
+        "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128}},
+        "method": {"model": "epmvg", "config": epmvg}, "teacher": SMALL_TEACHER})
     return build_model("epmvg", cfg, VOCAB, PAD)
 
 
@@ -119,7 +119,8 @@ def test_no_distillation_means_no_heads_and_no_teacher():
     losses = plain.compute_loss(plain(batch), batch)
     assert "distill_image" not in losses and torch.isfinite(losses["loss"])
     assert model_needs("epmvg", Config()) == {"teacher"}
-    off = Config.model_validate({"model": {"epmvg": {"image_weight": 0, "text_weight": 0, "similarity_weight": 0}}})
+    off = Config.model_validate({"method": {"model": "epmvg", "config": {
+        "image_weight": 0, "text_weight": 0, "similarity_weight": 0}}})
     assert model_needs("epmvg", off) == set()
     with pytest.raises(KeyError, match="teacher"):
         distilling = make_epmvg()

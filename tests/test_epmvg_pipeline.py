@@ -16,7 +16,7 @@ from tests.conftest import write_params
 from tests.test_epmvg import SMALL_TEACHER
 
 OFF = {"image_weight": 0.0, "text_weight": 0.0, "similarity_weight": 0.0}
-METHODS = {"epmvg_no_distill": {"model": "epmvg", "overrides": {"model": {"epmvg": OFF}, "train": {"epochs": 1}}}}
+METHODS = {"epmvg_no_distill": {"model": "epmvg", "config": OFF, "overrides": {"train": {"epochs": 1}}}}
 DISTILL = {"epmvg": {"model": "epmvg"}}
 
 

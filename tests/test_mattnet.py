@@ -4,6 +4,7 @@ losses, the category input (off: the output ignores candidate categories), and c
 (stand-in) detections file."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -43,7 +44,8 @@ def test_roi_align_matches_a_hand_computed_case():
 
 
 def _tiny_cfg(**mattnet) -> Config:
-    raw = {"model": {**TINY["model"], "mattnet": {"d_model": 16, **mattnet}}, "data": {"image_size": 64}}
+    raw = {"model": TINY["model"], "data": {"image_size": 64},
+           "method": {"model": "mattnet", "config": {"d_model": 16, **mattnet}}}
     return Config.model_validate(raw)
 
 
@@ -64,7 +66,7 @@ def _batch(b: int = 4, k: int = 5, seed: int = 0) -> dict:
 
 def _model(**mattnet) -> MAttNet:
     torch.manual_seed(0)
-    model = MAttNet(_tiny_cfg(**mattnet), vocab_size=50, pad_token_id=0)
+    model = MAttNet.from_config(_tiny_cfg(**mattnet), vocab_size=50, pad_token_id=0)
     model.erase_token_id = MASK_ID
     return model
 
@@ -74,22 +76,22 @@ def test_modules_shapes_prediction_and_loss():
     model.eval()
     out = model(batch)
     b, k = batch["cand_valid"].shape
-    assert out["scores"].shape == (b, k) and out["module_scores"].shape == (b, k, 3)
-    assert out["cell_attention"].shape == (b, k, 9) and out["context_attention"].shape == (b, k, 5)
-    assert out["location_attention"].shape == (b, k, 6)  # own geometry + 5 neighbours' offsets
-    torch.testing.assert_close(out["module_weights"].sum(1), torch.ones(b))
-    assert (out["best"][0] < 3).all()  # a padding candidate is never chosen
-    torch.testing.assert_close(out["pred_boxes"], batch["cand_boxes"][torch.arange(b), out["best"]])
+    assert out.scores.shape == (b, k) and out.module_scores.shape == (b, k, 3)
+    assert out.cell_attention.shape == (b, k, 9) and out.context_attention.shape == (b, k, 5)
+    assert out.location_attention.shape == (b, k, 6)  # own geometry + 5 neighbours' offsets
+    torch.testing.assert_close(out.module_weights.sum(1), torch.ones(b))
+    assert (out.best[0] < 3).all()  # a padding candidate is never chosen
+    torch.testing.assert_close(out.pred_boxes, batch["cand_boxes"][torch.arange(b), out.best])
     # attention only on the expression's words, never on [CLS], [SEP] or padding
     words = real_words(batch["input_ids"], batch["attention_mask"])
-    assert (out["word_attention"][~words] == 0).all()
-    torch.testing.assert_close(out["word_attention"].sum(1), torch.ones(b))
+    assert (out.word_attention[~words] == 0).all()
+    torch.testing.assert_close(out.word_attention.sum(1), torch.ones(b))
     # location and relation attention: only over real neighbours / context objects (sample 0 has 3
     # candidates)
-    assert (out["location_attention"][0, :3, 3:] == 0).all()
-    assert (out["context_attention"][0, :3, 2:] == 0).all()
-    torch.testing.assert_close(out["location_attention"].sum(-1), torch.ones(b, k))
-    torch.testing.assert_close(out["context_attention"][1:].sum(-1), torch.ones(b - 1, k))
+    assert (out.location_attention[0, :3, 3:] == 0).all()
+    assert (out.context_attention[0, :3, 2:] == 0).all()
+    torch.testing.assert_close(out.location_attention.sum(-1), torch.ones(b, k))
+    torch.testing.assert_close(out.context_attention[1:].sum(-1), torch.ones(b - 1, k))
 
     model.train()
     losses = model.compute_loss(model(batch), batch)
@@ -227,15 +229,15 @@ def test_language_copy_masks_a_word_drawn_from_the_attention():
     torch.manual_seed(0)
     out, texts, scored = _spy_training_step(model, batch)
     assert len(texts) == 2 and len(scored) == 3 + 2  # sample + its pairs, then copy + its one pair
-    erased, original = texts[1], batch["input_ids"][out["erased_rows"]]
+    erased, original = texts[1], batch["input_ids"][out.erased_rows]
     changed = erased != original
-    words = real_words(batch["input_ids"], batch["attention_mask"])[out["erased_rows"]]
+    words = real_words(batch["input_ids"], batch["attention_mask"])[out.erased_rows]
     long_enough = words.sum(1) >= 3  # the paper leaves expressions under 3 words whole
     assert (changed.sum(1) == long_enough.long()).all() and not long_enough.all()  # 1 word or 0
     assert (erased[changed] == MASK_ID).all() and words[changed].all()  # never [CLS]/[SEP]/padding
-    assert out["word_attention"][out["erased_rows"]][changed].gt(0).all()
+    assert out.word_attention[out.erased_rows][changed].gt(0).all()
     # its hinge term
-    assert "erased_language_neg_image" in out and "erased_language_neg_expression" not in out
+    assert out.erased_language.neg_image is not None and out.erased_language.neg_expression is None
     losses = model.compute_loss(out, batch)
     assert losses["erased_ce"] > 0 and torch.isfinite(losses["loss"])
 
@@ -275,20 +277,20 @@ def test_visual_erasing_draws_the_module_then_its_item_location_included():
     torch.manual_seed(0)
     out, texts, scored = _spy_training_step(model, _batch())
     assert len(texts) == 1 and len(scored) == 3 + 2
-    assert "erased_visual_neg_expression" in out and "erased_visual_neg_image" not in out
+    assert out.erased_visual.neg_expression is not None and out.erased_visual.neg_image is None
 
 
 def test_both_trains_a_language_and_a_visual_copy_of_every_sample():
     model, batch = _model(), _batch()  # the default: type both, rate 1
-    assert model.c.erase.type == "both" and model.c.erase.rule == "sample"
+    assert model.config.erase.type == "both" and model.config.erase.rule == "sample"
     torch.manual_seed(0)
     out, texts, scored = _spy_training_step(model, batch)
     assert len(texts) == 2 and len(scored) == 3 + 2 + 2
-    assert len(out["erased_rows"]) == len(batch["input_ids"])
-    shape = out["logits"].shape
-    assert out["erased_language_logits"].shape == out["erased_visual_logits"].shape == shape
+    assert len(out.erased_rows) == len(batch["input_ids"])
+    shape = out.logits.shape
+    assert out.erased_language.logits.shape == out.erased_visual.logits.shape == shape
     both = model.compute_loss(out, batch)
-    only_lang = {k: v for k, v in out.items() if not k.startswith("erased_visual")}
+    only_lang = dataclasses.replace(out, erased_visual=None)
     assert both["erased_ce"] > model.compute_loss(only_lang, batch)["erased_ce"] > 0
 
 
@@ -296,19 +298,19 @@ def test_argmax_rule_erases_the_most_attended_items():
     model, batch = _model(erase={"type": "both", "rule": "argmax"}), _batch(seed=1)
     torch.manual_seed(0)
     out, texts, scored = _spy_training_step(model, batch)
-    rows = out["erased_rows"]
+    rows = out.erased_rows
     erased = texts[1]
-    top = out["word_attention"][rows].argmax(1)
+    top = out.word_attention[rows].argmax(1)
     long_enough = real_words(batch["input_ids"], batch["attention_mask"])[rows].sum(1) >= 3
     r = torch.arange(len(rows))
     assert (erased[r, top] == MASK_ID).eq(long_enough).all()
     # the sample, its 2 pairs, the language copy + its pair, then the visual copy
     original, vis_e = scored[0], scored[5]
-    module = out["module_weights"][rows].argmax(1)
+    module = out.module_weights[rows].argmax(1)
     for i in r.tolist():
         key, att = {0: ("rois", "cell_attention"), 1: ("location", "location_attention"),
                     2: ("contexts", "context_attention")}[int(module[i])]
-        top = out[att][rows[i]].argmax(-1)  # [K]
+        top = getattr(out, att)[rows[i]].argmax(-1)  # [K]
         if key == "rois":
             assert (vis_e["rois"][i][torch.arange(len(top)), :, top] == 0).all()
         else:
@@ -346,7 +348,7 @@ def test_category_input_off_ignores_candidate_categories():
         la = model.compute_loss(model(batch), batch)["loss"]
         torch.manual_seed(0)
         lb = model.compute_loss(model(other), other)["loss"]
-        same = torch.equal(a["logits"], b["logits"]) and torch.equal(la, lb)
+        same = torch.equal(a.logits, b.logits) and torch.equal(la, lb)
         assert same != depends, setting
     assert _model().category is None
     assert not any("category" in n for n, _ in _model().named_parameters())
@@ -355,7 +357,7 @@ def test_category_input_off_ignores_candidate_categories():
 def test_no_erase_is_the_ablation():
     model, batch = _model(erase={"type": "none"}), _batch()
     out, texts, scored = _spy_training_step(model, batch)
-    assert len(texts) == 1 and len(scored) == 3 and "erased_logits" not in out
+    assert len(texts) == 1 and len(scored) == 3 and out.erased_rows is None
     assert model.compute_loss(out, batch)["erased_ce"] == 0
 
 

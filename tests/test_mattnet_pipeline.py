@@ -16,9 +16,8 @@ from tests.conftest import write_params
 DETS = {"source": "detections", "detections_file": "dets/refshapes.json"}  # not under data/: the shared tiny set
 METHODS = {
     "transvg": {"model": "transvg"},
-    "mattnet_erase_det": {"model": "mattnet", "overrides": {"proposals": DETS}},
+    "mattnet_erase_det": {"model": "mattnet", "config": {"d_model": 16}, "overrides": {"proposals": DETS}},
 }
-SMALL = {"mattnet": {"d_model": 16}}
 
 
 def _runs(client: MlflowClient, stage: str):
@@ -29,7 +28,7 @@ def _runs(client: MlflowClient, stage: str):
 def test_detections_then_mattnet_erase_train_evaluate_report(in_tiny, prefect_api, mlflow_uri):
     from flows.stages import detections_flow, evaluate_flow, train_flow
 
-    write_params(Path.cwd(), methods=METHODS, model=SMALL, train={"epochs": 1},
+    write_params(Path.cwd(), methods=METHODS, train={"epochs": 1},
                  detections={"dir": "dets", "drop_rate": 0.2, "false_positives": 2})
     cfg = load_config("params.yaml")
 

@@ -8,6 +8,7 @@ from refvg.config import Config, TextConfig, VisualConfig
 from refvg.data.transforms import cxcywh_to_xyxy
 from refvg.models import build_model, list_models, register_model
 from refvg.models.backbones import build_text_encoder, build_visual_backbone
+from refvg.models.transvg import TransVG, TransVGConfig
 
 VOCAB, PAD = 200, 0
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def test_transvg_shapes_loss_and_grads(kind):
     model = make_model(kind)
     batch = make_batch()
     out = model(batch)
-    pred = out["pred_boxes"]
+    pred = out.pred_boxes
     assert pred.shape == (4, 4) and pred.dtype == torch.float32
     assert ((pred >= 0) & (pred <= 1)).all()
     losses = model.compute_loss(out, batch)
@@ -77,7 +78,7 @@ def test_default_transvg_is_the_papers():
     torch.testing.assert_close(cnn[0], cnn[1])
     assert not torch.allclose(enc[0], enc[1])
 
-    # The loss is the unweighted L1 + GIoU (params.yaml: train.loss l1_weight = giou_weight = 1).
+    # The loss is the unweighted L1 + GIoU (TransVGConfig: l1_weight = giou_weight = 1).
     out = model(batch)
     losses = model.compute_loss(out, batch)
     torch.testing.assert_close(losses["loss"], losses["l1"] + losses["giou"])
@@ -121,7 +122,7 @@ def test_prediction_depends_on_expression():
     batch = make_batch()
     other = dict(batch, input_ids=batch["input_ids"].roll(1, dims=1) * batch["attention_mask"])
     with torch.no_grad():
-        assert not torch.allclose(model(batch)["pred_boxes"], model(other)["pred_boxes"])
+        assert not torch.allclose(model(batch).pred_boxes, model(other).pred_boxes)
 
 
 def test_transvg_bf16_autocast():
@@ -221,7 +222,9 @@ def test_registry():
         build_model("nope", Config(), VOCAB, PAD)
     assert "nope" in str(err.value) and "transvg" in str(err.value)
     with pytest.raises(ValueError, match="already registered"):
-        register_model("transvg")(lambda cfg, v, p: None)
+        register_model("transvg", config=TransVGConfig)(type("Other", (TransVG,), {}))
+    with pytest.raises(TypeError, match="GroundingModel"):
+        register_model("plain", config=TransVGConfig)(torch.nn.Module)
 
 
 def test_box_heads_and_grounding_attention_loss():
@@ -231,7 +234,7 @@ def test_box_heads_and_grounding_attention_loss():
     model = make_model(box_head="attention")
     b = make_batch(2)
     out = model(b)
-    assert out["readout_attention"].shape == (2, 64) and out["grid"] == (8, 8)
+    assert out.readout_attention.shape == (2, 64) and out.grid == (8, 8)
     assert set(model.compute_loss(out, b)) == {"loss", "l1", "giou", "attention"}
 
     # All attention on the cell holding the box centre -> ~0 loss; all of it elsewhere -> large.
@@ -291,8 +294,8 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
 
 def make_cmsa(out_stages=(1, 2)):
     torch.manual_seed(0)
-    cfg = Config.model_validate({"model": {"visual": {"out_stages": list(out_stages)},
-                                           "cmsa": {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32}}})
+    cfg = Config.model_validate({"model": {"visual": {"out_stages": list(out_stages)}}, "method": {
+        "model": "cmsa", "config": {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32}}})
     return build_model("cmsa", cfg, VOCAB, PAD)
 
 
@@ -312,8 +315,8 @@ def test_cmsa_shapes_loss_and_grads():
     assert len(model.levels) == 2
     batch = make_mask_batch()
     out = model(batch)
-    assert out["pred_masks"].shape == (4, 64, 64) and out["pred_boxes"].shape == (4, 4)
-    box = out["pred_boxes"]
+    assert out.pred_masks.shape == (4, 64, 64) and out.pred_boxes.shape == (4, 4)
+    box = out.pred_boxes
     assert ((box >= 0) & (box <= 1)).all() and (box[:, 2:] > 0).all()
     losses = model.compute_loss(out, batch)
     assert set(losses) == {"loss", "bce", "dice"} and torch.isfinite(losses["loss"])
@@ -322,7 +325,7 @@ def test_cmsa_shapes_loss_and_grads():
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
     assert model.fusion.gamma.grad.abs().sum() > 0
     one_level = make_cmsa(out_stages=(1,))  # the gated fusion also works with a single level
-    assert one_level(batch)["pred_masks"].shape == (4, 64, 64)
+    assert one_level(batch).pred_masks.shape == (4, 64, 64)
 
 
 def test_cmsa_mask_depends_on_expression():
@@ -330,7 +333,7 @@ def test_cmsa_mask_depends_on_expression():
     batch = make_mask_batch()
     other = dict(batch, input_ids=batch["input_ids"].roll(1, dims=1) * batch["attention_mask"])
     with torch.no_grad():
-        a, b = model(batch)["pred_masks"], model(other)["pred_masks"]
+        a, b = model(batch).pred_masks, model(other).pred_masks
     assert (a - b).abs().max() > 1e-3
 
 
@@ -349,7 +352,7 @@ def test_cmsa_learns_one_batch():
 
 
 def test_mask_to_box_is_the_tight_box_outside_padding():
-    from refvg.models.cmsa import mask_to_box
+    from refvg.models.layers import mask_to_box
 
     logits = -torch.ones(3, 8, 8)
     logits[0, 2:4, 1:6] = 1.0  # rows 2-3, cols 1-5 -> xyxy (1, 2, 6, 4) / 8
@@ -363,7 +366,7 @@ def test_mask_to_box_is_the_tight_box_outside_padding():
 
 
 def test_peak_component_keeps_the_region_around_the_most_confident_pixel():
-    from refvg.models.cmsa import peak_component
+    from refvg.models.layers import peak_component
 
     logits = -torch.ones(2, 6, 6)
     logits[0, 0:2, 0:2] = 1.0  # big blob
@@ -385,17 +388,17 @@ def test_cmsa_prediction_is_one_region_its_loss_the_raw_logits():
     model = make_cmsa()
     batch = make_mask_batch()
     train_out = model(batch)
-    assert torch.equal(train_out["pred_masks"], train_out["mask_logits"])  # nothing post-processed in training
+    assert torch.equal(train_out.pred_masks, train_out.mask_logits)  # nothing post-processed in training
     model.eval()
     with torch.no_grad():
         out = model(batch)
-    from refvg.models.cmsa import peak_component
+    from refvg.models.layers import peak_component
 
-    raw, fg = out["mask_logits"] > 0, out["pred_masks"] > 0
+    raw, fg = out.mask_logits > 0, out.pred_masks > 0
     assert (raw & ~fg).any()  # the untrained model has several regions; the prediction drops all but one
     some = fg.flatten(1).any(1)  # (a sample with nothing positive keeps nothing)
-    assert torch.equal(peak_component(out["pred_masks"], batch["pixel_mask"])[some], fg[some])  # one region
-    assert torch.equal(out["pred_masks"].abs(), out["mask_logits"].abs())  # only signs change
+    assert torch.equal(peak_component(out.pred_masks, batch["pixel_mask"])[some], fg[some])  # one region
+    assert torch.equal(out.pred_masks.abs(), out.mask_logits.abs())  # only signs change
 
 
 def test_cmsa_attention_ignores_text_padding():

@@ -17,12 +17,13 @@ from refvg.data.prepare import prepared_path
 from refvg.data.transforms import Letterbox
 from refvg.engine.predict import mask_to_original
 from refvg.models.registry import register_model
-from refvg.models.transvg import TransVG
+from refvg.models.transvg import TransVG, TransVGConfig
 from tests.conftest import untrained_checkpoint
 
 RED = (255, 0, 0)
 
 
+@register_model("test_segmenting_transvg", config=TransVGConfig)
 class _SegmentingTransVG(TransVG):
     """TransVG plus a mask output in the CMSA convention ("pred_masks": logits over the letterboxed square):
     here, positive exactly inside the predicted box, so the printed mask can be checked against the box."""
@@ -30,15 +31,13 @@ class _SegmentingTransVG(TransVG):
     def forward(self, batch):
         out = super().forward(batch)
         s = batch["image"].shape[-2]
-        cx, cy, w, h = out["pred_boxes"].unbind(-1)
+        cx, cy, w, h = out.pred_boxes.unbind(-1)
         grid = (torch.arange(s, dtype=torch.float32) + 0.5) / s
         inside_x = ((grid[None] - cx[:, None]).abs() <= w[:, None] / 2)
         inside_y = ((grid[None] - cy[:, None]).abs() <= h[:, None] / 2)
-        out["pred_masks"] = torch.where(inside_y[:, :, None] & inside_x[:, None, :], 10.0, -10.0)
+        out.pred_masks = torch.where(inside_y[:, :, None] & inside_x[:, None, :], 10.0, -10.0)
         return out
 
-
-register_model("test_segmenting_transvg")(lambda cfg, vocab, pad: _SegmentingTransVG(cfg, vocab, pad))
 
 
 def _sample(cfg):

@@ -22,8 +22,8 @@ def make_qrnet(qd_att=True, kind="swin", out_stages=(1, 2), **qrnet) -> QRNet:
     cfg = Config.model_validate({"model": {
         "visual": {"kind": kind, "out_stages": list(out_stages), "hidden_sizes": [16, 32, 64], "embed_dim": 16},
         "text": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
-        "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128},
-        "qrnet": {"qd_att": qd_att, **qrnet}}})
+        "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128}},
+        "method": {"model": "qrnet", "config": {"qd_att": qd_att, **qrnet}}})
     return build_model("qrnet", cfg, VOCAB, PAD)
 
 
@@ -186,7 +186,7 @@ def test_qrnet_trains_through_the_transvg_loss(kind):
             for part in (model.visual, model.text, model.qd_att, model.multiscale, model.vl, model.head):
                 assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
         opt.step()
-    assert out["pred_boxes"].shape == (4, 4) and set(losses) == {"loss", "l1", "giou"}
+    assert out.pred_boxes.shape == (4, 4) and set(losses) == {"loss", "l1", "giou"}
     assert losses["loss"].item() < 0.7 * first
     names = {g["name"]: g for g in model.param_groups(1e-3, 1e-4, 0.1)}
     qd = {id(p) for p in model.qd_att.parameters()}
@@ -217,4 +217,4 @@ def test_qrnet_from_pretrained_folders(tmp_path):
                                ref.embeddings.patch_embeddings.projection.weight)
     assert [q.channel_in.in_dim for q in model.qd_att] == [16, 32, 64]
     out = model(make_batch(2))
-    assert out["pred_boxes"].shape == (2, 4)
+    assert out.pred_boxes.shape == (2, 4)

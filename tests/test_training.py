@@ -226,7 +226,7 @@ def test_each_methods_auxiliary_term_is_exactly_what_its_ablation_lacks():
     losses = erase.train().compute_loss(erase(batch), batch)
     assert losses["auxiliary"].requires_grad and losses["auxiliary"].item() > 0
     torch.testing.assert_close(losses["loss"] - losses["auxiliary"],
-                               losses["ce"] + erase.c.rank_weight * losses["rank"])
+                               losses["ce"] + erase.config.rank_weight * losses["rank"])
     _, mined = _grads(1.0)
     _, unmined = _grads(0.0)
     torch.testing.assert_close(mined["auxiliary"], mined["mining"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refvg.config import Config, _deep_merge
+from refvg.config import Config
 from refvg.models import build_model
 from refvg.models.weak_cam import candidate_scores, cam_to_square, grad_cam, threshold_box
 from tests.conftest import TINY
@@ -40,10 +40,9 @@ def test_grad_cam_matches_hand_computation():
         torch.autograd.grad(grad_cam((wp * fmap).sum((1, 2, 3)), fmap)[0, 0, 1], wp)
 
 
-def _tiny_cfg(mining_weight: float) -> Config:
-    raw = _deep_merge(Config().model_dump(mode="python"), {"model": TINY["model"]})
-    raw["model"]["weak_cam"]["mining_weight"] = mining_weight
-    return Config.model_validate(raw)
+def _tiny_cfg(mining_weight: float, **weak) -> Config:
+    return Config.model_validate({"model": TINY["model"], "method": {
+        "model": "weak_cam", "config": {"mining_weight": mining_weight, **weak}}})
 
 
 def _weak_batch(b: int = 6, size: int = 64) -> dict:
@@ -124,40 +123,36 @@ def test_localisation_modes_in_the_model():
     batch["cand_valid"] = torch.tensor([[True, True], [True, False]])
     outs = {}
     for mode in ("candidates", "threshold"):
-        raw = cfg.model_dump(mode="python")
-        raw["model"]["weak_cam"]["localisation"] = mode
         torch.manual_seed(0)
-        model = build_model("weak_cam", Config.model_validate(raw), vocab_size=60, pad_token_id=0).eval()
+        model = build_model("weak_cam", _tiny_cfg(1.0, localisation=mode), vocab_size=60, pad_token_id=0).eval()
         with torch.no_grad():  # as under the evaluator: Grad-CAM turns gradients back on itself
             outs[mode] = model(batch)
     cand = outs["candidates"]
-    scores = candidate_scores(cand["cam"], batch["cand_boxes"], batch["cand_valid"], cfg.model.weak_cam.candidate_area_power)
-    torch.testing.assert_close(cand["pred_boxes"][0], batch["cand_boxes"][0, scores[0].argmax()])
-    torch.testing.assert_close(cand["pred_boxes"][1], batch["cand_boxes"][1, 0])  # the only valid one
+    scores = candidate_scores(cand.cam, batch["cand_boxes"], batch["cand_valid"], cfg.family.candidate_area_power)
+    torch.testing.assert_close(cand.pred_boxes[0], batch["cand_boxes"][0, scores[0].argmax()])
+    torch.testing.assert_close(cand.pred_boxes[1], batch["cand_boxes"][1, 0])  # the only valid one
     thr = outs["threshold"]
-    torch.testing.assert_close(thr["cam"], cand["cam"])  # same weights, same CAM; only the read-out differs
-    assert cand["cam"].shape == (2, 64, 64) and cand["cam"][:, 48:].max() == 0 and cand["cam"].amax((1, 2)).min() > 0.99
-    torch.testing.assert_close(thr["pred_boxes"], threshold_box(thr["cam"], batch["pixel_mask"], cfg.model.weak_cam.box_threshold))
+    torch.testing.assert_close(thr.cam, cand.cam)  # same weights, same CAM; only the read-out differs
+    assert cand.cam.shape == (2, 64, 64) and cand.cam[:, 48:].max() == 0 and cand.cam.amax((1, 2)).min() > 0.99
+    torch.testing.assert_close(thr.pred_boxes, threshold_box(thr.cam, batch["pixel_mask"], cfg.family.box_threshold))
     with pytest.raises(KeyError, match="cand_boxes"):
         model_c = build_model("weak_cam", cfg, vocab_size=60, pad_token_id=0).eval()
         model_c({k: v for k, v in batch.items() if not k.startswith("cand_")})
 
 
 def _tiny_model(**weak) -> torch.nn.Module:
-    raw = _tiny_cfg(1.0).model_dump(mode="python")
-    raw["model"]["weak_cam"].update(weak)
     torch.manual_seed(0)
-    return build_model("weak_cam", Config.model_validate(raw), vocab_size=60, pad_token_id=0)
+    return build_model("weak_cam", _tiny_cfg(1.0, **weak), vocab_size=60, pad_token_id=0)
 
 
 def test_match_fraction_limits_the_fusion_rows_not_the_contrastive_grid():
     batch = _weak_batch()
     out = _tiny_model(match_fraction=0.5).train()(batch)
-    assert out["contrastive_logits"].shape == (6, 6)  # every expression in the contrastive loss
-    assert out["match1"].shape == out["match2"].shape == (6,)  # 3 positives + their 3 negative images
-    assert out["mined"].shape == out["cam"].shape[:1] == (3,)
-    assert out["match_labels"].tolist() == [1, 1, 1, 0, 0, 0]
-    assert _tiny_model(match_fraction=1.0).train()(batch)["match1"].shape == (12,)
+    assert out.contrastive_logits.shape == (6, 6)  # every expression in the contrastive loss
+    assert out.match1.shape == out.match2.shape == (6,)  # 3 positives + their 3 negative images
+    assert out.mined.shape == out.cam.shape[:1] == (3,)
+    assert out.match_labels.tolist() == [1, 1, 1, 0, 0, 0]
+    assert _tiny_model(match_fraction=1.0).train()(batch).match1.shape == (12,)
 
 
 def test_contrastive_in_score_adds_the_pair_similarity():
@@ -207,9 +202,9 @@ def test_the_matcher_learns_on_real_pairs(tiny_workdir, monkeypatch):
     monkeypatch.chdir(tiny_workdir)
     cfg = load_config("params.yaml")
     raw = cfg.model_dump(mode="python")
-    raw["model"]["weak_cam"].update(mining_weight=0.0, match_fraction=1.0)
+    raw["method"] = {"model": "weak_cam", "config": {"mining_weight": 0.0, "match_fraction": 1.0}}
     cfg = Config.model_validate(raw)
-    assert cfg.model.weak_cam.negatives == "random" and not cfg.model.weak_cam.contrastive_in_score
+    assert cfg.family.negatives == "random" and not cfg.family.contrastive_in_score
     pairs = stages.open_split(cfg, "weak_cam", "train", training=True)
     batch = to_device(collate([pairs[i] for i in range(0, 64, 4)]), torch.device("cpu"))
     manifest = read_manifest(prepared_path(cfg))

@@ -15,7 +15,7 @@ from refvg.data.weak import WEAK_KEYS, WeakSplit
 from refvg.evaluation import BoxEvaluator, CandidateRecallEvaluator, MaskEvaluator, MatchEvaluator
 from tests.conftest import write_params
 
-WEAK = {"weak_cam": {"model": "weak_cam", "overrides": {"model": {"weak_cam": {"localisation": "candidates"}}}},
+WEAK = {"weak_cam": {"model": "weak_cam", "config": {"localisation": "candidates"}},
         "transvg": {"model": "transvg"}}
 
 

@@ -18,7 +18,9 @@ from refvg.metrics import summarize_box_metrics
 def read_outputs(outputs, keys: Sequence[str]) -> dict[str, torch.Tensor]:
     """The outputs named in `keys` that a model's forward (or `match_scores`) returned. The one place that knows
     how a model holds its outputs: evaluation and inference read them through here."""
-    return {k: outputs[k] for k in keys if k in outputs}
+    if isinstance(outputs, dict):  # match_scores' pair logits
+        return {k: outputs[k] for k in keys if k in outputs}
+    return {k: v for k in keys if (v := getattr(outputs, k, None)) is not None}
 
 
 @dataclass

@@ -289,7 +289,7 @@ def _train_step(model, step_model, batch, optimizer, scheduler, tcfg: TrainConfi
                 for k, b in m.named_buffers(recurse=False):
                     b.copy_(buffers[k])
 
-    per_term = tcfg.grad_clip > 0 and getattr(model, "auxiliary_loss", False)
+    per_term = tcfg.grad_clip > 0 and model.auxiliary_loss
     # One backward per term, and DDP's reducer allows one per forward: then the forward skips its hooks
     # and _backward_clipped averages each term's gradients over the ranks itself.
     ddp = per_term and hasattr(step_model, "no_sync")

@@ -33,6 +33,7 @@ from transformers import CLIPConfig, CLIPModel
 from refvg.config import Config, TeacherConfig
 from refvg.data.captions import CorpusPairs
 from refvg.data.dataset import PreparedSplit, collate
+from refvg.losses import multi_positive_nce
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -103,9 +104,7 @@ def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torc
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of (image, text) pairs; `same` bool [B,B] marks every pair that matches
     (two captions of one image), so a duplicate in the batch is a positive, not a negative."""
-    logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-    target = same.float() / same.float().sum(1, keepdim=True)
-    return (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    return multi_positive_nce(scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T, same)
 
 
 def retrieval_recall(similarity: torch.Tensor, correct: torch.Tensor, ks=RECALL_AT) -> dict[str, float]:

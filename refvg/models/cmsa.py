@@ -8,7 +8,7 @@ by gated multi-level fusion (a memory and a reset gate per level), then a small 
 logits at the letterbox size. Loss: per-pixel BCE + soft Dice. The box (`pred_boxes`, what the box tables
 score) is the tight box of the thresholded mask.
 
-An expression refers to one object, so at inference (eval mode, `model.cmsa.keep_peak_component`) the
+An expression refers to one object, so at inference (eval mode, its config's `keep_peak_component`) the
 prediction keeps only the connected region of the thresholded mask that holds its most confident pixel: a
 stray positive blob on a distractor would otherwise stretch the box over both objects.
 
@@ -17,18 +17,46 @@ the same encoder every method uses, and relations ("left of the green star") nee
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from refvg.config import CMSAConfig, Config
-from refvg.data.transforms import xyxy_to_cxcywh
+from refvg.config import _Strict
 from refvg.losses import mask_loss
-from refvg.models.backbones import build_text_encoder, build_visual_backbone
+from refvg.models.base import GroundingModel, GroundingOutput
+from refvg.models.layers import mask_to_box, peak_component
 from refvg.models.registry import register_model
-from refvg.models.transvg import backbone_param_groups
 from refvg.models.vl import TransformerLayer, cell_coords, downsample_mask
+
+
+class CMSAConfig(_Strict):
+    """CMSA (referring segmentation): one cross-modal self-attention block per backbone level of
+    `visual.out_stages`, gated fusion of the levels, an upsampling decoder to mask logits."""
+
+    visual_dim: int = Field(32, gt=0)  # C_v: each level's features are projected to this, then L2-normalised
+    word_dim: int = Field(32, gt=0)  # C_l: the same for each word's features
+    d_model: int = Field(32, gt=0)  # width of the joint (word, pixel) features inside the self-attention
+    num_heads: int = Field(1, gt=0)
+    ffn_dim: int = Field(64, gt=0)
+    num_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # One 3x3 conv + 2x upsampling per entry, from the finest CMSA level; the logits are then resized to the
+    # letterbox size bilinearly.
+    decoder_channels: tuple[int, ...] = (32, 16)
+    # Inference: keep only the connected region of the thresholded mask that holds its most confident pixel
+    # (for the mask and its box); false: the whole thresholded mask and its tight box.
+    keep_peak_component: bool = True
+    # Loss: per-pixel BCE and soft Dice on the letterboxed mask logits (padding excluded).
+    mask_bce_weight: float = Field(1.0, ge=0)
+    mask_dice_weight: float = Field(1.0, ge=0)
+
+
+@dataclass
+class CMSAOutput(GroundingOutput):
+    mask_logits: torch.Tensor = None  # [B,H,W] what the loss sees (pred_masks: after the peak read-out)
 
 
 class CrossModalSelfAttention(nn.Module):
@@ -124,65 +152,17 @@ class MaskDecoder(nn.Module):
         return self.logits(self.body(x))
 
 
-def peak_component(logits: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """bool [B,H,W]: the 8-connected region of (logits > 0) outside the padding that holds the highest-scoring
-    pixel (just that pixel when nothing is above 0). Inference only: labelled on the CPU with scipy (~3 ms per
-    64 masks of 64x64; growing the region by max-pooling took 58 ms and grows with the object's size)."""
-    from scipy import ndimage
-
-    fg = ((logits > 0) & ~pad).cpu().numpy()
-    peaks = logits.detach().float().masked_fill(pad, float("-inf")).flatten(1).argmax(1).cpu().numpy()
-    region = np.zeros_like(fg)
-    for i, (mask, peak) in enumerate(zip(fg, peaks)):
-        y, x = divmod(int(peak), mask.shape[1])
-        if mask[y, x]:
-            labels, _ = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-            region[i] = labels == labels[y, x]
-        else:
-            region[i, y, x] = True
-    return torch.from_numpy(region).to(logits.device)
-
-
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-
-def mask_to_box(logits: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """Tight box of (logits > 0) outside the padding, [B,4] cxcywh normalised to the square; a pixel spans
-    [i, i+1). An empty mask gives the box of its highest-scoring pixel, so every sample still has a box."""
-    b, h, w = logits.shape
-    fg = (logits > 0) & ~pad
-    empty = ~fg.flatten(1).any(1)
-    if empty.any():
-        peak = logits.detach().float().masked_fill(pad, float("-inf")).flatten(1).argmax(1)
-        fg = fg.flatten(1)
-        fg[empty] = F.one_hot(peak[empty], h * w).bool()
-        fg = fg.view(b, h, w)
-    ys = torch.arange(h, device=logits.device)
-    xs = torch.arange(w, device=logits.device)
-    rows, cols = fg.any(2), fg.any(1)
-    y0 = torch.where(rows, ys, h).amin(1)
-    y1 = torch.where(rows, ys, -1).amax(1) + 1
-    x0 = torch.where(cols, xs, w).amin(1)
-    x1 = torch.where(cols, xs, -1).amax(1) + 1
-    scale = torch.tensor([w, h, w, h], device=logits.device, dtype=torch.float32)
-    return xyxy_to_cxcywh(torch.stack([x0, y0, x1, y1], -1).float() / scale)
-
-
-class CMSA(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int, pad_token_id: int):
-        super().__init__()
-        self.cfg = cfg
-        m = cfg.model
-        c = m.cmsa
-        self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
-        self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max(64, cfg.data.max_tokens))
+@register_model("cmsa", config=CMSAConfig, needs=("masks",))
+class CMSA(GroundingModel):
+    def __init__(self, config: CMSAConfig, **backbones):
+        super().__init__(config, **backbones)
         self.levels = nn.ModuleList(
-            CrossModalSelfAttention(ch, self.text.hidden_size, c) for ch in self.visual.out_channels
+            CrossModalSelfAttention(ch, self.text.hidden_size, config) for ch in self.visual.out_channels
         )
-        self.fusion = GatedFusion(c.d_model, len(self.levels))
-        self.decoder = MaskDecoder(c.d_model, c.decoder_channels)
+        self.fusion = GatedFusion(config.d_model, len(self.levels))
+        self.decoder = MaskDecoder(config.d_model, config.decoder_channels)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict) -> CMSAOutput:
         maps = self.visual(batch["image"])
         words = self.text(batch["input_ids"], batch["attention_mask"])
         pixel_pad = batch["pixel_mask"]
@@ -198,23 +178,15 @@ class CMSA(nn.Module):
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         logits = logits[:, 0]
-        out = {"mask_logits": logits}  # what the loss sees
-        if not self.training and self.cfg.model.cmsa.keep_peak_component:
+        mask_logits = logits
+        if not self.training and self.config.keep_peak_component:
             with torch.no_grad():  # the prediction: other positive regions are flipped to negative logits
                 logits = torch.where(peak_component(logits, pixel_pad), logits, -logits.abs())
-        out["pred_masks"] = logits
         with torch.no_grad():
-            out["pred_boxes"] = mask_to_box(logits, pixel_pad)
-        return out
+            boxes = mask_to_box(logits, pixel_pad)
+        return CMSAOutput(pred_boxes=boxes, pred_masks=logits, mask_logits=mask_logits)
 
-    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
-        w = self.cfg.train.loss
-        return mask_loss(outputs["mask_logits"], batch["mask"], ~batch["pixel_mask"], w.mask_bce_weight, w.mask_dice_weight)
-
-    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
-        return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)
-
-
-@register_model("cmsa", needs=("masks",))
-def build_cmsa(cfg: Config, vocab_size: int, pad_token_id: int) -> CMSA:
-    return CMSA(cfg, vocab_size, pad_token_id)
+    def compute_loss(self, outputs: CMSAOutput, batch: dict) -> dict[str, torch.Tensor]:
+        w = self.config
+        return mask_loss(outputs.mask_logits, batch["mask"], ~batch["pixel_mask"], w.mask_bce_weight,
+                         w.mask_dice_weight)

@@ -22,7 +22,7 @@ refvg.data.proposals) against the expression and outputs the best one's box:
 Candidate categories (`category_input`) are off by default: on RefShapes the category is the
 expression's noun, so they would hand the model the answer for many expressions.
 
-CM-Erase (training only, `model.mattnet.erase`), from the model's own attention on the sample, as
+CM-Erase (training only, the `erase` section of its config), from the model's own attention on the sample, as
 the official code: a language copy with one word replaced by [MASK], drawn from the module-weighted
 word attention, and a visual copy in which a module is drawn from the module weights and then, for
 every candidate, one of that module's items drawn from its attention is zeroed: a window of subject
@@ -34,20 +34,58 @@ instead of one dominant cue. `rule: argmax` erases the most attended item instea
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from refvg.config import Config, MAttNetConfig
+from refvg.config import _Strict
 from refvg.data.transforms import cxcywh_to_xyxy
-from refvg.models.backbones import build_text_encoder, build_visual_backbone
+from refvg.models.base import GroundingModel, GroundingOutput
 from refvg.models.registry import register_model
-from refvg.models.transvg import backbone_param_groups
 
 MODULES = ("subject", "location", "relation")
 FAR = -1e4  # the logit of a padding candidate (not -inf: a row of them must stay finite)
+
+
+class EraseConfig(_Strict):
+    """CM-Erase (Liu et al., CVPR 2019): also train on copies of each sample whose dominant
+    evidence, chosen from the model's own attention, is erased."""
+
+    # none: the ablation | language: a word of the expression -> [MASK] | visual: for every
+    # candidate, a window of subject RoI cells, a location item or a context object -> zeros, the
+    # module drawn from the module weights | both: a language AND a visual copy of every sample (the
+    # paper)
+    type: Literal["none", "language", "visual", "both"] = "both"
+    # sample: each choice (module, word, cell window, location item, context object) is a
+    # multinomial draw from its attention (the paper) | argmax: the most attended one every time
+    rule: Literal["sample", "argmax"] = "sample"
+    cell_window: int = Field(1, ge=1)  # side of the erased block of RoI cells (paper: 2 of 7x7)
+    min_words: int = Field(3, ge=1)  # shorter expressions: the language copy keeps them (paper: 3)
+    rate: float = Field(1.0, ge=0, le=1)  # fraction of samples that also train erased (paper: 1)
+
+
+class MAttNetConfig(_Strict):
+    """MAttNet-style modular matching over candidate boxes (method mattnet), with CM-Erase."""
+
+    d_model: int = Field(64, gt=0)  # width of the phrase and module embeddings
+    roi_size: int = Field(3, gt=0)  # RoI align output bins per side (the subject's attention grid)
+    roi_samples: int = Field(2, gt=0)  # bilinear samples per bin side, averaged
+    neighbours: int = Field(5, ge=0)  # location module: offsets to this many nearest candidates
+    max_contexts: int = Field(5, ge=1)  # relation module: the nearest other candidates
+    # What the candidates' categories feed. none: nothing (the output does not depend on them; on
+    # RefShapes the category is the expression's noun) | neighbours: MAttNet's use, location offsets
+    # to same-category candidates only | embedding: that, plus a category embedding added to subject
+    # and context features
+    category_input: Literal["none", "neighbours", "embedding"] = "none"
+    num_categories: int = Field(100, gt=0)  # category_input embedding: ids below this (COCO: 90)
+    rank_margin: float = Field(0.1, ge=0)  # hinge margin against mismatched expressions / images
+    rank_weight: float = Field(1.0, ge=0)  # weight of the ranking loss (cross-entropy over candidates: 1)
+    erase: EraseConfig = EraseConfig()
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -262,15 +300,49 @@ def real_words(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
     return mask
 
 
-class MAttNet(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int, pad_token_id: int):
-        super().__init__()
-        self.cfg = cfg
-        m = cfg.model
-        c: MAttNetConfig = m.mattnet
-        self.c = c
-        self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
-        self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max(64, cfg.data.max_tokens))
+@dataclass
+class ErasedCopy:
+    """One CM-Erase copy of the erased rows, scored: what its loss terms read."""
+
+    logits: torch.Tensor  # [R,K] candidate logits
+    scores: torch.Tensor  # [R,K] cosine scores
+    rank_keep: torch.Tensor  # [R] rows with a mismatched pair for the hinge term
+    neg_expression: Optional[torch.Tensor] = None  # visual copy: the erased object with another expression
+    neg_image: Optional[torch.Tensor] = None  # language copy: the erased expression with another image's object
+
+
+@dataclass
+class MAttNetOutput(GroundingOutput):
+    """pred_boxes: the best candidate's box; the candidates' scores, and the attention that decided them."""
+
+    scores: torch.Tensor = None  # [B,K] sum over modules of weight x cosine
+    logits: torch.Tensor = None  # [B,K] scaled scores, FAR on padding slots
+    valid: torch.Tensor = None  # [B,K] the candidate slots kept (trim_candidates)
+    best: torch.Tensor = None  # [B] the chosen candidate
+    word_attention: torch.Tensor = None  # [B,L] module-weighted
+    module_weights: torch.Tensor = None  # [B,3]
+    cell_attention: torch.Tensor = None  # [B,K,P*P]
+    location_attention: torch.Tensor = None  # [B,K,S]
+    context_attention: torch.Tensor = None  # [B,K,M]
+    module_scores: torch.Tensor = None  # [B,K,3]
+    # training only: the hinge terms' mismatched pairs and the erased copies
+    neg_expression: Optional[torch.Tensor] = None
+    neg_image: Optional[torch.Tensor] = None
+    rank_keep: Optional[torch.Tensor] = None
+    erased_rows: Optional[torch.Tensor] = None
+    erased_language: Optional[ErasedCopy] = None
+    erased_visual: Optional[ErasedCopy] = None
+
+
+@register_model("mattnet", config=MAttNetConfig, needs=("candidates",))
+class MAttNet(GroundingModel):
+    can_explain = True
+
+    def __init__(self, config: MAttNetConfig, *, tokenizer_dir: Optional[Path] = None, **backbones):
+        """`tokenizer_dir`: the prepared tokenizer, whose [MASK] the language erasing writes (training only)."""
+        super().__init__(config, **backbones)
+        c = config
+        self.tokenizer_dir = tokenizer_dir
         channels, d = self.visual.out_channels[-1], c.d_model
         self.language = LanguageAttention(self.text.hidden_size, d)
         embed_category = c.category_input == "embedding"
@@ -298,9 +370,16 @@ class MAttNet(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # cosine scores -> candidate logits
         self.erase_token_id: Optional[int] = None  # [MASK], looked up in the tokenizer on first use
 
+    @classmethod
+    def config_kwargs(cls, cfg) -> dict:
+        from refvg.data.prepare import prepared_path
+        from refvg.data.text import TOKENIZER_DIR
+
+        return {**super().config_kwargs(cfg), "tokenizer_dir": prepared_path(cfg) / TOKENIZER_DIR}
+
     # --- the two inputs, encoded once per sample
     def encode_visual(self, batch: dict) -> dict[str, torch.Tensor]:
-        c = self.c
+        c = self.config
         boxes = cxcywh_to_xyxy(batch["cand_boxes"].float())
         valid = batch["cand_valid"]
         fmap = self.visual(batch["image"])[-1]
@@ -375,24 +454,23 @@ class MAttNet(nn.Module):
                 "location_attention": location_attention, "context_attention": context_attention,
                 "module_scores": modules}
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict) -> MAttNetOutput:
         batch = trim_candidates(batch)
         vis = self.encode_visual(batch)
         lang = self.encode_language(batch["input_ids"], batch["attention_mask"])
-        out = self.score(vis, lang)
-        best = out["logits"].argmax(1)
+        scored = self.score(vis, lang)
+        best = scored["logits"].argmax(1)
         rows = torch.arange(len(best), device=best.device)
-        out["pred_boxes"] = batch["cand_boxes"][rows, best].float()
-        # which words and regions decided it (the attention figure; the erasing reads them too)
-        out["word_attention"] = (lang["word_attention"] * lang["weights"][..., None]).sum(1)  # [B,L]
-        out["module_weights"] = lang["weights"]
-        out["best"] = best
-        out["valid"] = vis["valid"]  # the candidate slots kept (trim_candidates)
+        out = MAttNetOutput(
+            pred_boxes=batch["cand_boxes"][rows, best].float(), **scored,
+            # which words and regions decided it (the attention figure; the erasing reads them too)
+            word_attention=(lang["word_attention"] * lang["weights"][..., None]).sum(1),
+            module_weights=lang["weights"], best=best, valid=vis["valid"])
         if self.training:
             target = batch["cand_target"]
-            out.update(self._mismatched(vis, lang, target, prefix=""))
-            if self.c.erase.type != "none" and self.c.erase.rate > 0:
-                out.update(self._erased(batch, vis, lang, out))
+            out.neg_expression, out.neg_image, out.rank_keep = self._mismatched(vis, lang, target)
+            if self.config.erase.type != "none" and self.config.erase.rate > 0:
+                self._erase(batch, vis, lang, out)
         return out
 
     @torch.no_grad()
@@ -411,7 +489,7 @@ class MAttNet(nn.Module):
             self.train(was)
         best = out["logits"].argmax(1)
         rows = torch.arange(len(best), device=best.device)
-        p = self.c.roi_size
+        p = self.config.roi_size
         cell = out["cell_attention"][rows, best].argmax(-1)
         x0, y0, x1, y1 = cxcywh_to_xyxy(batch["cand_boxes"][rows, best].float()).unbind(-1)
         cx, cy = (cell % p).float(), (cell // p).float()
@@ -423,60 +501,57 @@ class MAttNet(nn.Module):
         return {"word_attention": (lang["word_attention"] * lang["weights"][..., None]).sum(1),
                 "module_weights": lang["weights"], "best": best, "cell_box": cell_box, "context": context}
 
-    def _mismatched(self, vis: dict, lang: dict, target: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-        """Scores of each sample's target with the next sample's expression, and of the next sample's target
-        with this sample's expression (the batch rolled by one)."""
+    def _mismatched(self, vis: dict, lang: dict, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(scores of each sample's target with the next sample's expression, of the next sample's target
+        with this sample's expression (the batch rolled by one), which samples have both)."""
         rolled_lang = {k: v.roll(-1, 0) for k, v in lang.items()}
         rolled_vis = {k: v.roll(-1, 0) for k, v in vis.items()}
         rows = torch.arange(len(target), device=target.device)
         t, t_next = target.clamp_min(0), target.roll(-1, 0)
-        return {f"{prefix}neg_expression": self.score(vis, rolled_lang)["scores"][rows, t],
-                f"{prefix}neg_image": self.score(rolled_vis, lang)["scores"][rows, t_next.clamp_min(0)],
-                f"{prefix}rank_keep": (target >= 0) & (t_next >= 0) & (len(target) > 1)}
+        return (self.score(vis, rolled_lang)["scores"][rows, t],
+                self.score(rolled_vis, lang)["scores"][rows, t_next.clamp_min(0)],
+                (target >= 0) & (t_next >= 0) & (len(target) > 1))
 
-    def _erased(self, batch: dict, vis: dict, lang: dict, out: dict) -> dict[str, torch.Tensor]:
-        """The CM-Erase copies (`erased_language_*`, `erased_visual_*`) of a `rate` fraction of the
-        batch, scored, each with the mismatched pair of its hinge term."""
-        e = self.c.erase
+    def _erase(self, batch: dict, vis: dict, lang: dict, out: MAttNetOutput) -> None:
+        """Adds to `out` the CM-Erase copies (language, visual) of a `rate` fraction of the batch, scored,
+        each with the mismatched pair of its hinge term."""
+        e = self.config.erase
         b = len(batch["input_ids"])
         device = batch["input_ids"].device
         rows = (torch.rand(b, device=device) < e.rate).nonzero().squeeze(1)
         if len(rows) == 0:
-            return {}
+            return
         sub_vis = {k: v[rows] for k, v in vis.items()}
         sub_lang = {k: v[rows] for k, v in lang.items()}
         target = batch["cand_target"][rows]
         n = torch.arange(len(rows), device=device)
         t, t_next = target.clamp_min(0), target.roll(-1, 0)
-        res = {"erased_rows": rows}
+        out.erased_rows = rows
         if e.type in ("language", "both"):
             ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
             # shorter expressions enter unchanged (paper)
             long_enough = real_words(ids, mask).sum(1) >= e.min_words
-            ids = erase_words(ids, out["word_attention"][rows], long_enough, self._erase_token(),
+            ids = erase_words(ids, out.word_attention[rows], long_enough, self._erase_token(),
                               e.rule)
             lang_e = self.encode_language(ids, mask)
             scored = self.score(sub_vis, lang_e)
             rolled = {k: v.roll(-1, 0) for k, v in sub_vis.items()}
             # the paper's term for it: the erased expression with an object it does not describe
             neg_image = self.score(rolled, lang_e)["scores"][n, t_next.clamp_min(0)]
-            res |= {"erased_language_logits": scored["logits"],
-                    "erased_language_scores": scored["scores"],
-                    "erased_language_neg_image": neg_image,
-                    "erased_language_rank_keep": (target >= 0) & (t_next >= 0) & (len(rows) > 1)}
+            out.erased_language = ErasedCopy(
+                logits=scored["logits"], scores=scored["scores"], neg_image=neg_image,
+                rank_keep=(target >= 0) & (t_next >= 0) & (len(rows) > 1))
         if e.type in ("visual", "both"):
-            attention = {k: out[k][rows]
+            attention = {k: getattr(out, k)[rows]
                          for k in ("cell_attention", "location_attention", "context_attention")}
             vis_e = self.erase_visual(sub_vis, lang["weights"][rows], attention)
             scored = self.score(vis_e, sub_lang)
             rolled = {k: v.roll(-1, 0) for k, v in sub_lang.items()}
             # the paper's term for it: the erased object with an expression not describing it
             neg_expression = self.score(vis_e, rolled)["scores"][n, t]
-            res |= {"erased_visual_logits": scored["logits"],
-                    "erased_visual_scores": scored["scores"],
-                    "erased_visual_neg_expression": neg_expression,
-                    "erased_visual_rank_keep": (target >= 0) & (len(rows) > 1)}
-        return res
+            out.erased_visual = ErasedCopy(
+                logits=scored["logits"], scores=scored["scores"], neg_expression=neg_expression,
+                rank_keep=(target >= 0) & (len(rows) > 1))
 
     def erase_visual(self, vis: dict, weights: torch.Tensor,
                      attention: dict) -> dict[str, torch.Tensor]:
@@ -484,7 +559,7 @@ class MAttNet(nn.Module):
         candidate, one of that module's items chosen from its attention zeroed: a window of subject
         cells, a location item (own geometry or a neighbour's offset) or a context object
         (CM-Erase's erase_allvisual)."""
-        e = self.c.erase
+        e = self.config.erase
         module, _ = choose(weights, e.rule)
         rois = erase_cells(vis["rois"], attention["cell_attention"], module == 0, e.cell_window,
                            e.rule)
@@ -496,10 +571,12 @@ class MAttNet(nn.Module):
     def _erase_token(self) -> int:
         """[MASK] of the prepared dataset's tokenizer ([UNK] when it has none); training needs the prepared data."""
         if self.erase_token_id is None:
-            from refvg.data.prepare import prepared_path
-            from refvg.data.text import TOKENIZER_DIR, load_tokenizer
+            from refvg.data.text import load_tokenizer
 
-            tok = load_tokenizer(prepared_path(self.cfg) / TOKENIZER_DIR)
+            if self.tokenizer_dir is None:
+                raise ValueError("mattnet erases words with the prepared tokenizer's [MASK]: build it with "
+                                 "tokenizer_dir (from_config passes the prepared one) or set erase_token_id")
+            tok = load_tokenizer(self.tokenizer_dir)
             self.erase_token_id = tok.mask_token_id if tok.mask_token_id is not None else tok.unk_token_id
         return int(self.erase_token_id)
 
@@ -507,38 +584,26 @@ class MAttNet(nn.Module):
     @property
     def auxiliary_loss(self) -> bool:
         """Whether compute_loss has an "auxiliary" term (the erased copies; the trainer clips it apart)."""
-        return self.c.erase.type != "none" and self.c.erase.rate > 0
+        return self.config.erase.type != "none" and self.config.erase.rate > 0
 
     def _sample_losses(self, logits, scores, valid, target, neg_expression, neg_image, keep) -> tuple:
         ce = candidate_cross_entropy(logits, valid, target)
         pos = scores.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
-        return ce, ranking_loss(pos, neg_expression, neg_image, keep, self.c.rank_margin)
+        return ce, ranking_loss(pos, neg_expression, neg_image, keep, self.config.rank_margin)
 
-    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+    def compute_loss(self, outputs: MAttNetOutput, batch: dict) -> dict[str, torch.Tensor]:
         target = batch["cand_target"]
-        ce, rank = self._sample_losses(outputs["logits"], outputs["scores"], outputs["valid"], target,
-                                       outputs["neg_expression"], outputs["neg_image"], outputs["rank_keep"])
-        loss = ce + self.c.rank_weight * rank
+        ce, rank = self._sample_losses(outputs.logits, outputs.scores, outputs.valid, target,
+                                       outputs.neg_expression, outputs.neg_image, outputs.rank_keep)
+        loss = ce + self.config.rank_weight * rank
         erased_ce = erased_rank = loss.new_zeros(())
-        for kind in ("language", "visual"):  # each copy weighs as much as the sample (paper: 1)
-            key = f"erased_{kind}_"
-            if key + "logits" not in outputs:
+        for copy in (outputs.erased_language, outputs.erased_visual):  # each weighs as much as the sample
+            if copy is None:
                 continue
-            rows = outputs["erased_rows"]
-            c, r = self._sample_losses(
-                outputs[key + "logits"], outputs[key + "scores"], outputs["valid"][rows],
-                target[rows],
-                outputs.get(key + "neg_expression"), outputs.get(key + "neg_image"),
-                outputs[key + "rank_keep"])
+            rows = outputs.erased_rows
+            c, r = self._sample_losses(copy.logits, copy.scores, outputs.valid[rows], target[rows],
+                                       copy.neg_expression, copy.neg_image, copy.rank_keep)
             erased_ce, erased_rank = erased_ce + c, erased_rank + r
-        loss = loss + erased_ce + self.c.rank_weight * erased_rank
+        loss = loss + erased_ce + self.config.rank_weight * erased_rank
         return {"loss": loss, "ce": ce, "rank": rank, "erased_ce": erased_ce, "erased_rank": erased_rank,
-                "auxiliary": erased_ce + self.c.rank_weight * erased_rank}  # the trainer clips it apart
-
-    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
-        return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)
-
-
-@register_model("mattnet", needs=("candidates",))
-def build_mattnet(cfg: Config, vocab_size: int, pad_token_id: int) -> MAttNet:
-    return MAttNet(cfg, vocab_size, pad_token_id)
+                "auxiliary": erased_ce + self.config.rank_weight * erased_rank}  # the trainer clips it apart

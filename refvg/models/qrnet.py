@@ -22,19 +22,27 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from refvg.config import Config
+from refvg.models.layers import masked_mean
 from refvg.models.registry import register_model
-from refvg.models.transvg import TransVG
+from refvg.models.transvg import TransVG, TransVGConfig
 from refvg.models.vl import downsample_mask
 
 
-def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over the kept positions: [B,N,D], [B,N] (nonzero/True = keep) -> [B,D]. For the sentence feature
-    (the real tokens) and for pooling over real pixels (not letterbox padding)."""
-    m = keep.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1)
+class QRNetConfig(TransVGConfig):
+    """QRNet's query-modulated backbone and fusion (and TransVG's loss). Its fusion (top-down FPN +
+    QD-ATT-gated bottom-up path) reads every `model.visual.out_stages` map; the last level and one more
+    (stride x2) enter the fusion transformer as tokens of two scales."""
+
+    # Query-aware dynamic attention (channel gate then spatial gate, weights generated from the
+    # sentence) after every backbone stage and on every bottom-up merge of the fusion; false: the
+    # ablation, no QD-ATT anywhere (the visual path never sees the expression), as the paper's
+    # use_channel/use_spatial off.
+    qd_att: bool = True
+    qd_att_rank: int = Field(16, gt=0)  # k of the dynamic linear layers' generated weights (the paper's 30)
+    qd_att_reduction: int = Field(16, gt=0)  # channel gate MLP: C -> C // this (at least 1) -> C
 
 
 class DynamicLinear(nn.Module):
@@ -124,9 +132,10 @@ class QueryFPN(nn.Module):
         return [levels[-1], levels[-1][..., ::2, ::2]]
 
 
+@register_model("qrnet", config=QRNetConfig)
 class QRNet(TransVG):
     def build_neck(self) -> int:
-        q, d = self.cfg.model.qrnet, self.cfg.model.fusion.d_model
+        q, d = self.config, self.fusion_config.d_model
         stages = list(self.visual.out_stages)
         if stages != sorted(stages):
             raise ValueError(f"qrnet fuses model.visual.out_stages finest first; got {stages}")
@@ -148,7 +157,7 @@ class QRNet(TransVG):
         return d
 
     def visual_grids(self) -> list[tuple[int, int]]:
-        side = math.ceil(self.cfg.data.image_size / self.visual.strides[-1])
+        side = math.ceil(self.image_size / self.visual.strides[-1])
         return [(side, side), (math.ceil(side / 2),) * 2]
 
     @staticmethod
@@ -168,7 +177,3 @@ class QRNet(TransVG):
                 return self.qd_att[stage](fmap, query, valid)
         return self.multiscale(self.visual(batch["image"], modulate=modulate), query, pixel_mask)
 
-
-@register_model("qrnet")
-def build_qrnet(cfg: Config, vocab_size: int, pad_token_id: int) -> QRNet:
-    return QRNet(cfg, vocab_size, pad_token_id)

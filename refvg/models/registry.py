@@ -1,16 +1,14 @@
-"""Model registry: a method name in params.yaml -> the builder that makes its nn.Module, and what the model
-needs from the prepared data beyond the image, the expression and the box (e.g. target masks)."""
+"""Model registry: a model name in params.yaml -> its GroundingModel class, its family's config class (what
+a method entry's `config:` is validated by), and what it needs from the prepared data beyond the image, the
+expression and the box (e.g. target masks)."""
 from __future__ import annotations
 
 from typing import Callable, Union
 
-from torch import nn
-
-Builder = Callable[..., nn.Module]  # (cfg: Config, vocab_size: int, pad_token_id: int) -> nn.Module
-# What a model needs from the data: fixed, or decided by its run config (cfg -> needs), e.g. EpmVG needs the
-# teacher's features only while a distillation weight is non-zero.
+# What a model needs from the data: fixed, or decided by its family config (config -> needs), e.g. EpmVG
+# needs the teacher's features only while a distillation weight is non-zero.
 Needs = Union[tuple[str, ...], Callable[..., tuple[str, ...]]]
-_MODELS: dict[str, Builder] = {}
+_MODELS: dict[str, type] = {}
 _NEEDS: dict[str, Needs] = {}
 _WEAK: set[str] = set()  # weakly supervised: trained on image-sentence pairs, no target box, mask or id
 # What a model can ask the data for: "masks" and "candidates" are options of refvg.data.dataset.PreparedSplit,
@@ -18,40 +16,57 @@ _WEAK: set[str] = set()  # weakly supervised: trained on image-sentence pairs, n
 DATA_NEEDS = frozenset({"masks", "candidates", "teacher"})
 
 
-def register_model(name: str, needs: Needs = (), weak: bool = False) -> Callable[[Builder], Builder]:
-    """`needs`: data the model reads beyond image, expression and box; for a `weak` model, at evaluation only
-    (its training data carries no target at all, see refvg.data.weak)."""
+def register_model(name: str, *, config: type, needs: Needs = (),
+                   weak: bool = False) -> Callable[[type], type]:
+    """Class decorator: register a GroundingModel under `name` with its family's config class (which becomes
+    its `config_class`). `needs`: data the model reads beyond image, expression and box; for a `weak` model,
+    at evaluation only (its training data carries no target at all, see refvg.data.weak)."""
+    from refvg.models.base import GroundingModel
+
     unknown = set() if callable(needs) else set(needs) - DATA_NEEDS
     if unknown:
         raise ValueError(f"model {name!r} needs {sorted(unknown)}; the data provides {sorted(DATA_NEEDS)}")
 
-    def decorator(fn: Builder) -> Builder:
-        if name in _MODELS and _MODELS[name] is not fn:
+    def decorator(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, GroundingModel)):
+            raise TypeError(f"model {name!r}: register a GroundingModel subclass, got {cls!r}")
+        if name in _MODELS and _MODELS[name] is not cls:
             raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
-        _MODELS[name] = fn
+        cls.config_class = config
+        _MODELS[name] = cls
         _NEEDS[name] = needs if callable(needs) else frozenset(needs)
         if weak:
             _WEAK.add(name)
-        return fn
+        return cls
 
     return decorator
 
 
-def build_model(name: str, cfg, vocab_size: int, pad_token_id: int) -> nn.Module:
+def build_model(name: str, cfg, vocab_size: int, pad_token_id: int):
+    """The model `name` as run config `cfg` (`Config.for_method`) describes it."""
+    return model_class(name).from_config(cfg, vocab_size, pad_token_id)
+
+
+def model_class(name: str) -> type:
     _check(name)
-    return _MODELS[name](cfg, vocab_size, pad_token_id)
+    return _MODELS[name]
+
+
+def config_class(name: str) -> type:
+    """The family config class a method entry of model `name` is validated by."""
+    return model_class(name).config_class
 
 
 def model_needs(name: str, cfg=None) -> frozenset[str]:
     """What the model trains on besides image, expression and box, e.g. {"masks"} or {"candidates"}; `cfg`
-    (the method's run config) is required for a model whose needs depend on it."""
+    (the method's run config) is required for a model whose needs depend on its family config."""
     _check(name)
     needs = _NEEDS[name]
     if not callable(needs):
         return needs
     if cfg is None:
         raise ValueError(f"what model {name!r} needs from the data depends on its config; pass it")
-    found = frozenset(needs(cfg))
+    found = frozenset(needs(_MODELS[name].family_config(cfg)))
     if found - DATA_NEEDS:
         raise ValueError(f"model {name!r} needs {sorted(found - DATA_NEEDS)}; the data provides {sorted(DATA_NEEDS)}")
     return found

@@ -40,19 +40,79 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from refvg.config import Config, WeakCAMConfig
+from refvg.config import FusionConfig, _Strict
 from refvg.data.transforms import cxcywh_to_xyxy
-from refvg.models.backbones import build_text_encoder, build_visual_backbone
-from refvg.models.cmsa import mask_to_box, peak_component
+from refvg.losses import multi_positive_nce
+from refvg.models.base import GroundingModel, GroundingOutput
+from refvg.models.layers import mask_to_box, masked_mean, peak_component
 from refvg.models.registry import register_model
-from refvg.models.transvg import backbone_param_groups
 from refvg.models.vl import VLTransformer, downsample_mask
+
+
+class WeakCAMConfig(_Strict):
+    """Weakly supervised grounding by Grad-CAM (method weak_cam): trained on image-sentence pairs only.
+
+    The fusion transformer is `model.fusion`'s; these are the matching objective, the CAM encoder, the
+    attention-mining loss and how a box is read off the CAM at test time."""
+
+    # in-batch image-text contrastive loss (the unimodal embeddings). 0.1: at 1 its gradient dominates the
+    # clipped update and the fusion's matching loss never leaves ln 2 (docs/weak_cam.md)
+    itc_weight: float = Field(0.1, ge=0)
+    itm_weight: float = Field(1.0, ge=0)  # matching loss of the first fusion pass (positives + hard negatives)
+    cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
+    embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
+    cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
+    match_fraction: float = Field(0.25, gt=0, le=1)  # share of each batch the fusion matching + mining see
+    # The negative image of each matched expression: "random" (any other image of the batch) or "hard"
+    # (ALBEF: drawn by contrastive similarity). On RefShapes a hard negative mostly holds an object the
+    # expression also fits ("the top shape"): labelled "no match", it keeps the matcher at chance.
+    negatives: Literal["random", "hard"] = "random"
+    cam_per_cell: bool = False  # HiResCAM: weigh channels by each cell's gradient, not the map's mean (Grad-CAM)
+    contrastive_in_score: bool = False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
+    # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
+    # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
+    mining_weight: float = Field(1.0, ge=0)
+    mining_threshold: float = Field(0.5, gt=0, lt=1)
+    mining_sharpness: float = Field(10.0, gt=0)
+    mining_on: Literal["feature", "image"] = "image"  # what the soft complement masks: the visual map or the image
+    # Test time: "threshold" keeps the CAM (upsampled to the square, padding excluded) above
+    # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight box;
+    # "candidates" returns the candidate box (proposals section) with the highest CAM mass / area^p.
+    localisation: Literal["threshold", "candidates"] = "candidates"
+    box_threshold: float = Field(0.5, gt=0, lt=1)
+    candidate_area_power: float = Field(1.0, ge=0, le=1)  # 1: mean CAM in the box; 0: total CAM mass
+
+
+@dataclass
+class WeakCAMOutput(GroundingOutput):
+    """Test time: the box read off the fused CAM, and the CAMs [B,S,S] over the square."""
+
+    cam: torch.Tensor = None  # the second pass's (fused) CAM, the one the box is read from
+    first_cam: torch.Tensor = None
+    match: torch.Tensor = None  # [B] second-pass matching logits
+
+
+@dataclass
+class WeakCAMTraining:
+    """A training pass (no box is predicted): what the matching, contrastive and mining losses read."""
+
+    contrastive_logits: torch.Tensor  # [B,B] image i vs expression j
+    same_image: torch.Tensor  # bool [B,B]
+    match1: torch.Tensor  # [2b] first-pass logits of b positives then b negatives
+    match2: torch.Tensor  # the same, second pass
+    match_labels: torch.Tensor
+    match_weights: torch.Tensor
+    cam: torch.Tensor  # [b,h,w] the positives' fused CAMs (detached)
+    mined: Optional[torch.Tensor] = None  # [b] matching logits of what the CAM leaves (mining on)
 
 
 def grad_cam(score: torch.Tensor, fmap: torch.Tensor, valid: torch.Tensor | None = None,
@@ -81,7 +141,7 @@ def cam_to_square(cam: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
 
 def threshold_box(cam_sq: torch.Tensor, pad: torch.Tensor, threshold: float) -> torch.Tensor:
     """Box [B,4] (cxcywh normalised to the square) of a peak-normalised square CAM: the connected region of
-    cam >= threshold that holds the CAM's peak (refvg.models.cmsa.peak_component, the same read-out CMSA uses
+    cam >= threshold that holds the CAM's peak (refvg.models.layers.peak_component, the same read-out CMSA uses
     for its masks), as its tight box."""
     logits = cam_sq - threshold + 1e-6  # >= threshold -> positive; the peak (1) is always inside
     region = peak_component(logits, pad)
@@ -134,34 +194,30 @@ class RegionMatchHead(nn.Module):
         return logits.logsumexp(-1) - (~pad).sum(-1).float().log()
 
 
-class WeakCAM(nn.Module):
+@register_model("weak_cam", config=WeakCAMConfig, needs=("candidates",), weak=True)
+class WeakCAM(GroundingModel):
     # best.pt by a criterion that needs no box: matching accuracy on val image-sentence pairs
     select_metric = "match_acc"
 
-    def __init__(self, cfg: Config, vocab_size: int, pad_token_id: int):
-        super().__init__()
-        self.cfg = cfg
-        m = cfg.model
-        w = m.weak_cam
-        max_len = max(64, cfg.data.max_tokens)
-        self.visual = build_visual_backbone(m.visual, image_size=cfg.data.image_size)
-        self.text = build_text_encoder(m.text, vocab_size, pad_token_id, max_positions=max_len)
+    def __init__(self, config: WeakCAMConfig, *, fusion: FusionConfig, **backbones):
+        super().__init__(config, **backbones)
+        w = config
         channels = self.visual.out_channels[-1]
-        self.fusion = VLTransformer(channels, self.text.hidden_size, m.fusion, max_len)
-        self.match_head = RegionMatchHead(m.fusion.d_model)
+        self.fusion = VLTransformer(channels, self.text.hidden_size, fusion, self.text_positions)
+        self.match_head = RegionMatchHead(fusion.d_model)
         self.cam_encoder = CAMEncoder(channels, w.cam_channels)
         self.image_embed = nn.Linear(channels, w.embed_dim)
         self.text_embed = nn.Linear(self.text.hidden_size, w.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
-    @property
-    def wcfg(self) -> WeakCAMConfig:
-        return self.cfg.model.weak_cam
+    @classmethod
+    def config_kwargs(cls, cfg) -> dict:
+        return {**super().config_kwargs(cfg), "fusion": cfg.model.fusion}
 
     @property
     def auxiliary_loss(self) -> bool:
         """Whether compute_loss has an "auxiliary" term (the mining; the trainer clips its gradient apart)."""
-        return self.wcfg.mining_weight > 0
+        return self.config.mining_weight > 0
 
     def score(self, visual: torch.Tensor, pixel_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
               cam: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,7 +228,7 @@ class WeakCAM(nn.Module):
         grid = visual.shape[-2:]
         pad = downsample_mask(pixel_mask, grid).flatten(1)
         logit = self.match_head(reg, tokens[:, -grid[0] * grid[1]:], pad)
-        if self.wcfg.contrastive_in_score:
+        if self.config.contrastive_in_score:
             # The pair's cell-text similarity learns fast (the cheap contrastive loss trains it on the whole
             # batch); in the score, its Grad-CAM points at the cells that match the expression from the start.
             logit = logit + self._pair_similarity(visual, pixel_mask, text, text_mask)
@@ -185,7 +241,7 @@ class WeakCAM(nn.Module):
         backward) and the rest the fast one, which is why the second pass runs in two parts."""
         valid = ~downsample_mask(pixel_mask, visual.shape[-2:])
         s1 = self.score(visual, pixel_mask, text, text_mask)
-        cam1 = grad_cam(s1, visual, valid, per_cell=self.wcfg.cam_per_cell).detach()
+        cam1 = grad_cam(s1, visual, valid, per_cell=self.config.cam_per_cell).detach()
         s2, cam2 = [], []
         for rows in (slice(0, differentiable), slice(differentiable, None)):
             part = (visual[rows], pixel_mask[rows], text[rows], text_mask[rows])
@@ -195,18 +251,18 @@ class WeakCAM(nn.Module):
             with sdpa_kernel(SDPBackend.MATH) if keep_graph else contextlib.nullcontext():
                 s = self.score(*part, cam=cam1[rows])
                 cam2.append(grad_cam(s, part[0], valid[rows], create_graph=keep_graph,
-                                     per_cell=self.wcfg.cam_per_cell))
+                                     per_cell=self.config.cam_per_cell))
             s2.append(s)
         return s1, cam1, torch.cat(s2), torch.cat(cam2)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict) -> WeakCAMOutput | WeakCAMTraining:
         if self.training:
             return self._train_forward(batch)
         with torch.enable_grad():  # Grad-CAM needs gradients, also under the evaluator's no_grad
             return self._localise(batch)
 
     # ---------------------------------------------------------------- training: pairs, matching, mining
-    def _train_forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _train_forward(self, batch: dict) -> WeakCAMTraining:
         if "image_index" not in batch:
             raise KeyError("weak_cam trains on refvg.data.weak.WeakSplit batches (image-sentence pairs with "
                            "their image_index); this batch has none")
@@ -217,12 +273,12 @@ class WeakCAM(nn.Module):
         same = batch["image_index"][:, None] == batch["image_index"][None, :]
         # per expression: another image, uniformly ("random": zero similarities) or by similarity
         sim = logits.detach().t()
-        if self.wcfg.negatives == "random":
+        if self.config.negatives == "random":
             sim = torch.zeros_like(sim)
         neg_image, has_neg = _hard_negatives(sim, same)
         # The fusion (two passes + Grad-CAM, double backward when mining) costs most of a step: it sees the
         # first `match_fraction` of the (shuffled) batch, while the cheap contrastive loss sees all of it.
-        b = max(1, round(visual.shape[0] * self.wcfg.match_fraction))
+        b = max(1, round(visual.shape[0] * self.config.match_fraction))
         neg_image, has_neg = neg_image[:b], has_neg[:b]
         visual_all = visual
         visual, pad, words, tmask = visual[:b], pad[:b], words[:b], tmask[:b]
@@ -234,14 +290,14 @@ class WeakCAM(nn.Module):
         pw, ptm = torch.cat([words, words]), torch.cat([tmask, tmask])
         labels = torch.cat([visual.new_ones(b), visual.new_zeros(b)]).float()
         weights = torch.cat([visual.new_ones(b), has_neg.float()]).float()
-        mining = self.wcfg.mining_weight > 0
+        mining = self.config.mining_weight > 0
         # Only the positives' fused CAMs are mined, so only they need a differentiable Grad-CAM.
         s1, cam1, s2, cam2 = self.two_pass_cams(pv, ppad, pw, ptm, differentiable=b if mining else 0)
-        out = {"contrastive_logits": logits, "same_image": same, "match1": s1, "match2": s2,
-               "match_labels": labels, "match_weights": weights, "cam": cam2[:b].detach()}
+        out = WeakCAMTraining(contrastive_logits=logits, same_image=same, match1=s1, match2=s2,
+                              match_labels=labels, match_weights=weights, cam=cam2[:b].detach())
         if mining:
-            keep = 1 - torch.sigmoid((cam2[:b] - self.wcfg.mining_threshold) * self.wcfg.mining_sharpness)
-            out["mined"] = self._mined_score(batch["image"][:b], visual, keep, pad, words, tmask)
+            keep = 1 - torch.sigmoid((cam2[:b] - self.config.mining_threshold) * self.config.mining_sharpness)
+            out.mined = self._mined_score(batch["image"][:b], visual, keep, pad, words, tmask)
         return out
 
     @torch.no_grad()
@@ -262,7 +318,7 @@ class WeakCAM(nn.Module):
         ("feature"), or of the backbone's map of the image times it upsampled ("image": a zeroed feature cell
         is out of distribution for the fusion, which can call it a mismatch whatever the rest shows; a zeroed
         image patch is mean colour, which the CNN has seen, at the price of another backbone pass)."""
-        if self.wcfg.mining_on == "feature":
+        if self.config.mining_on == "feature":
             return self.score(visual * keep[:, None].to(visual.dtype), pad, words, tmask)
         up = F.interpolate(keep[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)
         return self.score(self.visual(image * up.to(image.dtype))[-1], pad, words, tmask)
@@ -287,47 +343,43 @@ class WeakCAM(nn.Module):
         """(valid cells [B,N], unit cell embeddings [B,N,E], unit expression embeddings [B,E])."""
         keep = ~downsample_mask(pad, visual.shape[-2:]).flatten(1)
         cells = F.normalize(self.image_embed(visual.flatten(2).transpose(1, 2)).float(), dim=-1)
-        m = tmask.float()[..., None]
-        txt = F.normalize(self.text_embed((words * m).sum(1) / m.sum(1).clamp_min(1)).float(), dim=-1)
+        txt = F.normalize(self.text_embed(masked_mean(words.float(), tmask)).float(), dim=-1)
         return keep, cells, txt
 
-    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
-        w = self.wcfg
-        itc = _multi_positive_nce(outputs["contrastive_logits"], outputs["same_image"])
-        weights = outputs["match_weights"]
-        itm1 = _weighted_bce(outputs["match1"], outputs["match_labels"], weights)
-        itm2 = _weighted_bce(outputs["match2"], outputs["match_labels"], weights)
+    def compute_loss(self, outputs: WeakCAMTraining, batch: dict) -> dict[str, torch.Tensor]:
+        w = self.config
+        itc = multi_positive_nce(outputs.contrastive_logits, outputs.same_image)
+        weights = outputs.match_weights
+        itm1 = _weighted_bce(outputs.match1, outputs.match_labels, weights)
+        itm2 = _weighted_bce(outputs.match2, outputs.match_labels, weights)
         losses = {"itc": itc, "itm": itm1, "itm_cam": itm2}
         total = w.itc_weight * itc + w.itm_weight * itm1 + w.cam_itm_weight * itm2
-        if "mined" in outputs:
-            losses["mining"] = F.softplus(outputs["mined"]).mean()  # -log(1 - p(match)) of what the CAM left
+        if outputs.mined is not None:
+            losses["mining"] = F.softplus(outputs.mined).mean()  # -log(1 - p(match)) of what the CAM left
             losses["auxiliary"] = w.mining_weight * losses["mining"]  # the trainer clips its gradient apart
             total = total + losses["auxiliary"]
         losses["loss"] = total
         return losses
 
     # ---------------------------------------------------------------- test: CAM -> box
-    def _localise(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _localise(self, batch: dict) -> WeakCAMOutput:
         # Detached from the backbone: only d score / d A is needed, not gradients through the CNN.
         visual = self.visual(batch["image"])[-1].detach().requires_grad_(True)
         words = self.text(batch["input_ids"], batch["attention_mask"]).detach()
         pad = batch["pixel_mask"]
         s1, cam1, s2, cam2 = self.two_pass_cams(visual, pad, words, batch["attention_mask"])
         cam_sq = cam_to_square(cam2.detach(), pad)
-        box = threshold_box(cam_sq, pad, self.wcfg.box_threshold)
-        if self.wcfg.localisation == "candidates":
+        box = threshold_box(cam_sq, pad, self.config.box_threshold)
+        if self.config.localisation == "candidates":
             if "cand_boxes" not in batch:
-                raise KeyError("model.weak_cam.localisation is 'candidates' but the batch has no cand_boxes "
+                raise KeyError("weak_cam's localisation is 'candidates' but the batch has no cand_boxes "
                                "(open the split through refvg.stages.open_split)")
-            scores = candidate_scores(cam_sq, batch["cand_boxes"], batch["cand_valid"], self.wcfg.candidate_area_power)
+            scores = candidate_scores(cam_sq, batch["cand_boxes"], batch["cand_valid"], self.config.candidate_area_power)
             best = scores.argmax(1)
             picked = batch["cand_boxes"][torch.arange(len(best), device=best.device), best].float()
             has = batch["cand_valid"].any(1)[:, None]
             box = torch.where(has, picked, box)  # an image without candidates keeps the threshold box
-        return {"pred_boxes": box, "cam": cam_sq, "first_cam": cam_to_square(cam1, pad), "match": s2.detach()}
-
-    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
-        return backbone_param_groups(self, ("visual.", "text."), lr, lr_backbone, weight_decay)
+        return WeakCAMOutput(pred_boxes=box, cam=cam_sq, first_cam=cam_to_square(cam1, pad), match=s2.detach())
 
 
 def _hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,19 +392,7 @@ def _hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor
     return torch.multinomial(weights, 1).squeeze(1), ok
 
 
-def _multi_positive_nce(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE where every pair showing the same image is a positive (target spread evenly)."""
-    target = same.float() / same.float().sum(1, keepdim=True)
-    i2t = -(target * logits.log_softmax(1)).sum(1).mean()
-    t2i = -(target.t() * logits.t().log_softmax(1)).sum(1).mean()
-    return (i2t + t2i) / 2
-
-
 def _weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
     return (loss * weights).sum() / weights.sum().clamp_min(1)
 
-
-@register_model("weak_cam", needs=("candidates",), weak=True)
-def build_weak_cam(cfg: Config, vocab_size: int, pad_token_id: int) -> WeakCAM:
-    return WeakCAM(cfg, vocab_size, pad_token_id)

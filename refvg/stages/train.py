@@ -54,7 +54,7 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
 
     return train(
         model, train_set, rcfg, checkpoint_dir(cfg, method), method=method, evaluate=evaluate,
-        select_metric=model.select_metric if weak else "acc@0.5",
+        select_metric=model.select_metric,
         on_epoch_end=on_epoch_end, data_version=data_version,
         extra_state={"model_name": mcfg.model, "language_blind": mcfg.language_blind,
                      "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"]},
