@@ -252,13 +252,14 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
             out |= {f"val/{k}": v for k, v in val.items()}
         return out
 
+    out = teacher_dir(cfg)
     history = []
     if not tcfg.pretrained:
-        history = ct.train_teacher(model, train_pairs, tcfg, device, evaluate, on_epoch_end)
+        history = ct.train_teacher(model, train_pairs, cfg, out / ct.TRAINING_DIR, evaluate, on_epoch_end,
+                                   data_fingerprint(prepared)).history
     scores = evaluate(model)
     recall = {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("val/")}
     corpus_figures |= {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("corpus/")}
-    out = teacher_dir(cfg)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -273,6 +274,8 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
                 "teacher": ct.teacher_config_summary(cfg, model), "val": recall,
                 "corpus": corpus_figures}
         write_manifest(tmp / FEATURES_DIR, meta)
+        if not tcfg.pretrained and (out / ct.TRAINING_DIR).exists():  # kept: a rerun of this run finds it done
+            shutil.move(out / ct.TRAINING_DIR, tmp / ct.TRAINING_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
