@@ -34,8 +34,8 @@ from refvg.data.dataset import collate
 from refvg.data.samplers import ResumableShuffle
 from refvg.engine import distributed, preemption
 from refvg.engine.hooks import (  # noqa: F401  (BEST, LAST, NonFiniteLossError: part of this module's interface)
-    BEST, LAST, Checkpointer, EpochReport, LoopState, NonFiniteGuard, NonFiniteLossError, Preemption, TrainResult,
-    Validation,
+    BEST, LAST, Checkpointer, EpochProgress, EpochReport, LoopState, NonFiniteGuard, NonFiniteLossError, Preemption,
+    TrainResult, Validation,
 )
 from refvg.engine.runtime import CPU_SHARE, autocast, resolve_device, seed_everything, to_device
 
@@ -135,9 +135,10 @@ def train(
     optimizer = build_optimizer(model, tcfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, tcfg.epochs * len(loader)))
     state = LoopState(
-        model, optimizer, scheduler, sampler, cfg, method, Path(out_dir), run_key(cfg, method, data_version),
-        device, local_batch, len(loader), TrainResult(checkpoint_dir=Path(out_dir), select_metric=select_metric),
-        extra_state or {}, main=distributed.is_main())
+        model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler, cfg=cfg, method=method,
+        out_dir=Path(out_dir), run_key=run_key(cfg, method, data_version), device=device, local_batch=local_batch,
+        steps_per_epoch=len(loader), result=TrainResult(checkpoint_dir=Path(out_dir), select_metric=select_metric),
+        extra_state=extra_state or {}, main=distributed.is_main())
     # In this order (refvg.engine.hooks says why)
     hooks = [NonFiniteGuard(tcfg.max_bad_steps), Validation(evaluate, select_metric),
              Checkpointer(tcfg.checkpoint_every_steps), EpochReport(on_epoch_end, select_metric), Preemption()]
@@ -177,7 +178,7 @@ def train(
             state.metrics = {f"train/{k}": v / max(seen, 1) for k, v in totals.items()}
             state.metrics |= {"train/skipped_steps": progress.skipped, "lr": scheduler.get_last_lr()[0],
                               "samples_per_second": seen / seconds, "epoch_seconds": seconds}
-            state.progress = type(progress)(bad_in_a_row=progress.bad_in_a_row)  # "in a row" spans epochs
+            state.progress = EpochProgress(bad_in_a_row=progress.bad_in_a_row)  # "in a row" spans epochs
             for hook in hooks:
                 hook.after_epoch(state)  # validation + best, checkpoints, report
         for hook in hooks:

@@ -193,7 +193,8 @@ class ContrastiveTeacher(nn.Module):
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict:
         img = batch["image_index"]
-        return {"loss": contrastive_loss(outputs["image"], outputs["text"], outputs["scale"], img[:, None] == img[None])}
+        same = img[:, None] == img[None]
+        return {"loss": contrastive_loss(outputs["image"], outputs["text"], outputs["scale"], same)}
 
     def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
