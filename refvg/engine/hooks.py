@@ -97,8 +97,8 @@ class LoopState:
     main: bool = True  # rank 0: the one process that validates, writes and reports
     epoch: int = 0  # the epoch running (0-based) = epochs done before it
     progress: EpochProgress = field(default_factory=EpochProgress)
-    batch: Optional[dict] = None  # the last step's batch and loss parts (None: the step was skipped)
-    losses: Optional[dict] = None
+    batch: Optional[dict] = None  # the last step's batch
+    losses: Optional[dict] = None  # its loss parts; None: the step was skipped (nothing updated)
     metrics: dict = field(default_factory=dict)  # the finished epoch's figures, filled by after_epoch hooks
     score: float = -math.inf  # its value of the select metric
     is_best: bool = False
@@ -126,6 +126,8 @@ class LoopState:
 
 
 class HookBase:
+    """Side work at the loop's four points; each does nothing unless a hook overrides it."""
+
     def before_train(self, state: LoopState) -> None:
         pass
 
