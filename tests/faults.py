@@ -3,6 +3,8 @@
 - `python -m tests.faults train ...`: a training process that kills itself with SIGKILL (kill -9: no handler,
   no cleanup, no flush) at a chosen point: while fetching the N-th training sample, or half-way through its
   K-th checkpoint write. Run it with `train_process`; rerun the same command to resume.
+- `python -m tests.faults teacher --kill-at-item N`: the `teacher` stage, killed the same way while
+  fetching its N-th (image, caption) pair (`teacher_process`).
   `spawn_train_process(..., term_at_item=N, started=FILE)` starts one that, while fetching its N-th
   training sample, writes FILE and waits until a SIGTERM has arrived (the test sends it), so the
   preemption lands in a known step without any timing.
@@ -43,6 +45,21 @@ def _kill_at_item(n: int) -> None:
         return fetch(self, i)
 
     PreparedSplit.__getitem__ = getitem
+
+
+def _kill_at_caption_pair(n: int) -> None:
+    """The teacher's training: SIGKILL while fetching its n-th (image, caption) pair."""
+    from refvg.models.clip_teacher import CaptionPairs
+
+    fetch, fetched = CaptionPairs.__getitem__, [0]
+
+    def getitem(self, i):
+        fetched[0] += 1
+        if fetched[0] == n:
+            _die()
+        return fetch(self, i)
+
+    CaptionPairs.__getitem__ = getitem
 
 
 def _kill_in_write(k: int) -> None:
@@ -129,6 +146,27 @@ def _train_main(args) -> None:
     result = stages.train_method(load_config("params.yaml"), args.method)
     print(json.dumps({"resumed_from_epoch": result.resumed_from_epoch, "resumed_from_step": result.resumed_from_step,
                       "best_epoch": result.best_epoch, "best_score": result.best_score}))
+
+
+def teacher_process(workdir: Path, kill_at_item: int = 0, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The `teacher` stage in a fresh Python process in `workdir`, optionally SIGKILLed while fetching
+    its `kill_at_item`-th training pair; prints its final figures as JSON."""
+    cmd = [sys.executable, "-m", "tests.faults", "teacher", "--kill-at-item", str(kill_at_item)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _teacher_main(args) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.kill_at_item:
+        _kill_at_caption_pair(args.kill_at_item)
+    from refvg import stages
+    from refvg.config import load_config
+
+    result = stages.teacher(load_config("params.yaml"))
+    print(json.dumps({"corpus": result["corpus"], "val": result["val"], "history": result["history"]}))
 
 
 def log_process(workdir: Path, stage: str, steps: int, env: dict) -> subprocess.Popen:
@@ -299,11 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--term-at-item", type=int, default=0,
                    help="at this training sample, write --started and wait for a SIGTERM")
     p.add_argument("--started", default="", help="the file --term-at-item writes")
+    p = sub.add_parser("teacher", help="the teacher stage in this folder, optionally killing itself")
+    p.add_argument("--kill-at-item", type=int, default=0, help="SIGKILL while fetching this training pair (1-based)")
     p = sub.add_parser("log", help="a stage that only logs to MLflow")
     p.add_argument("--stage", required=True)
     p.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
-    (_train_main if args.command == "train" else _log_main)(args)
+    {"train": _train_main, "teacher": _teacher_main, "log": _log_main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The training loop, in one place: AdamW, warmup + cosine/step schedule, grad clipping, bf16 autocast on
-CUDA, per-epoch validation, atomic checkpoints with optimizer/scheduler/RNG state, and resume. Under
-`torchrun` the same loop runs data-parallel (refvg.engine.distributed).
+CUDA, the non-finite step skip. Everything else a run does is a hook (refvg.engine.hooks): resume and
+atomic checkpoints with optimizer/scheduler/RNG state, per-epoch validation and best.pt, the per-epoch
+report, preemption. Under `torchrun` the same loop runs data-parallel (refvg.engine.distributed).
 
 Crash safety: last.pt is written at every epoch end and every `train.checkpoint_every_steps` steps, with
 everything that decides the rest of the run (weights, optimizer, schedule, RNG states, the position in the
@@ -21,7 +22,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,40 +33,16 @@ from refvg.config import Config, TrainConfig
 from refvg.data.dataset import collate
 from refvg.data.samplers import ResumableShuffle
 from refvg.engine import distributed, preemption
-from refvg.engine.checkpoint import (
-    CheckpointError, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint, set_rng_state,
+from refvg.engine.hooks import (  # noqa: F401  (BEST, LAST, NonFiniteLossError: part of this module's interface)
+    BEST, LAST, Checkpointer, EpochProgress, EpochReport, LoopState, NonFiniteGuard, NonFiniteLossError, Preemption,
+    TrainResult, Validation,
 )
 from refvg.engine.runtime import CPU_SHARE, autocast, resolve_device, seed_everything, to_device
 
 log = logging.getLogger(__name__)
-LAST, BEST = "last.pt", "best.pt"
-RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "progress", "epoch", "history", "best_score",
-               "best_epoch")
 # Knobs that decide how a run is checkpointed, guarded or reported, not what it computes: changing them must
 # not throw a run's progress away.
 RESUME_NEUTRAL = {"train": ("checkpoint_every_steps", "max_bad_steps"), "tracking": None}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many steps in a row had a NaN/inf loss or gradient; the last good state is in last.pt."""
-
-
-@dataclass
-class TrainResult:
-    history: list[dict] = field(default_factory=list)
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    select_metric: str = "acc@0.5"  # the val metric best_score is of (weak methods: a box-free one)
-    checkpoint_dir: Optional[Path] = None
-    samples_per_second: float = 0.0
-    compute_seconds: float = 0.0  # forward/backward/step and validation: the work, not the orchestration
-    resumed_from_epoch: int = 0
-    resumed_from_step: int = 0  # steps into that epoch (0: resumed at an epoch boundary)
-    skipped_steps: int = 0  # steps without an update because the loss or gradient was not finite
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return Path(self.checkpoint_dir) / BEST
 
 
 def lr_lambda(tcfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -90,19 +66,6 @@ def lr_lambda(tcfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = model.param_groups(tcfg.lr, tcfg.lr_backbone, tcfg.weight_decay)
     return torch.optim.AdamW(groups, lr=tcfg.lr, fused=device.type == "cuda")
-
-
-@dataclass
-class _EpochProgress:
-    """What the current epoch has done so far; checkpointed mid-epoch, so a resumed epoch reports the same
-    figures as an uninterrupted one."""
-
-    step: int = 0  # batches consumed, skipped ones included
-    seen: int = 0
-    loss_sum: float = 0.0
-    parts_sum: dict = field(default_factory=dict)
-    skipped: int = 0
-    bad_in_a_row: int = 0
 
 
 def run_key(cfg: Config, method: str, data_version: str = "") -> str:
@@ -145,17 +108,15 @@ def train(
     extra_state: Optional[dict] = None,
     data_version: str = "",
 ) -> TrainResult:
-    """Train `model` on `train_set` for `cfg.train.epochs`; `evaluate(model)` scores it after each epoch and
+    """Train `model` (a module with compute_loss(outputs, batch) and param_groups(lr, lr_backbone,
+    weight_decay)) on `train_set` for `cfg.train.epochs`; `evaluate(model)` scores it after each epoch and
     the best epoch by `select_metric` is kept as best.pt. Resumes from out_dir/last.pt when it belongs to the
     same run (same method, config, code and `data_version`), mid-epoch included. `on_epoch_end(metrics,
     epoch)` is called after each epoch and, on resume, once for each epoch restored from the checkpoint, so a
     tracker attached to the new process still gets the whole history."""
     tcfg = cfg.train
-    out_dir = Path(out_dir)
     device = distributed.setup(resolve_device(tcfg.device))  # under torchrun: join the group, this rank's GPU
-    main = distributed.is_main()  # only rank 0 logs, validates and writes checkpoints
     seed_everything(tcfg.seed)
-    CPU_SHARE.enter()  # its share of the cores while other trainings run beside it (until the end)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -171,106 +132,63 @@ def train(
         collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=tcfg.num_workers > 0, generator=torch.Generator().manual_seed(tcfg.seed),
     )
-    steps_per_epoch = len(loader)
-    total_steps = tcfg.epochs * steps_per_epoch
     optimizer = build_optimizer(model, tcfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
-    key = run_key(cfg, method, data_version)
-    result = TrainResult(checkpoint_dir=out_dir, select_metric=select_metric)
-    for leftover in remove_partial_writes(out_dir) if main else ():
-        log.warning("removed %s, a checkpoint write cut short by a crash (the previous checkpoint is intact)", leftover)
-    start_epoch, progress = _maybe_resume(out_dir / LAST, key, model, optimizer, scheduler, sampler, result)
-    for h in result.history:
-        on_epoch_end({k: v for k, v in h.items() if k != "epoch"}, h["epoch"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, tcfg.epochs * len(loader)))
+    state = LoopState(
+        model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler, cfg=cfg, method=method,
+        out_dir=Path(out_dir), run_key=run_key(cfg, method, data_version), device=device, local_batch=local_batch,
+        steps_per_epoch=len(loader), result=TrainResult(checkpoint_dir=Path(out_dir), select_metric=select_metric),
+        extra_state=extra_state or {}, main=distributed.is_main())
+    # In this order (refvg.engine.hooks says why)
+    hooks = [NonFiniteGuard(tcfg.max_bad_steps), Validation(evaluate, select_metric),
+             Checkpointer(tcfg.checkpoint_every_steps), EpochReport(on_epoch_end, select_metric), Preemption()]
+    result = state.result
 
-    def resume_state(epochs_done: int, progress: _EpochProgress) -> dict:
-        state = _state(model, optimizer, scheduler, epochs_done, key, result, cfg, method, extra_state)
-        state["position"] = sampler.position(min(progress.step * local_batch, len(sampler.epoch_share)))
-        state["progress"] = vars(progress).copy()
-        return state
+    CPU_SHARE.enter()  # its share of the cores while other trainings run beside it
+    try:
+        for hook in hooks:
+            hook.before_train(state)  # resume (state.epoch, state.progress), then replay the history
+        for epoch in range(state.epoch, tcfg.epochs):
+            state.epoch = epoch
+            model.train()
+            progress, t0 = state.progress, time.perf_counter()
+            # disable=None: a live bar on a terminal, nothing in logs (the per-epoch line is logged anyway)
+            bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{tcfg.epochs}", leave=False,
+                       dynamic_ncols=True, disable=None if state.main else True, mininterval=1.0)
+            for batch in bar:
+                progress.step += 1
+                CPU_SHARE.refresh()
+                state.batch = batch
+                state.losses = _train_step(model, step_model, to_device(batch, device), optimizer, scheduler,
+                                           tcfg, device)  # None: skipped, nothing updated
+                if state.losses is not None:
+                    n = batch["image"].shape[0]  # weakly supervised batches carry no box
+                    progress.seen += n
+                    progress.loss_sum += state.losses["loss"] * n
+                    for k, v in state.losses.items():
+                        progress.parts_sum[k] = progress.parts_sum.get(k, 0.0) + v * n
+                    bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
+                                    sps=f"{progress.seen / (time.perf_counter() - t0):.0f}")
+                for hook in hooks:
+                    hook.after_step(state)
 
-    def save_last(epochs_done: int, progress: _EpochProgress) -> None:
-        if main:
-            save_checkpoint(resume_state(epochs_done, progress), out_dir / LAST)
-
-    for epoch in range(start_epoch, tcfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        # disable=None: a live bar on a terminal, nothing in logs (the per-epoch line below is logged anyway)
-        bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=None if main else True, mininterval=1.0)
-        for batch in bar:
-            progress.step += 1
-            CPU_SHARE.refresh()
-            losses = _train_step(model, step_model, to_device(batch, device), optimizer, scheduler, tcfg, device)
-            if losses is None:
-                _count_bad_step(progress, result, batch, epoch, tcfg, method, out_dir, save_last)
-            else:
-                progress.bad_in_a_row = 0
-                n = batch["image"].shape[0]  # weakly supervised batches carry no box
-                progress.seen += n
-                progress.loss_sum += losses["loss"] * n
-                for k, v in losses.items():
-                    progress.parts_sum[k] = progress.parts_sum.get(k, 0.0) + v * n
-                bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
-                                sps=f"{progress.seen / (time.perf_counter() - t0):.0f}")
-            global_step = epoch * steps_per_epoch + progress.step
-            if tcfg.checkpoint_every_steps and global_step % tcfg.checkpoint_every_steps == 0 \
-                    and progress.step < steps_per_epoch:
-                save_last(epoch, progress)
-            if _preempted(device):  # every rank stops at the same step
-                save_last(epoch, progress)
-                raise _stopped(method, epoch, progress.step, out_dir)
-        totals = distributed.sum_over_ranks({"seen": progress.seen, **progress.parts_sum}, device)
-        seen = totals.pop("seen")
-        train_seconds = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        val = distributed.from_main(evaluate(model) if main else None)
-        val_seconds = time.perf_counter() - t1
-        result.compute_seconds += train_seconds + val_seconds
-        metrics = {f"train/{k}": v / max(seen, 1) for k, v in totals.items()}
-        metrics["train/skipped_steps"] = progress.skipped
-        metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
-        metrics.update({
-            "lr": scheduler.get_last_lr()[0], "samples_per_second": seen / train_seconds,
-            "epoch_seconds": train_seconds + val_seconds,
-        })
-        result.history.append({"epoch": epoch + 1, **metrics})
-        score = float(val.get(select_metric, -math.inf))
-        is_best = score > result.best_score
-        if is_best:
-            result.best_score, result.best_epoch = score, epoch + 1
-        progress = _EpochProgress(bad_in_a_row=progress.bad_in_a_row)  # "in a row" spans epochs
-        if not main:
-            continue
-        state = resume_state(epoch + 1, progress)
-        if is_best:  # before last.pt: the resume point must never record a best epoch that is not on disk
-            save_checkpoint({k: v for k, v in state.items() if k not in _RESUME_ONLY}, out_dir / BEST)
-        save_checkpoint(state, out_dir / LAST)
-        log.info("%s epoch %d/%d loss %.4f val %s=%.4f (%.0f samples/s)", method, epoch + 1, tcfg.epochs,
-                 metrics.get("train/loss", float("nan")), select_metric, score, metrics["samples_per_second"])
-        on_epoch_end(metrics, epoch + 1)
+            totals = distributed.sum_over_ranks({"seen": progress.seen, **progress.parts_sum}, device)
+            seen, seconds = totals.pop("seen"), time.perf_counter() - t0
+            result.compute_seconds += seconds
+            state.metrics = {f"train/{k}": v / max(seen, 1) for k, v in totals.items()}
+            state.metrics |= {"train/skipped_steps": progress.skipped, "lr": scheduler.get_last_lr()[0],
+                              "samples_per_second": seen / seconds, "epoch_seconds": seconds}
+            state.progress = EpochProgress(bad_in_a_row=progress.bad_in_a_row)  # "in a row" spans epochs
+            for hook in hooks:
+                hook.after_epoch(state)  # validation + best, checkpoints, report
+        for hook in hooks:
+            hook.after_train(state)
+    finally:
+        CPU_SHARE.leave()
 
     trained = [h["samples_per_second"] for h in result.history[result.resumed_from_epoch:]]
     result.samples_per_second = sum(trained) / len(trained) if trained else 0.0
-    CPU_SHARE.leave()
     return result
-
-
-def _preempted(device) -> bool:
-    return not distributed.all_ranks(not preemption.requested(), device)
-
-
-def _stopped(method: str, epoch: int, step: int, out_dir: Path) -> preemption.Preempted:
-    message = (f"{method}: SIGTERM: stopped in epoch {epoch + 1} after step {step} with a "
-               f"resumable checkpoint in {out_dir / LAST}; run the same command again to resume "
-               f"(exit code {preemption.PREEMPTED_EXIT_CODE})")
-    log.warning("%s", message)
-    return preemption.Preempted(message)
-
-
-_RESUME_ONLY = ("optimizer", "scheduler", "rng", "position", "progress")  # best.pt is for inference
 
 
 def _train_step(model, step_model, batch, optimizer, scheduler, tcfg: TrainConfig, device) -> Optional[dict]:
@@ -347,63 +265,3 @@ def _backward_clipped(losses: dict, model, max_norm: float, per_term: bool, aver
         if g is not None:
             p.grad = g if p.grad is None else p.grad.add_(g)
     return main_norm + aux_norm
-
-
-def _count_bad_step(progress: _EpochProgress, result: TrainResult, batch: dict, epoch: int, tcfg: TrainConfig,
-                    method: str, out_dir: Path, save_last: Callable) -> None:
-    progress.skipped += 1
-    progress.bad_in_a_row += 1
-    result.skipped_steps += 1
-    rows = batch["index"].tolist()
-    log.warning("%s epoch %d step %d: loss or gradient not finite; step skipped (%d in a row, %d this run; "
-                "batch rows %s)", method, epoch + 1, progress.step, progress.bad_in_a_row, result.skipped_steps,
-                _short(rows))
-    if progress.bad_in_a_row >= tcfg.max_bad_steps:
-        save_last(epoch, progress)  # nothing was updated by the bad steps: this is the last good state
-        raise NonFiniteLossError(
-            f"{method}: the loss or gradient was not finite for {progress.bad_in_a_row} steps in a row "
-            f"(train.max_bad_steps={tcfg.max_bad_steps}), the last at epoch {epoch + 1} step {progress.step} "
-            f"(batch rows {_short(rows)}). "
-            f"Stopped; the last good state is in {out_dir / LAST} (lower train.lr, or check those samples).")
-
-
-def _short(rows: list[int], limit: int = 8) -> str:
-    return str(rows[:limit])[:-1] + (", ...]" if len(rows) > limit else "]")
-
-
-def _state(model, optimizer, scheduler, epoch, key, result, cfg, method, extra_state) -> dict:
-    return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": rng_state(), "epoch": epoch, "run_key": key, "method": method,
-        "config": cfg.model_dump(mode="json"), "history": result.history,
-        "best_score": result.best_score, "best_epoch": result.best_epoch, **(extra_state or {}),
-    }
-
-
-def _maybe_resume(path: Path, key: str, model, optimizer, scheduler, sampler: ResumableShuffle,
-                  result: TrainResult) -> tuple[int, _EpochProgress]:
-    """(epoch to start, that epoch's progress so far)."""
-    if not path.exists():
-        return 0, _EpochProgress()
-    try:
-        state = load_checkpoint(path)
-        if state.get("run_key") != key:
-            log.warning("%s belongs to another run (config, method or code changed); starting from scratch", path)
-            return 0, _EpochProgress()
-        missing = [k for k in RESUME_KEYS if k not in state]
-        if missing:
-            raise CheckpointError(f"{path}: has the run's key but not {', '.join(missing)}")
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}; cannot resume from it. Move it away to train from scratch.") from None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    sampler.restore(state["position"])  # the same batches, from the same place in the epoch
-    result.history = list(state["history"])
-    result.best_score, result.best_epoch = state["best_score"], state["best_epoch"]
-    progress = _EpochProgress(**state["progress"])
-    result.resumed_from_epoch, result.resumed_from_step = state["epoch"], progress.step
-    result.skipped_steps = sum(h.get("train/skipped_steps", 0) for h in result.history) + progress.skipped
-    log.info("resumed %s after %d epochs and %d steps", path, state["epoch"], result.resumed_from_step)
-    return state["epoch"], progress

@@ -20,13 +20,13 @@ pooling; ours ends with [SEP]).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPConfig, CLIPModel
 
@@ -34,10 +34,15 @@ from refvg.config import Config, TeacherConfig
 from refvg.data.captions import CorpusPairs
 from refvg.data.dataset import PreparedSplit, collate
 from refvg.losses import multi_positive_nce
+from refvg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from refvg.engine.checkpoint import load_checkpoint
+from refvg.engine.trainer import TrainResult, train
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RECALL_AT = (1, 5)
+SELECT_METRIC = "corpus/text_recall@1"  # best.pt: the epoch whose captions find their held-out images best
+TRAINING_DIR = "training"  # under teacher.out_dir: the trainer's last.pt / best.pt (resume after a kill)
 
 
 def build_teacher(tcfg: TeacherConfig, image_size: int, max_tokens: int, tokenizer) -> CLIPModel:
@@ -68,7 +73,11 @@ def input_size(model: CLIPModel) -> int:
 
 def teacher_pixels(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [B,S,S,3] letterboxed images -> float [B,3,size,size], CLIP-normalised."""
-    x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    return _clip_normalised(images_uint8.permute(0, 3, 1, 2).float().div_(255.0), size)
+
+
+def _clip_normalised(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float [B,3,S,S] in [0, 1] -> resized to [B,3,size,size], CLIP-normalised."""
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -145,48 +154,83 @@ def _batches(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) ->
                       generator=torch.Generator().manual_seed(seed))
 
 
-def train_teacher(model: CLIPModel, pairs: CorpusPairs, tcfg: TeacherConfig, device: torch.device,
-                  evaluate: Callable[[CLIPModel], dict], on_epoch_end: Callable[[dict, int], None]) -> list[dict]:
-    """InfoNCE of the caption corpus's images vs their captions (captions of one image are all
-    positives), AdamW with linear warmup then cosine decay; `evaluate(model)` after every epoch.
-    Returns the per-epoch metrics. The corpus has no box and no grounding image: the teacher never
-    sees the grounding labels."""
-    model.to(device).train()
-    generator = torch.Generator().manual_seed(tcfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    steps_per_epoch = math.ceil(len(pairs) / tcfg.batch_size)
-    total = tcfg.epochs * steps_per_epoch
-    warmup = min(tcfg.warmup_steps, total - 1)
+class CaptionPairs(Dataset):
+    """The caption corpus as the trainer reads it: item i is image i with one of its captions, drawn at
+    random at each read (an epoch shows every image once). The draw uses torch's global generator, whose
+    state the trainer checkpoints, so a resumed run draws the captions the uninterrupted one drew; hence
+    the teacher trains without DataLoader workers (each would draw from a generator of its own)."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    def __init__(self, pairs: CorpusPairs):
+        self.pairs = pairs
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    size = input_size(model)
-    history = []
-    for epoch in range(1, tcfg.epochs + 1):
-        loss_sum, seen = 0.0, 0
-        for batch in pairs.batches(tcfg.batch_size, generator):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            scale = model.logit_scale.exp().clamp(max=100)
-            text = encode_texts(model, batch["input_ids"], batch["attention_mask"])
-            image, _ = encode_images(model, teacher_pixels(batch["image"], size))
-            img = batch["image_index"]
-            loss = contrastive_loss(image, text, scale, img[:, None] == img[None])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(img)
-            loss_sum += float(loss.detach()) * len(img)
-        metrics = {"train/loss": loss_sum / max(seen, 1), **evaluate(model),
-                   "lr": scheduler.get_last_lr()[0]}
-        history.append({"epoch": epoch, **metrics})
-        on_epoch_end(metrics, epoch)
-        model.train()
-    return history
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        rows = torch.tensor([i])
+        caption = torch.randint(self.pairs.input_ids.shape[1], (1,))
+        return {k: v[0] for k, v in self.pairs.batch(rows, caption).items()} | {"index": rows[0]}
+
+
+class ContrastiveTeacher(nn.Module):
+    """A CLIPModel as refvg.engine.trainer trains a model: forward(batch) embeds the batch's images and
+    captions, compute_loss is the multi-positive InfoNCE (captions of one image are all positives)."""
+
+    auxiliary_loss = False  # one loss term: clipped as a whole
+
+    def __init__(self, clip: CLIPModel):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, batch: dict) -> dict:
+        # The trainer hands every model ImageNet-normalised images (runtime.to_device); CLIP has its own
+        # statistics.
+        mean = torch.tensor(IMAGENET_MEAN, device=batch["image"].device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=batch["image"].device).view(1, 3, 1, 1)
+        pixels = _clip_normalised(batch["image"] * std + mean, input_size(self.clip))
+        return {"image": encode_images(self.clip, pixels)[0],
+                "text": encode_texts(self.clip, batch["input_ids"], batch["attention_mask"]),
+                "scale": self.clip.logit_scale.exp().clamp(max=100)}
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict:
+        img = batch["image_index"]
+        same = img[:, None] == img[None]
+        return {"loss": contrastive_loss(outputs["image"], outputs["text"], outputs["scale"], same)}
+
+    def param_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
+
+
+def teacher_run(cfg: Config) -> Config:
+    """`cfg` with `train` replaced by the teacher's contrastive training: its own epochs, batch, AdamW
+    settings, warmup + cosine and seed from `teacher:`; how to run (device, amp, compile, grad_clip,
+    checkpointing, the non-finite guard) from `train:`."""
+    t = cfg.teacher
+    train = cfg.train.model_copy(update={
+        "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "lr_backbone": t.lr,
+        "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps, "schedule": "cosine", "seed": t.seed,
+        "num_workers": 0,  # see CaptionPairs
+    })
+    return cfg.model_copy(update={"train": train})
+
+
+def train_teacher(model: CLIPModel, pairs: CorpusPairs, cfg: Config, out_dir: Path,
+                  evaluate: Callable[[CLIPModel], dict], on_epoch_end: Callable[[dict, int], None],
+                  data_version: str = "") -> TrainResult:
+    """InfoNCE of the caption corpus's images vs their captions through refvg.engine.trainer.train (resume
+    from out_dir/last.pt, the non-finite guard, AMP, DDP); `evaluate(model)` after every epoch, whose
+    `SELECT_METRIC` picks best.pt. Returns with `model` holding the best epoch's weights; the history's
+    and `on_epoch_end`'s metrics carry evaluate's own names. The corpus has no box and no grounding
+    image: the teacher never sees the grounding labels."""
+    own_names = lambda metrics: {k.removeprefix("val/"): v for k, v in metrics.items()}  # noqa: E731
+    wrapped = ContrastiveTeacher(model)
+    result = train(wrapped, CaptionPairs(pairs), teacher_run(cfg), out_dir, method="teacher",
+                   evaluate=lambda m: evaluate(m.clip), select_metric=SELECT_METRIC,
+                   on_epoch_end=lambda metrics, epoch: on_epoch_end(own_names(metrics), epoch),
+                   data_version=data_version)
+    wrapped.load_state_dict(load_checkpoint(result.best_checkpoint)["model"])
+    result.history = [own_names(h) for h in result.history]
+    return result
 
 
 @torch.no_grad()

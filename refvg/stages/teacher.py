@@ -24,6 +24,7 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
         FEATURES_DIR, MODEL_DIR, data_fingerprint, write_features, write_manifest,
     )
     from refvg.data.text import load_tokenizer
+    from refvg.engine.distributed import env_rank
     from refvg.engine.runtime import resolve_device, seed_everything
     from refvg.models import clip_teacher as ct
 
@@ -72,13 +73,17 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
             out |= {f"val/{k}": v for k, v in val.items()}
         return out
 
+    out = teacher_dir(cfg)
     history = []
     if not tcfg.pretrained:
-        history = ct.train_teacher(model, train_pairs, tcfg, device, evaluate, on_epoch_end)
+        history = ct.train_teacher(model, train_pairs, cfg, out / ct.TRAINING_DIR, evaluate, on_epoch_end,
+                                   data_fingerprint(prepared)).history
+    if env_rank() != 0:  # under torchrun the other ranks share the training; rank 0 writes the teacher
+        return {"out_dir": str(out), "features": {}, "val": {}, "corpus": {}, "history": history,
+                "seconds": time.perf_counter() - t0}
     scores = evaluate(model)
     recall = {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("val/")}
     corpus_figures |= {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("corpus/")}
-    out = teacher_dir(cfg)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -93,6 +98,8 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
                 "teacher": ct.teacher_config_summary(cfg, model), "val": recall,
                 "corpus": corpus_figures}
         write_manifest(tmp / FEATURES_DIR, meta)
+        if not tcfg.pretrained and (out / ct.TRAINING_DIR).exists():  # kept: a rerun of this run finds it done
+            shutil.move(out / ct.TRAINING_DIR, tmp / ct.TRAINING_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
