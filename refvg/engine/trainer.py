@@ -36,15 +36,13 @@ from refvg.engine import distributed, preemption
 from refvg.engine.checkpoint import (
     CheckpointError, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint, set_rng_state,
 )
+from refvg.engine.fingerprint import RESUME_NEUTRAL, run_code_digest
 from refvg.engine.runtime import CPU_SHARE, autocast, resolve_device, seed_everything, to_device
 
 log = logging.getLogger(__name__)
 LAST, BEST = "last.pt", "best.pt"
 RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "progress", "epoch", "history", "best_score",
                "best_epoch")
-# Knobs that decide how a run is checkpointed, guarded or reported, not what it computes: changing them must
-# not throw a run's progress away.
-RESUME_NEUTRAL = {"train": ("checkpoint_every_steps", "max_bad_steps"), "tracking": None}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,9 +104,10 @@ class _EpochProgress:
 
 
 def run_key(cfg: Config, method: str, data_version: str = "") -> str:
-    """Identifies what a checkpoint was trained for (method, config, library code, data); resume only
-    continues a run with the same key. Code and data are part of it because DVC keeps the checkpoint folder
-    between runs: a changed model or dataset must not pick up weights trained on the old one."""
+    """Identifies what a checkpoint was trained for (method, config, the library code its training runs, data);
+    resume only continues a run with the same key. Code and data are part of it because DVC keeps the
+    checkpoint folder between runs: a changed model or dataset must not pick up weights trained on the old one.
+    Knobs in RESUME_NEUTRAL do not change what a run computes, so they do not throw its progress away."""
     dumped = cfg.model_dump(mode="json")
     for section, keys in RESUME_NEUTRAL.items():
         if keys is None:
@@ -116,19 +115,9 @@ def run_key(cfg: Config, method: str, data_version: str = "") -> str:
         else:
             for k in keys:
                 dumped[section].pop(k, None)
-    blob = json.dumps({"method": method, "cfg": dumped, "code": code_fingerprint(), "data": data_version},
+    blob = json.dumps({"method": method, "cfg": dumped, "code": run_code_digest(cfg, method), "data": data_version},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def code_fingerprint() -> str:
-    """Hash of the refvg package's Python sources."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 @preemption.stops_on_sigterm
