@@ -70,7 +70,6 @@ def recorded_repo(tmp_path: Path) -> tuple[Path, dict]:
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     sh(["git", "init", "-q"], repo, env)
     dvc(["init", "-q"], repo, env)
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")  # __pycache__ is no dependency
     dvc(["config", "core.analytics", "false"], repo, env)
     dvc(["repro", "resolve"], repo, env)
     placeholders_for_every_stage(repo)
