@@ -2,6 +2,7 @@
 method's training reads, and with nothing else; it is rewritten only when it changes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -63,8 +64,7 @@ def test_training_sources_are_the_model_and_what_training_imports():
     for other in ("refvg/visualize.py", "refvg/reporting.py", "refvg/models/clip_teacher.py",
                   "refvg/data/synthetic.py", "refvg/models/__init__.py", "refvg/tracking.py"):
         assert other not in cmsa, other
-    assert cmsa["refvg/models/cmsa.py"] == __import__("hashlib").sha256(
-        (ROOT / "refvg/models/cmsa.py").read_bytes()).hexdigest()[:16]
+    assert cmsa["refvg/models/cmsa.py"] == hashlib.sha256((ROOT / "refvg/models/cmsa.py").read_bytes()).hexdigest()[:16]
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         training_sources("nope")
 
