@@ -68,6 +68,7 @@ def project_copy(repo: Path, **params) -> Path:
     for item in ("refvg", "flows"):
         shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")  # (`dvc init` keeps it)
     write_params(repo, **params)
     return repo
 

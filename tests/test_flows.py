@@ -101,3 +101,32 @@ def test_unreachable_tracking_store_does_not_stop_training(in_tiny, prefect_api,
     calls = json.loads(saved.read_text())["pending"]
     assert {m[0] for c in calls if c["kind"] == "metrics" for m in c["metrics"]} >= {"val/acc_at_0.5", "train/loss"}
     assert any(p[0] == "train.lr" for c in calls if c["kind"] == "params" for p in c["params"])
+
+
+def test_pipeline_runs_the_stages_of_dvc_yaml_in_dvc_repro_order(tmp_path):
+    """flows/pipeline.py keeps no list of its own: its plan is dvc.yaml's stages for the params it is given."""
+    import shutil
+
+    import yaml
+
+    from flows.pipeline import DVC_YAML, STAGE_FUNCTIONS, stage_call, stage_plan
+    from tests.conftest import write_params
+
+    params = write_params(tmp_path, methods={"a": {"model": "transvg"}, "b": {"model": "cmsa"}},
+                          distill_methods={"d": {"model": "epmvg"}})
+    plan = [name for name, _ in stage_plan(str(params))]
+    stages = yaml.safe_load(DVC_YAML.read_text())["stages"]
+    expanded = {f"{g}@{m}" for g, s in stages.items() if "foreach" in s
+                for m in (["a", "b"] if s["foreach"] == "${methods}" else ["d"])}
+    assert set(plan) == {g for g, s in stages.items() if "foreach" not in s} | expanded
+    for before, after in [("generate", "prepare"), ("prepare", "train@a"), ("resolve", "train@b"),
+                          ("detections", "train@a"), ("teacher", "train_distill@d"), ("train@a", "evaluate@a"),
+                          ("evaluate@b", "report"), ("evaluate_distill@d", "report")]:
+        assert plan.index(before) < plan.index(after), (before, after)
+    assert [stage_call(n, c) for n, c in stage_plan(str(params)) if n.endswith("@b")] == [
+        ("flows.train", {"method": "b"}), ("flows.evaluate", {"method": "b"})]
+    assert all(stage_call(n, c)[0] in STAGE_FUNCTIONS for n, c in stage_plan(str(params)))
+
+    other = tmp_path / "other.yaml"  # any params file name
+    shutil.move(params, other)
+    assert [name for name, _ in stage_plan(str(other))] == plan

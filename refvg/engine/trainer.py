@@ -37,12 +37,10 @@ from refvg.engine.hooks import (  # noqa: F401  (BEST, LAST, NonFiniteLossError:
     BEST, LAST, Checkpointer, EpochProgress, EpochReport, LoopState, NonFiniteGuard, NonFiniteLossError, Preemption,
     TrainResult, Validation,
 )
+from refvg.engine.fingerprint import RESUME_NEUTRAL, run_code_digest
 from refvg.engine.runtime import CPU_SHARE, autocast, resolve_device, seed_everything, to_device
 
 log = logging.getLogger(__name__)
-# Knobs that decide how a run is checkpointed, guarded or reported, not what it computes: changing them must
-# not throw a run's progress away.
-RESUME_NEUTRAL = {"train": ("checkpoint_every_steps", "max_bad_steps"), "tracking": None}
 
 
 def lr_lambda(tcfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -69,9 +67,10 @@ def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.dev
 
 
 def run_key(cfg: Config, method: str, data_version: str = "") -> str:
-    """Identifies what a checkpoint was trained for (method, config, library code, data); resume only
-    continues a run with the same key. Code and data are part of it because DVC keeps the checkpoint folder
-    between runs: a changed model or dataset must not pick up weights trained on the old one."""
+    """Identifies what a checkpoint was trained for (method, config, the library code its training runs, data);
+    resume only continues a run with the same key. Code and data are part of it because DVC keeps the
+    checkpoint folder between runs: a changed model or dataset must not pick up weights trained on the old one.
+    Knobs in RESUME_NEUTRAL do not change what a run computes, so they do not throw its progress away."""
     dumped = cfg.model_dump(mode="json")
     for section, keys in RESUME_NEUTRAL.items():
         if keys is None:
@@ -79,19 +78,9 @@ def run_key(cfg: Config, method: str, data_version: str = "") -> str:
         else:
             for k in keys:
                 dumped[section].pop(k, None)
-    blob = json.dumps({"method": method, "cfg": dumped, "code": code_fingerprint(), "data": data_version},
+    blob = json.dumps({"method": method, "cfg": dumped, "code": run_code_digest(cfg, method), "data": data_version},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def code_fingerprint() -> str:
-    """Hash of the refvg package's Python sources."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 @preemption.stops_on_sigterm
