@@ -59,3 +59,18 @@ def test_switched_off(tmp_path, monkeypatch):
     monkeypatch.setenv("REFVG_CPU_SHARE", "0")
     share = CpuShare(tmp_path).enter()
     assert share.file is None and not list(tmp_path.glob("slot-*"))
+
+
+def test_its_per_user_folder_is_closed_to_others(tmp_path, monkeypatch):
+    """The slots' parent is the stage worker's per-user folder too: made open to others, the worker refused it
+    and every later stage ran in-process."""
+    import stat
+
+    monkeypatch.delenv("REFVG_CPU_SHARE", raising=False)
+    share = CpuShare(tmp_path / "refvg-user" / "cpu-slots")
+    try:
+        share.enter()
+        for folder in (tmp_path / "refvg-user", tmp_path / "refvg-user" / "cpu-slots"):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    finally:
+        share.leave()

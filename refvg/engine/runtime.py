@@ -79,7 +79,10 @@ class CpuShare:
     def enter(self) -> "CpuShare":
         if fcntl is None or self.file is not None or _off(os.environ.get("REFVG_CPU_SHARE", "")):
             return self
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkdir(parents=True) gives the missing parents the default mode: the per-user folder it makes is
+        # also the stage worker's, which refuses a folder others can enter (flows.launcher).
+        for folder in (self.folder.parent, self.folder):
+            folder.mkdir(mode=0o700, exist_ok=True)
         for i in range(4096):
             f = open(self.folder / f"slot-{i}.lock", "a")
             try:
