@@ -190,8 +190,11 @@ def train(
         return state
 
     def save_last(epochs_done: int, progress: _EpochProgress) -> None:
+        # Every rank calls it (where is decided alike on all ranks) and hands over its own running sums of
+        # the epoch: rank 0's alone would stand in for every rank's in a resumed epoch's figures.
+        shares = distributed.gather(vars(progress).copy())
         if main:
-            save_checkpoint(resume_state(epochs_done, progress), out_dir / LAST)
+            save_checkpoint({**resume_state(epochs_done, progress), "rank_progress": shares}, out_dir / LAST)
 
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
@@ -256,6 +259,22 @@ def train(
     result.samples_per_second = sum(trained) / len(trained) if trained else 0.0
     CPU_SHARE.leave()
     return result
+
+
+def _rank_share(shares: list[dict]) -> dict:
+    """This rank's progress in the checkpointed epoch: its own share when the checkpoint has one per rank;
+    else (another world size, or an epoch boundary: one share) rank 0 carries all the running sums and the
+    others none, so the epoch's totals stay right."""
+    if len(shares) == distributed.world_size():
+        return shares[distributed.rank()]
+    share = dict(shares[0], seen=0, loss_sum=0.0, parts_sum={})
+    if distributed.is_main():
+        for s in shares:
+            share["seen"] += s["seen"]
+            share["loss_sum"] += s["loss_sum"]
+            for k, v in s["parts_sum"].items():
+                share["parts_sum"][k] = share["parts_sum"].get(k, 0.0) + v
+    return share
 
 
 def _preempted(device) -> bool:
@@ -402,7 +421,7 @@ def _maybe_resume(path: Path, key: str, model, optimizer, scheduler, sampler: Re
     sampler.restore(state["position"])  # the same batches, from the same place in the epoch
     result.history = list(state["history"])
     result.best_score, result.best_epoch = state["best_score"], state["best_epoch"]
-    progress = _EpochProgress(**state["progress"])
+    progress = _EpochProgress(**_rank_share(state.get("rank_progress") or [state["progress"]]))
     result.resumed_from_epoch, result.resumed_from_step = state["epoch"], progress.step
     result.skipped_steps = sum(h.get("train/skipped_steps", 0) for h in result.history) + progress.skipped
     log.info("resumed %s after %d epochs and %d steps", path, state["epoch"], result.resumed_from_step)
