@@ -151,6 +151,7 @@ def test_kill_9_in_a_dvc_repro_stage_then_dvc_repro_again(tmp_path, prefect_api)
 
     done = sh("dvc", "repro", "train@transvg")
     assert "Running stage 'train@transvg'" in done.stdout and "Running stage 'prepare'" not in done.stdout
+    assert "after 0 epochs and 4 steps" in done.stderr, done.stderr[-3000:]  # DVC kept last.pt (persist)
     last_stage = json.loads((repo / ".refvg/timings.jsonl").read_text().splitlines()[-1])
     assert last_stage["args"]["method"] == "transvg" and last_stage["via_worker"], last_stage  # a worker's child
 
