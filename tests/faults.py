@@ -131,9 +131,9 @@ def _around_validation(kill_in: int, kill_after_write: int) -> None:
                 _die()
         return save_
 
-    # Every module of the engine imported first, so a name bound in any of them is found below.
-    for info in pkgutil.iter_modules(refvg.engine.__path__):
-        importlib.import_module(f"refvg.engine.{info.name}")
+    # Every module of the engine (subpackages included) imported first, so a name bound in any is found below.
+    for info in pkgutil.walk_packages(refvg.engine.__path__, "refvg.engine."):
+        importlib.import_module(info.name)
     _rebind(trainer, "train", train_watching)
     _rebind(checkpoint, "save_checkpoint", save_then_die)
 
