@@ -138,8 +138,9 @@ def kill_and_resume(base: Path) -> None:
         lost = differences(reference, load_checkpoint(ckpt / LAST)) + (not consistent)
         record("kill -9 between best.pt and last.pt", killed.returncode == -signal.SIGKILL and done.returncode == 0
                and lost == 0, lost,
-               f"killed after epoch 1's first end write: on disk {on_disk} (epochs done), last.pt's best epoch "
-               f"{recorded} {'on disk' if consistent else 'MISSING'}; rerun resumed, bitwise equal end")
+               f"killed after epoch 1's first end write: epochs done per file {on_disk}, last.pt names "
+               f"{f'best epoch {recorded}' if recorded >= 1 else 'no best epoch'}"
+               f"{'' if consistent else ', which best.pt does not hold'}; rerun resumed, bitwise equal end")
 
         shutil.rmtree(ckpt)
         killed = train_process(folder, kill_in_validation=2)  # epoch 2's validation
