@@ -2,10 +2,11 @@
 injected, recovered (the run ended in its designed safe state: resumed or completed, or stopped / refused
 with the input named), and data lost (must be 0).
 
-    python benchmarks/faults.py            # ~5-10 min on 2 CPU cores (several small trainings, 2 MLflow server starts)
+    python benchmarks/faults.py            # ~5-8 min on 2 CPU cores (several small trainings, 2 MLflow server starts)
 
 Data lost, per fault: training — tensors and per-epoch results that differ from an uninterrupted run with the
-same seed (bitwise); non-finite steps — good steps whose update is missing, epochs missing from the history,
+same seed (bitwise), plus 1 if a kill between the epoch end's two writes left last.pt naming a best epoch
+best.pt does not hold; non-finite steps — good steps whose update is missing, epochs missing from the history,
 non-finite tensors, and (divergence) tensors of last.pt that differ from the clean run's state after the same
 good steps; inputs — good records dropped besides the bad one; refused files (pickle, checkpoint, params) —
 files of the folder changed or removed by the attempt, and messages that do not name the file or key they
@@ -127,6 +128,29 @@ def kill_and_resume(base: Path) -> None:
                and done.returncode == 0 and lost == 0, lost,
                f"killed writing last.pt at the end of epoch 1: half-written temp left, last.pt intact (epoch "
                f"{at['epoch'] + 1} step {at['progress']['step']}), resumed, bitwise equal end")
+
+        shutil.rmtree(ckpt)
+        killed = train_process(folder, kill_after_validation_write=1)  # between epoch 1's two end writes
+        on_disk = {name: load_checkpoint(ckpt / name)["epoch"] for name in (LAST, BEST) if (ckpt / name).exists()}
+        recorded = load_checkpoint(ckpt / LAST)["best_epoch"]
+        consistent = recorded < 1 or on_disk.get(BEST) == recorded  # no best epoch named that best.pt lacks
+        done = train_process(folder)
+        lost = differences(reference, load_checkpoint(ckpt / LAST)) + (not consistent)
+        record("kill -9 between best.pt and last.pt", killed.returncode == -signal.SIGKILL and done.returncode == 0
+               and lost == 0, lost,
+               f"killed after epoch 1's first end write: epochs done per file {on_disk}, last.pt names "
+               f"{f'best epoch {recorded}' if recorded >= 1 else 'no best epoch'}"
+               f"{'' if consistent else ', which best.pt does not hold'}; rerun resumed, bitwise equal end")
+
+        shutil.rmtree(ckpt)
+        killed = train_process(folder, kill_in_validation=2)  # epoch 2's validation
+        at = load_checkpoint(ckpt / LAST)
+        done = train_process(folder)
+        lost = differences(reference, load_checkpoint(ckpt / LAST))
+        record("kill -9 during validation", killed.returncode == -signal.SIGKILL and done.returncode == 0
+               and lost == 0, lost,
+               f"killed in epoch 2's validation: resumed at epoch {at['epoch'] + 1} step {at['progress']['step']}, "
+               f"the epoch finished and validated again, bitwise equal end")
 
 
 def non_finite(base: Path) -> None:

@@ -289,7 +289,8 @@ class _Remote:
             return 1
         status = json.loads(line)["status"]
         if status < 0:  # killed by a signal: die the same way, so DVC reports what happened
-            signal.signal(-status, signal.SIG_DFL)
+            if -status != signal.SIGKILL:  # (SIGKILL has no handler to reset)
+                signal.signal(-status, signal.SIG_DFL)
             os.kill(os.getpid(), -status)
             return 128 - status
         return status

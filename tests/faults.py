@@ -1,21 +1,28 @@
 """Fault injectors shared by the tests and `benchmarks/faults.py`.
 
-- `python -m tests.faults train ...`: a training process that kills itself with SIGKILL (kill -9: no handler,
-  no cleanup, no flush) at a chosen point: while fetching the N-th training sample, or half-way through its
-  K-th checkpoint write. Run it with `train_process`; rerun the same command to resume.
+- `inject(...)`: the one place faults enter a training process (see there). `python -m tests.faults train
+  --faults JSON` is a training process with them: killing itself with SIGKILL (kill -9: no handler, no
+  cleanup, no flush) while fetching the N-th training sample, half-way through its K-th checkpoint write,
+  inside its N-th validation, or between the two checkpoint writes of an epoch's end. Run it with
+  `train_process` (or `torchrun_train_process`); rerun the same command to resume.
 - `python -m tests.faults teacher --kill-at-item N`: the `teacher` stage, killed the same way while
   fetching its N-th (image, caption) pair (`teacher_process`).
   `spawn_train_process(..., term_at_item=N, started=FILE)` starts one that, while fetching its N-th
   training sample, writes FILE and waits until a SIGTERM has arrived (the test sends it), so the
-  preemption lands in a known step without any timing.
+  preemption lands in a known step without any timing. `sitecustomize_dir` + FAULTS_ENV bring the same
+  faults into the training of a `dvc repro` stage.
 - `MlflowServer`: a real `mlflow server` process on loopback that a test can kill and start again.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import importlib.abc
 import io
 import json
 import os
+import pkgutil
 import signal
 import socket
 import subprocess
@@ -28,20 +35,52 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FAULTS_ENV = "REFVG_TEST_FAULTS"  # JSON of `inject`'s arguments, for a process started by another tool (DVC)
+
+
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _kill_at_item(n: int) -> None:
+def inject(kill_at_item: int = 0, kill_in_write: int = 0, kill_in_validation: int = 0,
+           kill_after_validation_write: int = 0, term_at_item: int = 0, started: str = "") -> None:
+    """Install faults into this (training) process: the one place they enter, through public seams only:
+    the training split's `PreparedSplit.__getitem__`, `torch.save`, the `evaluate` callable handed to
+    `refvg.engine.trainer.train`, and `refvg.engine.checkpoint.save_checkpoint` rebound wherever it was
+    imported by name. Counts are 1-based and per process (under torchrun: per rank).
+
+    kill_at_item: SIGKILL while fetching the N-th training sample.
+    kill_in_write: the K-th `torch.save` writes half its bytes, fsyncs them, then SIGKILL.
+    kill_in_validation: SIGKILL inside the N-th validation, once it has computed its scores and before the
+      trainer sees them.
+    kill_after_validation_write: after the N-th validation, SIGKILL right after the first checkpoint write
+      that follows (whichever file it is): between the two writes of that epoch's end.
+    term_at_item: at the N-th training sample, write the pid to `started` and wait for a SIGTERM (the test
+      sends it), so the preemption lands in a known step without any timing.
+    """
+    if kill_at_item or term_at_item:
+        _on_train_item(kill_at_item, term_at_item, Path(started) if started else None)
+    if kill_in_write:
+        _half_write(kill_in_write)
+    if kill_in_validation or kill_after_validation_write:
+        _around_validation(kill_in_validation, kill_after_validation_write)
+
+
+def _on_train_item(kill_at: int, term_at: int, started: Optional[Path]) -> None:
     from refvg.data.dataset import PreparedSplit
+    from refvg.engine import preemption
 
     fetch, fetched = PreparedSplit.__getitem__, [0]
 
     def getitem(self, i):
         if self.split == "train":
             fetched[0] += 1
-            if fetched[0] == n:
+            if fetched[0] == kill_at:
                 _die()
+            if fetched[0] == term_at:
+                started.write_text(str(os.getpid()))
+                while not preemption.requested():  # the handler runs between these short waits
+                    preemption._requested.wait(0.05)
         return fetch(self, i)
 
     PreparedSplit.__getitem__ = getitem
@@ -62,8 +101,7 @@ def _kill_at_caption_pair(n: int) -> None:
     CaptionPairs.__getitem__ = getitem
 
 
-def _kill_in_write(k: int) -> None:
-    """The k-th checkpoint write stops half-way through its bytes, then the process dies."""
+def _half_write(k: int) -> None:
     import torch
 
     save, writes = torch.save, [0]
@@ -82,29 +120,104 @@ def _kill_in_write(k: int) -> None:
     torch.save = half_save
 
 
-def _wait_for_sigterm_at_item(n: int, started: Path) -> None:
-    from refvg.data.dataset import PreparedSplit
-    from refvg.engine import preemption
+def _around_validation(kill_in: int, kill_after_write: int) -> None:
+    import refvg.engine
+    from refvg.engine import checkpoint, trainer
 
-    fetch, fetched = PreparedSplit.__getitem__, [0]
+    validations, armed = [0], [False]
 
-    def getitem(self, i):
-        if self.split == "train":
-            fetched[0] += 1
-            if fetched[0] == n:
-                started.write_text(str(os.getpid()))
-                while not preemption.requested():  # the handler runs between these short waits
-                    preemption._requested.wait(0.05)
-        return fetch(self, i)
+    def watch(evaluate):
+        def evaluated(model):
+            scores = evaluate(model)
+            validations[0] += 1
+            if validations[0] == kill_in:
+                _die()
+            armed[0] = validations[0] == kill_after_write
+            return scores
+        return evaluated
 
-    PreparedSplit.__getitem__ = getitem
+    def train_watching(train):
+        def train_(*args, evaluate, **kwargs):
+            return train(*args, evaluate=watch(evaluate), **kwargs)
+        return train_
+
+    def save_then_die(save):
+        def save_(state, path, *args, **kwargs):
+            save(state, path, *args, **kwargs)
+            if armed[0]:
+                _die()
+        return save_
+
+    # Every module of the engine (subpackages included) imported first, so a name bound in any is found below.
+    for info in pkgutil.walk_packages(refvg.engine.__path__, "refvg.engine."):
+        importlib.import_module(info.name)
+    _rebind(trainer, "train", train_watching)
+    _rebind(checkpoint, "save_checkpoint", save_then_die)
+
+
+def _rebind(home, name: str, wrap: Callable) -> None:
+    """Replace `home.name` by `wrap(it)` there and in every loaded refvg module that imported it by name."""
+    original = getattr(home, name)
+    wrapped = functools.wraps(original)(wrap(original))
+    for module_name, module in list(sys.modules.items()):
+        if module_name.split(".")[0] == "refvg" and getattr(module, name, None) is original:
+            setattr(module, name, wrapped)
+
+
+class _InjectOnImport(importlib.abc.MetaPathFinder):
+    """Calls `inject(**json of FAULTS_ENV)` each time `refvg.stages` is (re)imported in a process whose
+    environment has FAULTS_ENV at that moment. Installed at interpreter start (`sitecustomize_dir`), it
+    reaches the training in a DVC stage: in a stage worker's child, which imports the stage code fresh
+    with the environment of the process DVC started."""
+
+    TRIGGER = "refvg.stages"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.TRIGGER or not os.environ.get(FAULTS_ENV):
+            return None
+        for finder in sys.meta_path:
+            found = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(fullname, path, target)
+            if found is not None:
+                break
+        else:
+            return None
+        exec_module = found.loader.exec_module
+
+        def exec_then_inject(module):
+            exec_module(module)
+            inject(**json.loads(os.environ[FAULTS_ENV]))
+
+        found.loader.exec_module = exec_then_inject
+        return found
+
+
+def install_on_import() -> None:
+    if not any(isinstance(f, _InjectOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _InjectOnImport())
+
+
+def sitecustomize_dir(folder: Path) -> Path:
+    """A folder for PYTHONPATH whose sitecustomize.py installs `_InjectOnImport` in every Python process
+    started with it (DVC's stage processes, the stage worker and its children); FAULTS_ENV in a process's
+    environment then says which faults its training gets."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Loaded by its path, under its own name: sys.path stays the process's own, and a `tests` package of
+    # site-packages cannot stand in for this one.
+    (folder / "sitecustomize.py").write_text(
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('refvg_test_faults', {__file__!r})\n"
+        "faults = sys.modules['refvg_test_faults'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(faults)\n"
+        "faults.install_on_import()\n")
+    return folder
 
 
 def _train_cmd(method: str, kill_at_item: int = 0, kill_in_write: int = 0, term_at_item: int = 0,
-               started: Optional[Path] = None) -> tuple[list[str], dict]:
-    cmd = [sys.executable, "-m", "tests.faults", "train", "--method", method,
-           "--kill-at-item", str(kill_at_item), "--kill-in-write", str(kill_in_write),
-           "--term-at-item", str(term_at_item), "--started", str(started or "")]
+               started: Optional[Path] = None, **faults: int) -> tuple[list[str], dict]:
+    faults = {"kill_at_item": kill_at_item, "kill_in_write": kill_in_write, "term_at_item": term_at_item,
+              "started": str(started or ""), **faults}
+    cmd = [sys.executable, "-m", "tests.faults", "train", "--method", method, "--faults", json.dumps(faults)]
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     return cmd, {**os.environ, "PYTHONPATH": pythonpath}
 
@@ -124,22 +237,26 @@ def spawn_train_process(workdir: Path, log: Path, method: str = "transvg", term_
 
 
 def train_process(workdir: Path, method: str = "transvg", kill_at_item: int = 0, kill_in_write: int = 0,
-                  timeout: float = 600) -> subprocess.CompletedProcess:
-    """`refvg train` in a fresh Python process in `workdir`, optionally killed as described above."""
-    cmd, env = _train_cmd(method, kill_at_item, kill_in_write)
+                  timeout: float = 600, **faults: int) -> subprocess.CompletedProcess:
+    """`refvg train` in a fresh Python process in `workdir`, optionally with the faults of `inject`."""
+    cmd, env = _train_cmd(method, kill_at_item, kill_in_write, **faults)
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_train_process(workdir: Path, nproc: int = 2, method: str = "transvg", timeout: float = 600,
+                           **faults: int) -> subprocess.CompletedProcess:
+    """The same under `torchrun --standalone` with `nproc` CPU ranks (gloo), each rank with the faults."""
+    cmd, env = _train_cmd(method, **faults)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    return subprocess.run(cmd, cwd=workdir, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _train_main(args) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.kill_at_item:
-        _kill_at_item(args.kill_at_item)
-    if args.kill_in_write:
-        _kill_in_write(args.kill_in_write)
-    if args.term_at_item:
-        _wait_for_sigterm_at_item(args.term_at_item, Path(args.started))
+    inject(**json.loads(args.faults))
     from refvg import stages
     from refvg.config import load_config
 
@@ -204,7 +321,7 @@ def poison_loss(model, bad_calls: set[int], where: str = "loss") -> None:
             if where == "loss":
                 losses["loss"] = losses["loss"] * float("nan")
             else:
-                losses["loss"] = losses["loss"] + torch.sqrt(outputs.pred_boxes.sum() * 0)
+                losses["loss"] = losses["loss"] + torch.sqrt(outputs["pred_boxes"].sum() * 0)
         return losses
 
     model.compute_loss = poisoned
@@ -332,11 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="refvg train in this folder, optionally killing itself")
     p.add_argument("--method", default="transvg")
-    p.add_argument("--kill-at-item", type=int, default=0, help="SIGKILL while fetching this training sample (1-based)")
-    p.add_argument("--kill-in-write", type=int, default=0, help="SIGKILL half-way through this checkpoint write")
-    p.add_argument("--term-at-item", type=int, default=0,
-                   help="at this training sample, write --started and wait for a SIGTERM")
-    p.add_argument("--started", default="", help="the file --term-at-item writes")
+    p.add_argument("--faults", default="{}", help="JSON of inject()'s arguments")
     p = sub.add_parser("teacher", help="the teacher stage in this folder, optionally killing itself")
     p.add_argument("--kill-at-item", type=int, default=0, help="SIGKILL while fetching this training pair (1-based)")
     p = sub.add_parser("log", help="a stage that only logs to MLflow")

@@ -126,6 +126,15 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def gather(obj) -> list:
+    """`obj` of every rank, in rank order, on every rank ([obj] without a group)."""
+    if not is_active():
+        return [obj]
+    objs = [None] * world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def from_main(obj):
     """`obj` as rank 0 has it, on every rank (e.g. the validation metrics only rank 0 computed)."""
     if not is_active():

@@ -120,9 +120,12 @@ class LoopState:
         }
 
     def save_last(self) -> None:
-        """last.pt mid-epoch (rank 0 writes; the others hold the same state)."""
+        """last.pt mid-epoch (rank 0 writes). Every rank calls it (the points are decided alike on all
+        ranks) and hands over its own running sums of the epoch: rank 0's alone would stand in for every
+        rank's in a resumed epoch's figures."""
+        shares = distributed.gather(vars(self.progress).copy())
         if self.main:
-            save_checkpoint(self.resume_state(self.epoch), self.out_dir / LAST)
+            save_checkpoint({**self.resume_state(self.epoch), "rank_progress": shares}, self.out_dir / LAST)
 
 
 class HookBase:
@@ -190,10 +193,27 @@ def _maybe_resume(path: Path, state: LoopState) -> None:
     result = state.result
     result.history = list(ckpt["history"])
     result.best_score, result.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
-    state.epoch, state.progress = ckpt["epoch"], EpochProgress(**ckpt["progress"])
+    state.epoch = ckpt["epoch"]
+    state.progress = EpochProgress(**_rank_share(ckpt.get("rank_progress") or [ckpt["progress"]]))
     result.resumed_from_epoch, result.resumed_from_step = state.epoch, state.progress.step
     result.skipped_steps = sum(h.get("train/skipped_steps", 0) for h in result.history) + state.progress.skipped
     log.info("resumed %s after %d epochs and %d steps", path, state.epoch, result.resumed_from_step)
+
+
+def _rank_share(shares: list[dict]) -> dict:
+    """This rank's progress in the checkpointed epoch: its own share when the checkpoint has one per rank;
+    else (another world size, or an epoch boundary: one share) rank 0 carries all the running sums and the
+    others none, so the epoch's totals stay right."""
+    if len(shares) == distributed.world_size():
+        return shares[distributed.rank()]
+    share = dict(shares[0], seen=0, loss_sum=0.0, parts_sum={})
+    if distributed.is_main():
+        for s in shares:
+            share["seen"] += s["seen"]
+            share["loss_sum"] += s["loss_sum"]
+            for k, v in s["parts_sum"].items():
+                share["parts_sum"][k] = share["parts_sum"].get(k, 0.0) + v
+    return share
 
 
 class NonFiniteGuard(HookBase):
