@@ -321,7 +321,7 @@ def poison_loss(model, bad_calls: set[int], where: str = "loss") -> None:
             if where == "loss":
                 losses["loss"] = losses["loss"] * float("nan")
             else:
-                losses["loss"] = losses["loss"] + torch.sqrt(outputs["pred_boxes"].sum() * 0)
+                losses["loss"] = losses["loss"] + torch.sqrt(outputs.pred_boxes.sum() * 0)
         return losses
 
     model.compute_loss = poisoned
