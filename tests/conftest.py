@@ -11,67 +11,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
-import yaml  # noqa: E402
 
 from refvg.tracking import disable_telemetry  # noqa: E402
+from tests.helpers import S3_CREDENTIALS, write_params  # noqa: E402
 
 disable_telemetry()
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# Small enough that a whole pipeline runs in seconds per stage on 2 CPU cores, same code paths as the default.
-TINY = {
-    "synthetic": {"num_images": 48, "image_size": 64, "seed": 0},
-    "data": {"image_size": 64},
-    "model": {
-        "visual": {"hidden_sizes": [16, 32, 64], "depths": [1, 1, 1]},
-        "text": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "vocab_size": 200},
-        "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128},
-    },
-    "train": {"epochs": 2, "batch_size": 16, "warmup_steps": 2},
-    "eval": {"num_qualitative": 4},
-    "methods": {"transvg": {"model": "transvg"}, "transvg_blind": {"model": "transvg", "language_blind": True}},
-}
-
-
-def tiny_params(**overrides) -> dict:
-    """A complete params.yaml content (every key, as DVC needs) for the tiny setup."""
-    from refvg.config import Config, _deep_merge
-
-    raw = _deep_merge(Config().model_dump(mode="json"), _deep_merge(TINY, overrides))
-    raw["methods"] = overrides.get("methods", TINY["methods"])
-    return Config.model_validate(raw).model_dump(mode="json")
-
-
-def write_params(folder: Path, **overrides) -> Path:
-    path = Path(folder) / "params.yaml"
-    path.write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
-    return path
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def project_copy(repo: Path, **params) -> Path:
-    """A folder holding the project as DVC runs it (the code, dvc.yaml, a tiny params.yaml): what the tests
-    turn into a git + DVC repository."""
-    import shutil
-
-    repo.mkdir(parents=True)
-    for item in ("refvg", "flows"):
-        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")  # (`dvc init` keeps it)
-    write_params(repo, **params)
-    return repo
-
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory) -> Path:
@@ -99,28 +45,6 @@ def in_tiny(tiny_workdir, tmp_path, monkeypatch) -> Path:
     (tmp_path / "params.yaml").write_text((tiny_workdir / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def untrained_checkpoint(cfg, folder: Path, model_name: str = "transvg") -> Path:
-    """A checkpoint folder (best.pt + tokenizer) of an untrained model, for tests about loading, moving or
-    drawing a model rather than about its accuracy (a real training run costs seconds)."""
-    import shutil
-
-    from refvg.data.dataset import read_manifest
-    from refvg.data.prepare import prepared_path
-    from refvg.engine.checkpoint import save_checkpoint
-    from refvg.engine.runtime import seed_everything
-    from refvg.models import build_model
-
-    manifest = read_manifest(prepared_path(cfg))
-    seed_everything(0)
-    model = build_model(model_name, cfg, manifest["vocab_size"], manifest["pad_token_id"])
-    ckpt = Path(folder) / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "model_name": model_name,
-                     "language_blind": False, "vocab_size": manifest["vocab_size"],
-                     "pad_token_id": manifest["pad_token_id"], "best_epoch": 0}, ckpt)
-    shutil.copytree(prepared_path(cfg) / "tokenizer", Path(folder) / "tokenizer", dirs_exist_ok=True)
-    return ckpt
 
 
 @pytest.fixture(scope="session")
@@ -159,8 +83,6 @@ def stage_worker_dir():
         stop_workers(folder)
         patch.undo()
         shutil.rmtree(folder, ignore_errors=True)
-# Fake but recognisable: the tests grep logs, params, tags and files for them.
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAREFVGTESTKEY4242", "AWS_SECRET_ACCESS_KEY": "refvgTestSecret/MustNeverBeLogged+42"}
 
 
 def _free_port() -> int:

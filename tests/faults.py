@@ -338,7 +338,7 @@ def small_training(folder: Path, **overrides):
     from refvg.data.dataset import PreparedSplit, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.models import build_model
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     train = {"epochs": 2, "batch_size": 4, **overrides.pop("train", {})}
     cfg = load_config(write_params(folder, train=train, **overrides))
