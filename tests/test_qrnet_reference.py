@@ -116,7 +116,7 @@ def test_masked_max_pooling_gradient_is_amaxs_with_ties_and_padding():
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 12, 5, generator=g)
-    x[0, 2:6] = 2.5  # a flat region: tied maxima share the gradient evenly
+    x[0, 2:6] = 5.0  # a flat region: tied maxima share the gradient evenly
     x[1, 9:] = 9.0  # the largest values lie on padding: not the max, no gradient
     valid = torch.ones(3, 12, dtype=torch.bool)
     valid[1, 9:] = False
