@@ -17,8 +17,8 @@ at strides 32 and 64).
 `--ab GIT_REF`: refvg as of GIT_REF and this tree's refvg imported side by side in ONE process, one model
 each with the same weights (the ref's state dict loaded strictly into this tree's model), their outputs and
 gradients compared, then fp32 eager training steps alternating A B B A ... so a busy machine's load falls on
-both alike; prints the median step time of each, the ratio, and each one's share of a matmul peak measured
-between the steps.
+both alike; prints the median step time of each (wall, and the process's CPU time, which a loaded machine
+inflates far less), the ratios, and each one's share of a matmul peak measured between the steps.
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def ab_in_process(model_name: str, ref: str, args) -> None:
                         if not p.any():
                             p.copy_(0.02 * torch.randn(p.shape, generator=g))
             arms[label] = {"model": model, "opt": build_optimizer(model, cfg.train, device),
-                           "data": to_device(synthetic_batch(cfg, args.batch), device), "times": []}
+                           "data": to_device(synthetic_batch(cfg, args.batch), device), "times": [], "cpu": []}
 
     def forward_backward(arm):
         m, data = arm["model"], arm["data"]
@@ -285,24 +285,27 @@ def ab_in_process(model_name: str, ref: str, args) -> None:
     for i in range(args.pairs + 1):
         for label in ((ref, "this tree") if i % 2 == 0 else ("this tree", ref)):
             arm = arms[label]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             forward_backward(arm)
             arm["opt"].step()
             if i:  # the first pair warms up
                 arm["times"].append(time.perf_counter() - t0)
+                arm["cpu"].append(time.process_time() - c0)
         peaks.append(matmul_peak_flops(device, repeats=1))
     peak = max(peaks)
     print(f"train step, {args.image_size}x{args.image_size}, batch {args.batch}, {torch.get_num_threads()} "
           f"threads, {flops / 1e9:.2f} GFLOP/step; median of {args.pairs} alternating steps per arm; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)}, measured between the pairs)")
-    print(f"{'model':<9}{'code':<14}{'s/step':>8}{'samples/s':>11}{'GFLOP/s':>9}{'% of peak':>11}")
+    print(f"{'model':<9}{'code':<14}{'s/step':>8}{'samples/s':>11}{'GFLOP/s':>9}{'% of peak':>11}"
+          f"{'CPU s/step':>12}")
     for label, arm in arms.items():
         s = statistics.median(arm["times"])
         print(f"{model_name:<9}{label:<14}{s:>8.3f}{args.batch / s:>11.1f}{flops / s / 1e9:>9.2f}"
-              f"{100 * flops / s / peak:>10.1f}%")
-    ratio = statistics.median(arms[ref]["times"]) / statistics.median(arms["this tree"]["times"])
-    paired = statistics.median(x / y for x, y in zip(arms[ref]["times"], arms["this tree"]["times"]))
-    print(f"{model_name:<9}this tree / {ref}: {ratio:.2f}x samples/s (median of per-pair ratios {paired:.2f}x)")
+              f"{100 * flops / s / peak:>10.1f}%{statistics.median(arm['cpu']):>12.3f}")
+    for what, key in (("wall", "times"), ("CPU time", "cpu")):
+        old, new = arms[ref][key], arms["this tree"][key]
+        print(f"{model_name:<9}this tree / {ref}, {what}: {statistics.median(old) / statistics.median(new):.2f}x "
+              f"samples/s (median of per-pair ratios {statistics.median(o / n for o, n in zip(old, new)):.2f}x)")
 
 
 def run_variant(model: str, variant: str, args, tree) -> dict:

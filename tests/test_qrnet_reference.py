@@ -133,6 +133,26 @@ def test_masked_max_pooling_gradient_is_amaxs_with_ties_and_padding():
     assert grads[0][1][0, 2:6].ne(0).all()
 
 
+@pytest.mark.parametrize("size", [(6, 6), (7, 5), (5, 8)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_avg_down_is_zero_padded_2x2_average_pooling(size, memory_format):
+    import torch.nn.functional as F
+
+    from refvg.models.qrnet import avg_down
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, *size, generator=g)
+    weight = torch.randn(2, 8, (size[0] + 1) // 2, (size[1] + 1) // 2, generator=g)
+    a = x.clone().contiguous(memory_format=memory_format).requires_grad_()
+    b = x.clone().requires_grad_()
+    out = avg_down(a)
+    ref = F.avg_pool2d(F.pad(b, (0, size[1] % 2, 0, size[0] % 2)), 2)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(a.grad, b.grad)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     REFERENCE.parent.mkdir(exist_ok=True)
     torch.save({case: summary(case) for case in CASES}, REFERENCE)

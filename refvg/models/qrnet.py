@@ -126,7 +126,15 @@ def avg_down(fmap: torch.Tensor) -> torch.Tensor:
     h, w = fmap.shape[-2:]
     if h % 2 or w % 2:  # F.pad copies the map even when it adds nothing
         fmap = F.pad(fmap, (0, w % 2, 0, h % 2))
-    return F.avg_pool2d(fmap, 2)
+    pixels = fmap.permute(0, 2, 3, 1)  # [B,H,W,C]
+    if not pixels.is_contiguous():
+        return F.avg_pool2d(fmap, 2)
+    # A channels-last map (QRNet's, from the Swin tokens): sums of row pairs, then of pixel pairs, each
+    # over contiguous memory; avg_pool2d's channels-last backward makes two copies of the map.
+    b, hp, wp, c = pixels.shape
+    rows = pixels.reshape(b, hp // 2, 2, wp * c).sum(2)
+    quads = rows.view(b, hp // 2, wp // 2, 2, c).sum(3)
+    return (quads * 0.25).permute(0, 3, 1, 2)
 
 
 class QueryFPN(nn.Module):
