@@ -3,6 +3,7 @@
     python benchmarks/train_step.py [--models transvg qrnet] [--image-size 64] [--batch 64]
                                     [--real-size] [--device auto] [--variants fp32-eager bf16-eager ...]
                                     [--compare-with GIT_REF] [--json rows.json]
+    python benchmarks/train_step.py --ab GIT_REF [--models qrnet] [--pairs 8]
 
 Prints samples/s and peak memory for fp32 vs bf16 autocast and eager vs `torch.compile`, and each variant's
 speed relative to fp32 eager of the same model. Also how close to the hardware each runs: the FLOPs of one
@@ -13,10 +14,16 @@ memory (CUDA: max allocated; CPU: peak RSS growth) and compile caches are its ow
 `--real-size`: the papers' sizes built from config (no download): Swin-T / ResNet-50 visual backbone,
 BERT-base text encoder, 6-layer 256-d transformers, stride-32 tokens (qrnet: FPN over strides 4-32, tokens
 at strides 32 and 64).
+`--ab GIT_REF`: refvg as of GIT_REF and this tree's refvg imported side by side in ONE process, one model
+each with the same weights (the ref's state dict loaded strictly into this tree's model), their outputs and
+gradients compared, then fp32 eager training steps alternating A B B A ... so a busy machine's load falls on
+both alike; prints the median step time of each (wall, and the process's CPU time, which a loaded machine
+inflates far less), the ratios, and each one's share of a matmul peak measured between the steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -170,12 +177,19 @@ def main() -> None:
     ap.add_argument("--compare-with", metavar="GIT_REF",
                     help="also run refvg as of this git ref (e.g. HEAD~1), interleaved, and print ratios")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--ab", metavar="GIT_REF",
+                    help="in one process: this tree vs GIT_REF, same weights, alternating steps (see above)")
+    ap.add_argument("--pairs", type=int, default=8, help="--ab: timed step pairs per model")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     common = dict(image_size=args.image_size, batch=args.batch, steps=args.steps, repeats=args.repeats,
                   real_size=args.real_size, device_name=args.device)
     if args.one:
         print(json.dumps(run_one(*args.one, **common)))
+        return
+    if args.ab:
+        for model in args.models:
+            ab_in_process(model, args.ab, args)
         return
 
     codes = [("this tree", None)]
@@ -207,6 +221,95 @@ def export_tree(ref: str) -> str:
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
     return out
+
+
+@contextlib.contextmanager
+def refvg_from(tree: str | None):
+    """Import refvg afresh from `tree` (None: the usual path) inside the block; what is built there keeps
+    that copy's code (its functions hold their own modules' globals). sys.modules is restored after."""
+    def take() -> dict:
+        return {k: sys.modules.pop(k) for k in list(sys.modules) if k == "refvg" or k.startswith("refvg.")}
+
+    saved = take()
+    if tree:
+        sys.path.insert(0, tree)
+    try:
+        yield
+    finally:
+        if tree:
+            sys.path.remove(tree)
+        take()
+        sys.modules.update(saved)
+
+
+def ab_in_process(model_name: str, ref: str, args) -> None:
+    import torch
+
+    device = torch.device("cpu")
+    arms = {}
+    for label, tree in ((ref, export_tree(ref)), ("this tree", None)):
+        with refvg_from(tree):
+            from refvg.engine.runtime import seed_everything, to_device
+            from refvg.engine.trainer import build_optimizer
+            from refvg.models import build_model
+
+            cfg = model_config(model_name, args.image_size, False)
+            seed_everything(0)
+            model = build_model(model_name, cfg, vocab_size=cfg.model.text.vocab_size, pad_token_id=0).train()
+            if arms:  # the same weights in both arms; strict: the state dict's keys and shapes must agree
+                model.load_state_dict(next(iter(arms.values()))["model"].state_dict())
+            else:  # weights that start at zero (QRNet's dynamic layers) would hide differences in the check
+                g = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if not p.any():
+                            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            arms[label] = {"model": model, "opt": build_optimizer(model, cfg.train, device),
+                           "data": to_device(synthetic_batch(cfg, args.batch), device), "times": [], "cpu": []}
+
+    def forward_backward(arm):
+        m, data = arm["model"], arm["data"]
+        loss = m.compute_loss(m(data), data)["loss"]
+        arm["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    (a, b) = arms.values()
+    la, lb = forward_backward(a), forward_backward(b)
+    pairs = [(pa.grad, pb.grad) for pa, pb in zip(a["model"].parameters(), b["model"].parameters())
+             if pa.grad is not None]
+    # Relative to each parameter's largest gradient entry, floored at 1e-6 of the model's: gradients that
+    # are zero in exact arithmetic (attention key biases) are float noise in both arms.
+    floor = 1e-6 * max(ga.abs().max().item() for ga, _ in pairs)
+    worst = max((ga - gb).abs().max().item() / max(ga.abs().max().item(), floor) for ga, gb in pairs)
+    print(f"{model_name}: loss {la.item():.6f} vs {lb.item():.6f}; largest gradient difference, relative to "
+          f"its parameter's largest gradient entry: {worst:.1e}")
+    flops = step_flops(lambda: forward_backward(b))
+    peaks = []
+    for i in range(args.pairs + 1):
+        for label in ((ref, "this tree") if i % 2 == 0 else ("this tree", ref)):
+            arm = arms[label]
+            t0, c0 = time.perf_counter(), time.process_time()
+            forward_backward(arm)
+            arm["opt"].step()
+            if i:  # the first pair warms up
+                arm["times"].append(time.perf_counter() - t0)
+                arm["cpu"].append(time.process_time() - c0)
+        peaks.append(matmul_peak_flops(device, repeats=1))
+    peak = max(peaks)
+    print(f"train step, {args.image_size}x{args.image_size}, batch {args.batch}, {torch.get_num_threads()} "
+          f"threads, {flops / 1e9:.2f} GFLOP/step; median of {args.pairs} alternating steps per arm; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)}, measured between the pairs)")
+    print(f"{'model':<9}{'code':<14}{'s/step':>8}{'samples/s':>11}{'GFLOP/s':>9}{'% of peak':>11}"
+          f"{'CPU s/step':>12}")
+    for label, arm in arms.items():
+        s = statistics.median(arm["times"])
+        print(f"{model_name:<9}{label:<14}{s:>8.3f}{args.batch / s:>11.1f}{flops / s / 1e9:>9.2f}"
+              f"{100 * flops / s / peak:>10.1f}%{statistics.median(arm['cpu']):>12.3f}")
+    for what, key in (("wall", "times"), ("CPU time", "cpu")):
+        old, new = arms[ref][key], arms["this tree"][key]
+        print(f"{model_name:<9}this tree / {ref}, {what}: {statistics.median(old) / statistics.median(new):.2f}x "
+              f"samples/s (median of per-pair ratios {statistics.median(o / n for o, n in zip(old, new)):.2f}x)")
 
 
 def run_variant(model: str, variant: str, args, tree) -> dict:

@@ -114,3 +114,17 @@ SMALL_TEACHER = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermedia
 
 # Fake but recognisable: the tests grep logs, params, tags and files for them.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAREFVGTESTKEY4242", "AWS_SECRET_ACCESS_KEY": "refvgTestSecret/MustNeverBeLogged+42"}
+
+
+def as_trained(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """QRNet's dynamic layers' V starts at zero (every gate at exactly 0.5, whatever the sentence, as in
+    QRNet); give it values, as training does, so that gates differ between sentences and positions.
+    """
+    from refvg.models.qrnet import DynamicLinear
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, DynamicLinear):
+                m.v.copy_(0.5 * torch.randn(m.v.shape, generator=g))
+    return module

@@ -42,7 +42,8 @@ class VisualBackbone(_Frozen):
     """pixel_values [B,3,H,W] -> feature maps [B,C_i,H_i,W_i], one per `out_stages` entry.
 
     Runs stage by stage, so a caller can refine each stage's map before the next stage sees it
-    (`modulate(stage, map) -> map`: QRNet's query-aware attention). Stages after the last one in
+    (`modulate(stage, map) -> map`: QRNet's query-aware attention). Swin's maps are channels-last views of
+    its tokens (not contiguous: `.reshape`, not `.view`). Stages after the last one in
     `out_stages` are dropped at build time: they would cost compute and leave grad-less parameters (DDP)."""
 
     def __init__(self, cfg: VisualConfig, image_size: int = 128):
@@ -103,10 +104,13 @@ class VisualBackbone(_Frozen):
             if i == len(self.body.encoder.layers) - 1 and self.body.layernorm is not None:
                 tokens = self.body.layernorm(tokens)  # the pretrained model's final norm, kept trained
             b, _, c = tokens.shape
-            fmap = tokens.transpose(1, 2).reshape(b, c, h, w)
+            # The map is a channels-last view of the tokens, and a channels-last map's pixels x channels
+            # view is the tokens again: no layout copy either way (a contiguous map from `modulate`
+            # is copied once here).
+            fmap = tokens.view(b, h, w, c).permute(0, 3, 1, 2)
             if modulate is not None:
                 fmap = modulate(i, fmap)
-                tokens = fmap.flatten(2).transpose(1, 2)
+                tokens = fmap.permute(0, 2, 3, 1).reshape(b, h * w, c)
             if i in wanted:
                 maps[i] = fmap
             if stage.downsample is not None:

@@ -45,6 +45,25 @@ class QRNetConfig(TransVGConfig):
     qd_att_reduction: int = Field(16, gt=0)  # channel gate MLP: C -> C // this (at least 1) -> C
 
 
+class _MaskedAmax(torch.autograd.Function):
+    """x [B,N,C], valid bool [B,N] -> the max over the valid positions [B,C]; the gradient is amax's (split
+    evenly among tied maxima, none to padding), computed from a comparison instead of the bool-to-float
+    casts and the masked copy that masked_fill + amax's backward make of the whole map."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        out = x.masked_fill(~valid.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
+        ctx.save_for_backward(x, valid, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, valid, out = ctx.saved_tensors
+        at_max = (x == out.unsqueeze(1)) & valid.unsqueeze(-1)
+        share = grad / at_max.sum(1, dtype=grad.dtype).clamp_min(1)
+        return torch.where(at_max, share.unsqueeze(1), 0), None
+
+
 class DynamicLinear(nn.Module):
     """x [B,...,C_in] -> [B,...,C_out] through a weight and bias generated from the query: [W; b](q)
     = U(q) V, U(q) [C_in+1, rank] a linear function of q, V [rank, C_out] learned. V starts at zero
@@ -56,12 +75,17 @@ class DynamicLinear(nn.Module):
         self.decoder = nn.Linear(query_dim, (in_dim + 1) * rank)
         self.v = nn.Parameter(torch.zeros(rank, out_dim))
 
-    def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
+    def weight_and_bias(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generated layer: weight [B,C_in,C_out] and bias [B,C_out]."""
+        b = query.shape[0]
         param = self.decoder(query).view(b, self.in_dim + 1, self.rank) @ self.v.to(query.dtype)
-        param = param.to(x.dtype)
-        bias = param[:, -1].view(b, *([1] * (x.dim() - 2)), -1)
-        return torch.einsum("b...i,bio->b...o", x, param[:, :-1]) + bias
+        return param[:, :-1], param[:, -1]
+
+    def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight_and_bias(query)
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        bias = bias.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        return torch.einsum("b...i,bio->b...o", x, weight) + bias
 
 
 class QueryDynamicAttention(nn.Module):
@@ -76,18 +100,25 @@ class QueryDynamicAttention(nn.Module):
         self.channel_out = DynamicLinear(hidden, channels, query_dim, rank)
         self.spatial = DynamicLinear(channels, 1, query_dim, rank)
 
-    def channel_mlp(self, pooled: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.channel_out(F.relu(self.channel_in(pooled, query)), query)
-
     def gates(self, fmap: torch.Tensor, query: torch.Tensor,
               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(channel [B,C], spatial [B,h*w]) gates in (0, 1); `valid` bool [B,h*w] (False on
         padding)."""
+        # Pixels x channels as a view of the map in either memory format (contiguous or channels-last:
+        # the Swin backbone's maps are views of its tokens); the batched matmuls read it strided, so no
+        # layout copy is made forward or backward.
         x = fmap.flatten(2).transpose(1, 2)  # [B,N,C]
-        avg = masked_mean(x, valid)
-        peak = x.masked_fill(~valid.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
-        channel = torch.sigmoid(self.channel_mlp(avg, query) + self.channel_mlp(peak, query))
-        spatial = torch.sigmoid(self.spatial(x * channel.unsqueeze(1), query)).squeeze(-1)
+        keep = valid.to(x.dtype)
+        avg = torch.bmm(keep.unsqueeze(1), x).squeeze(1) / keep.sum(1, keepdim=True).clamp_min(1)
+        peak = _MaskedAmax.apply(x, valid)
+        # Both poolings through the shared MLP in one pass: its weights are generated once.
+        hidden = F.relu(self.channel_in(torch.stack([avg, peak], 1), query))
+        channel = torch.sigmoid(self.channel_out(hidden, query).sum(1))
+        # The spatial layer on the channel-gated map, (x * channel) @ W = x @ (channel * W): the gate
+        # folds into the generated weight instead of a gated copy of the map.
+        weight, bias = self.spatial.weight_and_bias(query)
+        weight = (channel.unsqueeze(-1) * weight).to(x.dtype)
+        spatial = torch.sigmoid(torch.bmm(x, weight).squeeze(-1) + bias.to(x.dtype))
         return channel, spatial
 
     def forward(self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -101,7 +132,17 @@ def avg_down(fmap: torch.Tensor) -> torch.Tensor:
     """2x2 average (odd sides zero-padded first, as QRNet's merge), halving the grid like a backbone
     stage."""
     h, w = fmap.shape[-2:]
-    return F.avg_pool2d(F.pad(fmap, (0, w % 2, 0, h % 2)), 2)
+    if h % 2 or w % 2:  # F.pad copies the map even when it adds nothing
+        fmap = F.pad(fmap, (0, w % 2, 0, h % 2))
+    pixels = fmap.permute(0, 2, 3, 1)  # [B,H,W,C]
+    if not pixels.is_contiguous():
+        return F.avg_pool2d(fmap, 2)
+    # A channels-last map (QRNet's, from the Swin tokens): sums of row pairs, then of pixel pairs, each
+    # over contiguous memory; avg_pool2d's channels-last backward makes two copies of the map.
+    b, hp, wp, c = pixels.shape
+    rows = pixels.reshape(b, hp // 2, 2, wp * c).sum(2)
+    quads = rows.view(b, hp // 2, wp // 2, 2, c).sum(3)
+    return (quads * 0.25).permute(0, 3, 1, 2)
 
 
 class QueryFPN(nn.Module):

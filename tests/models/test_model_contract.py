@@ -144,5 +144,5 @@ def test_config_class_round_trips(name):
 
 
 def test_unknown_family_key_is_rejected_with_its_path(name):
-    with pytest.raises(ConfigError, match=rf"methods\.m\.config\.no_such_knob"):
+    with pytest.raises(ConfigError, match=r"methods\.m\.config\.no_such_knob"):
         _validate({"methods": {"m": {"model": name, "config": {"no_such_knob": 1}}}}, source="test")

@@ -9,12 +9,11 @@ from transformers import BertConfig, BertModel, SwinConfig, SwinModel
 from refvg.config import Config
 from refvg.models import build_model
 from refvg.models.qrnet import (
-    DynamicLinear,
     QRNet,
     QueryDynamicAttention,
     QueryFPN,
 )
-from tests.helpers import PAD, VOCAB, make_batch
+from tests.helpers import PAD, VOCAB, as_trained, make_batch
 
 
 def make_qrnet(qd_att=True, kind="swin", out_stages=(1, 2), **qrnet) -> QRNet:
@@ -25,18 +24,6 @@ def make_qrnet(qd_att=True, kind="swin", out_stages=(1, 2), **qrnet) -> QRNet:
         "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128}},
         "method": {"model": "qrnet", "config": {"qd_att": qd_att, **qrnet}}})
     return build_model("qrnet", cfg, VOCAB, PAD)
-
-
-def as_trained(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """The dynamic layers' V starts at zero (every gate at exactly 0.5, whatever the sentence, as in
-    QRNet); give it values, as training does, so that gates differ between sentences and positions.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, DynamicLinear):
-                m.v.copy_(0.5 * torch.randn(m.v.shape, generator=g))
-    return module
 
 
 def stage_maps(model: QRNet, batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
