@@ -81,10 +81,11 @@ class TransformerLayer(nn.Module):
     def attend(self, h: torch.Tensor, pos: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
         b, n, d = h.shape
         qkv = self.qkv(h)
-        if pos is not None:
-            qk_pos = F.linear(pos.to(qkv.dtype), self.qkv.weight[: 2 * d].to(qkv.dtype))
-            qkv = torch.cat([qkv[..., : 2 * d] + qk_pos, qkv[..., 2 * d :]], dim=-1)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.split(d, dim=-1)
+        if pos is not None:  # added to q and k apart: a cat of the sum with v costs a copy of all three
+            q_pos, k_pos = F.linear(pos.to(qkv.dtype), self.qkv.weight[: 2 * d].to(qkv.dtype)).split(d, dim=-1)
+            q, k = q + q_pos, k + k_pos
+        q, k, v = (t.reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))
         attn_mask = keep[:, None, None, :] if keep is not None else None
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
