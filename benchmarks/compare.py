@@ -1,17 +1,21 @@
-"""Paired comparisons: each method against its ablation or control, on the same data, budget and seeds.
+"""Paired comparisons: each method against its ablation or control, on the same data, budget and
+seeds.
 
-    python benchmarks/compare.py                                   # every pair params.yaml declares, 3 seeds
-    python benchmarks/compare.py --seeds 5 --pairs "qrnet vs qrnet_no_qdatt"
-    python benchmarks/compare.py --work /tmp/cmp --keep            # keep every run's checkpoints and metrics
+    python benchmarks/compare.py                                   # every pair params.yaml
+    declares, 3 seeds python benchmarks/compare.py --seeds 5 --pairs "qrnet vs qrnet_no_qdatt"
+    python benchmarks/compare.py --work /tmp/cmp --keep            # keep every run's checkpoints
+    and metrics
 
-Run it in the repository after `dvc repro` (it reuses the prepared data, the detections file and the teacher;
-what is missing it makes first). For each seed s both methods of a pair train with `train.seed = s` (initial
-weights, data order) for the epochs params.yaml gives them (a pair whose budgets differ is refused: such a
-difference is not the feature's), and are scored on every prepared split but train. Per pair and split it
-records the per-seed accuracies, their means and standard deviations, the mean paired difference a - b and
-its 95 % t-interval; the verdict is "a better" / "b better" when the interval excludes 0, else "inside noise".
-Writes benchmarks/pairs.json and benchmarks/pairs.md (the README's table).
+Run it in the repository after `dvc repro` (it reuses the prepared data, the detections file and the
+teacher; what is missing it makes first). For each seed s both methods of a pair train with
+`train.seed = s` (initial weights, data order) for the epochs params.yaml gives them (a pair whose
+budgets differ is refused: such a difference is not the feature's), and are scored on every prepared
+split but train. Per pair and split it records the per-seed accuracies, their means and standard
+deviations, the mean paired difference a - b and its 95 % t-interval; the verdict is "a better" / "b
+better" when the interval excludes 0, else "inside noise". Writes benchmarks/pairs.json and
+benchmarks/pairs.md (the README's table).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +69,8 @@ def verdict(rec: dict) -> str:
 
 
 def _shared_inputs(cfg, base: Path, work: Path) -> None:
-    """The prepared data, detections and teacher the runs share: those of the params file's folder, made
-    here if missing."""
+    """The prepared data, detections and teacher the runs share: those of the params file's folder,
+    made here if missing."""
     from refvg import stages
 
     work.mkdir(parents=True, exist_ok=True)
@@ -86,7 +90,8 @@ def _shared_inputs(cfg, base: Path, work: Path) -> None:
 
 
 def run_method(raw: dict, method: str, seed: int, work: Path, keep: bool) -> dict:
-    """Train and evaluate `method` with train.seed = seed in its own folder; returns its metrics JSON."""
+    """Train and evaluate `method` with train.seed = seed in its own folder; returns its metrics
+    JSON."""
     from refvg import stages
     from refvg.config import _validate
 
@@ -105,12 +110,18 @@ def run_method(raw: dict, method: str, seed: int, work: Path, keep: bool) -> dic
     metrics = json.loads((run_dir / "metrics" / f"{method}.json").read_text())
     if not keep:
         shutil.rmtree(run_dir / "checkpoints" / method, ignore_errors=True)
-    print(f"  {method} seed {seed}: " + ", ".join(f"{s} {m['acc@0.5']:.3f}" for s, m in metrics["splits"].items())
-          + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"  {method} seed {seed}: "
+        + ", ".join(f"{s} {m['acc@0.5']:.3f}" for s, m in metrics["splits"].items())
+        + f" ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
     return metrics
 
 
-def compare(params: Path, pairs: list[tuple[str, str]], seeds: list[int], work: Path, keep: bool) -> list[dict]:
+def compare(
+    params: Path, pairs: list[tuple[str, str]], seeds: list[int], work: Path, keep: bool
+) -> list[dict]:
     from refvg.config import load_config
 
     cfg = load_config(params)
@@ -120,7 +131,9 @@ def compare(params: Path, pairs: list[tuple[str, str]], seeds: list[int], work: 
     for a, b in pairs:
         ea, eb = cfg.for_method(a).train.epochs, cfg.for_method(b).train.epochs
         if ea != eb:
-            raise SystemExit(f"{a} trains {ea} epochs and {b} {eb}: a paired comparison needs equal budgets")
+            raise SystemExit(
+                f"{a} trains {ea} epochs and {b} {eb}: a paired comparison needs equal budgets"
+            )
     _shared_inputs(cfg, params.parent, work)
     runs: dict[tuple[str, int], dict] = {}
     for a, b in pairs:
@@ -135,30 +148,48 @@ def compare(params: Path, pairs: list[tuple[str, str]], seeds: list[int], work: 
         for split in splits:
             xa = [runs[(a, s)]["splits"][split]["acc@0.5"] for s in seeds]
             xb = [runs[(b, s)]["splits"][split]["acc@0.5"] for s in seeds]
-            rec = {"pair": f"{a} vs {b}", "split": split, "seeds": len(seeds),
-                   "epochs": cfg.for_method(a).train.epochs, "a": xa, "b": xb,
-                   "a_mean": sum(xa) / len(xa), "b_mean": sum(xb) / len(xb), "a_sd": _sd(xa), "b_sd": _sd(xb),
-                   **paired_interval(xa, xb)}
+            rec = {
+                "pair": f"{a} vs {b}",
+                "split": split,
+                "seeds": len(seeds),
+                "epochs": cfg.for_method(a).train.epochs,
+                "a": xa,
+                "b": xb,
+                "a_mean": sum(xa) / len(xa),
+                "b_mean": sum(xb) / len(xb),
+                "a_sd": _sd(xa),
+                "b_sd": _sd(xb),
+                **paired_interval(xa, xb),
+            }
             rec["verdict"] = verdict(rec)
             records.append(rec)
     return records
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| pair (a vs b) | split | epochs | seeds | a | b | a - b [95 % CI] | verdict |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| pair (a vs b) | split | epochs | seeds | a | b | a - b [95 % CI] | verdict |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
     for r in records:
-        lines.append(f"| {r['pair']} | {r['split']} | {r['epochs']} | {r['seeds']} | {r['a_mean']:.3f} ± {r['a_sd']:.3f} "
-                     f"| {r['b_mean']:.3f} ± {r['b_sd']:.3f} | {r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, "
-                     f"{r['ci_high']:+.3f}] | {r['verdict']} |")
+        lines.append(
+            f"| {r['pair']} | {r['split']} | {r['epochs']} | {r['seeds']} "
+            f"| {r['a_mean']:.3f} ± {r['a_sd']:.3f} "
+            f"| {r['b_mean']:.3f} ± {r['b_sd']:.3f} | {r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, "
+            f"{r['ci_high']:+.3f}] | {r['verdict']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--pairs", nargs="*", help='e.g. "qrnet vs qrnet_no_qdatt" (default: every declared pair)')
+    p.add_argument(
+        "--pairs", nargs="*", help='e.g. "qrnet vs qrnet_no_qdatt" (default: every declared pair)'
+    )
     p.add_argument("--work", type=Path, help="folder for the runs (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "pairs.json")
@@ -167,11 +198,15 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="refvg-compare-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records = compare(args.params.resolve(), pairs, list(range(args.seeds)), work.resolve(), args.keep)
+    records = compare(
+        args.params.resolve(), pairs, list(range(args.seeds)), work.resolve(), args.keep
+    )
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(records))
     print(markdown(records))
-    print(f"{len(records)} records in {args.out} ({time.perf_counter() - t0:.0f} s; runs in {work})")
+    print(
+        f"{len(records)} records in {args.out} ({time.perf_counter() - t0:.0f} s; runs in {work})"
+    )
 
 
 if __name__ == "__main__":

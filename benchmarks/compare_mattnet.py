@@ -6,12 +6,13 @@ is inside the seed spread.
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_mattnet.py --seeds 0 \\
         --category-input embedding
 
-Reads params.yaml (the mattnet_erase method's config, train, detections, proposals) and the prepared default data
-(flows.generate, flows.prepare); writes checkpoints and the detections file under --work (a fresh
-folder per run). Each run: the mattnet_erase method's epochs, then Acc@0.5 on val / testA / testB
-from the best checkpoint; "no erase" is the same with erase.type none, as the
+Reads params.yaml (the mattnet_erase method's config, train, detections, proposals) and the prepared
+default data (flows.generate, flows.prepare); writes checkpoints and the detections file under
+--work (a fresh folder per run). Each run: the mattnet_erase method's epochs, then Acc@0.5 on val /
+testA / testB from the best checkpoint; "no erase" is the same with erase.type none, as the
 mattnet_no_erase method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,15 +63,20 @@ def main(argv: list[str] | None = None) -> None:
     from refvg.data.detections import detection_recall, stand_in_detections, write_detections
     from refvg.stages import instances_path
 
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="default: the mattnet_erase method's")
-    p.add_argument("--category-input", default=None,
-                   help="mattnet's category_input (default: the mattnet_erase method's)")
-    p.add_argument("--proposals", nargs="+", default=["gt", "detections"],
-                   choices=["gt", "detections"])
+    p.add_argument(
+        "--category-input",
+        default=None,
+        help="mattnet's category_input (default: the mattnet_erase method's)",
+    )
+    p.add_argument(
+        "--proposals", nargs="+", default=["gt", "detections"], choices=["gt", "detections"]
+    )
     p.add_argument("--work", default="outputs/compare_mattnet")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -86,29 +92,39 @@ def main(argv: list[str] | None = None) -> None:
     rows = stand_in_detections(instances_path(cfg), cfg.detections)
     write_detections(rows, dets)
     recall = detection_recall(instances_path(cfg), rows)
-    print(f"stand-in detections: {len(rows)} boxes, object recall {recall['object_recall']:.3f}, "
-          f"confusion_rate {cfg.detections.confusion_rate}; category_input {category}; "
-          f"{epochs} epoch(s)", flush=True)
+    print(
+        f"stand-in detections: {len(rows)} boxes, object recall {recall['object_recall']:.3f}, "
+        f"confusion_rate {cfg.detections.confusion_rate}; category_input {category}; "
+        f"{epochs} epoch(s)",
+        flush=True,
+    )
 
     results: dict = {}
     for source in args.proposals:
         for erase in ("both", "none"):
             for seed in args.seeds:
                 name = f"cmp_{source}_{'erase' if erase != 'none' else 'no_erase'}_s{seed}"
-                mattnet = _deep_merge(method.config.model_dump(mode="json"),
-                                      {"category_input": category, "erase": {"type": erase}})
+                mattnet = _deep_merge(
+                    method.config.model_dump(mode="json"),
+                    {"category_input": category, "erase": {"type": erase}},
+                )
                 overrides = {"train": {"epochs": epochs, "seed": seed}}
                 if source == "detections":
                     overrides["proposals"] = {"source": "detections", "detections_file": str(dets)}
                 r = run_one(base, work, name, mattnet, overrides)
                 results[(source, erase, seed)] = r
                 a = r["acc"]
-                print(f"  {source:10s} erase={erase:4s} seed={seed}: val {a['val']:.3f} "
-                      f"testA {a['testA']:.3f} testB {a['testB']:.3f} mean {a['mean']:.3f} "
-                      f"({r['train_seconds']:.0f} s train)", flush=True)
+                print(
+                    f"  {source:10s} erase={erase:4s} seed={seed}: val {a['val']:.3f} "
+                    f"testA {a['testA']:.3f} testB {a['testB']:.3f} mean {a['mean']:.3f} "
+                    f"({r['train_seconds']:.0f} s train)",
+                    flush=True,
+                )
 
-    print(f"\n## category_input {category}, {epochs} epoch(s), seeds {args.seeds}: Acc@0.5 "
-          "(val / testA / testB / mean of the three)\n")
+    print(
+        f"\n## category_input {category}, {epochs} epoch(s), seeds {args.seeds}: Acc@0.5 "
+        "(val / testA / testB / mean of the three)\n"
+    )
     print("| candidates | seed | erase (CM-Erase) | no erase | difference (mean) |")
     print("|---|---:|---|---|---:|")
 
@@ -127,18 +143,38 @@ def main(argv: list[str] | None = None) -> None:
             spreads[erase] = max(means) - min(means)
         mean_diff = statistics.fmean(diffs)
         spread = max(spreads.values())
-        verdict = ("one seed: no spread to compare with" if len(args.seeds) < 2 else
-                   "inside noise" if abs(mean_diff) <= spread else "outside the seed spread")
-        summary[source] = {"mean_difference": mean_diff, "seed_spread": spread, "verdict": verdict,
-                           "per_seed": diffs}
-        print(f"| {source} | mean | | | **{mean_diff:+.3f}** "
-              f"(seed spread {spread:.3f}: {verdict}) |")
+        verdict = (
+            "one seed: no spread to compare with"
+            if len(args.seeds) < 2
+            else "inside noise"
+            if abs(mean_diff) <= spread
+            else "outside the seed spread"
+        )
+        summary[source] = {
+            "mean_difference": mean_diff,
+            "seed_spread": spread,
+            "verdict": verdict,
+            "per_seed": diffs,
+        }
+        print(
+            f"| {source} | mean | | | **{mean_diff:+.3f}** (seed spread {spread:.3f}: {verdict}) |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"category_input": category, "epochs": epochs, "seeds": args.seeds, "summary": summary,
-             "runs": [{"proposals": s, "erase": e, "seed": sd, **r}
-                      for (s, e, sd), r in results.items()]},
-            indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "category_input": category,
+                    "epochs": epochs,
+                    "seeds": args.seeds,
+                    "summary": summary,
+                    "runs": [
+                        {"proposals": s, "erase": e, "seed": sd, **r}
+                        for (s, e, sd), r in results.items()
+                    ],
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ figures follow params.yaml. Needs the prepared data (`python -m flows.generate`,
 nothing in checkpoints/ changes). Prints val Acc@0.5 after every epoch and the training seconds
 (timings on a shared machine: compare ratios within one run only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ATTN = {"model": {"fusion": {"visual_encoder_layers": 0, "position": "tokens", "cell_coords": True,
-                             "box_head": "attention"}},
-        "config": {"l1_weight": 5.0, "giou_weight": 2.0}}
+ATTN = {
+    "model": {
+        "fusion": {
+            "visual_encoder_layers": 0,
+            "position": "tokens",
+            "cell_coords": True,
+            "box_head": "attention",
+        }
+    },
+    "config": {"l1_weight": 5.0, "giou_weight": 2.0},
+}
 # name -> (params.yaml method it starts from, extra overrides; "config": the family's knobs)
 VARIANTS = {
     "transvg": ("transvg", {}),
     "transvg_attn": ("transvg", ATTN),
-    # The paper's TransVG with one of transvg_attn's differences each: which one decides learning here.
+    # The paper's TransVG with one of transvg_attn's differences each: which one decides learning
+    # here.
     "transvg_attention_head": ("transvg", {"model": {"fusion": {"box_head": "attention"}}}),
     "transvg_tokens": ("transvg", {"model": {"fusion": {"position": "tokens"}}}),
     "transvg_cell_coords": ("transvg", {"model": {"fusion": {"cell_coords": True}}}),
@@ -41,9 +51,18 @@ VARIANTS = {
     "qrnet": ("qrnet", {}),
     "qrnet_no_qdatt": ("qrnet", {"config": {"qd_att": False}}),
 }
-PAIRS = {"transvg": ("transvg", "transvg_attn"), "qrnet_qdatt": ("qrnet", "qrnet_no_qdatt"),
-         "transvg_parts": ("transvg", "transvg_attention_head", "transvg_tokens", "transvg_cell_coords",
-                           "transvg_no_encoder", "transvg_paper_lr")}
+PAIRS = {
+    "transvg": ("transvg", "transvg_attn"),
+    "qrnet_qdatt": ("qrnet", "qrnet_no_qdatt"),
+    "transvg_parts": (
+        "transvg",
+        "transvg_attention_head",
+        "transvg_tokens",
+        "transvg_cell_coords",
+        "transvg_no_encoder",
+        "transvg_paper_lr",
+    ),
+}
 
 
 def run_config(cfg, name: str, epochs: int, seed: int, out_dir: str):
@@ -73,13 +92,21 @@ def train_one(cfg, name: str, epochs: int, seed: int) -> dict:
 
         def on_epoch_end(metrics: dict, epoch: int) -> None:
             curve.append(float(metrics["val/acc@0.5"]))
-            print(f"  {name} seed {seed} epoch {epoch}/{epochs}: val Acc@0.5 {curve[-1]:.3f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"  {name} seed {seed} epoch {epoch}/{epochs}: val Acc@0.5 {curve[-1]:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
         train_method(rcfg, name, on_epoch_end=on_epoch_end)
         seconds = time.perf_counter() - t0
-    return {"variant": name, "seed": seed, "epochs": epochs, "val_acc@0.5": curve,
-            "seconds": round(seconds, 1)}
+    return {
+        "variant": name,
+        "seed": seed,
+        "epochs": epochs,
+        "val_acc@0.5": curve,
+        "seconds": round(seconds, 1),
+    }
 
 
 def main(argv=None) -> None:
@@ -89,9 +116,12 @@ def main(argv=None) -> None:
     p.add_argument("--qrnet-epochs", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                   help="train only these variants of the pairs (one per process, say); "
-                        "default: all")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        help="train only these variants of the pairs (one per process, say); default: all",
+    )
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
 
@@ -112,8 +142,11 @@ def main(argv=None) -> None:
                 row = done[name, epochs, seed]
                 rows.append({"pair": pair, **row})
                 curve = " ".join(f"{a:.3f}" for a in row["val_acc@0.5"])
-                print(f"{pair:13s} {name:15s} seed {seed} epochs {epochs}: val Acc@0.5 per epoch "
-                      f"{curve} ({row['seconds']:.0f} s)", flush=True)
+                print(
+                    f"{pair:13s} {name:15s} seed {seed} epochs {epochs}: val Acc@0.5 per epoch "
+                    f"{curve} ({row['seconds']:.0f} s)",
+                    flush=True,
+                )
     print("\n| pair | variant | seeds | epochs | val Acc@0.5 (last epoch, mean) | train s (mean) |")
     print("|---|---|---|---|---|---|")
     for pair in args.pairs:

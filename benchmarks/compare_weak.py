@@ -15,6 +15,7 @@ contrastive loss at weight 1, 1/8 of the batch to the fusion, the contrastive si
 matching score) at today's epochs, for the per-epoch loss curve. Needs the prepared default data
 (`python -m flows.generate` and `python -m flows.prepare`, or `dvc repro prepare`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ from refvg.engine.checkpoint import load_trained  # noqa: E402
 from refvg.engine.evaluator import box_metrics, predict_split  # noqa: E402
 from refvg.engine.runtime import resolve_device  # noqa: E402
 
-BEFORE = {"negatives": "hard", "itc_weight": 1.0, "match_fraction": 0.125,
-          "contrastive_in_score": True}
+BEFORE = {
+    "negatives": "hard",
+    "itc_weight": 1.0,
+    "match_fraction": 0.125,
+    "contrastive_in_score": True,
+}
 LOSSES = ("itm", "itm_cam", "itc", "mining")
 
 
@@ -60,10 +65,19 @@ def run(raw: dict, method: str, seed: int, before: bool, workdir: Path, knobs: d
     val = stages.open_split(rcfg, state["model_name"], "val")  # the boxes: for the figure only
     device = resolve_device(rcfg.train.device)
     acc = box_metrics(predict_split(model, val, rcfg.eval.batch_size, device), [0.5])["acc@0.5"]
-    return {"method": method, "seed": seed, "before": before, "train_s": train_s, "acc": acc,
-            "best_epoch": result.best_epoch, "select": result.select_metric,
-            "epochs": [{k: m.get(f"train/{k}") for k in LOSSES}
-                       | {"match_acc": m.get("val/match_acc")} for m in epochs]}
+    return {
+        "method": method,
+        "seed": seed,
+        "before": before,
+        "train_s": train_s,
+        "acc": acc,
+        "best_epoch": result.best_epoch,
+        "select": result.select_metric,
+        "epochs": [
+            {k: m.get(f"train/{k}") for k in LOSSES} | {"match_acc": m.get("val/match_acc")}
+            for m in epochs
+        ],
+    }
 
 
 def false_negatives(raw: dict, seed: int = 0) -> None:
@@ -110,10 +124,18 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["weak_cam", "weak_cam_no_mining"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--before", action="store_true", help="the settings before the matcher fix")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE",
-                    help="weak_cam config knobs for every run, e.g. negatives=hard itc_weight=1.0")
-    ap.add_argument("--false-negatives", action="store_true",
-                    help="only print how often a random negative image fits the expression")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="weak_cam config knobs for every run, e.g. negatives=hard itc_weight=1.0",
+    )
+    ap.add_argument(
+        "--false-negatives",
+        action="store_true",
+        help="only print how often a random negative image fits the expression",
+    )
     args = ap.parse_args()
     raw = yaml.safe_load(Path(args.params).read_text())
     if args.false_negatives:
@@ -126,9 +148,12 @@ def main() -> None:
             for method in args.methods:
                 r = run(raw, method, seed, args.before, Path(tmp), knobs)
                 rows.append(r)
-                print(f"{method} seed {seed}{tag}: val Acc@0.5 "
-                      f"{r['acc']:.3f}, best epoch {r['best_epoch']} by {r['select']}, "
-                      f"train {r['train_s']:.0f} s", flush=True)
+                print(
+                    f"{method} seed {seed}{tag}: val Acc@0.5 "
+                    f"{r['acc']:.3f}, best epoch {r['best_epoch']} by {r['select']}, "
+                    f"train {r['train_s']:.0f} s",
+                    flush=True,
+                )
                 for i, e in enumerate(r["epochs"], 1):
                     parts = " ".join(f"{k} {v:.3f}" for k, v in e.items() if v is not None)
                     print(f"  epoch {i}: {parts}", flush=True)
@@ -143,9 +168,12 @@ def main() -> None:
         spread = max(max(a) - min(a) for a in accs.values())
         inside = abs(statistics.mean(diffs)) <= spread
         verdict = "inside noise" if inside else "outside the seed spread"
-        print(f"\n{first} - {second}: per seed " + " ".join(f"{d:+.3f}" for d in diffs)
-              + f", mean {statistics.mean(diffs):+.3f}; largest seed spread of one method "
-              f"{spread:.3f}: {verdict}")
+        print(
+            f"\n{first} - {second}: per seed "
+            + " ".join(f"{d:+.3f}" for d in diffs)
+            + f", mean {statistics.mean(diffs):+.3f}; largest seed spread of one method "
+            f"{spread:.3f}: {verdict}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
     python benchmarks/optimizer_ab.py [--models qrnet transvg] [--batch 64] [--pairs 5]
 
 Two identical copies of each model, one with AdamW(fused=False) (what refvg uses on CPU), one with
-AdamW(fused=True) (what it uses on CUDA); their training steps (forward + backward + AdamW, as benchmarks/train_step.py times
-them) alternate A, B, A, B, ... so a shared, busy machine's load falls on both alike. Prints the median
-step time of each, the ratio, and each arm's FLOP/s over a fp32 matmul peak measured in the same process.
+AdamW(fused=True) (what it uses on CUDA); their training steps (forward + backward + AdamW, as
+benchmarks/train_step.py times them) alternate A, B, A, B, ... so a shared, busy machine's load
+falls on both alike. Prints the median step time of each, the ratio, and each arm's FLOP/s over a
+fp32 matmul peak measured in the same process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +24,9 @@ from train_step import matmul_peak_flops, model_config, step_flops, synthetic_ba
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", nargs="+", default=["qrnet", "transvg"])
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
@@ -35,10 +39,14 @@ def main() -> None:
     from refvg.models import build_model
 
     device = torch.device("cpu")
-    print(f"train step, {args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads; median of {args.pairs} alternating steps per arm")
-    print(f"{'model':<9}{'arm':<16}{'s/step':>8}{'samples/s':>11}{'GFLOP/s':>9}{'peak GFLOP/s':>14}"
-          f"{'% of peak':>11}")
+    print(
+        f"train step, {args.image_size}x{args.image_size}, batch {args.batch}, "
+        f"{torch.get_num_threads()} threads; median of {args.pairs} alternating steps per arm"
+    )
+    print(
+        f"{'model':<9}{'arm':<16}{'s/step':>8}{'samples/s':>11}{'GFLOP/s':>9}{'peak GFLOP/s':>14}"
+        f"{'% of peak':>11}"
+    )
     for name in args.models:
         cfg = model_config(name, args.image_size, False)
         seed_everything(0)
@@ -59,7 +67,7 @@ def main() -> None:
 
         times = {False: [], True: []}
         for i in range(args.pairs + 1):
-            for fused in ((False, True) if i % 2 == 0 else (True, False)):  # ABBA: no order bias
+            for fused in (False, True) if i % 2 == 0 else (True, False):  # ABBA: no order bias
                 t0 = time.perf_counter()
                 step(arms[fused])
                 if i:  # the first pair warms up
@@ -73,8 +81,10 @@ def main() -> None:
         peak = matmul_peak_flops(device)
         for fused, label in ((False, "AdamW loop"), (True, "AdamW fused")):
             s = statistics.median(times[fused])
-            print(f"{name:<9}{label:<16}{s:>8.2f}{args.batch / s:>11.1f}{flops / s / 1e9:>9.2f}"
-                  f"{peak / 1e9:>14.1f}{100 * flops / s / peak:>10.1f}%")
+            print(
+                f"{name:<9}{label:<16}{s:>8.2f}{args.batch / s:>11.1f}{flops / s / 1e9:>9.2f}"
+                f"{peak / 1e9:>14.1f}{100 * flops / s / peak:>10.1f}%"
+            )
         ratio = statistics.median(times[False]) / statistics.median(times[True])
         print(f"{name:<9}fused / loop: {ratio:.2f}x samples/s")
 

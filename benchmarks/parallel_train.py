@@ -9,6 +9,7 @@ default-size model on a synthetic batch; they start together (they wait on a fil
 once all are ready) and time `--steps` steps after 3 warm-up steps. Also runs one alone, for
 reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,14 +61,29 @@ def child(args) -> None:
 def run(jobs: int, share: bool, args, folder: Path) -> list[dict]:
     tag = f"{jobs}-{int(share)}"
     go = folder / f"go-{tag}"
-    env = {**os.environ, "REFVG_CPU_SHARE": "1" if share else "0",
-           "REFVG_CPU_SLOTS_DIR": str(folder / tag)}
+    env = {
+        **os.environ,
+        "REFVG_CPU_SHARE": "1" if share else "0",
+        "REFVG_CPU_SLOTS_DIR": str(folder / tag),
+    }
     env.pop("OMP_NUM_THREADS", None)
     procs = []
     for i in range(jobs):
-        cmd = [sys.executable, __file__, "--child", "--ready", str(folder / f"ready-{tag}-{i}"),
-               "--go", str(go), "--steps", str(args.steps), "--batch", str(args.batch),
-               "--model", args.model]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--ready",
+            str(folder / f"ready-{tag}-{i}"),
+            "--go",
+            str(go),
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--model",
+            args.model,
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     try:
         while not all((folder / f"ready-{tag}-{i}").exists() for i in range(jobs)):
@@ -83,8 +99,9 @@ def run(jobs: int, share: bool, args, folder: Path) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
@@ -101,14 +118,20 @@ def main() -> None:
         folder = Path(tmp)
         alone = run(1, True, args, folder)[0]
         print(f"{cores} cores, {args.model}, batch {args.batch}, {args.steps} timed steps")
-        print(f"alone:                 {alone['samples_per_second']:7.1f} samples/s "
-              f"({alone['threads']} threads)", flush=True)
+        print(
+            f"alone:                 {alone['samples_per_second']:7.1f} samples/s "
+            f"({alone['threads']} threads)",
+            flush=True,
+        )
         for share in (False, True):
             rows = run(args.jobs, share, args, folder)
             each = ", ".join(f"{r['samples_per_second']:.1f} ({r['threads']} thr)" for r in rows)
             total = sum(r["samples_per_second"] for r in rows)
-            print(f"{args.jobs} side by side, share {'on ' if share else 'off'}: {each}; "
-                  f"total {total:.1f} samples/s", flush=True)
+            print(
+                f"{args.jobs} side by side, share {'on ' if share else 'off'}: {each}; "
+                f"total {total:.1f} samples/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

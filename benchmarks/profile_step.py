@@ -1,15 +1,18 @@
-"""Where one training step's CPU time goes: torch.profiler over forward + backward + AdamW steps of a box
-model at the default pipeline size, after one warm-up step.
+"""Where one training step's CPU time goes: torch.profiler over forward + backward + AdamW steps of
+a box model at the default pipeline size, after one warm-up step.
 
     python benchmarks/profile_step.py [--model qrnet] [--batch 64] [--steps 5] [--rows 25]
 
 Every op is attributed to the module that ran it (forward hooks open a profiler range per module; a
-backward op goes to the module whose forward op has its autograd sequence number) and to that module's
-owner: the innermost module whose class is not a torch.nn building block, e.g. `refvg.models.qrnet.QueryFPN`
-or `transformers...SwinAttention`. Each (module, phase, op, input shapes) counts its least time over the
-profiled steps: on a shared machine that is the closest to its uncontended cost. Prints the time per
-owner, the layout ops (copy_, fill_, cat, clone) per owner, then the costliest ops.
+backward op goes to the module whose forward op has its autograd sequence number) and to that
+module's
+owner: the innermost module whose class is not a torch.nn building block, e.g.
+`refvg.models.qrnet.QueryFPN` or `transformers...SwinAttention`. Each (module, phase, op, input
+shapes) counts its least time over the profiled steps: on a shared machine that is the closest to
+its uncontended cost. Prints the time per owner, the layout ops (copy_, fill_, cat, clone) per
+owner, then the costliest ops.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +33,8 @@ def owner_of(module) -> str:
 
 
 def label_modules(model) -> dict[int, tuple[str, str]]:
-    """id(module) -> (its name, its owner: itself, or its nearest ancestor that is not torch.nn's)."""
+    """id(module) -> (its name, its owner: itself, or its nearest ancestor that is not
+    torch.nn's)."""
     out = {}
 
     def walk(module, name: str, owner: str) -> None:
@@ -65,6 +69,7 @@ def hook_ranges(model, labels) -> None:
 
 def attribute(events) -> dict[tuple, float]:
     """(module range, phase, op, shapes) -> self CPU microseconds, for one profiled step."""
+
     def enclosing(e):
         p = e.cpu_parent
         while p is not None and not p.name.startswith("mod::"):
@@ -98,11 +103,15 @@ def attribute(events) -> dict[tuple, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="qrnet")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5, help="profiled steps; each op counts its least time")
+    ap.add_argument(
+        "--steps", type=int, default=5, help="profiled steps; each op counts its least time"
+    )
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
 
@@ -116,7 +125,9 @@ def main() -> None:
     device = torch.device("cpu")
     cfg = model_config(args.model, args.image_size, False)
     seed_everything(0)
-    model = build_model(args.model, cfg, vocab_size=cfg.model.text.vocab_size, pad_token_id=0).train()
+    model = build_model(
+        args.model, cfg, vocab_size=cfg.model.text.vocab_size, pad_token_id=0
+    ).train()
     opt = build_optimizer(model, cfg.train, device)
     data = to_device(synthetic_batch(cfg, args.batch), device)
     hook_ranges(model, label_modules(model))
@@ -136,8 +147,12 @@ def main() -> None:
         steps.append(attribute(prof.events()))
     least = {k: min(s.get(k, 0.0) for s in steps) for k in set().union(*steps)}
     total = sum(least.values())
-    print(f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch}, {torch.get_num_threads()} "
-          f"threads: {total / 1e3:.1f} ms of self CPU time per step (each op's least over {args.steps} steps)")
+    print(
+        f"{args.model}, {args.image_size}x{args.image_size}, batch "
+        f"{args.batch}, {torch.get_num_threads()} "
+        f"threads: {total / 1e3:.1f} ms of self CPU time per step "
+        f"(each op's least over {args.steps} steps)"
+    )
     by_owner: dict[str, float] = collections.Counter()
     layout: dict[tuple[str, str], float] = collections.Counter()
     for (scope, _, op, _), us in least.items():

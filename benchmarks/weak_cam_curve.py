@@ -8,6 +8,7 @@ scratch runs of docs/weak_cam.md, e.g. the old objective at 1 epoch and today's:
         {"negatives": "hard", "itc_weight": 1.0, "match_fraction": 0.125}}, "train": {"epochs": 1}}'
     PYTHONPATH=$PWD nice -n 10 python benchmarks/weak_cam_curve.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,14 @@ def main() -> None:
     val = stages.open_split(cfg, "weak_cam", "val")
     seed_everything(tc.seed)
     model = build_model("weak_cam", cfg, manifest["vocab_size"], manifest["pad_token_id"])
-    loader = DataLoader(pairs, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(tc.seed))
+    loader = DataLoader(
+        pairs,
+        batch_size=tc.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
     steps = tc.epochs * len(loader)
     opt = build_optimizer(model, tc, cpu)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, steps))

@@ -1,4 +1,6 @@
-"""DVC stage `detections`: `python -m flows.detections` (a stand-in for a real detector's results file)."""
+"""DVC stage `detections`: `python -m flows.detections` (a stand-in for a real detector's results
+file)."""
+
 from __future__ import annotations
 
 from flows.launcher import launch
@@ -13,4 +15,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    launch("flows.detections", main)  # through the warm stage worker (flows/launcher.py), or in-process
+    launch(
+        "flows.detections", main
+    )  # through the warm stage worker (flows/launcher.py), or in-process

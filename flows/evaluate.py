@@ -1,4 +1,5 @@
 """DVC stage `evaluate@<method>`: `python -m flows.evaluate --method <method>`."""
+
 from __future__ import annotations
 
 from flows.launcher import launch
@@ -14,4 +15,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    launch("flows.evaluate", main)  # through the warm stage worker (flows/launcher.py), or in-process
+    launch(
+        "flows.evaluate", main
+    )  # through the warm stage worker (flows/launcher.py), or in-process

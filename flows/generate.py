@@ -1,4 +1,5 @@
 """DVC stage `generate`: `python -m flows.generate`."""
+
 from __future__ import annotations
 
 from flows.launcher import launch
@@ -13,4 +14,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    launch("flows.generate", main)  # through the warm stage worker (flows/launcher.py), or in-process
+    launch(
+        "flows.generate", main
+    )  # through the warm stage worker (flows/launcher.py), or in-process

@@ -1,29 +1,33 @@
-"""The entry of every DVC stage process: hand the stage to a warm stage worker, or run it in this process.
+"""The entry of every DVC stage process: hand the stage to a warm stage worker, or run it in this
+process.
 
-DVC starts each stage as a fresh `python -m flows.<stage>`. Importing prefect, mlflow, torch and transformers
-costs such a process seconds before it does any work, and the finished pipeline has ~17 of them. So the stage
-entry is this thin client (standard library only): it connects to a long-lived worker (`flows/worker.py`)
-over a unix socket and passes it argv, cwd, umask, the environment and its stdin/stdout/stderr (SCM_RIGHTS).
-The worker, which has those libraries imported but none of refvg's or flows' code, forks a child that takes
-on this process's state, imports the stage code fresh, runs it and reports its exit status, which this
-process exits with. Signals this process gets (Ctrl-C, SIGTERM, SIGHUP) are forwarded to the child; if this
-process dies, the worker kills the child, and if the worker dies, this process kills the child.
+DVC starts each stage as a fresh `python -m flows.<stage>`. Importing prefect, mlflow, torch and
+transformers costs such a process seconds before it does any work, and the finished pipeline has ~17
+of them. So the stage entry is this thin client (standard library only): it connects to a long-lived
+worker (`flows/worker.py`) over a unix socket and passes it argv, cwd, umask, the environment and
+its stdin/stdout/stderr (SCM_RIGHTS). The worker, which has those libraries imported but none of
+refvg's or flows' code, forks a child that takes on this process's state, imports the stage code
+fresh, runs it and reports its exit status, which this process exits with. Signals this process gets
+(Ctrl-C, SIGTERM, SIGHUP) are forwarded to the child; if this process dies, the worker kills the
+child, and if the worker dies, this process kills the child.
 
-A worker only serves clients whose *key* it was started with: the interpreter and its flags, sys.path (so,
-the project: one worker per checkout), the state of site-packages, the environment variables the
-pre-imported libraries read at import time (`KEYED_ENV_PREFIXES`), the settings files Prefect and matplotlib
-read from the working directory and Prefect's profiles, the CPU affinity, and this module's and the worker's
-own source. A client with another key starts another worker; a worker idle for `REFVG_STAGE_WORKER_IDLE`
-seconds (default 600) exits by itself. The first stage of a pipeline starts the worker (it pays the imports
-once) and, as the in-process path does, the local Prefect server, which boots meanwhile.
+A worker only serves clients whose *key* it was started with: the interpreter and its flags,
+sys.path (so, the project: one worker per checkout), the state of site-packages, the environment
+variables the pre-imported libraries read at import time (`KEYED_ENV_PREFIXES`), the settings files
+Prefect and matplotlib read from the working directory and Prefect's profiles, the CPU affinity, and
+this module's and the worker's own source. A client with another key starts another worker; a worker
+idle for `REFVG_STAGE_WORKER_IDLE` seconds (default 600) exits by itself. The first stage of a
+pipeline starts the worker (it pays the imports once) and, as the in-process path does, the local
+Prefect server, which boots meanwhile.
 
     REFVG_STAGE_WORKER=0              run stages in-process, exactly as without the worker
-    REFVG_STAGE_WORKER_DIR=PATH       where sockets and worker logs live (default: a per-user runtime dir)
-    python -m flows.launcher list     the workers of this user: socket, pid, idle seconds
-    python -m flows.launcher stop     stop them (a running stage is terminated)
+    REFVG_STAGE_WORKER_DIR=PATH       where sockets and worker logs live (default: a per-user
+    runtime dir) python -m flows.launcher list     the workers of this user: socket, pid, idle
+    seconds python -m flows.launcher stop     stop them (a running stage is terminated)
 
 Platforms without fork, unix sockets or fd passing run the stages in-process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +40,11 @@ import time
 from pathlib import Path
 from typing import Callable, NoReturn
 
-_IMPORTED_AT = time.time()  # sent with a request: the client's start, less the interpreter's own (~30 ms)
-# In a worker child: when its client, the process DVC started, began (flows.runtime reports stage times by it).
+_IMPORTED_AT = (
+    time.time()
+)  # sent with a request: the client's start, less the interpreter's own (~30 ms)
+# In a worker child: when its client, the process DVC started, began (flows.runtime reports stage
+# times by it).
 CLIENT_STARTED_AT: float | None = None
 
 SWITCH_ENV = "REFVG_STAGE_WORKER"
@@ -45,33 +52,71 @@ DIR_ENV = "REFVG_STAGE_WORKER_DIR"
 IDLE_ENV = "REFVG_STAGE_WORKER_IDLE"
 DEFAULT_IDLE_SECONDS = 600.0
 MAX_SOCKET_PATH = 100  # sun_path holds 104 bytes on macOS, 108 on Linux
-START_TIMEOUT_SECONDS = 180.0  # a worker's imports take ~10 s on a quiet 2-core machine, far longer on a busy one
-# Read at import time by prefect, mlflow, torch, transformers, numpy, matplotlib or Python itself: a worker
-# whose libraries were imported under other values would run the stage with the wrong settings.
+START_TIMEOUT_SECONDS = (
+    180.0  # a worker's imports take ~10 s on a quiet 2-core machine, far longer on a busy one
+)
+# Read at import time by prefect, mlflow, torch, transformers, numpy, matplotlib or Python itself: a
+# worker whose libraries were imported under other values would run the stage with the wrong
+# settings.
 KEYED_ENV_PREFIXES = (
-    "PREFECT_", "MLFLOW_", "PYTHON", "PYTORCH_", "TORCH", "CUDA_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_",
-    "HF_", "TRANSFORMERS_", "TOKENIZERS_", "SQLALCHEMY_", "MPL", "ARROW_", "GIT_PYTHON", "LC_", "LANG", "TZ",
-    "DO_NOT_TRACK", "TMPDIR", "HOME", "NO_COLOR", "TERM", "COLUMNS",
+    "PREFECT_",
+    "MLFLOW_",
+    "PYTHON",
+    "PYTORCH_",
+    "TORCH",
+    "CUDA_",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "KMP_",
+    "GOMP_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "SQLALCHEMY_",
+    "MPL",
+    "ARROW_",
+    "GIT_PYTHON",
+    "LC_",
+    "LANG",
+    "TZ",
+    "DO_NOT_TRACK",
+    "TMPDIR",
+    "HOME",
+    "NO_COLOR",
+    "TERM",
+    "COLUMNS",
 )
 # (no SIGHUP or SIGQUIT on Windows, where this module must still import, to run stages in-process)
-FORWARDED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
-UNKEYED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # MLflow reads these per call, not at import
+FORWARDED_SIGNALS = tuple(
+    getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n)
+)
+UNKEYED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+)  # MLflow reads these per call, not at import
 # Read from the working directory at import time: Prefect's settings, matplotlib's rc file.
 CWD_SETTINGS_FILES = (".env", "prefect.toml", "pyproject.toml", "matplotlibrc")
-_SOURCES = ("launcher.py", "worker.py")  # the worker's own code: a changed copy must not be served by an old one
+_SOURCES = (
+    "launcher.py",
+    "worker.py",
+)  # the worker's own code: a changed copy must not be served by an old one
 
 
 def enabled(env: dict[str, str] = os.environ) -> bool:
     """Whether stages go through a worker: not switched off, and the platform has what it needs."""
     if env.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         return False
-    if "WORLD_SIZE" in env:  # a torchrun rank: it must stay the launcher's child to join its process group
+    if (
+        "WORLD_SIZE" in env
+    ):  # a torchrun rank: it must stay the launcher's child to join its process group
         return False
     return hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
 
 
 def runtime_dir(env: dict[str, str] = os.environ) -> Path:
-    """A folder only this user can use (the socket hands over the environment and file descriptors)."""
+    """A folder only this user can use (the socket hands over the environment and file
+    descriptors)."""
     if env.get(DIR_ENV):
         base = Path(env[DIR_ENV])
     elif env.get("XDG_RUNTIME_DIR"):
@@ -92,18 +137,29 @@ def worker_key(env: dict[str, str], interpreter_flags: list[str] | None = None) 
     import site
     import subprocess
 
-    flags = subprocess._args_from_interpreter_flags() if interpreter_flags is None else interpreter_flags
+    flags = (
+        subprocess._args_from_interpreter_flags()
+        if interpreter_flags is None
+        else interpreter_flags
+    )
     sites = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
-    prefect_home = Path(env.get("PREFECT_HOME", Path(env.get("HOME", "~")) / ".prefect")).expanduser()
+    prefect_home = Path(
+        env.get("PREFECT_HOME", Path(env.get("HOME", "~")) / ".prefect")
+    ).expanduser()
     profiles = Path(env.get("PREFECT_PROFILES_PATH", prefect_home / "profiles.toml"))
     here = Path(__file__).resolve().parent
     parts = {
         "python": [sys.executable, sys.version, flags],
-        # [0] is the project: importing from there, or caching what is installed there (its egg-info), a worker
-        # started for another checkout could differ. So each project gets its own worker.
+        # [0] is the project: importing from there, or caching what is installed there (its
+        # egg-info), a worker started for another checkout could differ. So each project gets its
+        # own worker.
         "sys.path": sys.path,
         "site": {p: os.stat(p).st_mtime_ns for p in sites},
-        "env": sorted((k, v) for k, v in env.items() if k.startswith(KEYED_ENV_PREFIXES) and k not in UNKEYED_ENV),
+        "env": sorted(
+            (k, v)
+            for k, v in env.items()
+            if k.startswith(KEYED_ENV_PREFIXES) and k not in UNKEYED_ENV
+        ),
         "settings": [_digest(p) for p in (profiles, *(Path(name) for name in CWD_SETTINGS_FILES))],
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "source": [_digest(here / name) for name in _SOURCES],
@@ -122,8 +178,9 @@ def socket_path(folder: Path, key: str) -> Path:
     return folder / f"worker-{key}.sock"
 
 
-# --- the wire: a request is one byte (carrying the client's stdin/stdout/stderr when it runs a stage) and a
-# JSON line; replies and forwarded signals are JSON lines.
+# --- the wire: a request is one byte (carrying the client's stdin/stdout/stderr when it runs a
+# stage) and a JSON line; replies and forwarded signals are JSON lines.
+
 
 def send_message(sock: socket.socket, message: dict) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
@@ -139,7 +196,9 @@ def send_request(sock: socket.socket, request: dict, fds: list[int] | None = Non
 
 def launch(module: str, main: Callable[[list[str]], None]) -> NoReturn:
     """Run the stage `module` (whose `main(argv)` runs it in-process) and exit with its status."""
-    env = dict(os.environ)  # before anything here sets telemetry defaults: the key is about what the user set
+    env = dict(
+        os.environ
+    )  # before anything here sets telemetry defaults: the key is about what the user set
     argv = sys.argv[1:]
     if enabled(env):
         why = None
@@ -152,7 +211,10 @@ def launch(module: str, main: Callable[[list[str]], None]) -> NoReturn:
             if isinstance(started, _Remote):
                 sys.exit(started.wait())
             why = started
-        print(f"refvg: stage worker unavailable ({why}); running the stage in this process", file=sys.stderr)
+        print(
+            f"refvg: stage worker unavailable ({why}); running the stage in this process",
+            file=sys.stderr,
+        )
     main(argv)
     sys.exit(0)
 
@@ -168,13 +230,16 @@ def _connect(env: dict[str, str]) -> socket.socket:
     except OSError as err:
         raise _Unavailable(err) from None
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise _Unavailable(f"socket path {path} is too long for a unix socket; set {DIR_ENV} to a shorter folder")
+        raise _Unavailable(
+            f"socket path {path} is too long for a unix socket; set {DIR_ENV} to a shorter folder"
+        )
     sock = _try_connect(path)
     if sock is not None:
         return sock
     import fcntl
 
-    # One spawner per key: stages started side by side (dvc exp run --jobs) must not start two workers.
+    # One spawner per key: stages started side by side (dvc exp run --jobs) must not start two
+    # workers.
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         sock = _try_connect(path)
@@ -182,7 +247,9 @@ def _connect(env: dict[str, str]) -> socket.socket:
             _start_worker(path, env)
             sock = _try_connect(path)
         if sock is None:
-            raise _Unavailable(f"the worker started for {path} does not answer; see {path.with_suffix('.log')}")
+            raise _Unavailable(
+                f"the worker started for {path} does not answer; see {path.with_suffix('.log')}"
+            )
     return sock
 
 
@@ -197,38 +264,58 @@ def _try_connect(path: Path) -> socket.socket | None:
 
 
 def _start_worker(path: Path, env: dict[str, str]) -> None:
-    """Start a worker for `path`'s key and wait until it listens (its imports done). A cold local Prefect
-    server boots meanwhile, as the in-process path does (flows.runtime.begin_prefect_api)."""
+    """Start a worker for `path`'s key and wait until it listens (its imports done). A cold local
+    Prefect server boots meanwhile, as the in-process path does
+    (flows.runtime.begin_prefect_api)."""
     import subprocess
 
     from flows.runtime import begin_prefect_api
 
     prefect_ready = begin_prefect_api()
-    # A socket file that refused us (we hold the spawn lock) is a dead worker's: gone, so that the wait below
-    # is for the new worker's socket, not satisfied at once by the old one.
+    # A socket file that refused us (we hold the spawn lock) is a dead worker's: gone, so that the
+    # wait below is for the new worker's socket, not satisfied at once by the old one.
     path.unlink(missing_ok=True)
     log = path.with_suffix(".log")
     idle = env.get(IDLE_ENV, str(DEFAULT_IDLE_SECONDS))
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "flows.worker",
-             "--socket", str(path), "--idle", idle, "--sys-path", json.dumps(sys.path)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,  # outlives this stage, and a Ctrl-C at the terminal is not for it
+            [
+                sys.executable,
+                *subprocess._args_from_interpreter_flags(),
+                "-m",
+                "flows.worker",
+                "--socket",
+                str(path),
+                "--idle",
+                idle,
+                "--sys-path",
+                json.dumps(sys.path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # outlives this stage, and a Ctrl-C at the terminal is not for it
+            start_new_session=True,
         )
     prefect_ready()
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not path.exists():
         if proc.poll() is not None:
-            raise _Unavailable(f"the worker exited with {proc.returncode} while starting; see {log}")
+            raise _Unavailable(
+                f"the worker exited with {proc.returncode} while starting; see {log}"
+            )
         if time.monotonic() > deadline:
             proc.terminate()
-            raise _Unavailable(f"the worker did not listen within {START_TIMEOUT_SECONDS:.0f} s; see {log}")
+            raise _Unavailable(
+                f"the worker did not listen within {START_TIMEOUT_SECONDS:.0f} s; see {log}"
+            )
         time.sleep(0.05)
 
 
 def _stdio_fds() -> list[int]:
-    """This process's stdin/stdout/stderr; a closed one is replaced by /dev/null, as the child expects all three."""
+    """This process's stdin/stdout/stderr; a closed one is replaced by /dev/null, as the child
+    expects all three."""
     fds = []
     for fd in (0, 1, 2):
         try:
@@ -240,9 +327,10 @@ def _stdio_fds() -> list[int]:
 
 
 class _Relay:
-    """This process's forwarded signals from before the request is sent: held until the child runs, then
-    relayed to it. Installed later, a Ctrl-C between the child's start and the handlers would kill this
-    client alone, and the worker would SIGTERM the stage instead of giving it its KeyboardInterrupt."""
+    """This process's forwarded signals from before the request is sent: held until the child runs,
+    then relayed to it. Installed later, a Ctrl-C between the child's start and the handlers would
+    kill this client alone, and the worker would SIGTERM the stage instead of giving it its
+    KeyboardInterrupt."""
 
     def __init__(self):
         self.held: list[int] = []
@@ -264,7 +352,8 @@ class _Relay:
             remote.forward(self.held.pop(0))
 
     def restore(self) -> None:
-        """No child runs the stage: the handlers of before, and the held signals delivered to them."""
+        """No child runs the stage: the handlers of before, and the held signals delivered to
+        them."""
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
         for sig in self.held:
@@ -272,7 +361,8 @@ class _Relay:
 
 
 class _Remote:
-    """A stage running in a worker's child: relays this process's signals to it and waits for its status."""
+    """A stage running in a worker's child: relays this process's signals to it and waits for its
+    status."""
 
     def __init__(self, sock: socket.socket, replies, child: int):
         self.sock, self.replies, self.child = sock, replies, child
@@ -284,8 +374,12 @@ class _Remote:
             line = b""
         if not line:
             _kill_group(self.child, signal.SIGKILL)
-            print(f"refvg: the stage worker died while running the stage (its child {self.child} is killed); "
-                  f"run again, or with {SWITCH_ENV}=0 to run stages in-process", file=sys.stderr)
+            print(
+                f"refvg: the stage worker died while running the stage (its "
+                f"child {self.child} is killed); "
+                f"run again, or with {SWITCH_ENV}=0 to run stages in-process",
+                file=sys.stderr,
+            )
             return 1
         status = json.loads(line)["status"]
         if status < 0:  # killed by a signal: die the same way, so DVC reports what happened
@@ -303,10 +397,20 @@ class _Remote:
 
 
 def _start_remote(sock: socket.socket, module: str, env: dict[str, str]) -> _Remote | str:
-    """Hand the stage to the worker; a _Remote once its child runs, else why not (then nothing ran)."""
-    request = {"op": "run", "module": module, "argv": sys.argv, "cwd": os.getcwd(), "env": env,
-               "sys_path": sys.path, "umask": _umask(), "started": _IMPORTED_AT, "client_pid": os.getpid(),
-               "ignored_signals": [s for s in FORWARDED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN]}
+    """Hand the stage to the worker; a _Remote once its child runs, else why not (then nothing
+    ran)."""
+    request = {
+        "op": "run",
+        "module": module,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "env": env,
+        "sys_path": sys.path,
+        "umask": _umask(),
+        "started": _IMPORTED_AT,
+        "client_pid": os.getpid(),
+        "ignored_signals": [s for s in FORWARDED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN],
+    }
     relay = _Relay()
     try:
         send_request(sock, request, _stdio_fds())
@@ -336,7 +440,9 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-# --- management --------------------------------------------------------------------------------------------
+# --- management
+# --------------------------------------------------------------------------------------------
+
 
 def list_workers(folder: Path | None = None) -> list[dict]:
     """The workers that answer in `folder`: socket path, pid, idle seconds, running stages."""
@@ -348,12 +454,15 @@ def list_workers(folder: Path | None = None) -> list[dict]:
         with sock:
             sock.settimeout(5)
             send_request(sock, {"op": "info"})
-            found.append({"socket": str(path), **json.loads(sock.makefile("rb").readline() or b"{}")})
+            found.append(
+                {"socket": str(path), **json.loads(sock.makefile("rb").readline() or b"{}")}
+            )
     return found
 
 
 def stop_workers(folder: Path | None = None) -> int:
-    """Ask every worker in `folder` to exit (running stages are terminated); returns how many were asked."""
+    """Ask every worker in `folder` to exit (running stages are terminated); returns how many were
+    asked."""
     workers = list_workers(folder)
     for w in workers:
         sock = _try_connect(Path(w["socket"]))

@@ -1,7 +1,9 @@
-"""The whole pipeline as one Prefect flow, in one process and outside DVC: every stage of dvc.yaml, in the
-order `dvc repro` runs them (DVC's own plan of dvc.yaml resolved against the params file, so the graph is
-written once), each stage a subflow with its own MLflow child run under one parent. Unlike `dvc repro`
-(flows/scheduled.py, what the scheduled deployment runs), it reruns every stage, up to date or not."""
+"""The whole pipeline as one Prefect flow, in one process and outside DVC: every stage of dvc.yaml,
+in the order `dvc repro` runs them (DVC's own plan of dvc.yaml resolved against the params file, so
+the graph is written once), each stage a subflow with its own MLflow child run under one parent.
+Unlike `dvc repro` (flows/scheduled.py, what the scheduled deployment runs), it reruns every stage,
+up to date or not."""
+
 from __future__ import annotations
 
 import shlex
@@ -14,12 +16,19 @@ from prefect import flow
 from flows.resolve import resolve
 from flows.runtime import stage_parser, timed_main
 from flows.stages import (
-    detections_flow, evaluate_flow, generate_flow, prepare_flow, report_flow, teacher_flow, train_flow,
+    detections_flow,
+    evaluate_flow,
+    generate_flow,
+    prepare_flow,
+    report_flow,
+    teacher_flow,
+    train_flow,
 )
 from refvg.config import load_config
 
 DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
-# What each stage command of dvc.yaml (`python -m <module> [--<arg> <value>]...`) runs, in this process.
+# What each stage command of dvc.yaml (`python -m <module> [--<arg> <value>]...`) runs, in this
+# process.
 STAGE_FUNCTIONS = {
     "flows.resolve": resolve,
     "flows.generate": generate_flow,
@@ -39,7 +48,8 @@ def stage_plan(params: str = "params.yaml", dvc_yaml: Path = DVC_YAML) -> list[t
     from dvc.repo.reproduce import plan_repro
 
     with tempfile.TemporaryDirectory(prefix="refvg-plan-") as tmp:
-        # DVC resolves dvc.yaml against the params.yaml beside it: a view of the two, without a repository.
+        # DVC resolves dvc.yaml against the params.yaml beside it: a view of the two, without a
+        # repository.
         shutil.copy(dvc_yaml, Path(tmp) / "dvc.yaml")
         shutil.copy(params, Path(tmp) / "params.yaml")
         repo = Repo(tmp, uninitialized=True)
@@ -53,8 +63,10 @@ def stage_call(stage: str, cmd: str) -> tuple[str, dict]:
     """`python -m flows.train --method m` -> ("flows.train", {"method": "m"})."""
     words = shlex.split(cmd)
     if len(words) < 3 or words[1] != "-m" or words[2] not in STAGE_FUNCTIONS or len(words[3:]) % 2:
-        raise ValueError(f"dvc.yaml stage {stage!r} runs {cmd!r}; the one-process pipeline runs "
-                         f"`python -m <module> [--<arg> <value>]...` of {sorted(STAGE_FUNCTIONS)}")
+        raise ValueError(
+            f"dvc.yaml stage {stage!r} runs {cmd!r}; the one-process pipeline runs "
+            f"`python -m <module> [--<arg> <value>]...` of {sorted(STAGE_FUNCTIONS)}"
+        )
     args = words[3:]
     if not all(a.startswith("--") for a in args[::2]):
         raise ValueError(f"dvc.yaml stage {stage!r}: {cmd!r} is not `--<arg> <value>` pairs")
@@ -83,6 +95,8 @@ def pipeline_flow(params: str = "params.yaml", generate: bool = True) -> dict:
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
-    parser.add_argument("--no-generate", action="store_true", help="skip RefShapes (a real dataset is configured)")
+    parser.add_argument(
+        "--no-generate", action="store_true", help="skip RefShapes (a real dataset is configured)"
+    )
     args = parser.parse_args()
     timed_main(pipeline_flow, params=args.params, generate=not args.no_generate)

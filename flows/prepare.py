@@ -1,4 +1,5 @@
 """DVC stage `prepare`: `python -m flows.prepare`."""
+
 from __future__ import annotations
 
 from flows.launcher import launch
@@ -13,4 +14,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    launch("flows.prepare", main)  # through the warm stage worker (flows/launcher.py), or in-process
+    launch(
+        "flows.prepare", main
+    )  # through the warm stage worker (flows/launcher.py), or in-process

@@ -1,4 +1,5 @@
 """DVC stage `report`: `python -m flows.report`."""
+
 from __future__ import annotations
 
 from flows.launcher import launch

@@ -1,7 +1,9 @@
-"""DVC stage `resolve`: `python -m flows.resolve --out DIR` writes DIR/<method>.json for every method, what
-its training reads (refvg.engine.fingerprint); each train stage depends on its own file, so DVC retrains only
-the methods whose knobs or code changed. Bookkeeping, not a pipeline step worth a Prefect flow or an MLflow
+"""DVC stage `resolve`: `python -m flows.resolve --out DIR` writes DIR/<method>.json for every
+method, what its training reads (refvg.engine.fingerprint); each train stage depends on its own
+file, so DVC retrains only the methods whose knobs or code changed. Bookkeeping, not a pipeline step
+worth a Prefect flow or an MLflow
 run: it imports neither (nor torch) and takes well under a second."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +21,22 @@ def resolve(params: str = "params.yaml", out: str = "data/stamps") -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--out", default="data/stamps", help="folder of the stamps (dvc.yaml's stamps_dir)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="the params file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--out", default="data/stamps", help="folder of the stamps (dvc.yaml's stamps_dir)"
+    )
     args = parser.parse_args(argv)
     try:
         changed = resolve(args.params, args.out)
     except ConfigError as err:
         sys.exit(f"resolve: {err}")
     names = [m for m, c in changed.items() if c]
-    print(f"resolve: {len(changed)} method stamps in {args.out}, changed: {', '.join(names) or 'none'}")
+    print(
+        f"resolve: {len(changed)} method stamps in {args.out}, "
+        f"changed: {', '.join(names) or 'none'}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""What every flow process sets up before Prefect runs: telemetry off, and which Prefect API to talk to.
+"""What every flow process sets up before Prefect runs: telemetry off, and which Prefect API to talk
+to.
 
-Prefect's ephemeral server costs ~12 s in every process that starts a flow; DVC runs one process per stage,
-so that tax would be paid per stage. Instead, unless `PREFECT_API_URL` names a server, the first stage starts
-a local `prefect server` on loopback (state in `.prefect/`, kept running for the next stages and for the UI)
-and every later process just connects to it (~2 s). The first stage starts it before importing its libraries,
-so the boot (~18 s on a fresh state, mostly database migrations) overlaps those imports.
-`REFVG_PREFECT_SERVER=ephemeral` restores the ephemeral per-process mode.
+Prefect's ephemeral server costs ~12 s in every process that starts a flow; DVC runs one process per
+stage, so that tax would be paid per stage. Instead, unless `PREFECT_API_URL` names a server, the
+first stage starts a local `prefect server` on loopback (state in `.prefect/`, kept running for the
+next stages and for the UI) and every later process just connects to it (~2 s). The first stage
+starts it before importing its libraries, so the boot (~18 s on a fresh state, mostly database
+migrations) overlaps those imports. `REFVG_PREFECT_SERVER=ephemeral` restores the ephemeral
+per-process mode.
 
 One server per repository: its state lives in the DVC project's `.prefect/` (`DVC_ROOT`, which DVC
 points at the repository for `--temp` and queued experiments too), so experiments running in DVC's
@@ -13,6 +15,7 @@ temporary workspaces share the repository's server instead of each starting one 
 workspace; a file lock makes stages that start together (`dvc queue start -j N`) start one server,
 not N.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,35 +66,63 @@ def _recorded_server(home: Path) -> str | None:
 
 
 def spawn_local_server(home: Path = PREFECT_HOME) -> tuple[str, subprocess.Popen]:
-    """Start `prefect server` detached on loopback without waiting for it; returns (API URL, process)."""
+    """Start `prefect server` detached on loopback without waiting for it; returns (API URL,
+    process)."""
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "true", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
     env.pop("PREFECT_API_URL", None)
     with open(home / "server.log", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # outlives this stage
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # outlives this stage
             cwd=home,  # not the stage's folder, which may be a temporary workspace DVC deletes
         )
     return url, proc
 
 
-def wait_for_server(url: str, proc: subprocess.Popen, home: Path = PREFECT_HOME, timeout: float = 90.0) -> str:
+def wait_for_server(
+    url: str, proc: subprocess.Popen, home: Path = PREFECT_HOME, timeout: float = 90.0
+) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {home / 'server.log'}")
+            raise RuntimeError(
+                f"prefect server exited with {proc.returncode}; see {home / 'server.log'}"
+            )
         if _healthy(url):
             (home / "server.json").write_text(json.dumps({"api_url": url, "pid": proc.pid}))
-            print(f"refvg: started a Prefect server at {url[:-4]} (UI; state in {home}); "
-                  f"stop it with: python -m flows.runtime stop", file=sys.stderr)
+            print(
+                f"refvg: started a Prefect server at {url[:-4]} (UI; state in {home}); "
+                f"stop it with: python -m flows.runtime stop",
+                file=sys.stderr,
+            )
             return url
         time.sleep(0.3)
     proc.kill()
-    raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
+    raise RuntimeError(
+        f"prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}"
+    )
 
 
 def begin_local_server(home: Path = PREFECT_HOME) -> Callable[[], str]:
@@ -140,9 +171,9 @@ def stop_local_server(home: Path = PREFECT_HOME) -> bool:
 
 
 def begin_prefect_api() -> Callable[[], str | None]:
-    """Choose the API this process's flows report to and, if the local server must be started, start it
-    now; the returned callable waits for it and gives its URL (None: Prefect's ephemeral server). A stage
-    calls this before importing its libraries, so a cold server boots while they import."""
+    """Choose the API this process's flows report to and, if the local server must be started, start
+    it now; the returned callable waits for it and gives its URL (None: Prefect's ephemeral server).
+    A stage calls this before importing its libraries, so a cold server boots while they import."""
     if os.environ.get("PREFECT_API_URL"):
         url = os.environ["PREFECT_API_URL"]
         return lambda: url
@@ -168,12 +199,15 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def timed_main(flow_ref, **kwargs) -> None:
-    """Entry point of a stage process: runs a flow (`flow_ref`: the flow, or "module:name" to import it once
-    the server is booting) and records how the process spent its time (`.refvg/timings.jsonl`, read by
-    benchmarks/pipeline.py)."""
-    # Prefect configures the root logger its own way; give refvg's loggers (per-epoch lines, skips) a handler.
+    """Entry point of a stage process: runs a flow (`flow_ref`: the flow, or "module:name" to import
+    it once the server is booting) and records how the process spent its time
+    (`.refvg/timings.jsonl`, read by benchmarks/pipeline.py)."""
+    # Prefect configures the root logger its own way; give refvg's loggers (per-epoch lines, skips)
+    # a handler.
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
     lib = logging.getLogger("refvg")
     lib.setLevel(logging.INFO)
     lib.addHandler(handler)
@@ -182,13 +216,20 @@ def timed_main(flow_ref, **kwargs) -> None:
     api_url = begin_prefect_api()
     if isinstance(flow_ref, str):
         module, name = flow_ref.split(":")
-        flow_fn = getattr(importlib.import_module(module), name)  # prefect, mlflow, torch: seconds of imports
+        flow_fn = getattr(
+            importlib.import_module(module), name
+        )  # prefect, mlflow, torch: seconds of imports
     else:
         flow_fn = flow_ref
     result = run(flow_fn, api_url(), **kwargs)
-    record = {"flow": flow_fn.name, "args": kwargs, "flow_seconds": time.perf_counter() - t0,
-              "process_seconds": time.time() - _process_start(), "work_seconds": (result or {}).get("work_seconds"),
-              "via_worker": _via_worker()}
+    record = {
+        "flow": flow_fn.name,
+        "args": kwargs,
+        "flow_seconds": time.perf_counter() - t0,
+        "process_seconds": time.time() - _process_start(),
+        "work_seconds": (result or {}).get("work_seconds"),
+        "via_worker": _via_worker(),
+    }
     path = Path(".refvg/timings.jsonl")
     path.parent.mkdir(exist_ok=True)
     with path.open("a") as f:
@@ -215,7 +256,9 @@ def _process_start() -> float:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Manage the local Prefect server the stages share.")
+    parser = argparse.ArgumentParser(
+        description="Manage the local Prefect server the stages share."
+    )
     parser.add_argument("action", choices=["start", "stop", "url"])
     action = parser.parse_args().action
     if action == "stop":

@@ -1,10 +1,13 @@
-"""Serve the deployments of prefect.yaml from this process: `python -m flows.serve [--only NAME ...]`.
+"""Serve the deployments of prefect.yaml from this process: `python -m flows.serve [--only NAME
+...]`.
 
-prefect.yaml is the one declaration of the deployments (entrypoint, parameters, cron schedules); this reads
-it rather than repeating it, registers each deployment with the Prefect API (PREFECT_API_URL, else the local
-server of flows/runtime) and runs their flow runs, scheduled or triggered, in subprocesses here until
-stopped. `prefect deploy --all` registers the same deployments for a work pool instead.
+prefect.yaml is the one declaration of the deployments (entrypoint, parameters, cron schedules);
+this reads it rather than repeating it, registers each deployment with the Prefect API
+(PREFECT_API_URL, else the local server of flows/runtime) and runs their flow runs, scheduled or
+triggered, in subprocesses here until stopped. `prefect deploy --all` registers the same deployments
+for a work pool instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +36,7 @@ def declared(path: Path = PREFECT_YAML) -> list[dict]:
 
 
 def load_flow(entrypoint: str):
-    """"flows/pipeline.py:pipeline_flow" -> the flow object."""
+    """ "flows/pipeline.py:pipeline_flow" -> the flow object."""
     file, _, name = entrypoint.partition(":")
     module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
     return getattr(module, name)
@@ -45,29 +48,46 @@ def to_deployments(specs: list[dict]) -> list:
     out = []
     for d in specs:
         schedules = [Cron(s["cron"], timezone=s.get("timezone")) for s in d.get("schedules") or []]
-        out.append(load_flow(d["entrypoint"]).to_deployment(
-            name=d["name"], description=d.get("description"), parameters=d.get("parameters") or {},
-            schedules=schedules or None, tags=d.get("tags") or []))
+        out.append(
+            load_flow(d["entrypoint"]).to_deployment(
+                name=d["name"],
+                description=d.get("description"),
+                parameters=d.get("parameters") or {},
+                schedules=schedules or None,
+                tags=d.get("tags") or [],
+            )
+        )
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", help="serve only these deployments (names in prefect.yaml)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--only", nargs="*", help="serve only these deployments (names in prefect.yaml)"
+    )
     ap.add_argument("--prefect-yaml", type=Path, default=PREFECT_YAML)
     args = ap.parse_args()
     specs = [d for d in declared(args.prefect_yaml) if not args.only or d["name"] in args.only]
     if args.only and len(specs) != len(args.only):
         known = [d["name"] for d in declared(args.prefect_yaml)]
-        raise SystemExit(f"unknown deployment(s) in --only {args.only}; prefect.yaml declares {known}")
+        raise SystemExit(
+            f"unknown deployment(s) in --only {args.only}; prefect.yaml declares {known}"
+        )
     url = begin_prefect_api()()
     if url is None:
-        raise SystemExit("serving needs a Prefect server that outlives this process: set PREFECT_API_URL, "
-                         "or unset REFVG_PREFECT_SERVER=ephemeral to use the local one")
-    os.environ["PREFECT_API_URL"] = url  # before prefect is imported: the flow-run subprocesses inherit it
+        raise SystemExit(
+            "serving needs a Prefect server that outlives this process: set PREFECT_API_URL, "
+            "or unset REFVG_PREFECT_SERVER=ephemeral to use the local one"
+        )
+    os.environ["PREFECT_API_URL"] = (
+        url  # before prefect is imported: the flow-run subprocesses inherit it
+    )
     from prefect import serve
 
     serve(*to_deployments(specs))
+
 
 if __name__ == "__main__":
     main()

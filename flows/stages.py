@@ -1,8 +1,9 @@
 """The pipeline's stages as Prefect flows: thin wrappers that call `refvg.stages` and log to MLflow.
 
-Each flow returns a small dict (what it wrote, its figures, and `work_seconds`: the time spent in the
-library's data work and model compute, which the overhead benchmark subtracts from wall time).
+Each flow returns a small dict (what it wrote, its figures, and `work_seconds`: the time spent in
+the library's data work and model compute, which the overhead benchmark subtracts from wall time).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ log = logging.getLogger("refvg.flows.stages")
 
 @task(cache_policy=NO_CACHE)
 def work(fn, *args, **kwargs):
-    """Data work or model compute. Not retried: a failure there is a bug or bad data, and a repeat hides it."""
+    """Data work or model compute. Not retried: a failure there is a bug or bad data, and a repeat
+    hides it."""
     return fn(*args, **kwargs)
 
 
@@ -36,8 +38,8 @@ def transfer(fn, *args, **kwargs):
 
 
 def upload(fn, *args, name: str) -> None:
-    """Run a transfer; if it still fails after its retries, report it and let the stage finish (its outputs
-    are on disk and in DVC already)."""
+    """Run a transfer; if it still fails after its retries, report it and let the stage finish (its
+    outputs are on disk and in DVC already)."""
     state = transfer.with_options(name=name)(fn, *args, return_state=True)
     if state.is_failed():
         log.warning("%s failed after retries: %s", name, state.message)
@@ -54,7 +56,9 @@ def log_files(tracker: Tracker, paths: list[Path]) -> None:
 @flow(name="generate")
 def generate_flow(params: str = "params.yaml") -> dict:
     cfg = load_config(params)
-    with stage_run(cfg, "generate", params={"synthetic": cfg.synthetic.model_dump(mode="json")}) as tracker:
+    with stage_run(
+        cfg, "generate", params={"synthetic": cfg.synthetic.model_dump(mode="json")}
+    ) as tracker:
         t0 = time.perf_counter()
         summary = work.with_options(name="generate-refshapes")(stages.generate, cfg)
         seconds = time.perf_counter() - t0
@@ -64,34 +68,44 @@ def generate_flow(params: str = "params.yaml") -> dict:
 
 @task(cache_policy=NO_CACHE, task_run_name="letterbox-{shard.split}-{shard.index}")
 def prepare_shard(fn, shard):
-    """One shard of prepare's image work (refvg.data.prepare.letterbox_shard); mapped over the shards."""
+    """One shard of prepare's image work (refvg.data.prepare.letterbox_shard); mapped over the
+    shards."""
     return fn(shard)
 
 
 def shard_task_runner(cfg: Config):
-    """Where prepare's shards run: Dask worker processes when prefect-dask is installed (or asked for),
-    else Prefect's thread pool."""
+    """Where prepare's shards run: Dask worker processes when prefect-dask is installed (or asked
+    for), else Prefect's thread pool."""
     p = cfg.parallel
     if p.prepare_runner in ("auto", "dask"):
-        # Dask logs every worker start and stop at INFO; the stage log keeps to what matters (its workers
-        # read this too, being started after it is set).
+        # Dask logs every worker start and stop at INFO; the stage log keeps to what matters (its
+        # workers read this too, being started after it is set).
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError:
             if p.prepare_runner == "dask":
-                raise RuntimeError("parallel.prepare_runner is 'dask' but prefect-dask is not installed: "
-                                   "pip install -c constraints.txt -e '.[dask]'") from None
+                raise RuntimeError(
+                    "parallel.prepare_runner is 'dask' but prefect-dask is not installed: "
+                    "pip install -c constraints.txt -e '.[dask]'"
+                ) from None
         else:
-            return DaskTaskRunner(cluster_kwargs={"n_workers": p.prepare_workers, "threads_per_worker": 1,
-                                                  "processes": True, "dashboard_address": None})
+            return DaskTaskRunner(
+                cluster_kwargs={
+                    "n_workers": p.prepare_workers,
+                    "threads_per_worker": 1,
+                    "processes": True,
+                    "dashboard_address": None,
+                }
+            )
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=p.prepare_workers)
 
 
 def run_shards_mapped(cfg: Config):
-    """A `run_shards` for refvg.data.prepare: the shards as mapped Prefect tasks on `shard_task_runner`."""
+    """A `run_shards` for refvg.data.prepare: the shards as mapped Prefect tasks on
+    `shard_task_runner`."""
     from prefect import unmapped
 
     def run(fn, shards):
@@ -104,18 +118,31 @@ def run_shards_mapped(cfg: Config):
 @flow(name="prepare")
 def prepare_flow(params: str = "params.yaml") -> dict:
     cfg = load_config(params)
-    with stage_run(cfg, "prepare", params={"data": cfg.data.model_dump(mode="json"),
-                                           "parallel": cfg.parallel.model_dump(mode="json")}) as tracker:
+    with stage_run(
+        cfg,
+        "prepare",
+        params={
+            "data": cfg.data.model_dump(mode="json"),
+            "parallel": cfg.parallel.model_dump(mode="json"),
+        },
+    ) as tracker:
         t0 = time.perf_counter()
         if cfg.parallel.prepare_shards > 1:  # the shards are the tasks; a failed one fails the flow
             manifest = stages.prepare(cfg, run_shards=run_shards_mapped(cfg))
         else:
             manifest = work.with_options(name="prepare-dataset", retries=1)(stages.prepare, cfg)
         seconds = time.perf_counter() - t0
-        counts = {f"{split}.{k}": v for split, c in manifest["splits"].items() for k, v in c.items()}
-        tracker.log_metrics({**counts, "skipped.total": manifest["skipped"]["total"],
-                             **{f"skipped.{r}": n for r, n in manifest["skipped"]["counts"].items()},
-                             "prepare_seconds": seconds})
+        counts = {
+            f"{split}.{k}": v for split, c in manifest["splits"].items() for k, v in c.items()
+        }
+        tracker.log_metrics(
+            {
+                **counts,
+                "skipped.total": manifest["skipped"]["total"],
+                **{f"skipped.{r}": n for r, n in manifest["skipped"]["counts"].items()},
+                "prepare_seconds": seconds,
+            }
+        )
         log_files(tracker, [stages.prepared_manifest(cfg)])
     return {"manifest": manifest, "work_seconds": seconds}
 
@@ -123,7 +150,9 @@ def prepare_flow(params: str = "params.yaml") -> dict:
 @flow(name="detections")
 def detections_flow(params: str = "params.yaml") -> dict:
     cfg = load_config(params)
-    with stage_run(cfg, "detections", params={"detections": cfg.detections.model_dump(mode="json")}) as tracker:
+    with stage_run(
+        cfg, "detections", params={"detections": cfg.detections.model_dump(mode="json")}
+    ) as tracker:
         t0 = time.perf_counter()
         summary = work.with_options(name="stand-in-detections")(stages.detections, cfg)
         seconds = time.perf_counter() - t0
@@ -136,25 +165,57 @@ def detections_flow(params: str = "params.yaml") -> dict:
 def train_flow(method: str, params: str = "params.yaml") -> dict:
     cfg = load_config(params)
     run_cfg = cfg.for_method(method)
-    with stage_run(cfg, f"train@{method}", run_name=f"train {method}",
-                   params={"method": cfg.all_methods[method].model_dump(mode="json"), **run_cfg.model_dump(mode="json")}) as tracker:
+    with stage_run(
+        cfg,
+        f"train@{method}",
+        run_name=f"train {method}",
+        params={
+            "method": cfg.all_methods[method].model_dump(mode="json"),
+            **run_cfg.model_dump(mode="json"),
+        },
+    ) as tracker:
         result = work.with_options(name=f"train-{method}")(
-            stages.train_method, cfg, method, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
-        best = f"best_val_{result.select_metric}".replace("@", "_at_")  # weak methods: a box-free metric
-        tracker.log_metrics({best: result.best_score, "best_epoch": result.best_epoch,
-                             "train_samples_per_second": result.samples_per_second})
+            stages.train_method,
+            cfg,
+            method,
+            on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch),
+        )
+        best = f"best_val_{result.select_metric}".replace(
+            "@", "_at_"
+        )  # weak methods: a box-free metric
+        tracker.log_metrics(
+            {
+                best: result.best_score,
+                "best_epoch": result.best_epoch,
+                "train_samples_per_second": result.samples_per_second,
+            }
+        )
         model_uri = transfer.with_options(name="log-model")(
-            tracker.log_model, result.best_checkpoint, result.checkpoint_dir / TOKENIZER_DIR,
-            return_state=True)
+            tracker.log_model,
+            result.best_checkpoint,
+            result.checkpoint_dir / TOKENIZER_DIR,
+            return_state=True,
+        )
         if model_uri.is_failed():
             log.warning("log-model failed after retries: %s", model_uri.message)
         else:  # a new version per training run: models:/refvg-<method>/<n>
-            upload(tracker.register_model, model_uri.result(), f"refvg-{method}",
-                   {"val_acc_at_0.5": result.best_score, "best_epoch": result.best_epoch,
-                    "method": method},
-                   name="register-model")
-    return {"best_score": result.best_score, "best_epoch": result.best_epoch,
-            "samples_per_second": result.samples_per_second, "work_seconds": result.compute_seconds}
+            upload(
+                tracker.register_model,
+                model_uri.result(),
+                f"refvg-{method}",
+                {
+                    "val_acc_at_0.5": result.best_score,
+                    "best_epoch": result.best_epoch,
+                    "method": method,
+                },
+                name="register-model",
+            )
+    return {
+        "best_score": result.best_score,
+        "best_epoch": result.best_epoch,
+        "samples_per_second": result.samples_per_second,
+        "work_seconds": result.compute_seconds,
+    }
 
 
 @flow(name="teacher")
@@ -163,27 +224,46 @@ def teacher_flow(params: str = "params.yaml") -> dict:
     loss, retrieval recall on its caption corpus's held-out images and on val), the model folder and
     the features' manifest as artifacts."""
     cfg = load_config(params)
-    with stage_run(cfg, "teacher", params={"teacher": cfg.teacher.model_dump(mode="json")}) as tracker:
+    with stage_run(
+        cfg, "teacher", params={"teacher": cfg.teacher.model_dump(mode="json")}
+    ) as tracker:
         result = work.with_options(name="teacher")(
-            stages.teacher, cfg, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch))
-        tracker.log_metrics({**{f"final_val/{k}": v for k, v in result["val"].items()},
-                             **{f"final_corpus/{k}": v for k, v in result["corpus"].items()},
-                             "teacher_seconds": result["seconds"]})
+            stages.teacher, cfg, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch)
+        )
+        tracker.log_metrics(
+            {
+                **{f"final_val/{k}": v for k, v in result["val"].items()},
+                **{f"final_corpus/{k}": v for k, v in result["corpus"].items()},
+                "teacher_seconds": result["seconds"],
+            }
+        )
         out = Path(result["out_dir"])
         log_files(tracker, [out / "features" / "manifest.json"])
         if (out / "model").exists():  # not when no method distils
-            upload(tracker.log_artifact, out / "model", "teacher", name="log-teacher")  # save_pretrained folder
-    return {"val": result["val"], "corpus": result["corpus"], "out_dir": result["out_dir"],
-            "work_seconds": result["seconds"]}
+            upload(
+                tracker.log_artifact, out / "model", "teacher", name="log-teacher"
+            )  # save_pretrained folder
+    return {
+        "val": result["val"],
+        "corpus": result["corpus"],
+        "out_dir": result["out_dir"],
+        "work_seconds": result["seconds"],
+    }
 
 
 @flow(name="evaluate")
 def evaluate_flow(method: str, params: str = "params.yaml") -> dict:
     cfg = load_config(params)
-    with stage_run(cfg, f"evaluate@{method}", run_name=f"evaluate {method}",
-                   params={"method": method, "eval": cfg.eval.model_dump(mode="json")}) as tracker:
+    with stage_run(
+        cfg,
+        f"evaluate@{method}",
+        run_name=f"evaluate {method}",
+        params={"method": method, "eval": cfg.eval.model_dump(mode="json")},
+    ) as tracker:
         rep = work.with_options(name=f"evaluate-{method}")(stages.evaluate_method, cfg, method)
-        tracker.log_metrics({f"{split}.{k}": v for split, m in rep.metrics.items() for k, v in m.items()})
+        tracker.log_metrics(
+            {f"{split}.{k}": v for split, m in rep.metrics.items() for k, v in m.items()}
+        )
         log_files(tracker, [rep.metrics_path, *rep.figures, *rep.plot_data])
     return {"metrics": rep.metrics, "work_seconds": rep.seconds}
 
@@ -200,9 +280,12 @@ def report_flow(params: str = "params.yaml") -> dict:
         report_on_parent(tracker, cfg, files)
     print(summary.read_text())
     uri = display_uri(tracker.spec["uri"])  # no user:password@
-    print(f"metrics: {cfg.eval.metrics_dir}/<method>.json (dvc metrics show), plots: {cfg.eval.plots_dir}/<method>/, "
-          f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri}, "
-          f"then http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning)")
+    print(
+        f"metrics: {cfg.eval.metrics_dir}/<method>.json (dvc metrics "
+        f"show), plots: {cfg.eval.plots_dir}/<method>/, "
+        f"report: {summary}\nMLflow runs: {uri} (browse: mlflow ui --backend-store-uri {uri}, "
+        f"then http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning)"
+    )
     return {"summary": str(summary), "work_seconds": seconds}
 
 
@@ -216,7 +299,7 @@ def report_on_parent(tracker: Tracker, cfg: Config, files: list[Path]) -> None:
     experiments, side by side)."""
     text = files[0].read_text()
     if len(text) > NOTE_LIMIT:
-        text = text[:NOTE_LIMIT - 60] + "\n\n(truncated: the whole table is report/summary.md)\n"
+        text = text[: NOTE_LIMIT - 60] + "\n\n(truncated: the whole table is report/summary.md)\n"
     tracker.set_tags({"mlflow.note.content": text}, parent=True)
     figures = {}
     for method in cfg.all_methods:

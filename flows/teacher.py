@@ -1,4 +1,5 @@
 """DVC stage `teacher`: `python -m flows.teacher`."""
+
 from __future__ import annotations
 
 from flows.launcher import launch
@@ -13,4 +14,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    launch("flows.teacher", main)  # through the warm stage worker (flows/launcher.py), or in-process
+    launch(
+        "flows.teacher", main
+    )  # through the warm stage worker (flows/launcher.py), or in-process

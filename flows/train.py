@@ -1,7 +1,9 @@
 """DVC stage `train@<method>`: `python -m flows.train --method <method>`.
 
-Multi-GPU: `torchrun --nproc_per_node N -m flows.train --method <method>`. Rank 0 runs the flow (Prefect
-run, MLflow run, checkpoints); the other ranks only compute, so a run is tracked once, not N times."""
+Multi-GPU: `torchrun --nproc_per_node N -m flows.train --method <method>`. Rank 0 runs the flow
+(Prefect run, MLflow run, checkpoints); the other ranks only compute, so a run is tracked once, not
+N times."""
+
 from __future__ import annotations
 
 import os
@@ -25,6 +27,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Through the warm stage worker (flows/launcher.py), or in-process; torchrun's ranks always run in-process
-    # (they are the launcher's children and meet in its process group).
+    # Through the warm stage worker (flows/launcher.py), or in-process; torchrun's ranks always run
+    # in-process (they are the launcher's children and meet in its process group).
     launch("flows.train", main)

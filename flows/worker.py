@@ -1,22 +1,24 @@
-"""The stage worker: a fork server with the pipeline's heavy libraries imported, serving `flows.launcher`.
+"""The stage worker: a fork server with the pipeline's heavy libraries imported, serving
+`flows.launcher`.
 
-Started by the first stage process that finds none for its key (`python -m flows.worker --socket PATH`),
-it imports `PRELOAD` (prefect, mlflow with the submodules the stages use, torch, transformers, sqlalchemy,
-...) and none of refvg's or flows' code, then listens. Per request it forks a child that takes on the
-client's cwd, umask, environment, sys.path, argv and stdin/stdout/stderr, imports the stage module fresh
-(so edits to the code are always picked up) and runs its `main(argv)`; the worker reports the child's exit
-status to the client. If the client goes away, the child's process group gets SIGTERM, then SIGKILL.
-A SIGTERM the client gets is forwarded to the child's process group (training then stops at the next
-step with a checkpoint, exit 143); a SIGTERM the worker itself gets (a scheduler signalling every
-process of a job) goes to every running child too, with no SIGKILL of ours after it: the sender's
-grace period applies.
+Started by the first stage process that finds none for its key (`python -m flows.worker --socket
+PATH`), it imports `PRELOAD` (prefect, mlflow with the submodules the stages use, torch,
+transformers, sqlalchemy, ...) and none of refvg's or flows' code, then listens. Per request it
+forks a child that takes on the client's cwd, umask, environment, sys.path, argv and
+stdin/stdout/stderr, imports the stage module fresh (so edits to the code are always picked up) and
+runs its `main(argv)`; the worker reports the child's exit status to the client. If the client goes
+away, the child's process group gets SIGTERM, then SIGKILL. A SIGTERM the client gets is forwarded
+to the child's process group (training then stops at the next step with a checkpoint, exit 143); a
+SIGTERM the worker itself gets (a scheduler signalling every process of a job) goes to every running
+child too, with no SIGKILL of ours after it: the sender's grace period applies.
 
-Fork safety: the worker opens no database connection and starts no thread of its own; the only threads
-the imports start are OpenBLAS's (numpy) and jemalloc's (pyarrow, via mlflow), which both re-initialise in
-a child through their own fork handlers. No torch op runs in the worker, so its OpenMP pool does not exist
-yet and each child starts its own with the thread counts a fresh process gets (the key holds the
-environment and CPU affinity they derive from).
+Fork safety: the worker opens no database connection and starts no thread of its own; the only
+threads the imports start are OpenBLAS's (numpy) and jemalloc's (pyarrow, via mlflow), which both
+re-initialise in a child through their own fork handlers. No torch op runs in the worker, so its
+OpenMP pool does not exist yet and each child starts its own with the thread counts a fresh process
+gets (the key holds the environment and CPU affinity they derive from).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,23 +43,63 @@ from flows.launcher import send_message
 # What the stages import, heaviest first. Importing them here is the whole point; a missing one (an
 # optional dependency) is left to the stage.
 PRELOAD = (
-    "torch", "transformers",
-    "transformers.models.bert.modeling_bert", "transformers.models.resnet.modeling_resnet",
-    "transformers.models.swin.modeling_swin", "transformers.models.bert.tokenization_bert", "tokenizers",
+    "torch",
+    "transformers",
+    "transformers.models.bert.modeling_bert",
+    "transformers.models.resnet.modeling_resnet",
+    "transformers.models.swin.modeling_swin",
+    "transformers.models.bert.tokenization_bert",
+    "tokenizers",
     "torch.utils.serialization",
-    "prefect", "prefect.flows", "prefect.tasks", "prefect.flow_engine", "prefect.task_engine",
-    "prefect.cache_policies", "prefect.settings", "prefect.client.orchestration",
-    "mlflow", "mlflow.tracking", "mlflow.entities", "mlflow.pyfunc", "mlflow.models",
-    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.tracking.sqlalchemy_workspace_store",
-    "mlflow.tracing.processor.otel", "mlflow.tracing.processor.base_mlflow", "mlflow.tracing.export.utils",
-    "mlflow.tracing.utils.environment", "mlflow.models.display_utils", "opentelemetry.sdk.metrics",
+    "prefect",
+    "prefect.flows",
+    "prefect.tasks",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect.cache_policies",
+    "prefect.settings",
+    "prefect.client.orchestration",
+    "mlflow",
+    "mlflow.tracking",
+    "mlflow.entities",
+    "mlflow.pyfunc",
+    "mlflow.models",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.tracking.sqlalchemy_workspace_store",
+    "mlflow.tracing.processor.otel",
+    "mlflow.tracing.processor.base_mlflow",
+    "mlflow.tracing.export.utils",
+    "mlflow.tracing.utils.environment",
+    "mlflow.models.display_utils",
+    "opentelemetry.sdk.metrics",
     "git",  # GitPython: mlflow's git context when a model is logged
-    "sqlalchemy", "sqlalchemy.dialects.sqlite", "alembic", "alembic.command", "alembic.config",
-    "prefect.utilities.visualization", "anyio._backends._asyncio", "pydantic.v1",
-    "numpy", "pandas", "PIL.Image", "PIL.ImageDraw", "PIL.PngImagePlugin", "PIL.JpegImagePlugin",
-    "matplotlib", "matplotlib.pyplot", "matplotlib.backends.backend_agg", "pycocotools.coco",
-    "pycocotools.mask", "pydantic", "yaml", "tqdm", "psutil",
-    "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.PpmImagePlugin", "rich._emoji_codes",
+    "sqlalchemy",
+    "sqlalchemy.dialects.sqlite",
+    "alembic",
+    "alembic.command",
+    "alembic.config",
+    "prefect.utilities.visualization",
+    "anyio._backends._asyncio",
+    "pydantic.v1",
+    "numpy",
+    "pandas",
+    "PIL.Image",
+    "PIL.ImageDraw",
+    "PIL.PngImagePlugin",
+    "PIL.JpegImagePlugin",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "matplotlib.backends.backend_agg",
+    "pycocotools.coco",
+    "pycocotools.mask",
+    "pydantic",
+    "yaml",
+    "tqdm",
+    "psutil",
+    "PIL.BmpImagePlugin",
+    "PIL.GifImagePlugin",
+    "PIL.PpmImagePlugin",
+    "rich._emoji_codes",
     "tabulate",  # torch._dynamo's atexit handler imports it in every process that imported torch
 )
 # Our code: never kept in the worker, so a child imports the client's current copy.
@@ -87,7 +129,9 @@ class Worker:
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select() through the wakeup fd
+        signal.signal(
+            signal.SIGCHLD, lambda *_: None
+        )  # only to wake select() through the wakeup fd
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         self.listener = self._listen()
@@ -95,7 +139,8 @@ class Worker:
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
 
     def _listen(self) -> socket.socket:
-        # Bound under a temporary name and renamed: a client never connects to a socket not yet listening.
+        # Bound under a temporary name and renamed: a client never connects to a socket not yet
+        # listening.
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
         tmp.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -180,13 +225,26 @@ class Worker:
         if op == "stop":
             self.stopping = True
         elif op == "info":
-            send_message(conn, {"pid": os.getpid(), "idle_seconds": round(time.monotonic() - self.last_active, 1),
-                                "running": [c.client_pid for c in self.children.values()]})
+            send_message(
+                conn,
+                {
+                    "pid": os.getpid(),
+                    "idle_seconds": round(time.monotonic() - self.last_active, 1),
+                    "running": [c.client_pid for c in self.children.values()],
+                },
+            )
         elif op == "run" and len(fds) == 3 and not self.stopping:
             self._fork(conn, request, fds)
             return
         else:
-            send_message(conn, {"error": "stopping" if self.stopping else f"cannot serve {op!r} with {len(fds)} fds"})
+            send_message(
+                conn,
+                {
+                    "error": "stopping"
+                    if self.stopping
+                    else f"cannot serve {op!r} with {len(fds)} fds"
+                },
+            )
         _close_all(fds)
         conn.close()
 
@@ -194,8 +252,8 @@ class Worker:
         sys.stdout.flush()
         sys.stderr.flush()
         with warnings.catch_warnings():
-            # Python >= 3.12 warns about fork in a process with threads; ours are OpenBLAS's and jemalloc's,
-            # which handle fork themselves (see the module docstring).
+            # Python >= 3.12 warns about fork in a process with threads; ours are OpenBLAS's and
+            # jemalloc's, which handle fork themselves (see the module docstring).
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
         if pid == 0:
@@ -223,7 +281,9 @@ class Worker:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in request.get("ignored_signals", []):  # as the client inherited them (nohup, `cmd &`)
+        for sig in request.get(
+            "ignored_signals", []
+        ):  # as the client inherited them (nohup, `cmd &`)
             signal.signal(sig, signal.SIG_IGN)
         for child in self.children.values():
             child.conn.close()
@@ -290,7 +350,8 @@ class Worker:
 
 
 def run_stage(request: dict) -> None:
-    """In the forked child: become the client's process, run the stage's main, exit as Python would."""
+    """In the forked child: become the client's process, run the stage's main, exit as Python
+    would."""
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     os.environ.clear()
@@ -303,7 +364,9 @@ def run_stage(request: dict) -> None:
 
     tempfile.tempdir = None  # recomputed from this environment
     sys.stdout.reconfigure(line_buffering=os.isatty(1))  # as a fresh interpreter decides it
-    if "numpy" in sys.modules:  # a fresh process seeds numpy's global generator from the OS; so does each child
+    if (
+        "numpy" in sys.modules
+    ):  # a fresh process seeds numpy's global generator from the OS; so does each child
         sys.modules["numpy"].random.seed()
     code = 0
     try:
@@ -313,9 +376,12 @@ def run_stage(request: dict) -> None:
     except SystemExit as exit_:
         code = _exit_code(exit_.code)
     except BaseException as err:  # noqa: BLE001 - reported as the interpreter would, and as the exit status
-        err = err.with_traceback(err.__traceback__.tb_next)  # shown from the stage's frame on, not ours
+        err = err.with_traceback(
+            err.__traceback__.tb_next
+        )  # shown from the stage's frame on, not ours
         sys.excepthook(type(err), err, err.__traceback__)
-        # Python ends by SIGINT itself after an unhandled KeyboardInterrupt, so its parent sees the signal.
+        # Python ends by SIGINT itself after an unhandled KeyboardInterrupt, so its parent sees the
+        # signal.
         code = -signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
     # What the interpreter does at exit: wait for non-daemon threads, then run the atexit functions.
     threading._shutdown()
@@ -347,20 +413,21 @@ def forget_project_modules() -> None:
 
 
 def prewarm() -> None:
-    """Fill the per-process caches of the preloaded libraries that every stage would fill the same way."""
+    """Fill the per-process caches of the preloaded libraries that every stage would fill the same
+    way."""
     try:
         from mlflow.utils.requirements_utils import _init_modules_to_packages_map
     except ImportError:  # another mlflow version: the stages fill it themselves
         return
-    # mlflow's log_model checks the model's requirements against the installed distributions, mapping all
-    # their files to modules once per process (1-3 s here); that depends only on sys.path and site-packages,
-    # both in the worker's key.
+    # mlflow's log_model checks the model's requirements against the installed distributions,
+    # mapping all their files to modules once per process (1-3 s here); that depends only on
+    # sys.path and site-packages, both in the worker's key.
     _init_modules_to_packages_map()
 
 
 def preload() -> list[str]:
-    """Import PRELOAD; returns what could not be imported, and why. A stage that needs one of those imports
-    it itself, and fails there as it would in its own process."""
+    """Import PRELOAD; returns what could not be imported, and why. A stage that needs one of those
+    imports it itself, and fails there as it would in its own process."""
     missing = []
     for name in PRELOAD:
         try:
@@ -393,15 +460,24 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def log(message: str) -> None:
-    # Plain prints to the worker's log file: configuring logging here would leak handlers into every child.
-    print(f"{time.strftime('%H:%M:%S')} worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
+    # Plain prints to the worker's log file: configuring logging here would leak handlers into every
+    # child.
+    print(
+        f"{time.strftime('%H:%M:%S')} worker {os.getpid()}: {message}", file=sys.stderr, flush=True
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--socket", required=True, type=Path)
-    ap.add_argument("--idle", type=float, default=600.0, help="exit after this many seconds without a stage")
-    ap.add_argument("--sys-path", type=json.loads, help="the client's sys.path (JSON), which the key holds")
+    ap.add_argument(
+        "--idle", type=float, default=600.0, help="exit after this many seconds without a stage"
+    )
+    ap.add_argument(
+        "--sys-path", type=json.loads, help="the client's sys.path (JSON), which the key holds"
+    )
     args = ap.parse_args()
     if args.sys_path:
         sys.path[:] = args.sys_path
@@ -414,13 +490,16 @@ def main() -> None:
     prewarm()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        # A CUDA context does not survive fork: children could not use the GPU. Exiting sends clients in-process.
+        # A CUDA context does not survive fork: children could not use the GPU. Exiting sends
+        # clients in-process.
         log("an import initialised CUDA; a forked child could not use the GPU: not serving")
         os._exit(3)
     threads = sorted(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else []
-    log(f"imported {len(PRELOAD) - len(missing)} libraries in {time.perf_counter() - t0:.1f} s"
+    log(
+        f"imported {len(PRELOAD) - len(missing)} libraries in {time.perf_counter() - t0:.1f} s"
         + (f" (not imported: {', '.join(missing)})" if missing else "")
-        + (f"; {len(threads)} OS threads" if threads else ""))
+        + (f"; {len(threads)} OS threads" if threads else "")
+    )
     Worker(args.socket, args.idle).serve()
     os._exit(0)  # nothing to flush; the interpreter's teardown of these libraries takes seconds
 

@@ -1,12 +1,14 @@
 """`refvg`: the stages without the orchestration (no Prefect, no MLflow runs), for quick local work.
 
-    refvg generate | prepare | detections | teacher | report   [--params params.yaml]
-    refvg train --method transvg                 [--params params.yaml]
-    refvg evaluate --method transvg              [--params params.yaml]
-    refvg predict IMAGE "expression" --model checkpoints/transvg/best.pt | models:/refvg-transvg/1 [--out drawn.png]
-                                                 [--candidates detections.json]  (ranking models)
-    refvg storage setup [--create-bucket]        point DVC (and MLflow artifacts) at storage.* of params.yaml
+refvg generate | prepare | detections | teacher | report   [--params params.yaml]
+refvg train --method transvg                 [--params params.yaml]
+refvg evaluate --method transvg              [--params params.yaml] refvg predict IMAGE "expression"
+--model checkpoints/transvg/best.pt | models:/refvg-transvg/1 [--out drawn.png]
+                                             [--candidates detections.json]  (ranking models)
+refvg storage setup [--create-bucket]        point DVC (and MLflow artifacts) at storage.* of
+params.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,35 +40,54 @@ def _predict(args) -> None:
             grounder = Grounder(local)
         except CheckpointError as err:
             raise SystemExit(f"refvg predict: {err}") from None
-    elif "://" in args.model or args.model.startswith(("models:/", "runs:/")) or (local / "MLmodel").exists():
+    elif (
+        "://" in args.model
+        or args.model.startswith(("models:/", "runs:/"))
+        or (local / "MLmodel").exists()
+    ):
         from refvg.tracking import load_grounder
 
         try:
             grounder = load_grounder(args.model, _load_cfg(args.params))
         except Exception as err:  # noqa: BLE001 - any loading failure is the user's input: say which and why
-            raise SystemExit(f"refvg predict: cannot load model {args.model}: {type(err).__name__}: {err}") from None
+            raise SystemExit(
+                f"refvg predict: cannot load model {args.model}: {type(err).__name__}: {err}"
+            ) from None
     else:
-        raise SystemExit(f"refvg predict: {args.model}: no such checkpoint, and not an MLflow model URI "
-                         "(models:/name/version, runs:/<run id>/model, s3://...)")
+        raise SystemExit(
+            f"refvg predict: {args.model}: no such checkpoint, and not an MLflow model URI "
+            "(models:/name/version, runs:/<run id>/model, s3://...)"
+        )
     candidates = None
     if args.candidates:
         from refvg.data.proposals import candidates_from_detections
 
         try:
-            candidates = candidates_from_detections(json.loads(Path(args.candidates).read_text()), args.candidates)
+            candidates = candidates_from_detections(
+                json.loads(Path(args.candidates).read_text()), args.candidates
+            )
         except (OSError, ValueError) as err:
             raise SystemExit(f"refvg predict: {err}") from None
     try:
         result = grounder.ground(image, args.expression, candidates)
-    except ValueError as err:  # an unusable expression (empty, too long, not text), no candidates for a ranker
+    except (
+        ValueError
+    ) as err:  # an unusable expression (empty, too long, not text), no candidates for a ranker
         raise SystemExit(f"refvg predict: {err}") from None
-    payload = {"image": str(args.image), "expression": args.expression,
-               "box_xyxy": [round(float(v), 1) for v in result.box_xyxy]}
+    payload = {
+        "image": str(args.image),
+        "expression": args.expression,
+        "box_xyxy": [round(float(v), 1) for v in result.box_xyxy],
+    }
     if result.mask is not None:
         from pycocotools import mask as mask_utils
 
         rle = mask_utils.encode(np.asfortranarray(result.mask.astype(np.uint8)))
-        payload["mask"] = {"area": int(result.mask.sum()), "size": rle["size"], "counts": rle["counts"].decode()}
+        payload["mask"] = {
+            "area": int(result.mask.sum()),
+            "size": rle["size"],
+            "counts": rle["counts"].decode(),
+        }
     out = Path(args.out) if args.out else Path("outputs/predict") / f"{Path(args.image).stem}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     draw_grounding(image, result.box_xyxy, result.mask).save(out)
@@ -88,12 +109,17 @@ def _storage(args) -> None:
         loc = storage.setup(_load_cfg(args.params), create_bucket=args.create_bucket)
     except storage.StorageError as err:
         raise SystemExit(f"refvg storage: {err}") from None
-    print(f"DVC remote {loc.dvc_remote!r} (default) = {loc.dvc_url}; MLflow artifacts of new experiments: "
-          f"{loc.mlflow_url if loc.mlflow_artifacts else 'local'} ({loc.where})")
+    print(
+        f"DVC remote {loc.dvc_remote!r} (default) = {loc.dvc_url}; "
+        f"MLflow artifacts of new experiments: "
+        f"{loc.mlflow_url if loc.mlflow_artifacts else 'local'} ({loc.where})"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="refvg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="refvg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("generate", "prepare", "detections", "teacher", "report", "train", "evaluate"):
         p = sub.add_parser(name)
@@ -103,18 +129,36 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("predict", help="ground one expression in one image")
     p.add_argument("image")
     p.add_argument("expression")
-    p.add_argument("--model", required=True, help="a checkpoint (checkpoints/<method>/best.pt, or its folder) or an "
-                   "MLflow model URI (models:/<name>/<version>, runs:/<run id>/model, s3://...)")
-    p.add_argument("--out", help="where to write the image with the box (and mask) drawn "
-                   "(default: outputs/predict/<image name>.png)")
-    p.add_argument("--params", default="params.yaml", help="for an MLflow URI: the tracking store and S3 settings")
-    p.add_argument("--candidates", help="for a model that ranks candidate boxes (mattnet): a JSON list of the "
-                   "image's detections in the COCO results format [{\"bbox\": [x, y, w, h], \"category_id\": .., "
-                   "\"score\": ..}, ...]")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a checkpoint (checkpoints/<method>/best.pt, or its folder) or an "
+        "MLflow model URI (models:/<name>/<version>, runs:/<run id>/model, s3://...)",
+    )
+    p.add_argument(
+        "--out",
+        help="where to write the image with the box (and mask) drawn "
+        "(default: outputs/predict/<image name>.png)",
+    )
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        help="for an MLflow URI: the tracking store and S3 settings",
+    )
+    p.add_argument(
+        "--candidates",
+        help="for a model that ranks candidate boxes (mattnet): a JSON list of the "
+        'image\'s detections in the COCO results format [{"bbox": [x, y, w, h], "category_id": .., '
+        '"score": ..}, ...]',
+    )
     p = sub.add_parser("storage", help="S3: make storage.* of params.yaml the DVC remote")
     p.add_argument("action", choices=["setup"])
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--create-bucket", action="store_true", help="create the bucket if missing (MinIO, a test server)")
+    p.add_argument(
+        "--create-bucket",
+        action="store_true",
+        help="create the bucket if missing (MinIO, a test server)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -133,8 +177,14 @@ def main(argv: list[str] | None = None) -> None:
 
         result = stages.train_method(cfg, args.method)  # under torchrun: one rank of a DDP run
         if env_rank() == 0:
-            print(json.dumps({f"best_val_{result.select_metric}": result.best_score,
-                              "best_epoch": result.best_epoch}))
+            print(
+                json.dumps(
+                    {
+                        f"best_val_{result.select_metric}": result.best_score,
+                        "best_epoch": result.best_epoch,
+                    }
+                )
+            )
     elif args.command == "evaluate":
         print(json.dumps(stages.evaluate_method(cfg, args.method).metrics, indent=2))
     elif args.command == "report":

@@ -1,16 +1,25 @@
 """Typed configuration: the one place every knob of refvg is declared.
 
-`params.yaml` is parsed into :class:`Config`. Unknown keys and wrong types are rejected with a message
-that names the offending key path, so a typo in `dvc exp run -S train.lrr=...` fails loudly instead of
-being ignored.
+`params.yaml` is parsed into :class:`Config`. Unknown keys and wrong types are rejected with a
+message that names the offending key path, so a typo in `dvc exp run -S train.lrr=...` fails loudly
+instead of being ignored.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from refvg.data.splits import split_vocabulary
 
@@ -20,12 +29,15 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        # YAML reads yes/no/on/off as booleans, and pydantic would quietly make them 1/0 for a number.
+        # YAML reads yes/no/on/off as booleans, and pydantic would quietly make them 1/0 for a
+        # number.
         if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
             raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
         return value
@@ -56,8 +68,9 @@ class SyntheticConfig(_Strict):
 class DataConfig(_Strict):
     """Where the dataset lives and how it is prepared.
 
-    `format: refer` reads `<root>/<dataset>/refs(<split_by>).p` (or `.json`) and `<root>/<dataset>/instances.json`,
-    images under `image_dir` named by COCO `file_name` (RefCOCO/+/g: `images/mscoco/images/train2014`,
+    `format: refer` reads `<root>/<dataset>/refs(<split_by>).p` (or `.json`) and
+    `<root>/<dataset>/instances.json`, images under `image_dir` named by COCO `file_name`
+    (RefCOCO/+/g: `images/mscoco/images/train2014`,
     RefClef: `images/saiapr_tc-12`). `format: transvg` reads TransVG's split files
     `<root>/<dataset>/<dataset>_<split>.pth` (datasets unc, unc+, gref, gref_umd, referit, flickr).
     """
@@ -70,12 +83,14 @@ class DataConfig(_Strict):
     prepared_dir: str = "data/prepared"
     image_size: int = Field(64, ge=32)
     max_tokens: int = Field(20, ge=4)
-    # null: the dataset's own splits (refvg.data.splits: e.g. refcocog/umd -> train, val, test). A split
-    # asked for that the files do not hold is an error.
+    # null: the dataset's own splits (refvg.data.splits: e.g. refcocog/umd -> train, val, test). A
+    # split asked for that the files do not hold is an error.
     splits: Optional[tuple[str, ...]] = None
-    # null: REFER's split names for dataset/split_by. Set it only for a dataset whose files use other names.
+    # null: REFER's split names for dataset/split_by. Set it only for a dataset whose files use
+    # other names.
     split_vocabulary: Optional[tuple[str, ...]] = None
-    # "skip": drop a bad record, count it with its reason in the prepare manifest; "error": stop on it.
+    # "skip": drop a bad record, count it with its reason in the prepare manifest; "error": stop on
+    # it.
     on_bad_record: Literal["skip", "error"] = "skip"
     max_expression_chars: int = Field(512, gt=0)
 
@@ -85,8 +100,10 @@ class DataConfig(_Strict):
         if self.splits is not None:
             unknown = [s for s in self.splits if s not in vocab.splits]
             if unknown:
-                raise ValueError(f"splits {unknown} are not splits of {self.dataset} ({self._split_source}); "
-                                 f"known: {', '.join(vocab.splits)}")
+                raise ValueError(
+                    f"splits {unknown} are not splits of {self.dataset} ({self._split_source}); "
+                    f"known: {', '.join(vocab.splits)}"
+                )
             if "train" not in self.splits:
                 raise ValueError("splits must include train")
         return self
@@ -107,8 +124,8 @@ class VisualConfig(_Strict):
     depths: tuple[int, ...] = (1, 1, 1)
     embed_dim: int = 32  # swin only
     num_heads: tuple[int, ...] = (2, 4, 8)  # swin only
-    # Swin only, small config: stochastic depth. Explicit because transformers' SwinConfig defaults to 0.1,
-    # which was on unseen (and made DDP and single-process gradients differ by ~0.5 %).
+    # Swin only, small config: stochastic depth. Explicit because transformers' SwinConfig defaults
+    # to 0.1, which was on unseen (and made DDP and single-process gradients differ by ~0.5 %).
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     # Which backbone stages feed the grounding model (0-based); the last is the one TransVG uses.
     out_stages: tuple[int, ...] = (1,)
@@ -143,25 +160,29 @@ class FusionConfig(_Strict):
     position: Literal["query_key", "tokens"] = "query_key"
     # Append FAOA-style 8-d cell coordinates to each visual token (not in the paper; transvg_attn).
     cell_coords: bool = False
-    # "mlp": the paper's head, an MLP on the [REG] output. "attention": [REG] also attends over the fused
-    # visual tokens and the box centre is the attention-weighted cell centre plus an MLP offset; it reads
-    # location off the feature map instead of decoding it (transvg_attn, with
-    # the TransVG family's attention_weight).
+    # "mlp": the paper's head, an MLP on the [REG] output. "attention": [REG] also attends over the
+    # fused visual tokens and the box centre is the attention-weighted cell centre plus an MLP
+    # offset; it reads location off the feature map instead of decoding it (transvg_attn, with the
+    # TransVG family's attention_weight).
     box_head: Literal["mlp", "attention"] = "mlp"
-    # Attention head only: the box is read from the cells within this many cells of the attention peak
-    # (null: from the whole map). A soft average over the whole map lands between two candidate objects.
+    # Attention head only: the box is read from the cells within this many cells of the attention
+    # peak (null: from the whole map). A soft average over the whole map lands between two candidate
+    # objects.
     readout_radius: Optional[int] = Field(1, ge=0)
 
 
 class ProposalsConfig(_Strict):
     """Candidate boxes for the methods that rank candidates (refvg.data.proposals)."""
 
-    # gt: every annotated object of the image (written by `prepare`); detections: the boxes of `detections_file`
+    # gt: every annotated object of the image (written by `prepare`); detections: the boxes of
+    # `detections_file`
     source: Literal["gt", "detections"] = "gt"
     max_candidates: int = Field(16, gt=0)  # per image, the highest-scoring; more are dropped
-    match_iou: float = Field(0.5, gt=0, le=1)  # a candidate is the target when its IoU with it is at least this
-    # source "detections": a COCO results JSON ([{image_id, category_id, bbox: [x, y, w, h], score}, ...]) over
-    # the images of data.root/data.dataset/instances.json, read with pycocotools' loadRes
+    match_iou: float = Field(
+        0.5, gt=0, le=1
+    )  # a candidate is the target when its IoU with it is at least this
+    # source "detections": a COCO results JSON ([{image_id, category_id, bbox: [x, y, w, h], score},
+    # ...]) over the images of data.root/data.dataset/instances.json, read with pycocotools' loadRes
     detections_file: Optional[str] = None
     min_score: float = Field(0.0, ge=0)  # source "detections": boxes scored below this are dropped
 
@@ -174,17 +195,21 @@ class ProposalsConfig(_Strict):
 
 class DetectionsConfig(_Strict):
     """The `detections` stage: a STAND-IN for a real detector's results file, made by perturbing the
-    ground-truth boxes (refvg.data.detections), so the detection-proposal setting runs without a detector."""
+    ground-truth boxes (refvg.data.detections), so the detection-proposal setting runs without a
+    detector."""
 
-    # Writes <dir>/<data.dataset>.json (the COCO results JSON) and <dir>/methods/<method>.json, what each method
-    # ranks (its proposals settings, and the hash of its detections file): the one file of this folder that
-    # dvc.yaml makes a method's training depend on, so only the methods that rank detections rerun when they change.
+    # Writes <dir>/<data.dataset>.json (the COCO results JSON) and <dir>/methods/<method>.json, what
+    # each method ranks (its proposals settings, and the hash of its detections file): the one file
+    # of this folder that dvc.yaml makes a method's training depend on, so only the methods that
+    # rank detections rerun when they change.
     dir: str = "data/detections"
     seed: int = 0
     jitter: float = Field(0.1, ge=0, lt=1)  # each box edge moves by N(0, jitter x box side)
     drop_rate: float = Field(0.05, ge=0, lt=1)  # fraction of objects the "detector" misses
     false_positives: int = Field(2, ge=0)  # per image: boxes on background/parts, scored lower
-    true_score_min: float = Field(0.5, gt=0, lt=1)  # kept objects score in [this, 1); false positives below it
+    true_score_min: float = Field(
+        0.5, gt=0, lt=1
+    )  # kept objects score in [this, 1); false positives below it
     # Fraction of the kept objects reported with a wrong category (another of the dataset's,
     # uniformly), as a real detector's classifier errs; its own seeded stream, so the boxes do not
     # depend on it.
@@ -192,8 +217,9 @@ class DetectionsConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The sections every model family shares. A family's own knobs (loss weights included) are its method
-    entry's `config:`, validated by the config class registered with its model (refvg.models)."""
+    """The sections every model family shares. A family's own knobs (loss weights included) are its
+    method entry's `config:`, validated by the config class registered with its model
+    (refvg.models)."""
 
     visual: VisualConfig = VisualConfig()
     text: TextConfig = TextConfig()
@@ -218,19 +244,19 @@ class TrainConfig(_Strict):
     device: str = "auto"
     compile: bool = False
     checkpoint_dir: str = "checkpoints"
-    # Crash safety: last.pt is also written every this many steps (0: only at epoch ends), so a killed run
-    # loses at most this much work; resume is exact at any step.
+    # Crash safety: last.pt is also written every this many steps (0: only at epoch ends), so a
+    # killed run loses at most this much work; resume is exact at any step.
     checkpoint_every_steps: int = Field(500, ge=0)
-    # A step with a NaN/inf loss or gradient is skipped (no update) and counted; this many in a row stop the
-    # run with a clear error, the last good state in last.pt.
+    # A step with a NaN/inf loss or gradient is skipped (no update) and counted; this many in a row
+    # stop the run with a clear error, the last good state in last.pt.
     max_bad_steps: int = Field(10, ge=1)
 
 
 class EvalConfig(_Strict):
     batch_size: int = Field(64, gt=0)
-    # Splits scored by the evaluate stage; null: every prepared split but train (the largest split, and it
-    # costs more than the rest together; name it to look for overfitting). A split named here that was not
-    # prepared is an error.
+    # Splits scored by the evaluate stage; null: every prepared split but train (the largest split,
+    # and it costs more than the rest together; name it to look for overfitting). A split named here
+    # that was not prepared is an error.
     splits: Optional[tuple[str, ...]] = None
     iou_thresholds: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
     num_qualitative: int = Field(16, ge=0)
@@ -239,15 +265,17 @@ class EvalConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    """One entry of the `methods` table: a registered model, its family's knobs and what differs for it in the
-    shared sections. `base:` names another method whose whole entry this one inherits (a chain of bases is
-    allowed): resolved when the params are read, the entry then holds the merged values and no `base`."""
+    """One entry of the `methods` table: a registered model, its family's knobs and what differs for
+    it in the shared sections. `base:` names another method whose whole entry this one inherits (a
+    chain of bases is allowed): resolved when the params are read, the entry then holds the merged
+    values and no `base`."""
 
     model: str
     # Blind control: the expression is replaced by an empty one, so only the image can be used.
     language_blind: bool = False
-    # The family's knobs: a mapping in params.yaml, an instance of the family's config class (registered with
-    # the model, e.g. MAttNetConfig) once validated; missing keys take the class's defaults.
+    # The family's knobs: a mapping in params.yaml, an instance of the family's config class
+    # (registered with the model, e.g. MAttNetConfig) once validated; missing keys take the class's
+    # defaults.
     config: Any = Field(default_factory=dict)
     # Partial overrides of the shared sections, e.g. {"train": {"epochs": 20}}.
     overrides: dict[str, Any] = Field(default_factory=dict)
@@ -259,22 +287,27 @@ class TeacherConfig(_Strict):
     RefShapes scenes from another random stream, captions of the whole scene, no box), never on the
     grounding splits.
 
-    Its own section, not under `model`: every method's train stage depends on `model`, and a new teacher must
-    retrain only the methods that distil from it (`distill_methods`)."""
+    Its own section, not under `model`: every method's train stage depends on `model`, and a new
+    teacher must retrain only the methods that distil from it (`distill_methods`)."""
 
-    # A Hugging Face name or a local folder saved with save_pretrained (its own tokenizer alongside, and it
-    # sees our letterboxed images resized to its input size); None: the small config below, trained here.
+    # A Hugging Face name or a local folder saved with save_pretrained (its own tokenizer alongside,
+    # and it sees our letterboxed images resized to its input size); None: the small config below,
+    # trained here.
     pretrained: Optional[str] = None
-    out_dir: str = "checkpoints/teacher"  # model/ (save_pretrained + tokenizer) and features/ (cached)
+    out_dir: str = (
+        "checkpoints/teacher"  # model/ (save_pretrained + tokenizer) and features/ (cached)
+    )
     # Small config: a ViT on the letterboxed data.image_size images and a text transformer over the
     # prepared tokenizer's vocabulary.
-    patch_size: int = Field(8, gt=0)  # 8 at 64 px: the teacher's patch grid = the student's stride-8 grid
+    patch_size: int = Field(
+        8, gt=0
+    )  # 8 at 64 px: the teacher's patch grid = the student's stride-8 grid
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(128, gt=0)
-    # Width of the joint embedding = of the cached features; with `pretrained`, set it to that model's
-    # projection_dim (e.g. 512): the student's projection heads are built to it.
+    # Width of the joint embedding = of the cached features; with `pretrained`, set it to that
+    # model's projection_dim (e.g. 512): the student's projection heads are built to it.
     projection_dim: int = Field(64, gt=0)
     # Contrastive training (small config only)
     epochs: int = Field(1, gt=0)
@@ -294,9 +327,11 @@ class TeacherConfig(_Strict):
     @model_validator(mode="after")
     def _corpus_leaves_training_images(self) -> "TeacherConfig":
         if self.corpus_held_out >= self.corpus_images:
-            raise ValueError(f"corpus_held_out ({self.corpus_held_out}) must be below "
-                             f"corpus_images ({self.corpus_images}): the rest is what the teacher "
-                             f"trains on")
+            raise ValueError(
+                f"corpus_held_out ({self.corpus_held_out}) must be below "
+                f"corpus_images ({self.corpus_images}): the rest is what the teacher "
+                f"trains on"
+            )
         return self
 
 
@@ -305,25 +340,36 @@ class TrackingConfig(_Strict):
     tracking_uri: str = "sqlite:///mlruns.db"
     artifact_root: str = "mlartifacts"
     experiment: str = "refvg"
-    # Faults: calls the store refused until the stage ended are saved here (python -m refvg.tracking replay)
+    # Faults: calls the store refused until the stage ended are saved here (python -m refvg.tracking
+    # replay)
     unlogged_dir: str = ".refvg/unlogged"
-    http_retries: int = Field(2, ge=0)  # per call to a tracking server (MLflow's default: 7, minutes of backoff)
+    http_retries: int = Field(
+        2, ge=0
+    )  # per call to a tracking server (MLflow's default: 7, minutes of backoff)
     http_timeout_s: int = Field(10, gt=0)
 
 
 class StorageConfig(_Strict):
-    """S3, or any S3-compatible store (MinIO, Ceph, moto), for the DVC remote and MLflow's artifacts.
+    """S3, or any S3-compatible store (MinIO, Ceph, moto), for the DVC remote and MLflow's
+    artifacts.
 
-    No credentials here, ever: boto3 finds them in the environment (AWS_ACCESS_KEY_ID, ...) or in an AWS
-    profile. REFVG_S3_BUCKET, REFVG_S3_PREFIX and REFVG_S3_ENDPOINT_URL override the values below."""
+    No credentials here, ever: boto3 finds them in the environment (AWS_ACCESS_KEY_ID, ...) or in an
+    AWS profile. REFVG_S3_BUCKET, REFVG_S3_PREFIX and REFVG_S3_ENDPOINT_URL override the values
+    below."""
 
     bucket: Optional[str] = None  # None: nothing goes to S3
-    prefix: str = "refvg"  # s3://<bucket>/<prefix>/dvc is the DVC remote, .../mlflow the MLflow artifacts
+    prefix: str = (
+        "refvg"  # s3://<bucket>/<prefix>/dvc is the DVC remote, .../mlflow the MLflow artifacts
+    )
     endpoint_url: Optional[str] = None  # None: AWS itself; e.g. http://127.0.0.1:9000 for a MinIO
     region: str = "us-east-1"
     profile: Optional[str] = None  # an AWS profile (~/.aws/credentials) instead of AWS_* variables
-    mlflow_artifacts: bool = True  # experiments created while a bucket is set keep their artifacts in S3
-    max_attempts: int = Field(5, ge=1)  # per request, botocore's "standard" retries (exponential backoff)
+    mlflow_artifacts: bool = (
+        True  # experiments created while a bucket is set keep their artifacts in S3
+    )
+    max_attempts: int = Field(
+        5, ge=1
+    )  # per request, botocore's "standard" retries (exponential backoff)
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(60.0, gt=0)
     dvc_remote: str = "s3"  # the name `refvg storage setup` gives the DVC remote
@@ -338,17 +384,20 @@ class StorageConfig(_Strict):
             if url.scheme not in ("http", "https") or not url.hostname:
                 raise ValueError(f"must be an http(s)://host[:port] URL, got {value!r}")
             if url.username or url.password:
-                raise ValueError("must not carry credentials (user:password@); put them in the environment "
-                                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or an AWS profile")
+                raise ValueError(
+                    "must not carry credentials (user:password@); put them in the environment "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or an AWS profile"
+                )
         return value
 
 
 class ParallelConfig(_Strict):
-    """How the `prepare` stage spreads its image work; the prepared dataset is identical either way."""
+    """How the `prepare` stage spreads its image work; the prepared dataset is identical either
+    way."""
 
     prepare_shards: int = Field(1, ge=1)  # 1: one process, no task mapping (the default pipeline)
-    # Where the shards run: "dask" (prefect-dask, one process per worker), "threads" (Prefect's thread
-    # pool), or "auto": dask when prefect-dask is installed, else threads.
+    # Where the shards run: "dask" (prefect-dask, one process per worker), "threads" (Prefect's
+    # thread pool), or "auto": dask when prefect-dask is installed, else threads.
     prepare_runner: Literal["auto", "dask", "threads"] = "auto"
     prepare_workers: int = Field(2, ge=1)
 
@@ -368,8 +417,9 @@ class Config(_Strict):
     proposals: ProposalsConfig = ProposalsConfig()
     detections: DetectionsConfig = DetectionsConfig()
     teacher: TeacherConfig = TeacherConfig()
-    # Methods that distil from the teacher: a table of their own so that only their DVC stages depend on the
-    # teacher's outputs (dvc.yaml `train_distill` / `evaluate_distill`); otherwise like `methods`.
+    # Methods that distil from the teacher: a table of their own so that only their DVC stages
+    # depend on the teacher's outputs (dvc.yaml `train_distill` / `evaluate_distill`); otherwise
+    # like `methods`.
     distill_methods: dict[str, MethodConfig] = Field(default_factory=dict)
     # The method this config runs, set by `for_method` (None in params.yaml): its family config is
     # `family`, and it is part of the run config's dump.
@@ -391,20 +441,26 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _family_configs(self) -> "Config":
-        # `config`'s class depends on the entry's `model`, which only the model registry knows (refvg.models
-        # imports this module, so it is looked up at validation time); each entry's mapping is replaced by its
-        # validated instance here, errors named by their full key path.
+        # `config`'s class depends on the entry's `model`, which only the model registry knows
+        # (refvg.models imports this module, so it is looked up at validation time); each entry's
+        # mapping is replaced by its validated instance here, errors named by their full key path.
         problems = []
         tables = [("methods", self.methods), ("distill_methods", self.distill_methods)]
-        entries = [(f"{table}.{name}", entry) for table, methods in tables for name, entry in methods.items()]
+        entries = [
+            (f"{table}.{name}", entry)
+            for table, methods in tables
+            for name, entry in methods.items()
+        ]
         if self.method is not None:
             entries.append(("method", self.method))
         for where, entry in entries:
             try:
                 object.__setattr__(entry, "config", _family_config(entry))
             except ValidationError as err:
-                problems += [f"{where}.config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in err.errors()]
+                problems += [
+                    f"{where}.config.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                    for e in err.errors()
+                ]
             except ValueError as err:
                 problems.append(f"{where}.model: {err}")
         if problems:
@@ -413,19 +469,24 @@ class Config(_Strict):
 
     @property
     def family(self):
-        """The run's family config (an instance of its model's config class); None outside `for_method`."""
+        """The run's family config (an instance of its model's config class); None outside
+        `for_method`."""
         return None if self.method is None else self.method.config
 
     @property
     def all_methods(self) -> dict[str, MethodConfig]:
-        """`methods` then `distill_methods`: every method the pipeline trains, evaluates and reports."""
+        """`methods` then `distill_methods`: every method the pipeline trains, evaluates and
+        reports."""
         return {**self.methods, **self.distill_methods}
 
     def for_method(self, name: str) -> "Config":
-        """The config a method actually runs with: its overrides merged into the shared sections, and its entry
-        as `method` (so `family` is its family config, and a dump of the run config holds it)."""
+        """The config a method actually runs with: its overrides merged into the shared sections,
+        and its entry as `method` (so `family` is its family config, and a dump of the run config
+        holds it)."""
         if name not in self.all_methods:
-            raise ConfigError(f"unknown method {name!r}; params.yaml declares {sorted(self.all_methods)}")
+            raise ConfigError(
+                f"unknown method {name!r}; params.yaml declares {sorted(self.all_methods)}"
+            )
         entry = self.all_methods[name]
         table = "methods" if name in self.methods else "distill_methods"
         merged = _deep_merge(self.model_dump(mode="python"), entry.overrides)
@@ -434,7 +495,8 @@ class Config(_Strict):
 
 
 def _family_config(entry: MethodConfig):
-    """The entry's `config` as its model's family config class (validated; already one: returned as is)."""
+    """The entry's `config` as its model's family config class (validated; already one: returned as
+    is)."""
     from refvg.models.registry import config_class
 
     import refvg.models  # noqa: F401  (registers every model)
@@ -443,8 +505,10 @@ def _family_config(entry: MethodConfig):
     if isinstance(entry.config, family) and type(entry.config) is family:
         return entry.config
     if isinstance(entry.config, BaseModel):
-        raise ValueError(f"config is a {type(entry.config).__name__}; model {entry.model!r} takes a "
-                         f"{family.__name__}")
+        raise ValueError(
+            f"config is a {type(entry.config).__name__}; model {entry.model!r} takes a "
+            f"{family.__name__}"
+        )
     return family.model_validate(entry.config if entry.config is not None else {})
 
 
@@ -452,10 +516,11 @@ METHOD_TABLES = ("methods", "distill_methods")
 
 
 def resolve_method_bases(raw: dict) -> dict:
-    """`raw` (params as read) with every method entry that names a `base:` replaced by the base's resolved
-    entry deep-merged with its own keys, `base` dropped: a resolved entry stands alone (a dump of one method,
-    or of a table without its bases, still validates). A base may be any method of either table; chains are
-    followed. A cycle, an unknown base or a `model:` other than the base's raises, naming the key path."""
+    """`raw` (params as read) with every method entry that names a `base:` replaced by the base's
+    resolved entry deep-merged with its own keys, `base` dropped: a resolved entry stands alone (a
+    dump of one method, or of a table without its bases, still validates). A base may be any method
+    of either table; chains are followed. A cycle, an unknown base or a `model:` other than the
+    base's raises, naming the key path."""
     entries = {}
     for table in METHOD_TABLES:
         methods = raw.get(table)
@@ -481,11 +546,15 @@ def resolve_method_bases(raw: dict) -> dict:
         if base in chain or base == name:
             raise ValueError(f"{where}: cycle of bases {' -> '.join((*chain, name, base))}")
         if base not in entries:
-            raise ValueError(f"{where}: unknown method {base!r}; methods: {', '.join(sorted(entries))}")
+            raise ValueError(
+                f"{where}: unknown method {base!r}; methods: {', '.join(sorted(entries))}"
+            )
         parent = resolve(base, (*chain, name))
         if "model" in entry and "model" in parent and entry["model"] != parent["model"]:
-            raise ValueError(f"{table}.{name}.model: {entry['model']!r} contradicts its base {base!r}'s model "
-                             f"{parent['model']!r}")
+            raise ValueError(
+                f"{table}.{name}.model: {entry['model']!r} contradicts its base {base!r}'s model "
+                f"{parent['model']!r}"
+            )
         merged = _deep_merge(parent, {k: v for k, v in entry.items() if k != "base"})
         resolved[name] = merged
         return merged
@@ -493,8 +562,10 @@ def resolve_method_bases(raw: dict) -> dict:
     out = dict(raw)
     for table in METHOD_TABLES:
         if isinstance(raw.get(table), dict):
-            out[table] = {name: (resolve(name, ()) if isinstance(entry, dict) else entry)
-                          for name, entry in raw[table].items()}
+            out[table] = {
+                name: (resolve(name, ()) if isinstance(entry, dict) else entry)
+                for name, entry in raw[table].items()
+            }
     return out
 
 
@@ -512,7 +583,9 @@ def _validate(raw: Any, source: str) -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
@@ -520,25 +593,34 @@ def _validate(raw: Any, source: str) -> Config:
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"])
             # a check of the whole config names its key paths in its message
-            lines.append(f"  {where}: {e['msg']}" if where else f"  {e['msg'].removeprefix('Value error, ')}")
+            lines.append(
+                f"  {where}: {e['msg']}" if where else f"  {e['msg'].removeprefix('Value error, ')}"
+            )
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML lets a key appear twice and keeps the last; in params.yaml that silently drops a setting."""
+    """YAML lets a key appear twice and keeps the last; in params.yaml that silently drops a
+    setting."""
 
 
-def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _mapping_without_duplicates(
+    loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict:
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
@@ -553,6 +635,8 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if isinstance(raw, dict) and raw.get("method") is not None:
-        raise ConfigError(f"{path}: method: is what Config.for_method sets for a run; declare methods under "
-                          "`methods:` or `distill_methods:`")
+        raise ConfigError(
+            f"{path}: method: is what Config.for_method sets for a run; declare methods under "
+            "`methods:` or `distill_methods:`"
+        )
     return _validate(raw, source=str(path))

@@ -1,9 +1,11 @@
-"""Training losses. Box part: L1 + GIoU on normalised cxcywh boxes (as in DETR / TransVG). Mask part:
-per-pixel BCE + soft Dice on mask logits (referring segmentation). Distillation part (EpmVG): feature
-consistency with a teacher and consistency of the in-batch image-text similarity structure.
+"""Training losses. Box part: L1 + GIoU on normalised cxcywh boxes (as in DETR / TransVG). Mask
+part: per-pixel BCE + soft Dice on mask logits (referring segmentation). Distillation part (EpmVG):
+feature consistency with a teacher and consistency of the in-batch image-text similarity structure.
 
-Computed in float32 whatever the autocast dtype: GIoU divides small areas, which bf16 handles poorly.
+Computed in float32 whatever the autocast dtype: GIoU divides small areas, which bf16 handles
+poorly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +22,9 @@ def box_l1_loss(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch
 
 def giou_loss(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor) -> torch.Tensor:
     """Mean over boxes of 1 - GIoU."""
-    giou = generalized_box_iou(cxcywh_to_xyxy(pred_cxcywh.float()), cxcywh_to_xyxy(target_cxcywh.float()))
+    giou = generalized_box_iou(
+        cxcywh_to_xyxy(pred_cxcywh.float()), cxcywh_to_xyxy(target_cxcywh.float())
+    )
     return (1 - giou).mean()
 
 
@@ -34,15 +38,22 @@ def grounding_box_loss(
 
 
 def mask_loss(
-    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, bce_weight: float, dice_weight: float
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    bce_weight: float,
+    dice_weight: float,
 ) -> dict[str, torch.Tensor]:
-    """logits [B,H,W], target {0,1} [B,H,W], valid bool [B,H,W] (False on letterbox padding, which is left out).
+    """logits [B,H,W], target {0,1} [B,H,W], valid bool [B,H,W] (False on letterbox padding, which
+    is left out).
 
-    {"loss": weighted sum, "bce": mean per-pixel BCE, "dice": mean over samples of 1 - soft Dice}. Dice
-    weighs every object equally whatever its size, where BCE alone lets the background's many easy pixels
-    dominate and under-segments small objects."""
+    {"loss": weighted sum, "bce": mean per-pixel BCE, "dice": mean over samples of 1 - soft Dice}.
+    Dice weighs every object equally whatever its size, where BCE alone lets the background's many
+    easy pixels dominate and under-segments small objects."""
     logits, target, valid = logits.float(), target.float(), valid.float()
-    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum() / valid.sum().clamp_min(1)
+    bce = (
+        F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid
+    ).sum() / valid.sum().clamp_min(1)
     prob = logits.sigmoid() * valid
     inter = (prob * target).flatten(1).sum(-1)
     total = prob.flatten(1).sum(-1) + (target * valid).flatten(1).sum(-1)
@@ -50,17 +61,19 @@ def mask_loss(
     return {"loss": bce_weight * bce + dice_weight * dice, "bce": bce, "dice": dice}
 
 
-# ------------------------------------------------------------------ cross-modal distillation (EpmVG)
-# The teacher's features are constants: every function below detaches them, so no gradient can reach a
-# teacher whatever the caller passes.
+# ------------------------------------------------------------------ cross-modal distillation
+# (EpmVG) The teacher's features are constants: every function below detaches them, so no gradient
+# can reach a teacher whatever the caller passes.
 
 
-def feature_consistency_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def feature_consistency_loss(
+    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of 1 - cos(student, teacher) over the positions kept by `valid` (all when None).
 
-    student, teacher [..., D] of one shape (features already in the teacher's space); valid bool [...]. Cosine
-    rather than L2: the teacher's feature norms carry nothing the student should copy (a CLIP embedding is
-    only ever used normalised)."""
+    student, teacher [..., D] of one shape (features already in the teacher's space); valid bool
+    [...]. Cosine rather than L2: the teacher's feature norms carry nothing the student should copy
+    (a CLIP embedding is only ever used normalised)."""
     cos = F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1)
     if valid is None:
         return (1 - cos).mean()
@@ -68,29 +81,54 @@ def feature_consistency_loss(student: torch.Tensor, teacher: torch.Tensor, valid
     return ((1 - cos) * keep).sum() / keep.sum().clamp_min(1)
 
 
-def similarity_structure_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
-                              teacher_text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) between the softmaxed rows of the in-batch image-text cosine similarity matrices
-    [B, B], image->text and text->image, averaged: the student's images and texts must relate to each other
-    as the teacher's do, not only sit near the teacher's features one by one. Inputs [B, D] (student and
-    teacher widths may differ: each side is compared with itself)."""
-    s = F.normalize(student_image.float(), dim=-1) @ F.normalize(student_text.float(), dim=-1).T / temperature
-    t = F.normalize(teacher_image.detach().float(), dim=-1) @ F.normalize(teacher_text.detach().float(), dim=-1).T / temperature
+def similarity_structure_loss(
+    student_image: torch.Tensor,
+    student_text: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_text: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """KL(teacher || student) between the softmaxed rows of the in-batch image-text cosine
+    similarity matrices [B, B], image->text and text->image, averaged: the student's images and
+    texts must relate to each other as the teacher's do, not only sit near the teacher's features
+    one by one. Inputs [B, D] (student and teacher widths may differ: each side is compared with
+    itself)."""
+    s = (
+        F.normalize(student_image.float(), dim=-1)
+        @ F.normalize(student_text.float(), dim=-1).T
+        / temperature
+    )
+    t = (
+        F.normalize(teacher_image.detach().float(), dim=-1)
+        @ F.normalize(teacher_text.detach().float(), dim=-1).T
+        / temperature
+    )
 
     def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
-                        reduction="batchmean")
+        return F.kl_div(
+            F.log_softmax(student_logits, -1),
+            F.log_softmax(teacher_logits, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
 
     return (kl(s, t) + kl(s.T, t.T)) / 2
 
 
-def distillation_losses(student_tokens: torch.Tensor, student_sentence: torch.Tensor, teacher_tokens: torch.Tensor,
-                        teacher_sentence: torch.Tensor, valid: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+def distillation_losses(
+    student_tokens: torch.Tensor,
+    student_sentence: torch.Tensor,
+    teacher_tokens: torch.Tensor,
+    teacher_sentence: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+) -> dict[str, torch.Tensor]:
     """EpmVG's three terms, unweighted: {"distill_image", "distill_text", "distill_similarity"}.
 
-    student_tokens / teacher_tokens [B, N, D] on one grid (N cells), valid bool [B, N] (False on letterbox
-    padding), student_sentence / teacher_sentence [B, D]. The image side of the similarity structure is each
-    image's mean feature over its valid cells, taken the same way for student and teacher."""
+    student_tokens / teacher_tokens [B, N, D] on one grid (N cells), valid bool [B, N] (False on
+    letterbox padding), student_sentence / teacher_sentence [B, D]. The image side of the similarity
+    structure is each image's mean feature over its valid cells, taken the same way for student and
+    teacher."""
     keep = valid.unsqueeze(-1).float()
 
     def pooled(tokens: torch.Tensor) -> torch.Tensor:
@@ -99,18 +137,24 @@ def distillation_losses(student_tokens: torch.Tensor, student_sentence: torch.Te
     return {
         "distill_image": feature_consistency_loss(student_tokens, teacher_tokens, valid),
         "distill_text": feature_consistency_loss(student_sentence, teacher_sentence),
-        "distill_similarity": similarity_structure_loss(pooled(student_tokens), student_sentence,
-                                                        pooled(teacher_tokens.detach()), teacher_sentence, temperature),
+        "distill_similarity": similarity_structure_loss(
+            pooled(student_tokens),
+            student_sentence,
+            pooled(teacher_tokens.detach()),
+            teacher_sentence,
+            temperature,
+        ),
     }
 
 
-# ------------------------------------------------------------------ image-text contrast (weak_cam, CLIP teacher)
+# ------------------------------------------------------------------ image-text contrast (weak_cam,
+# CLIP teacher)
 
 
 def multi_positive_nce(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over in-batch image-text logits [B,B] (row: image, column: text) where every pair of
-    `same` (bool [B,B]) is a positive, the target spread evenly over them: several expressions or captions of
-    one image in a batch are matches, not negatives."""
+    """Symmetric InfoNCE over in-batch image-text logits [B,B] (row: image, column: text) where
+    every pair of `same` (bool [B,B]) is a positive, the target spread evenly over them: several
+    expressions or captions of one image in a batch are matches, not negatives."""
     target = same.float() / same.float().sum(1, keepdim=True)
     i2t = -(target * logits.log_softmax(1)).sum(1).mean()
     t2i = -(target.t() * logits.t().log_softmax(1)).sum(1).mean()

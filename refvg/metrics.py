@@ -1,8 +1,10 @@
-"""Evaluation metrics. Box part: aligned IoU / GIoU and accuracy at IoU thresholds. Mask part (referring
-segmentation): overall IoU, mean IoU and precision at IoU thresholds, from per-sample intersections and unions.
+"""Evaluation metrics. Box part: aligned IoU / GIoU and accuracy at IoU thresholds. Mask part
+(referring segmentation): overall IoU, mean IoU and precision at IoU thresholds, from per-sample
+intersections and unions.
 
 Box functions accept torch tensors (differentiable, used by the losses) or numpy arrays alike.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,14 +35,19 @@ def _iou_parts(a, b):
 
 
 def box_iou(a_xyxy, b_xyxy):
-    """IoU of a[i] with b[i] for [..., 4] xyxy boxes (aligned, not pairwise); degenerate pairs give 0."""
+    """IoU of a[i] with b[i] for [..., 4] xyxy boxes (aligned, not pairwise); degenerate pairs give
+    0."""
     return _iou_parts(a_xyxy, b_xyxy)[0]
 
 
 def generalized_box_iou(a_xyxy, b_xyxy):
     """Aligned GIoU = IoU - (enclosing area - union) / enclosing area, in [-1, 1]."""
     iou, union, (vmax, vmin, pos, nonzero) = _iou_parts(a_xyxy, b_xyxy)
-    a, b = (a_xyxy, b_xyxy) if isinstance(a_xyxy, torch.Tensor) else (np.asarray(a_xyxy), np.asarray(b_xyxy))
+    a, b = (
+        (a_xyxy, b_xyxy)
+        if isinstance(a_xyxy, torch.Tensor)
+        else (np.asarray(a_xyxy), np.asarray(b_xyxy))
+    )
     cw = pos(vmax(a[..., 2], b[..., 2]) - vmin(a[..., 0], b[..., 0]))
     ch = pos(vmax(a[..., 3], b[..., 3]) - vmin(a[..., 1], b[..., 1]))
     enclosing = cw * ch
@@ -54,7 +61,8 @@ def _as_numpy(x) -> np.ndarray:
 
 
 def accuracy_at_iou(ious, thresholds=IOU_THRESHOLDS) -> dict[float, float]:
-    """Fraction of predictions with IoU >= t, per threshold t (0.0 when there are no predictions)."""
+    """Fraction of predictions with IoU >= t, per threshold t (0.0 when there are no
+    predictions)."""
     ious = _as_numpy(ious)
     return {float(t): float((ious >= t).mean()) if ious.size else 0.0 for t in thresholds}
 
@@ -90,17 +98,22 @@ def mask_intersection_union(pred, gt) -> tuple[int, int]:
 def summarize_mask_metrics(intersections, unions, thresholds=MASK_IOU_THRESHOLDS) -> dict:
     """{"oIoU", "mIoU", "prec@<t>" for each t, "n"} over a split.
 
-    oIoU = total intersection / total union over the split (large objects weigh more); mIoU = mean of the
-    per-sample IoUs; prec@t = fraction of samples with IoU >= t. A sample whose union is empty (nothing
-    predicted, nothing to find) counts as IoU 0, as in the LAVT/CRIS evaluation code."""
+    oIoU = total intersection / total union over the split (large objects weigh more); mIoU = mean
+    of the per-sample IoUs; prec@t = fraction of samples with IoU >= t. A sample whose union is
+    empty (nothing predicted, nothing to find) counts as IoU 0, as in the LAVT/CRIS evaluation
+    code."""
     inter, union = _as_numpy(intersections), _as_numpy(unions)
     if inter.shape != union.shape:
         raise ValueError(f"{inter.size} intersections but {union.size} unions")
     if (inter > union).any() or (inter < 0).any():
         raise ValueError("an intersection is negative or larger than its union")
     ious = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    out = {"oIoU": float(inter.sum() / union.sum()) if union.sum() > 0 else 0.0,
-           "mIoU": float(ious.mean()) if ious.size else 0.0}
-    out.update({f"prec@{float(t):g}": float((ious >= t).mean()) if ious.size else 0.0 for t in thresholds})
+    out = {
+        "oIoU": float(inter.sum() / union.sum()) if union.sum() > 0 else 0.0,
+        "mIoU": float(ious.mean()) if ious.size else 0.0,
+    }
+    out.update(
+        {f"prec@{float(t):g}": float((ious >= t).mean()) if ious.size else 0.0 for t in thresholds}
+    )
     out["n"] = int(ious.size)
     return out

@@ -12,6 +12,7 @@ request into bytes. A path in `image` is opened only when whoever loads the mode
 for a server): otherwise a client of a served model could make the server open any file it can read.
 A bad row is answered with a short error naming the row, not a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    inputs = Schema([ColSpec("binary", "image"), ColSpec("string", "expression"),
-                     ColSpec("string", "candidates", required=False)])
+    inputs = Schema(
+        [
+            ColSpec("binary", "image"),
+            ColSpec("string", "expression"),
+            ColSpec("string", "candidates", required=False),
+        ]
+    )
     outputs = Schema([ColSpec("double", c) for c in ("x0", "y0", "x1", "y1")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
@@ -43,7 +49,9 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
         from refvg.engine.predict import Grounder
 
         self.allow_paths = bool((context.model_config or {}).get("allow_image_paths", False))
-        self.grounder = Grounder(Path(context.artifacts["checkpoint"]), Path(context.artifacts["tokenizer"]))
+        self.grounder = Grounder(
+            Path(context.artifacts["checkpoint"]), Path(context.artifacts["tokenizer"])
+        )
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
@@ -61,16 +69,22 @@ class GroundingPyfunc(mlflow.pyfunc.PythonModel):
         if "candidates" in model_input and model_input["candidates"].notna().any():
             from refvg.data.proposals import candidates_from_detections
 
-            candidates = [candidates_from_detections(_json(i, v), f"row {i}: candidates")
-                          for i, v in enumerate(model_input["candidates"])]
-        boxes = self.grounder.predict(images, [str(e) for e in model_input["expression"]], candidates)
+            candidates = [
+                candidates_from_detections(_json(i, v), f"row {i}: candidates")
+                for i, v in enumerate(model_input["candidates"])
+            ]
+        boxes = self.grounder.predict(
+            images, [str(e) for e in model_input["expression"]], candidates
+        )
         return pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"])
 
 
 def _image(row: int, value, allow_paths: bool) -> Image.Image:
     if isinstance(value, str) and not allow_paths:
-        raise ValueError(f"row {row}: image must be the image file's bytes (base64 text in a JSON "
-                         f"request); paths are not accepted by this model")
+        raise ValueError(
+            f"row {row}: image must be the image file's bytes (base64 text in a JSON "
+            f"request); paths are not accepted by this model"
+        )
     if not isinstance(value, (str, bytes, bytearray)):
         raise ValueError(f"row {row}: image must be bytes, not {type(value).__name__}")
     return _open(row, value)
@@ -106,8 +120,15 @@ def log_grounding_model(run_id: str, checkpoint: Path, tokenizer_dir: Path, name
             artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer_dir)},
             signature=signature(),
             model_config=MODEL_CONFIG,
-            # Explicit requirements: inferring them would import-scan the environment (slow, and offline here).
-            pip_requirements=[f"refvg=={refvg.__version__}", "torch", "transformers", "pillow", "pandas"],
+            # Explicit requirements: inferring them would import-scan the environment (slow, and
+            # offline here).
+            pip_requirements=[
+                f"refvg=={refvg.__version__}",
+                "torch",
+                "transformers",
+                "pillow",
+                "pandas",
+            ],
         )
 
 

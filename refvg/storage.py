@@ -1,14 +1,20 @@
-"""The one module that talks to S3 (boto3): where refvg's data and artifacts live in a bucket, and how the
-tools that move them (DVC, MLflow, boto3 here) reach it.
+"""The one module that talks to S3 (boto3): where refvg's data and artifacts live in a bucket, and
+how the tools that move them (DVC, MLflow, boto3 here) reach it.
 
-- Location: `storage` in params.yaml (bucket, prefix, endpoint), REFVG_S3_* environment variables override.
-  `s3://<bucket>/<prefix>/dvc` is the DVC remote, `s3://<bucket>/<prefix>/mlflow` the MLflow artifact root.
-- Credentials: boto3's own chain only (AWS_* environment variables, an AWS profile, an instance role). They
-  are never read from params, never passed on the command line, and never part of a message: errors name
-  the endpoint, bucket and key, not who asked.
-- Faults: every client retries each request (botocore "standard" mode: exponential backoff with jitter,
-  `max_attempts` per request), then raises :class:`StorageError` that says what was being moved where.
+- Location: `storage` in params.yaml (bucket, prefix, endpoint), REFVG_S3_* environment variables
+override.
+  `s3://<bucket>/<prefix>/dvc` is the DVC remote, `s3://<bucket>/<prefix>/mlflow` the MLflow
+  artifact root.
+- Credentials: boto3's own chain only (AWS_* environment variables, an AWS profile, an instance
+role). They
+  are never read from params, never passed on the command line, and never part of a message: errors
+  name the endpoint, bucket and key, not who asked.
+- Faults: every client retries each request (botocore "standard" mode: exponential backoff with
+jitter,
+  `max_attempts` per request), then raises :class:`StorageError` that says what was being moved
+  where.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +26,11 @@ from urllib.parse import urlsplit
 
 from refvg.config import Config
 
-ENV_OVERRIDES = {"bucket": "REFVG_S3_BUCKET", "prefix": "REFVG_S3_PREFIX", "endpoint_url": "REFVG_S3_ENDPOINT_URL"}
+ENV_OVERRIDES = {
+    "bucket": "REFVG_S3_BUCKET",
+    "prefix": "REFVG_S3_PREFIX",
+    "endpoint_url": "REFVG_S3_ENDPOINT_URL",
+}
 
 
 class StorageError(RuntimeError):
@@ -66,16 +76,29 @@ def location(cfg: Config) -> Optional[S3Location]:
             s[key] = os.environ[var]
     if not s["bucket"]:
         return None
-    if s["endpoint_url"] and (urlsplit(s["endpoint_url"]).username or urlsplit(s["endpoint_url"]).password):
-        raise StorageError(f"{ENV_OVERRIDES['endpoint_url']} must not carry credentials; use AWS_* variables or a profile")
-    return S3Location(bucket=s["bucket"], prefix=s["prefix"].strip("/"), endpoint_url=s["endpoint_url"],
-                      region=s["region"], profile=s["profile"], max_attempts=s["max_attempts"],
-                      connect_timeout=s["connect_timeout"], read_timeout=s["read_timeout"],
-                      dvc_remote=s["dvc_remote"], mlflow_artifacts=s["mlflow_artifacts"])
+    if s["endpoint_url"] and (
+        urlsplit(s["endpoint_url"]).username or urlsplit(s["endpoint_url"]).password
+    ):
+        raise StorageError(
+            f"{ENV_OVERRIDES['endpoint_url']} must not carry credentials; "
+            f"use AWS_* variables or a profile"
+        )
+    return S3Location(
+        bucket=s["bucket"],
+        prefix=s["prefix"].strip("/"),
+        endpoint_url=s["endpoint_url"],
+        region=s["region"],
+        profile=s["profile"],
+        max_attempts=s["max_attempts"],
+        connect_timeout=s["connect_timeout"],
+        read_timeout=s["read_timeout"],
+        dvc_remote=s["dvc_remote"],
+        mlflow_artifacts=s["mlflow_artifacts"],
+    )
 
 
 def split_uri(uri: str) -> tuple[str, str]:
-    """"s3://bucket/some/key" -> ("bucket", "some/key")."""
+    """ "s3://bucket/some/key" -> ("bucket", "some/key")."""
     parts = urlsplit(uri)
     if parts.scheme != "s3" or not parts.netloc:
         raise ValueError(f"not an s3:// URI: {uri!r}")
@@ -87,16 +110,26 @@ def client(loc: S3Location):
     from botocore.config import Config as BotoConfig
 
     session = boto3.session.Session(profile_name=loc.profile, region_name=loc.region)
-    return session.client("s3", endpoint_url=loc.endpoint_url, config=BotoConfig(
-        retries={"mode": "standard", "max_attempts": loc.max_attempts},
-        connect_timeout=loc.connect_timeout, read_timeout=loc.read_timeout))
+    return session.client(
+        "s3",
+        endpoint_url=loc.endpoint_url,
+        config=BotoConfig(
+            retries={"mode": "standard", "max_attempts": loc.max_attempts},
+            connect_timeout=loc.connect_timeout,
+            read_timeout=loc.read_timeout,
+        ),
+    )
 
 
 def client_env(loc: S3Location) -> dict[str, str]:
     """Environment for the S3 clients other libraries build themselves (MLflow's boto3, DVC's s3fs /
-    aiobotocore): same endpoint, region, profile and retry policy. No credentials: those are already in
-    the environment or the profile, where those clients look for them too."""
-    env = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": str(loc.max_attempts), "AWS_DEFAULT_REGION": loc.region}
+    aiobotocore): same endpoint, region, profile and retry policy. No credentials: those are already
+    in the environment or the profile, where those clients look for them too."""
+    env = {
+        "AWS_RETRY_MODE": "standard",
+        "AWS_MAX_ATTEMPTS": str(loc.max_attempts),
+        "AWS_DEFAULT_REGION": loc.region,
+    }
     if loc.endpoint_url:
         env["MLFLOW_S3_ENDPOINT_URL"] = loc.endpoint_url
     if loc.profile:
@@ -124,7 +157,11 @@ def ensure_bucket(loc: S3Location) -> bool:
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
             raise StorageError(f"{loc.where}: cannot check the bucket: {describe(err)}") from None
-    kwargs = {} if loc.region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": loc.region}}
+    kwargs = (
+        {}
+        if loc.region == "us-east-1"
+        else {"CreateBucketConfiguration": {"LocationConstraint": loc.region}}
+    )
     s3.create_bucket(Bucket=loc.bucket, **kwargs)
     return True
 
@@ -141,7 +178,10 @@ def delete_prefix(loc: S3Location, uri: str) -> int:
     keys = list_keys(loc, uri)
     s3 = client(loc)
     for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        s3.delete_objects(
+            Bucket=bucket,
+            Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+        )
     return len(keys)
 
 
@@ -153,11 +193,13 @@ def describe(err: BaseException) -> str:
 
 
 def dvc_remote_commands(loc: S3Location) -> list[list[str]]:
-    """The `dvc remote` commands that make the S3 location the default DVC remote. The endpoint and region
-    go to the project's .dvc/config; the profile, being per machine, to .dvc/config.local."""
+    """The `dvc remote` commands that make the S3 location the default DVC remote. The endpoint and
+    region go to the project's .dvc/config; the profile, being per machine, to .dvc/config.local."""
     name = loc.dvc_remote
-    cmds = [["dvc", "remote", "add", "--force", "--default", name, loc.dvc_url],
-            ["dvc", "remote", "modify", name, "region", loc.region]]
+    cmds = [
+        ["dvc", "remote", "add", "--force", "--default", name, loc.dvc_url],
+        ["dvc", "remote", "modify", name, "region", loc.region],
+    ]
     if loc.endpoint_url:
         cmds.append(["dvc", "remote", "modify", name, "endpointurl", loc.endpoint_url])
     if loc.profile:
@@ -166,10 +208,13 @@ def dvc_remote_commands(loc: S3Location) -> list[list[str]]:
 
 
 def setup(cfg: Config, repo: Path = Path("."), create_bucket: bool = False) -> S3Location:
-    """`refvg storage setup`: (optionally create the bucket and) point the DVC repo at the S3 remote."""
+    """`refvg storage setup`: (optionally create the bucket and) point the DVC repo at the S3
+    remote."""
     loc = location(cfg)
     if loc is None:
-        raise StorageError("no bucket configured: set storage.bucket in params.yaml or REFVG_S3_BUCKET")
+        raise StorageError(
+            "no bucket configured: set storage.bucket in params.yaml or REFVG_S3_BUCKET"
+        )
     if create_bucket:
         ensure_bucket(loc)
     for cmd in dvc_remote_commands(loc):

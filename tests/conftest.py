@@ -1,12 +1,15 @@
-"""Shared fixtures: a tiny configuration, and a tiny generated + prepared dataset built once per session."""
+"""Shared fixtures: a tiny configuration, and a tiny generated + prepared dataset built once per
+session."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-# One compute thread per process, set before anything imports torch (subprocesses inherit it): the tests'
-# models are tiny, and several tests run two processes at once (torchrun ranks, a server beside training),
-# where two threads each oversubscribe the 2 cores CI has and run many times slower.
+# One compute thread per process, set before anything imports torch (subprocesses inherit it): the
+# tests' models are tiny, and several tests run two processes at once (torchrun ranks, a server
+# beside training), where two threads each oversubscribe the 2 cores CI has and run many times
+# slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
@@ -19,10 +22,11 @@ disable_telemetry()
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory) -> Path:
-    """A folder with params.yaml and the generated + prepared tiny dataset. Read-only for tests: copy it
-    (or use its paths) rather than writing into it."""
+    """A folder with params.yaml and the generated + prepared tiny dataset. Read-only for tests:
+    copy it (or use its paths) rather than writing into it."""
     from refvg import stages
     from refvg.config import load_config
 
@@ -40,7 +44,8 @@ def tiny_workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def in_tiny(tiny_workdir, tmp_path, monkeypatch) -> Path:
-    """cwd = a fresh folder whose data/ links to the session's tiny dataset, with its own params.yaml."""
+    """cwd = a fresh folder whose data/ links to the session's tiny dataset, with its own
+    params.yaml."""
     (tmp_path / "data").symlink_to(tiny_workdir / "data")
     (tmp_path / "params.yaml").write_text((tiny_workdir / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
@@ -49,12 +54,14 @@ def in_tiny(tiny_workdir, tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """Prefect's own test harness (a real, temporary API server) for the whole session; its URL is also what
-    subprocesses (DVC stages) are pointed at, so every test shares one server start."""
+    """Prefect's own test harness (a real, temporary API server) for the whole session; its URL is
+    also what subprocesses (DVC stages) are pointed at, so every test shares one server start."""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=600):  # a ceiling: it waits for the server to answer
+    with prefect_test_harness(
+        server_startup_timeout=600
+    ):  # a ceiling: it waits for the server to answer
         yield PREFECT_API_URL.value()
 
 
@@ -67,8 +74,8 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def stage_worker_dir():
-    """Stage processes the tests start (DVC stages, probes) share stage workers (flows/launcher.py) kept in
-    a folder of this session, stopped at its end. Short path: it holds unix sockets."""
+    """Stage processes the tests start (DVC stages, probes) share stage workers (flows/launcher.py)
+    kept in a folder of this session, stopped at its end. Short path: it holds unix sockets."""
     import shutil
     import tempfile
 
@@ -95,7 +102,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> str:
-    """moto's standalone S3-compatible server on a free loopback port, shared by the whole session."""
+    """moto's standalone S3-compatible server on a free loopback port, shared by the whole
+    session."""
     import subprocess
     import sys
     import time
@@ -104,8 +112,11 @@ def s3_server(tmp_path_factory) -> str:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 600  # a ceiling for a hang; the wait is on the server answering
     while True:
         try:
@@ -124,8 +135,8 @@ def s3_server(tmp_path_factory) -> str:
 
 @pytest.fixture
 def s3_bucket(s3_server, tmp_path, monkeypatch, request) -> dict:
-    """A fresh bucket on the session's S3 server, and credentials only in the environment (never a real
-    profile of the machine: the AWS config files point at nothing)."""
+    """A fresh bucket on the session's S3 server, and credentials only in the environment (never a
+    real profile of the machine: the AWS config files point at nothing)."""
     import re
 
     from refvg import storage
@@ -136,13 +147,21 @@ def s3_bucket(s3_server, tmp_path, monkeypatch, request) -> dict:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     # Unset for the test, and unset again after it: storage.apply_client_env exports some of them.
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "AWS_MAX_ATTEMPTS",
-                "AWS_RETRY_MODE", *storage.ENV_OVERRIDES.values()):
+    for var in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_RETRY_MODE",
+        *storage.ENV_OVERRIDES.values(),
+    ):
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
-    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{_free_port()}"
+    bucket = (
+        re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{_free_port()}"
+    )
     settings = {"bucket": bucket, "endpoint_url": s3_server, "max_attempts": 3}
     loc = storage.location(Config.model_validate({"storage": settings}))
     storage.ensure_bucket(loc)
     return {"settings": settings, "location": loc}
-

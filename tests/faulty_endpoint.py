@@ -1,7 +1,9 @@
-"""A loopback HTTP proxy in front of the real local S3 server that can make the endpoint fail: every request
-from the N-th on (the endpoint dies mid-upload), or the next N requests only (a blip). A failed request is
-read in full and then the connection is dropped without an answer, as a crashed or unreachable server does.
+"""A loopback HTTP proxy in front of the real local S3 server that can make the endpoint fail: every
+request from the N-th on (the endpoint dies mid-upload), or the next N requests only (a blip). A
+failed request is read in full and then the connection is dropped without an answer, as a crashed or
+unreachable server does.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -11,7 +13,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import urlsplit
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+}
 
 
 class FaultyEndpoint:

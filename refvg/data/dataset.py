@@ -1,12 +1,13 @@
 """Dataset over a prepared split and the collate that builds the batch every model consumes.
 
-Batch contract: "image" uint8 [B, S, S, 3] (normalised on the device by the engine, so host->device copies
-stay 4x smaller), "pixel_mask" bool [B, S, S] (True = padding), "input_ids" / "attention_mask" long [B, L],
-"box" float [B, 4] target cxcywh normalised to the square, "index" long [B] (row in the split); with
-`masks=True` also "mask" uint8 [B, S, S], the target mask letterboxed like the image (1 = object); with
-`candidates` (one ImageCandidates per image row, see refvg.data.proposals) also "cand_boxes" float [B, K, 4]
-cxcywh normalised to the square, "cand_valid" bool [B, K] (False = padding), "cand_category" long [B, K] and
-"cand_target" long [B], the target's candidate (-1: not among them), with K = `max_candidates`.
+Batch contract: "image" uint8 [B, S, S, 3] (normalised on the device by the engine, so host->device
+copies stay 4x smaller), "pixel_mask" bool [B, S, S] (True = padding), "input_ids" /
+"attention_mask" long [B, L], "box" float [B, 4] target cxcywh normalised to the square, "index"
+long [B] (row in the split); with `masks=True` also "mask" uint8 [B, S, S], the target mask
+letterboxed like the image (1 = object); with `candidates` (one ImageCandidates per image row, see
+refvg.data.proposals) also "cand_boxes" float [B, K, 4] cxcywh normalised to the square,
+"cand_valid" bool [B, K] (False = padding), "cand_category" long [B, K] and "cand_target" long [B],
+the target's candidate (-1: not among them), with K = `max_candidates`.
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ MASKS_RLE = "masks_rle.json"  # the same masks at original resolution, COCO RLE
 def read_manifest(prepared: Path) -> dict:
     path = Path(prepared) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no prepared dataset here; run the `prepare` stage first (dvc repro prepare)")
+        raise FileNotFoundError(f"{path}: no prepared dataset here; run the `prepare` stage " f"first (dvc repro prepare)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def prepared_fingerprint(prepared: Path) -> str:
-    """Identifies a prepared dataset's content: the small files by their bytes, the image arrays by size and
-    modification time (hashing GBs of pixels at every start would cost more than it protects)."""
+    """Identifies a prepared dataset's content: the small files by their bytes, the image arrays by
+    size and modification time (hashing GBs of pixels at every start would cost more than it
+    protects)."""
     prepared = Path(prepared)
     digest = hashlib.sha256()
     for path in sorted(prepared.rglob("*")):
@@ -50,14 +52,15 @@ def prepared_fingerprint(prepared: Path) -> str:
 
 
 class PreparedSplit(Dataset):
-    """One prepared split. `masks=True` adds each sample's letterboxed target mask to its item (what mask
-    methods train on); `gt_mask(i)` gives the original-resolution mask (what mask metrics score against)."""
+    """One prepared split. `masks=True` adds each sample's letterboxed target mask to its item (what
+    mask methods train on); `gt_mask(i)` gives the original-resolution mask (what mask metrics score
+    against)."""
 
     def __init__(self, prepared_dir: Path, split: str, language_blind: bool = False, masks: bool = False,
                  candidates: list[ImageCandidates] | None = None, max_candidates: int = 16, match_iou: float = 0.5):
         split_dir = Path(prepared_dir) / split
         if not (split_dir / "samples.json").exists():
-            raise FileNotFoundError(f"{split_dir}: split {split!r} was not prepared (see manifest.json)")
+            raise FileNotFoundError(f"{split_dir}: split {split!r} was not prepared (see " f"manifest.json)")
         self.split = split
         self.split_dir = split_dir
         self.records: list[dict] = json.loads((split_dir / "samples.json").read_text(encoding="utf-8"))
@@ -80,10 +83,11 @@ class PreparedSplit(Dataset):
             if candidates is not None else None
 
     def _candidate_tensors(self, per_image: list[ImageCandidates], k: int, match_iou: float) -> dict[str, torch.Tensor]:
-        """Each sample's candidates as fixed-size tensors: the `k` highest-scoring of its image, letterboxed."""
+        """Each sample's candidates as fixed-size tensors: the `k` highest-scoring of its image,
+        letterboxed."""
         n_images = self.images.shape[0]
         if len(per_image) != n_images:
-            raise ValueError(f"{self.split_dir}: {len(per_image)} candidate lists for {n_images} images")
+            raise ValueError(f"{self.split_dir}: {len(per_image)} candidate lists for " f"{n_images} images")
         rows = [candidate_tensors(per_image[rec["image_index"]], lb, k, np.asarray(rec["bbox_xyxy"], np.float64),
                                   match_iou) for rec, lb in zip(self.records, self.letterboxes)]
         names = ("cand_boxes", "cand_valid", "cand_category", "cand_target")
@@ -93,16 +97,16 @@ class PreparedSplit(Dataset):
         return {name: torch.stack([r[name] for r in rows]) for name in names}
 
     def _mask_rows(self) -> np.ndarray:
-        """Each sample's row in the mask files; raises when the split was prepared without masks or a sample's
-        annotation has no segmentation (mask methods cannot train or be scored on it)."""
+        """Each sample's row in the mask files; raises when the split was prepared without masks or
+        a sample's annotation has no segmentation (mask methods cannot train or be scored on it)."""
         if self.records and "mask_index" not in self.records[0]:
-            raise FileNotFoundError(f"{self.split_dir}: prepared without masks; re-run the `prepare` stage")
+            raise FileNotFoundError(f"{self.split_dir}: prepared without masks; re-run the " f"`prepare` stage")
         rows = np.asarray([r["mask_index"] for r in self.records], dtype=np.int64)
         missing = np.flatnonzero(rows < 0)
         if missing.size:
-            raise ValueError(f"{self.split_dir / 'samples.json'}: {missing.size} of {len(rows)} samples have no "
+            raise ValueError(f"{self.split_dir / 'samples.json'}: {missing.size} of " f"{len(rows)} samples have no "
                              f"target mask (their annotation carries no segmentation), e.g. sample "
-                             f"{self.records[missing[0]]['sample_id']}; a mask method needs one for every sample")
+                             f"{self.records[missing[0]]['sample_id']}; a mask method " f"needs one for every sample")
         return rows
 
     def _load_masks(self) -> np.ndarray:
@@ -112,9 +116,9 @@ class PreparedSplit(Dataset):
         self._mask_index = self._mask_rows()
         packed = np.load(path, mmap_mode="r", allow_pickle=False)
         if packed.ndim != 2 or packed.shape[1] != (self.size * self.size + 7) // 8:
-            raise ValueError(f"{path}: shape {packed.shape} does not hold {self.size}x{self.size} bit-packed masks")
+            raise ValueError(f"{path}: shape {packed.shape} does not hold " f"{self.size}x{self.size} bit-packed masks")
         if self._mask_index.size and self._mask_index.max() >= len(packed):
-            raise ValueError(f"{path}: {len(packed)} masks, but samples.json refers to row {self._mask_index.max()}")
+            raise ValueError(f"{path}: {len(packed)} masks, but samples.json refers to row " f"{self._mask_index.max()}")
         return packed
 
     def square_mask(self, i: int) -> np.ndarray:
@@ -155,7 +159,8 @@ class PreparedSplit(Dataset):
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         return {
-            "image": torch.from_numpy(np.array(self.images[rec["image_index"]])),  # a copy: the map is read-only
+            # a copy: the map is read-only
+            "image": torch.from_numpy(np.array(self.images[rec["image_index"]])),
             "pixel_mask": self._pad_mask(self.letterboxes[i]),
             "input_ids": self.input_ids[i],
             "attention_mask": self.attention_mask[i],
@@ -167,8 +172,8 @@ class PreparedSplit(Dataset):
 
 def collate(items: list[dict]) -> dict:
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    # Text is stored padded to data.max_tokens; cut the batch to its longest expression so the encoders
-    # don't spend most of their time on padding (RefShapes: median 6 of 20 tokens).
+    # Text is stored padded to data.max_tokens; cut the batch to its longest expression so the
+    # encoders don't spend most of their time on padding (RefShapes: median 6 of 20 tokens).
     longest = int(batch["attention_mask"].sum(1).max())
     batch["input_ids"] = batch["input_ids"][:, :longest]
     batch["attention_mask"] = batch["attention_mask"][:, :longest]

@@ -1,15 +1,17 @@
-"""A STAND-IN for a real detector's output: the ground-truth boxes of a COCO instances file, perturbed, written as
-a COCO results JSON ([{image_id, category_id, bbox: [x, y, w, h], score}, ...]), the format a detector's
-evaluation writes and `proposals.source: detections` reads (refvg.data.proposals).
+"""A STAND-IN for a real detector's output: the ground-truth boxes of a COCO instances file,
+perturbed, written as a COCO results JSON ([{image_id, category_id, bbox: [x, y, w, h], score},
+...]), the format a detector's evaluation writes and `proposals.source: detections` reads
+(refvg.data.proposals).
 
-It only exists so the detection-proposal setting of the ranking methods runs end to end without a detector
-(none can be trained or downloaded here). What it imitates: localisation error (each box edge moves by
-N(0, jitter x box side), so some boxes fall below IoU 0.5 with their object), missed objects (`drop_rate`),
-false positives (`false_positives` per image: random boxes of object size, some over parts of
-objects, with a random category and a lower score), and classification errors (`confusion_rate` of
-the found objects reported as another of the dataset's categories, drawn uniformly; a real detector
-confuses similar classes more). For real use, point `proposals.detections_file` at a detector's
-results file for the dataset's images instead (e.g. Mask R-CNN's, as MAttNet does).
+It only exists so the detection-proposal setting of the ranking methods runs end to end without a
+detector (none can be trained or downloaded here). What it imitates: localisation error (each box
+edge moves by N(0, jitter x box side), so some boxes fall below IoU 0.5 with their object), missed
+objects (`drop_rate`), false positives (`false_positives` per image: random boxes of object size,
+some over parts of objects, with a random category and a lower score), and classification errors
+(`confusion_rate` of the found objects reported as another of the dataset's categories, drawn
+uniformly; a real detector confuses similar classes more). For real use, point
+`proposals.detections_file` at a detector's results file for the dataset's images instead (e.g. Mask
+R-CNN's, as MAttNet does).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from refvg.config import DetectionsConfig
 
 
 def stand_in_detections(instances_path: Path, dcfg: DetectionsConfig) -> list[dict]:
-    """The perturbed gt boxes and false positives of every image of `instances_path`, seeded by `dcfg.seed`."""
+    """The perturbed gt boxes and false positives of every image of `instances_path`, seeded by
+    `dcfg.seed`."""
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -82,8 +85,9 @@ def write_detections(rows: list[dict], path: Path) -> Path:
 
 
 def detection_recall(instances_path: Path, rows: list[dict], iou: float = 0.5) -> dict:
-    """How good the detections are as proposals: the fraction of annotated objects that some detection of
-    their image covers with IoU >= `iou` (the ceiling of a ranking method on them), and detections per image."""
+    """How good the detections are as proposals: the fraction of annotated objects that some
+    detection of their image covers with IoU >= `iou` (the ceiling of a ranking method on them), and
+    detections per image."""
     from pycocotools.coco import COCO
 
     from refvg.metrics import box_iou

@@ -1,19 +1,24 @@
 """The `prepare` stage: REFER-layout dataset -> training-ready arrays.
 
 Per split, `<out>/<split>/` holds
-- `images.npy`   uint8 [N_images, S, S, 3], letterboxed to the training size once, so training never decodes
+- `images.npy`   uint8 [N_images, S, S, 3], letterboxed to the training size once, so training never
+decodes
                  or resizes an image (the DataLoader only slices a memory map);
 - `tokens.npy`   int32 [N_samples, 2, L]: input_ids and attention_mask;
-- `samples.json` one record per (ref, sentence): ids, expression, image index, original size and box, and
-                 `mask_index`, the row of its target's mask (-1: the annotation has no segmentation);
-- `masks.npy`    uint8 [N_masks, ceil(S*S/8)]: each target mask letterboxed like its image, bit-packed
+- `samples.json` one record per (ref, sentence): ids, expression, image index, original size and
+box, and
+                 `mask_index`, the row of its target's mask (-1: the annotation has no
+                 segmentation);
+- `masks.npy`    uint8 [N_masks, ceil(S*S/8)]: each target mask letterboxed like its image,
+bit-packed
                  (np.packbits of the S x S mask, row-major), once per annotation;
-- `masks_rle.json` the same masks at original resolution as COCO RLE: what mask metrics are scored against;
+- `masks_rle.json` the same masks at original resolution as COCO RLE: what mask metrics are scored
+against;
 - `candidates.json` every annotated object of each image (one list per row of `images.npy`): the
                  ground-truth proposals that ranking methods choose from (refvg.data.proposals).
-`<out>/tokenizer/` is the tokenizer every later stage loads, and `<out>/manifest.json` the counts, skipped
-records with their reasons, and the settings they were prepared with.
-All files are plain arrays and JSON: nothing here is unpickled later.
+`<out>/tokenizer/` is the tokenizer every later stage loads, and `<out>/manifest.json` the counts,
+skipped records with their reasons, and the settings they were prepared with. All files are plain
+arrays and JSON: nothing here is unpickled later.
 """
 from __future__ import annotations
 
@@ -49,10 +54,11 @@ def _load_image(path: Path, image_dir: Path | None = None) -> Image.Image:
     return open_dataset_image(path, image_dir)
 
 
-# ------------------------------------------------------------------ shards: the unit of parallel work
-# Decoding and letterboxing images is nearly all of `prepare`'s time and each image is independent, so a
-# split's images are cut into shards that can run anywhere (a loop, threads, Dask worker processes). A shard
-# takes and returns only small picklable values and writes its frames to a file in the output folder.
+# ------------------------------------------------------------------ shards: the unit of parallel
+# work Decoding and letterboxing images is nearly all of `prepare`'s time and each image is
+# independent, so a split's images are cut into shards that can run anywhere (a loop, threads, Dask
+# worker processes). A shard takes and returns only small picklable values and writes its frames to
+# a file in the output folder.
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,8 @@ class Shard:
     jobs: tuple[ImageJob, ...]
     size: int  # letterbox size
     out_path: str  # where the shard's frames go (.npy)
-    strict: bool  # data.on_bad_record == "error": raise on the first bad image instead of reporting it
+    # data.on_bad_record == "error": raise on the first bad image instead of reporting it
+    strict: bool
 
 
 @dataclass
@@ -80,7 +87,8 @@ class ShardResult:
     index: int
     out_path: str
     image_ids: list[int]  # the images in the frames file, in order
-    bad: dict[int, tuple[str, str]] = field(default_factory=dict)  # image id -> (skip reason, detail)
+    # image id -> (skip reason, detail)
+    bad: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 def image_jobs(refer: ReferDataset, samples: list[RefSample]) -> list[ImageJob]:
@@ -124,7 +132,7 @@ def letterbox_shard(shard: Shard) -> ShardResult:
             continue
         if img.size != (job.width, job.height):
             # Boxes are in the annotated size; a silently different file would shift every box.
-            reason = f"image is {img.size[0]}x{img.size[1]}, annotation says {job.width}x{job.height}"
+            reason = f"image is {img.size[0]}x{img.size[1]}, annotation says " f"{job.width}x{job.height}"
             if shard.strict:
                 raise BadRecordError(f"{job.path}: image {job.image_id}: {reason}")
             bad[job.image_id] = ("image_size_mismatch", reason)
@@ -142,9 +150,9 @@ def run_sequentially(fn: Callable[[Shard], ShardResult], shards: list[Shard]) ->
 
 def assemble_split(samples: list[RefSample], results: list[ShardResult], split_dir: Path, skips: SkipLog,
                    refer: ReferDataset, strict: bool, size: int) -> tuple[list[RefSample], int]:
-    """Join a split's shards into `images.npy`, write its candidates, target masks and `samples.json`; returns the
-    samples whose image and segmentation were kept (the others are counted in `skips` with their reason),
-    and the number of masks written."""
+    """Join a split's shards into `images.npy`, write its candidates, target masks and
+    `samples.json`; returns the samples whose image and segmentation were kept (the others are
+    counted in `skips` with their reason), and the number of masks written."""
     results = sorted(results, key=lambda r: r.index)
     image_index: dict[int, int] = {}
     bad: dict[int, tuple[str, str]] = {}
@@ -178,8 +186,9 @@ def assemble_split(samples: list[RefSample], results: list[ShardResult], split_d
 
 def _write_masks(samples: list[RefSample], split_dir: Path, skips: SkipLog, refer: ReferDataset, strict: bool,
                  size: int) -> tuple[list[RefSample], dict[int, int], int]:
-    """Each target's mask once per annotation: letterboxed and bit-packed (MASKS) and as RLE at original
-    resolution (MASKS_RLE). Returns the samples kept, ann id -> mask row (-1: no segmentation), mask count."""
+    """Each target's mask once per annotation: letterboxed and bit-packed (MASKS) and as RLE at
+    original resolution (MASKS_RLE). Returns the samples kept, ann id -> mask row (-1: no
+    segmentation), mask count."""
     from pycocotools import mask as mask_utils
 
     mask_index: dict[int, int] = {}
@@ -189,7 +198,7 @@ def _write_masks(samples: list[RefSample], split_dir: Path, skips: SkipLog, refe
     bad_anns: set[int] = set()
     for s in samples:
         if s.ann_id in bad_anns:
-            skips.add("bad_segmentation", f"{refer.instances_path.name}: ann {s.ann_id}: ref {s.ref_id} sent {s.sent_id}")
+            skips.add("bad_segmentation", f"{refer.instances_path.name}: ann {s.ann_id}: ref {s.ref_id} " f"sent {s.sent_id}")
             continue
         if s.ann_id not in mask_index:
             try:
@@ -234,10 +243,11 @@ def _concat_frames(parts: list[Path], out: Path) -> None:
 def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardRunner = run_sequentially) -> dict:
     """Validate, letterbox and tokenize every split; returns the manifest (also written to disk).
 
-    The image work is cut into `cfg.parallel.prepare_shards` shards and handed to `run_shards(letterbox_shard,
-    shards)`, which may run them anywhere (the prepare flow maps them over Dask workers); the result is
-    the same whatever runs them. Writes into a temporary sibling and renames at the end, so an interrupted
-    run never leaves a half-prepared dataset that looks complete."""
+    The image work is cut into `cfg.parallel.prepare_shards` shards and handed to
+    `run_shards(letterbox_shard, shards)`, which may run them anywhere (the prepare flow maps them
+    over Dask workers); the result is the same whatever runs them. Writes into a temporary sibling
+    and renames at the end, so an interrupted run never leaves a half-prepared dataset that looks
+    complete."""
     d = cfg.data
     out_dir = Path(out_dir) if out_dir else prepared_path(cfg)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")

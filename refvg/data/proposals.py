@@ -1,15 +1,17 @@
-"""Candidate boxes per image, for the methods that rank candidates instead of regressing a box (MAttNet-style
-matching, CM-Erase) or that score them (weakly supervised localisation by CAM mass).
+"""Candidate boxes per image, for the methods that rank candidates instead of regressing a box
+(MAttNet-style matching, CM-Erase) or that score them (weakly supervised localisation by CAM mass).
 
 Two sources, chosen by `proposals.source` in params.yaml:
-- `gt`: every annotated object of the image (the "ground-truth proposals" setting of the papers), written by
+- `gt`: every annotated object of the image (the "ground-truth proposals" setting of the papers),
+written by
   the `prepare` stage as `<split>/candidates.json`, one list per row of `images.npy`;
 - `detections`: a detector's output as a COCO results JSON (read with pycocotools `loadRes`), see
   `detection_candidates`.
 
-Which candidate is the target is decided by geometry, the same way for both sources: the candidate with the
-highest IoU with the target box, when that IoU is at least `match_iou` (0.5, the accuracy criterion);
-otherwise the target is not among the candidates (-1) and no ranking can be right for that sample.
+Which candidate is the target is decided by geometry, the same way for both sources: the candidate
+with the highest IoU with the target box, when that IoU is at least `match_iou` (0.5, the accuracy
+criterion); otherwise the target is not among the candidates (-1) and no ranking can be right for
+that sample.
 """
 from __future__ import annotations
 
@@ -59,28 +61,29 @@ class ImageCandidates:
                        np.asarray([float(r["score"]) for r in rows], dtype=np.float64),
                        np.asarray([int(r["ann_id"]) for r in rows], dtype=np.int64))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{where}: malformed candidate list ({type(err).__name__}: {err})") from None
+            raise ValueError(f"{where}: malformed candidate list ({type(err).__name__}: " f"{err})") from None
 
 
 def candidates_from_detections(rows: list[dict], where: str) -> ImageCandidates:
-    """One image's detections in the COCO results format ({"bbox": [x, y, w, h], "category_id", "score"}, as
-    a detector writes them), e.g. the `--candidates` file of `refvg predict`."""
+    """One image's detections in the COCO results format ({"bbox": [x, y, w, h], "category_id",
+    "score"}, as a detector writes them), e.g. the `--candidates` file of `refvg predict`."""
     try:
         xywh = np.asarray([[float(v) for v in r["bbox"]] for r in rows], dtype=np.float64).reshape(-1, 4)
         cats = np.asarray([int(r.get("category_id", 0)) for r in rows], dtype=np.int64)
         scores = np.asarray([float(r.get("score", 1.0)) for r in rows], dtype=np.float64)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{where}: not a list of COCO detections ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{where}: not a list of COCO detections " f"({type(err).__name__}: {err})") from None
     bad = np.flatnonzero(~(xywh[:, 2:] > 0).all(1))
     if bad.size:
-        raise ValueError(f"{where}: detection {int(bad[0])} has a box of zero or negative size: {rows[bad[0]]['bbox']}")
+        raise ValueError(f"{where}: detection {int(bad[0])} has a box of zero or " f"negative size: {rows[bad[0]]['bbox']}")
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     return ImageCandidates(boxes, cats, scores, np.full(len(boxes), -1, dtype=np.int64))
 
 
 def gt_candidates(refer: ReferDataset, image_id: int, skips: SkipLog) -> ImageCandidates:
-    """Every annotated object of the image. A box outside the image or of zero area (real COCO has a few) is
-    dropped and counted in `skips`: it could never be the right answer, and it must not crash a ranking."""
+    """Every annotated object of the image. A box outside the image or of zero area (real COCO has a
+    few) is dropped and counted in `skips`: it could never be the right answer, and it must not
+    crash a ranking."""
     img = refer.coco.imgs[image_id]
     w, h = float(img["width"]), float(img["height"])
     boxes, cats, ann_ids = [], [], []
@@ -89,7 +92,7 @@ def gt_candidates(refer: ReferDataset, image_id: int, skips: SkipLog) -> ImageCa
         box = [max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)]
         if not (box[2] > box[0] and box[3] > box[1]):
             skips.add("candidate_box_outside_image",
-                      f"{refer.instances_path.name}: ann {ann['id']} (image {image_id}): bbox {ann['bbox']}")
+                      f"{refer.instances_path.name}: ann {ann['id']} (image " f"{image_id}): bbox {ann['bbox']}")
             continue
         boxes.append(box)
         cats.append(int(ann["category_id"]))
@@ -126,7 +129,8 @@ def match_target(candidates_xyxy: np.ndarray, target_xyxy: np.ndarray, match_iou
 def load_candidates(pcfg: ProposalsConfig, split_dir: Path,
                     instances_path: Path | None = None) -> list[ImageCandidates]:
     """The candidates of each image row of a prepared split, from the source params.yaml chooses
-    (`instances_path`: the dataset's COCO instances file, which a detections file is read against)."""
+    (`instances_path`: the dataset's COCO instances file, which a detections file is read
+    against)."""
     if pcfg.source == "gt":
         return read_gt_candidates(split_dir)
     if pcfg.source == "detections":
@@ -136,24 +140,26 @@ def load_candidates(pcfg: ProposalsConfig, split_dir: Path,
     raise ValueError(f"proposals.source {pcfg.source!r} is not known")
 
 
-# ------------------------------------------------------------------------------------------- detections
+# -------------------------------------------------------------------------------------------
+# detections
 
 DETECTION_KEYS = ("image_id", "category_id", "bbox", "score")
 
 
 def read_detections(path: Path) -> list[dict]:
-    """A COCO results JSON, checked row by row (pycocotools would fail on a bad row with a bare KeyError):
-    every row needs an integer image_id and category_id, a finite bbox [x, y, w, h] and a finite score."""
+    """A COCO results JSON, checked row by row (pycocotools would fail on a bad row with a bare
+    KeyError): every row needs an integer image_id and category_id, a finite bbox [x, y, w, h] and a
+    finite score."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no detections file (proposals.detections_file); the `detections` stage "
+        raise FileNotFoundError(f"{path}: no detections file (proposals.detections_file); the " f"`detections` stage "
                                 "writes a stand-in one")
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a JSON file: {err}") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: a COCO results file is a JSON list of detections, got {type(rows).__name__}")
+        raise ValueError(f"{path}: a COCO results file is a JSON list of detections, " f"got {type(rows).__name__}")
     out = []
     for i, row in enumerate(rows):
         try:
@@ -163,7 +169,7 @@ def read_detections(path: Path) -> list[dict]:
             box = [float(v) for v in row["bbox"]]
             score = float(row["score"])
             if len(box) != 4 or not np.isfinite(box + [score]).all():
-                raise ValueError(f"bbox must be 4 finite numbers [x, y, w, h] and score finite, got "
+                raise ValueError(f"bbox must be 4 finite numbers [x, y, w, h] and score " f"finite, got "
                                  f"{row['bbox']!r}, {row['score']!r}")
             image_id, category_id = _integer(row["image_id"]), _integer(row["category_id"])
         except (TypeError, ValueError) as err:
@@ -180,8 +186,9 @@ def _integer(value) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _results_by_image(path: str, instances: str, stamp: tuple) -> tuple[dict, dict]:
-    """(image id -> [(bbox xywh, category, score)], skip counts) of a detections file, through pycocotools'
-    loadRes against the dataset's instances; cached per (files, their sizes and mtimes): a stage reads it per split."""
+    """(image id -> [(bbox xywh, category, score)], skip counts) of a detections file, through
+    pycocotools' loadRes against the dataset's instances; cached per (files, their sizes and
+    mtimes): a stage reads it per split."""
     from pycocotools.coco import COCO
 
     rows = read_detections(Path(path))
@@ -201,11 +208,12 @@ def _results_by_image(path: str, instances: str, stamp: tuple) -> tuple[dict, di
 
 def detection_candidates(path: Path, instances_path: Path, split_dir: Path,
                          min_score: float = 0.0) -> list[ImageCandidates]:
-    """The candidates of each image row of a prepared split from a detector's COCO results file. Boxes are
-    clipped to the image; boxes with nothing left, scored below `min_score`, or of images the dataset does
-    not hold are dropped and counted (logged). Ann ids are -1: a detection is not an annotation."""
+    """The candidates of each image row of a prepared split from a detector's COCO results file.
+    Boxes are clipped to the image; boxes with nothing left, scored below `min_score`, or of images
+    the dataset does not hold are dropped and counted (logged). Ann ids are -1: a detection is not
+    an annotation."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no detections file (proposals.detections_file); the `detections` stage "
+        raise FileNotFoundError(f"{path}: no detections file (proposals.detections_file); the " f"`detections` stage "
                                 "writes a stand-in one")
     stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in (Path(path), Path(instances_path)))
     by_image, skips = _results_by_image(str(path), str(instances_path), stamp)
@@ -237,8 +245,9 @@ def detection_candidates(path: Path, instances_path: Path, split_dir: Path,
 
 def candidate_tensors(cands: ImageCandidates, lb: Letterbox, k: int, target_xyxy: np.ndarray | None = None,
                       match_iou: float = 0.5) -> dict[str, torch.Tensor]:
-    """One sample's candidates as the fixed-size tensors a ranking model reads (see refvg.data.dataset): the
-    `k` highest-scoring, letterboxed like the image; "cand_target" when the target box is known."""
+    """One sample's candidates as the fixed-size tensors a ranking model reads (see
+    refvg.data.dataset): the `k` highest-scoring, letterboxed like the image; "cand_target" when the
+    target box is known."""
     import torch
 
     from refvg.data.transforms import xyxy_to_cxcywh

@@ -1,17 +1,22 @@
 """Readers of the datasets as their users have them on disk.
 
-- :class:`ReferDataset`: the REFER layout (RefCOCO / RefCOCO+ / RefCOCOg / RefClef) through pycocotools:
-  `<root>/<dataset>/refs(<split_by>).p` (or `.json`), `<root>/<dataset>/instances.json` and images named by
-  COCO `file_name` under `image_dir`. Segmentations are polygons (RefCOCO*) or lists of RLEs (RefClef).
-- :class:`SplitFiles`: TransVG / QRNet's `<dataset>_<split>.pth` files (unc, unc+, gref, gref_umd, referit,
+- :class:`ReferDataset`: the REFER layout (RefCOCO / RefCOCO+ / RefCOCOg / RefClef) through
+pycocotools:
+  `<root>/<dataset>/refs(<split_by>).p` (or `.json`), `<root>/<dataset>/instances.json` and images
+  named by COCO `file_name` under `image_dir`. Segmentations are polygons (RefCOCO*) or lists of
+  RLEs (RefClef).
+- :class:`SplitFiles`: TransVG / QRNet's `<dataset>_<split>.pth` files (unc, unc+, gref, gref_umd,
+referit,
   flickr), each dataset with its own entry shape and box convention.
 
-Every (ref, sentence) becomes one :class:`RefSample`, its box xywh in the image's stored pixel frame. Which
-splits a dataset has, and which stored split names belong to which split, is `refvg.data.splits`.
+Every (ref, sentence) becomes one :class:`RefSample`, its box xywh in the image's stored pixel
+frame. Which splits a dataset has, and which stored split names belong to which split, is
+`refvg.data.splits`.
 
 Real REFER dumps contain dirty records, so each record is validated; with `on_bad_record="skip"` the
-bad ones are dropped and counted per reason in :class:`SkipLog` (the prepare manifest shows it), with
-`"error"` the first one raises :class:`BadRecordError` naming the file, the record and the reason.
+bad ones are dropped and counted per reason in :class:`SkipLog` (the prepare manifest shows it),
+with `"error"` the first one raises :class:`BadRecordError` naming the file, the record and the
+reason.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ from refvg.data.splits import SPLIT_FILE_DATASETS, SplitVocabulary, split_vocabu
 
 
 class BadRecordError(ValueError):
-    """A refs/instances record (or a whole file) that cannot be used; the message says which and why."""
+    """A refs/instances record (or a whole file) that cannot be used; the message says which and
+    why."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,8 @@ class _Reject(Exception):
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    # A REFER refs file is plain containers of str/int/float; any global (a class, a function such as
-    # os.system) means the file is not what it claims, and resolving it could run code.
+    # A REFER refs file is plain containers of str/int/float; any global (a class, a function such
+    # as os.system) means the file is not what it claims, and resolving it could run code.
     def __init__(self, f, path: Path):
         super().__init__(f, encoding="latin1")
         self._path = path
@@ -106,12 +112,13 @@ def load_refs(path: Path) -> list[dict]:
             raise BadRecordError(f"{path}: not a readable pickle: {type(err).__name__}: {err}") from None
     elif path.suffix == ".json":
         try:
-            # surrogateescape: a stray non-UTF-8 byte costs its one expression (a counted skip), not the file
+            # surrogateescape: a stray non-UTF-8 byte costs its one expression (a counted skip), not
+            # the file
             refs = json.loads(path.read_bytes().decode("utf-8-sig", errors="surrogateescape"))
         except json.JSONDecodeError as err:
             raise BadRecordError(f"{path}: not valid JSON: {err}") from None
     else:
-        raise BadRecordError(f"{path}: unsupported refs format {path.suffix!r} (expected .p or .json)")
+        raise BadRecordError(f"{path}: unsupported refs format {path.suffix!r} (expected " f".p or .json)")
     if not isinstance(refs, list):
         raise BadRecordError(f"{path}: expected a list of ref records, got {type(refs).__name__}")
     for i, r in enumerate(refs):
@@ -135,8 +142,9 @@ def find_refs_file(dataset_dir: Path, split_by: str) -> Path:
 
 
 def check_expression(value: Any, max_chars: int) -> str:
-    """The cleaned expression, or a BadRecordError saying why it cannot be used (not UTF-8, empty, longer
-    than `max_chars`); what prepare applies to the dataset, for inputs that arrive at inference."""
+    """The cleaned expression, or a BadRecordError saying why it cannot be used (not UTF-8, empty,
+    longer than `max_chars`); what prepare applies to the dataset, for inputs that arrive at
+    inference."""
     try:
         return _expression(value, max_chars)
     except _Reject as reject:
@@ -144,9 +152,9 @@ def check_expression(value: Any, max_chars: int) -> str:
 
 
 def _image_file_name(value: Any) -> str:
-    # A file_name must stay under the image folder: "../../x" or "/etc/x" would make prepare read a file the
-    # dataset does not own and bake it into the training arrays. (Checked on the name; a symlink the dataset's
-    # owner put inside the folder is theirs to make.)
+    # A file_name must stay under the image folder: "../../x" or "/etc/x" would make prepare read a
+    # file the dataset does not own and bake it into the training arrays. (Checked on the name; a
+    # symlink the dataset's owner put inside the folder is theirs to make.)
     if not isinstance(value, str) or not value.strip():
         raise _Reject("unsafe_image_path", f"file_name {value!r:.200}")
     parts = PurePosixPath(value.replace("\\", "/"))
@@ -177,8 +185,9 @@ def _expression(value: Any, max_chars: int) -> str:
 
 
 def _undo_latin1(s: str) -> str:
-    # Python-2 pickles store UTF-8 bytes as str; loading with latin1 turns "café" into "cafÃ©". Undo that
-    # when the text round-trips exactly (plain latin1 text almost never forms valid UTF-8 sequences).
+    # Python-2 pickles store UTF-8 bytes as str; loading with latin1 turns "café" into "cafÃ©". Undo
+    # that when the text round-trips exactly (plain latin1 text almost never forms valid UTF-8
+    # sequences).
     if s.isascii():
         return s
     try:
@@ -203,9 +212,10 @@ def _bbox(value: Any, width: int, height: int) -> tuple[float, float, float, flo
 
 
 def segmentation_rle(segm: Any, height: int, width: int) -> dict:
-    """One compressed RLE (the union of the parts) of a COCO-style segmentation in any of the shapes REFER's
-    files hold: a list of polygons (RefCOCO/+/g), a list of RLE dicts (RefClef, compressed counts), or one
-    RLE dict, compressed or not. Raises BadRecordError when an RLE's size is not the image's."""
+    """One compressed RLE (the union of the parts) of a COCO-style segmentation in any of the shapes
+    REFER's files hold: a list of polygons (RefCOCO/+/g), a list of RLE dicts (RefClef, compressed
+    counts), or one RLE dict, compressed or not. Raises BadRecordError when an RLE's size is not the
+    image's."""
     from pycocotools import mask as mask_utils
 
     parts = [segm] if isinstance(segm, dict) else list(segm)
@@ -214,7 +224,7 @@ def segmentation_rle(segm: Any, height: int, width: int) -> dict:
         for p in parts:
             size = [int(v) for v in p["size"]]
             if size != [height, width]:
-                raise BadRecordError(f"segmentation is {size[1]}x{size[0]}, image is {width}x{height}")
+                raise BadRecordError(f"segmentation is {size[1]}x{size[0]}, image is " f"{width}x{height}")
             counts = p["counts"]
             if isinstance(counts, list):  # uncompressed
                 rles.append(mask_utils.frPyObjects({"size": size, "counts": counts}, height, width))
@@ -252,7 +262,8 @@ class ReferDataset:
                 self.coco = COCO(str(self.instances_path))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BadRecordError(f"{self.instances_path}: not valid UTF-8 JSON: {err}") from None
-        except (AssertionError, KeyError, TypeError, AttributeError) as err:  # pycocotools' own checks
+        # pycocotools' own checks
+        except (AssertionError, KeyError, TypeError, AttributeError) as err:
             raise BadRecordError(f"{self.instances_path}: not a COCO instances file "
                                  f"({type(err).__name__}: {err})") from None
         self.category_names: dict[int, str] = {c["id"]: c["name"] for c in self.coco.cats.values()}
@@ -267,8 +278,8 @@ class ReferDataset:
         return list(self.all_samples().get(split, []))
 
     def all_samples(self) -> dict[str, list[RefSample]]:
-        """Samples per split. A ref stored as a combined split (RefClef's "testAB") is in each of its splits,
-        as REFER's getRefIds has it."""
+        """Samples per split. A ref stored as a combined split (RefClef's "testAB") is in each of
+        its splits, as REFER's getRefIds has it."""
         # Validated once for the whole file, so skips are counted once however often this is called.
         if self._by_split is None:
             by_split: dict[str, list[RefSample]] = {}
@@ -281,7 +292,8 @@ class ReferDataset:
         return {k: list(v) for k, v in self._by_split.items()}
 
     def stored_split_counts(self) -> dict[str, int]:
-        """Refs per split name as the file stores it (what the manifest reports next to what was kept)."""
+        """Refs per split name as the file stores it (what the manifest reports next to what was
+        kept)."""
         counts: dict[str, int] = {}
         for ref in self.refs:
             key = str(ref.get("split"))
@@ -292,12 +304,12 @@ class ReferDataset:
         stored = ref.get("split")
         members = self.vocabulary.members(stored) if isinstance(stored, str) else ()
         if not members:
-            # Not a counted skip: a wrong split_by, or a split this reader does not know, would silently drop a
-            # whole split (RefCOCOg umd's "test" once went that way).
+            # Not a counted skip: a wrong split_by, or a split this reader does not know, would
+            # silently drop a whole split (RefCOCOg umd's "test" once went that way).
             raise BadRecordError(
-                f"{self.refs_path}: ref #{index} (ref_id={ref.get('ref_id')}): split {stored!r} is not a split of "
+                f"{self.refs_path}: ref #{index} " f"(ref_id={ref.get('ref_id')}): split {stored!r} is not a " f"split of "
                 f"this dataset (known: {', '.join(self.vocabulary.stored_names)}); check data.dataset / "
-                "data.split_by, or set data.split_vocabulary for a dataset with its own split names")
+                "data.split_by, or set data.split_vocabulary for a dataset " "with its own split names")
         return members
 
     def mask(self, ann_id: int) -> np.ndarray:
@@ -309,9 +321,10 @@ class ReferDataset:
         return mask_utils.decode(rle).astype(np.uint8)
 
     def rle(self, ann_id: int) -> Optional[dict]:
-        """The annotation's mask at original resolution as compressed COCO RLE ({"size": [h, w], "counts": str},
-        JSON-ready), from its polygons or RLE; None when it carries no segmentation (a box-only dataset).
-        Raises BadRecordError naming the annotation when the segmentation is malformed or covers no pixel."""
+        """The annotation's mask at original resolution as compressed COCO RLE ({"size": [h, w],
+        "counts": str}, JSON-ready), from its polygons or RLE; None when it carries no segmentation
+        (a box-only dataset). Raises BadRecordError naming the annotation when the segmentation is
+        malformed or covers no pixel."""
         from pycocotools import mask as mask_utils
 
         ann = self.coco.anns.get(ann_id)
@@ -326,8 +339,9 @@ class ReferDataset:
             pixels = int(mask_utils.area(rle))
         except BadRecordError as err:
             raise BadRecordError(f"{where}: {err}") from None
-        except Exception as err:  # pycocotools raises TypeError/ValueError/IndexError/... on malformed input
-            raise BadRecordError(f"{where}: segmentation cannot be decoded: {type(err).__name__}: {err}") from None
+        # pycocotools raises TypeError/ValueError/IndexError/... on malformed input
+        except Exception as err:
+            raise BadRecordError(f"{where}: segmentation cannot be decoded: " f"{type(err).__name__}: {err}") from None
         if pixels == 0:
             raise BadRecordError(f"{where}: segmentation covers no pixel")
         counts = rle["counts"]
@@ -350,7 +364,7 @@ class ReferDataset:
         self.skips.add(reject.reason, f"{self.refs_path.name}: {where}")
 
     def _ref_samples(self, ref: dict, split: str) -> list[RefSample]:
-        where = (f"ref_id={ref.get('ref_id')} ann_id={ref.get('ann_id')} image_id={ref.get('image_id')}")
+        where = (f"ref_id={ref.get('ref_id')} ann_id={ref.get('ann_id')} " f"image_id={ref.get('image_id')}")
         try:
             ref_id, ann_id = ref["ref_id"], ref["ann_id"]
             sentences = ref["sentences"]
@@ -413,25 +427,26 @@ class ReferDataset:
 def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on_bad_record: str = "error",
                        skips: Optional[SkipLog] = None, max_expression_chars: int = 512,
                        image_ids: Optional[dict[str, int]] = None, first_ref_id: int = 0) -> list[RefSample]:
-    """Samples from one TransVG / QRNet split file (`torch.save`d list, read with weights_only=True), whose
-    entry shape and box convention depend on `dataset` (as in TransVG's data_loader):
-    unc, unc+, gref, gref_umd: [file, ann_id, box xywh, phrase, attributes]; referit: [file, mask file,
-    box x1y1x2y2, phrase, attributes]; flickr: [file, box x1y1x2y2, phrase]. Boxes come out xywh, as stored
-    (TransVG truncates them to integers when it loads them; refvg keeps them exact).
-    ref_id = sent_id = `first_ref_id` + the entry's index; `image_ids` numbers image files across the files of
-    one dataset (first appearance); category_id = -1 (the format does not carry it)."""
+    """Samples from one TransVG / QRNet split file (`torch.save`d list, read with
+    weights_only=True), whose entry shape and box convention depend on `dataset` (as in TransVG's
+    data_loader): unc, unc+, gref, gref_umd: [file, ann_id, box xywh, phrase, attributes]; referit:
+    [file, mask file, box x1y1x2y2, phrase, attributes]; flickr: [file, box x1y1x2y2, phrase]. Boxes
+    come out xywh, as stored (TransVG truncates them to integers when it loads them; refvg keeps
+    them exact). ref_id = sent_id = `first_ref_id` + the entry's index; `image_ids` numbers image
+    files across the files of one dataset (first appearance); category_id = -1 (the format does not
+    carry it)."""
     import torch
     from PIL import Image
 
     if dataset not in SPLIT_FILE_DATASETS:
-        raise ValueError(f"split files of dataset {dataset!r} are not known; TransVG's datasets are "
+        raise ValueError(f"split files of dataset {dataset!r} are not known; TransVG's " f"datasets are "
                          f"{', '.join(SPLIT_FILE_DATASETS)}")
     fmt = SPLIT_FILE_DATASETS[dataset]
     path, image_dir = Path(path), Path(image_dir)
     try:
         entries = torch.load(path, weights_only=True)
     except Exception as err:  # weights_only refuses anything but tensors and plain containers
-        raise BadRecordError(f"{path}: not a readable TransVG split file: {type(err).__name__}: {err}") from None
+        raise BadRecordError(f"{path}: not a readable TransVG split file: " f"{type(err).__name__}: {err}") from None
     if not isinstance(entries, (list, tuple)):
         raise BadRecordError(f"{path}: expected a list of entries, got {type(entries).__name__}")
     image_ids = {} if image_ids is None else image_ids
@@ -441,7 +456,7 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on
         where = f"entry={i}"
         try:
             if not isinstance(entry, (list, tuple)) or len(entry) != fmt.fields:
-                raise _Reject("malformed_record", f"a {dataset} entry has {fmt.fields} fields, got {entry!r:.120}")
+                raise _Reject("malformed_record", f"a {dataset} entry has {fmt.fields} fields, got " f"{entry!r:.120}")
             if fmt.fields == 3:
                 file_name, ann, bbox, phrase = entry[0], None, entry[1], entry[2]
             else:
@@ -488,9 +503,10 @@ def _xyxy_to_xywh(value: Any) -> list:
 
 class SplitFiles:
     """A dataset given as TransVG split files, `<root>/<dataset>/<dataset>_<split>.pth`, read like
-    :class:`ReferDataset` (what `prepare` needs of a source). "trainval" is read from its own file where one
-    exists (referit) and is train + val otherwise, as TransVG does; it is prepared only when asked for.
-    The candidates of an image are the distinct boxes the files refer to on it (the format lists no others)."""
+    :class:`ReferDataset` (what `prepare` needs of a source). "trainval" is read from its own file
+    where one exists (referit) and is train + val otherwise, as TransVG does; it is prepared only
+    when asked for. The candidates of an image are the distinct boxes the files refer to on it (the
+    format lists no others)."""
 
     def __init__(self, root, dataset: str, image_dir, on_bad_record: str = "skip", max_expression_chars: int = 512,
                  custom_splits: Optional[tuple[str, ...]] = None):
@@ -526,7 +542,8 @@ class SplitFiles:
             image_ids: dict[str, int] = {}
             by_split: dict[str, list[RefSample]] = {}
             next_id = 0
-            for split in self.vocabulary.splits:  # a fixed order, so ids do not depend on the file system
+            # a fixed order, so ids do not depend on the file system
+            for split in self.vocabulary.splits:
                 if split not in self.files:
                     continue
                 got = load_transvg_split(self.files[split], self.image_dir, split, self.dataset,
@@ -570,14 +587,15 @@ def open_source(data, check_image_files: bool = True):
 
 
 def select_splits(data, source, by_split: dict[str, list[RefSample]]) -> tuple[str, ...]:
-    """The splits to prepare: `data.splits`, or the dataset's own (its required splits, plus optional ones
-    the files hold). Every one must have samples: a split asked for and absent is an error, not a note."""
+    """The splits to prepare: `data.splits`, or the dataset's own (its required splits, plus
+    optional ones the files hold). Every one must have samples: a split asked for and absent is an
+    error, not a note."""
     asked = data.splits if data.splits is not None else source.vocabulary.default_splits(by_split)
     where = getattr(source, "refs_path", None) or source.dataset_dir
     empty = [s for s in asked if not by_split.get(s)]
     if empty:
         how = "data.splits" if data.splits is not None else f"the default splits of {data.dataset}"
         raise BadRecordError(
-            f"{where}: no usable samples for split(s) {', '.join(empty)} ({how}: {', '.join(asked)}); the files "
-            f"hold {source.stored_split_counts()} refs per split, skipped: {source.skips.to_dict()['counts']}")
+            f"{where}: no usable samples for split(s) {', '.join(empty)} " f"({how}: {', '.join(asked)}); the files "
+            f"hold {source.stored_split_counts()} refs per split, " f"skipped: {source.skips.to_dict()['counts']}")
     return tuple(asked)

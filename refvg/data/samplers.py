@@ -1,9 +1,10 @@
 """The training shuffle, made resumable at any step.
 
-A fresh permutation per epoch, drawn from a generator that belongs to the sampler alone (not the DataLoader's,
-which also seeds workers, and is drawn from differently when workers persist). So the data order is a function
-of (seed, epoch) only, and the pair (generator state at the start of the epoch, indices already consumed) is
-an exact position: restored, the run sees the very batches it would have seen uninterrupted.
+A fresh permutation per epoch, drawn from a generator that belongs to the sampler alone (not the
+DataLoader's, which also seeds workers, and is drawn from differently when workers persist). So the
+data order is a function of (seed, epoch) only, and the pair (generator state at the start of the
+epoch, indices already consumed) is an exact position: restored, the run sees the very batches it
+would have seen uninterrupted.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from torch.utils.data import Sampler
 
 
 class ResumableShuffle(Sampler[int]):
-    """Under data parallelism (`world` > 1) every rank draws the same permutation, cut to a multiple of
-    `world` (all ranks must take the same number of steps), and takes every `world`-th index from `rank`."""
+    """Under data parallelism (`world` > 1) every rank draws the same permutation, cut to a multiple
+    of `world` (all ranks must take the same number of steps), and takes every `world`-th index from
+    `rank`."""
 
     def __init__(self, num_samples: int, seed: int, rank: int = 0, world: int = 1):
         if not 0 <= rank < world:
@@ -40,8 +42,8 @@ class ResumableShuffle(Sampler[int]):
         return len(self.epoch_share) - self._skip
 
     def position(self, consumed: int) -> dict:
-        """The state to checkpoint after `consumed` indices of the current epoch (0: at an epoch boundary,
-        where the generator already holds the next epoch's start)."""
+        """The state to checkpoint after `consumed` indices of the current epoch (0: at an epoch
+        boundary, where the generator already holds the next epoch's start)."""
         start = self._epoch_start if consumed else self.generator.get_state()
         return {"generator": start.clone(), "consumed": consumed}
 

@@ -11,15 +11,15 @@ REFER (lichengunc/refer) ships one refs file per split_by, and each names its sp
 | refclef / unc                 | train, val, testA, testB, testC     |
 | refclef / berkeley            | train, val, test                    |
 
-REFER's own `getRefIds(split="testA")` takes every ref whose split *contains* "A", so a ref stored as
-"testAB" (RefClef unc) belongs to testA and to testB; `split="test"` takes every stored test split. The same
-membership rule is applied here, so a split means what it means in REFER.
+REFER's own `getRefIds(split="testA")` takes every ref whose split *contains* "A", so a ref stored
+as "testAB" (RefClef unc) belongs to testA and to testB; `split="test"` takes every stored test
+split. The same membership rule is applied here, so a split means what it means in REFER.
 
 The TransVG / QRNet split files (`<dataset>_<split>.pth`) have their own dataset names and splits
 (`SPLIT_FILE_DATASETS`), and their own box conventions per dataset.
 
-A split name a file holds that is not in its dataset's vocabulary is an error, never a quiet skip: a typo or a
-dataset read with the wrong split_by would otherwise lose part of the data unseen.
+A split name a file holds that is not in its dataset's vocabulary is an error, never a quiet skip: a
+typo or a dataset read with the wrong split_by would otherwise lose part of the data unseen.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from typing import Iterable, Optional
 
 @dataclass(frozen=True)
 class SplitVocabulary:
-    """`required`: the default splits, every one of which must be present; `optional`: also prepared by
-    default when the file holds them; `on_request`: prepared only when named (TransVG's "trainval", the union
-    of two others); `combined`: stored names that belong to several splits."""
+    """`required`: the default splits, every one of which must be present; `optional`: also prepared
+    by default when the file holds them; `on_request`: prepared only when named (TransVG's
+    "trainval", the union of two others); `combined`: stored names that belong to several splits."""
 
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
@@ -63,7 +63,8 @@ REFCLEF_UNC = SplitVocabulary(
     ("train", "val", "testA", "testB", "testC"),
     combined=(("testAB", ("testA", "testB")), ("testBC", ("testB", "testC")), ("testAC", ("testA", "testC"))),
 )
-GOOGLE = SplitVocabulary(("train", "val"), optional=("test",))  # REFER: "test split not released yet"
+# REFER: "test split not released yet"
+GOOGLE = SplitVocabulary(("train", "val"), optional=("test",))
 
 REFER_SPLITS: dict[tuple[str, str], SplitVocabulary] = {
     ("refcoco", "unc"): UNC,
@@ -74,7 +75,8 @@ REFER_SPLITS: dict[tuple[str, str], SplitVocabulary] = {
     ("refclef", "unc"): REFCLEF_UNC,
     ("refclef", "berkeley"): TRAIN_VAL_TEST,
 }
-# A REFER-layout dataset of another name (RefShapes, a user's own) is read with its split_by's convention.
+# A REFER-layout dataset of another name (RefShapes, a user's own) is read with its split_by's
+# convention.
 SPLIT_BY_SPLITS: dict[str, SplitVocabulary] = {
     "unc": UNC, "umd": TRAIN_VAL_TEST, "google": GOOGLE, "berkeley": TRAIN_VAL_TEST,
 }
@@ -82,15 +84,17 @@ SPLIT_BY_SPLITS: dict[str, SplitVocabulary] = {
 
 @dataclass(frozen=True)
 class SplitFileFormat:
-    """How one dataset's split files are written: its splits, its box convention, its entry length."""
+    """How one dataset's split files are written: its splits, its box convention, its entry
+    length."""
 
     vocabulary: SplitVocabulary
     box: str  # "xywh" | "xyxy"
-    fields: int  # (file, ann id or mask file, box, phrase, attributes), or flickr's (file, box, phrase)
+    # (file, ann id or mask file, box, phrase, attributes), or flickr's (file, box, phrase)
+    fields: int
 
 
-# TransVG's SUPPORTED_DATASETS (datasets/data_loader.py). "trainval" is train + val (referit ships it as a
-# file of its own), so it is read only when named.
+# TransVG's SUPPORTED_DATASETS (datasets/data_loader.py). "trainval" is train + val (referit ships
+# it as a file of its own), so it is read only when named.
 _TRAINVAL = ("trainval",)
 SPLIT_FILE_DATASETS: dict[str, SplitFileFormat] = {
     "unc": SplitFileFormat(SplitVocabulary(UNC.required, on_request=_TRAINVAL), "xywh", 5),
@@ -104,14 +108,15 @@ SPLIT_FILE_DATASETS: dict[str, SplitFileFormat] = {
 
 def split_vocabulary(dataset: str, split_by: str, data_format: str = "refer",
                      custom: Optional[Iterable[str]] = None) -> SplitVocabulary:
-    """The splits of `dataset` read with `split_by` (REFER) or of its split files (`data_format="transvg"`);
-    `custom` (params `data.split_vocabulary`) replaces it for a dataset whose files use other names."""
+    """The splits of `dataset` read with `split_by` (REFER) or of its split files
+    (`data_format="transvg"`); `custom` (params `data.split_vocabulary`) replaces it for a dataset
+    whose files use other names."""
     if custom is not None:
         return SplitVocabulary(tuple(custom))
     if data_format == "transvg":
         if dataset not in SPLIT_FILE_DATASETS:
-            raise ValueError(f"split files of dataset {dataset!r} are not known; TransVG's datasets are "
-                             f"{', '.join(SPLIT_FILE_DATASETS)} (their box format differs per dataset)")
+            raise ValueError(f"split files of dataset {dataset!r} are not known; TransVG's " f"datasets are "
+                             f"{', '.join(SPLIT_FILE_DATASETS)} (their box format differs " f"per dataset)")
         return SPLIT_FILE_DATASETS[dataset].vocabulary
     vocab = REFER_SPLITS.get((dataset, split_by)) or SPLIT_BY_SPLITS.get(split_by)
     if vocab is None:

@@ -1,7 +1,7 @@
 """RefShapes: a procedurally generated referring-expression dataset written in the RefCOCO layout.
 
-Each scene is a noisy, textured background with `min_objects..max_objects` non-overlapping shapes
-(6 shapes = 6 COCO categories, 6 colours, 2 sizes). Distractors deliberately share the target's shape
+Each scene is a noisy, textured background with `min_objects..max_objects` non-overlapping shapes (6
+shapes = 6 COCO categories, 6 colours, 2 sizes). Distractors deliberately share the target's shape
 or colour, so the image alone never tells which object is meant: the expression has to be read.
 
 Expression kinds, all checked for uniqueness against the scene by parsing the rendered text back
@@ -10,12 +10,12 @@ Expression kinds, all checked for uniqueness against the scene by parsing the re
 - absolute location: "the leftmost square", "the circle on the left", "the top blue shape"
 - relations:         "the square left of the green star", "the triangle below the red circle"
 
-Splits follow RefCOCO unc: whole images go to train / val / test (`val_fraction`, `test_fraction`), and each
-test image to exactly one of testA / testB, as RefCOCO splits images of people from images of other objects:
-half the test images are testA, drawn so that most of their objects (a strict majority) are of the first half
-of CATEGORIES (circle, square, triangle), the other half testB, most of their objects of the second half
-(diamond, cross, star). A test image's refs are those of its split's categories, as RefCOCO's testA refers
-to people only.
+Splits follow RefCOCO unc: whole images go to train / val / test (`val_fraction`, `test_fraction`),
+and each test image to exactly one of testA / testB, as RefCOCO splits images of people from images
+of other objects: half the test images are testA, drawn so that most of their objects (a strict
+majority) are of the first half of CATEGORIES (circle, square, triangle), the other half testB, most
+of their objects of the second half (diamond, cross, star). A test image's refs are those of its
+split's categories, as RefCOCO's testA refers to people only.
 
 Files written (what `refvg.data.refer.ReferDataset` reads): `instances.json` (COCO; each annotation
 also carries `attributes: {colour, size}`, which COCO readers ignore), `refs(<split_by>).p` (pickle
@@ -47,7 +47,8 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SIZES = ("small", "big")
-# Side of an object's box as a fraction of the image's shorter side; the gap keeps "small"/"big" unambiguous.
+# Side of an object's box as a fraction of the image's shorter side; the gap keeps "small"/"big"
+# unambiguous.
 SIZE_RANGES = {"small": (0.18, 0.24), "big": (0.32, 0.40)}
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
 NOUNS = ("shape", "object")
@@ -138,7 +139,7 @@ _EXTREME_SUFFIX = {"on the left": "left", "on the right": "right", "furthest lef
                    "furthest right": "right", "at the top": "top", "at the bottom": "bottom"}
 _REL_WORDS = {"left of": "left", "to the left of": "left", "right of": "right", "to the right of": "right",
               "above": "above", "over": "above", "below": "below", "under": "below"}
-_REL_RE = re.compile(r"^(.+?) (to the left of|to the right of|left of|right of|above|over|below|under) the (.+)$")
+_REL_RE = re.compile(r"^(.+?) (to the left of|to the right of|left of|right " r"of|above|over|below|under) the (.+)$")
 
 
 def render(expr: Expr, rng: np.random.Generator) -> str:
@@ -231,7 +232,8 @@ def _candidates(t: int, objs: list[Obj], margin: float) -> dict[str, list[Expr]]
 
 
 def _minimal_unique(o: Obj, objs: list[Obj]) -> Desc:
-    # Fewest attributes that pick the anchor out; ties prefer ones naming the shape (reads naturally).
+    # Fewest attributes that pick the anchor out; ties prefer ones naming the shape (reads
+    # naturally).
     best = None
     for d in _subsets(o):
         if d == Desc() or sum(d.matches(x) for x in objs) != 1:
@@ -262,7 +264,8 @@ def choose_expressions(t: int, objs: list[Obj], n: int, margin: float, rng: np.r
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Outline of a shape centred at (cx, cy) with half-extent r (the same polygon is drawn and stored)."""
+    """Outline of a shape centred at (cx, cy) with half-extent r (the same polygon is drawn and
+    stored)."""
     if shape == "circle":
         pts = [(math.cos(2 * math.pi * k / 32), math.sin(2 * math.pi * k / 32)) for k in range(32)]
     elif shape == "square":
@@ -283,8 +286,8 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
 
 
 def _attributes(n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    # Object 1 shares object 0's shape and object 2 shares a colour, so shape or colour alone is never
-    # enough to find the target; later objects copy an attribute with high probability.
+    # Object 1 shares object 0's shape and object 2 shares a colour, so shape or colour alone is
+    # never enough to find the target; later objects copy an attribute with high probability.
     out: list[tuple[str, str, str]] = []
     while len(out) < n:
         shape, colour, size = rng.choice(CATEGORIES), rng.choice(list(COLOURS)), rng.choice(SIZES)
@@ -300,7 +303,8 @@ def _attributes(n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
 
 
 def _place(attrs, w: int, h: int, rng: np.random.Generator):
-    """Non-overlapping objects and their polygons, or None when they do not fit (the caller redraws)."""
+    """Non-overlapping objects and their polygons, or None when they do not fit (the caller
+    redraws)."""
     side = min(w, h)
     objs: list[Obj] = []
     polys: list[list[tuple[float, float]]] = []
@@ -324,7 +328,8 @@ def _place(attrs, w: int, h: int, rng: np.random.Generator):
 
 def _draw(objs: list[Obj], polys, w: int, h: int, rng: np.random.Generator) -> Image.Image:
     base = rng.integers(80, 170) + rng.integers(-15, 16, size=3)
-    # Mostly brightness texture with a little tint, so the background never passes for an object colour.
+    # Mostly brightness texture with a little tint, so the background never passes for an object
+    # colour.
     blobs = rng.normal(0, 22, size=(5, 5, 1)) + rng.normal(0, 6, size=(5, 5, 3))
     coarse = np.clip(base + blobs, 0, 255).astype(np.uint8)
     img = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
@@ -364,8 +369,8 @@ def _split_images(n: int, cfg: SyntheticConfig, rng: np.random.Generator) -> lis
 
 
 def dominant_test_split(shapes: list[str]) -> Optional[str]:
-    """testA when a strict majority of the objects are of TEST_A_CATEGORIES, testB when a strict majority
-    are not, None on a tie (such an image is never a test image)."""
+    """testA when a strict majority of the objects are of TEST_A_CATEGORIES, testB when a strict
+    majority are not, None on a tie (such an image is never a test image)."""
     a = sum(shape in TEST_A_CATEGORIES for shape in shapes)
     return "testA" if 2 * a > len(shapes) else "testB" if 2 * a < len(shapes) else None
 
@@ -377,7 +382,8 @@ def objects_from_annotations(anns: list[dict], categories: dict[int, str]) -> li
 
 
 def generate_refshapes(out_dir: Path, cfg: SyntheticConfig, split_by: str = "unc") -> dict:
-    """Write RefShapes to `out_dir` (instances.json, refs(<split_by>).p, images/); return a summary."""
+    """Write RefShapes to `out_dir` (instances.json, refs(<split_by>).p, images/); return a
+    summary."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -387,13 +393,15 @@ def generate_refshapes(out_dir: Path, cfg: SyntheticConfig, split_by: str = "unc
     ann_id = sent_id = 0
     for image_id, image_split in enumerate(image_splits, start=1):
         h = cfg.image_size
-        w = int(round(cfg.image_size * rng.uniform(0.8, 1.2)))  # non-square, so letterboxing is exercised
+        # non-square, so letterboxing is exercised
+        w = int(round(cfg.image_size * rng.uniform(0.8, 1.2)))
         placed = None
         while placed is None:
             n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
             attrs = _attributes(n, rng)
             if image_split.startswith("test") and dominant_test_split([a[0] for a in attrs]) != image_split:
-                continue  # a testA image is mostly of testA's categories, as RefCOCO's testA is of people
+                # a testA image is mostly of testA's categories, as RefCOCO's testA is of people
+                continue
             placed = _place(attrs, w, h, rng)
         objs, polys = placed
         file_name = f"refshapes_{image_id:06d}.png"
@@ -410,7 +418,8 @@ def generate_refshapes(out_dir: Path, cfg: SyntheticConfig, split_by: str = "unc
             })
             split = image_split
             if split.startswith("test") and (o.shape in TEST_A_CATEGORIES) != (split == "testA"):
-                continue  # testA refers to testA's categories only (RefCOCO: people), testB to the others
+                # testA refers to testA's categories only (RefCOCO: people), testB to the others
+                continue
             texts = choose_expressions(t, objs, cfg.expressions_per_ref, margin, rng)
             if not texts:
                 continue

@@ -1,6 +1,6 @@
-"""Tokenisation: a pretrained `transformers` tokenizer, or a WordPiece one built offline from the training
-expressions (the default, since nothing can be downloaded). Both end up as a `PreTrainedTokenizerFast` saved
-with `save_pretrained`, so later stages load either the same way."""
+"""Tokenisation: a pretrained `transformers` tokenizer, or a WordPiece one built offline from the
+training expressions (the default, since nothing can be downloaded). Both end up as a
+`PreTrainedTokenizerFast` saved with `save_pretrained`, so later stages load either the same way."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 
-if TYPE_CHECKING:  # transformers costs seconds to import; stages that only need TOKENIZER_DIR skip it
+# transformers costs seconds to import; stages that only need TOKENIZER_DIR skip it
+if TYPE_CHECKING:
     from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
 TOKENIZER_DIR = "tokenizer"  # where a prepared dataset and a checkpoint folder keep their tokenizer
@@ -17,14 +18,15 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def build_wordpiece_tokenizer(expressions: Iterable[str], vocab_size: int) -> BertTokenizerFast:
-    """A BERT-style uncased WordPiece tokenizer for `expressions` (training split only, so val/test words it
-    never saw map to pieces or [UNK] exactly as a real pretrained vocabulary would).
+    """A BERT-style uncased WordPiece tokenizer for `expressions` (training split only, so val/test
+    words it never saw map to pieces or [UNK] exactly as a real pretrained vocabulary would).
 
-    The vocabulary is built here rather than by `tokenizers`' WordPiece trainer, because the trainer breaks
-    ties between merges in hash-map order, which changes from process to process: every `prepare` gave the
-    same words other ids (other embeddings, other results, another DVC hash). Here it is a function of the
-    expressions: the special tokens, every character seen (word-initial and `##` continuation, so any word
-    can be spelt), then whole words by frequency (ties alphabetical) up to `vocab_size`."""
+    The vocabulary is built here rather than by `tokenizers`' WordPiece trainer, because the trainer
+    breaks ties between merges in hash-map order, which changes from process to process: every
+    `prepare` gave the same words other ids (other embeddings, other results, another DVC hash).
+    Here it is a function of the
+    expressions: the special tokens, every character seen (word-initial and `##` continuation, so
+    any word can be spelt), then whole words by frequency (ties alphabetical) up to `vocab_size`."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
@@ -34,7 +36,7 @@ def build_wordpiece_tokenizer(expressions: Iterable[str], vocab_size: int) -> Be
     chars = sorted({c for word in counts for c in word})
     base = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
     if len(base) > vocab_size:
-        raise ValueError(f"model.text.vocab_size {vocab_size} cannot hold the {len(base)} special tokens and "
+        raise ValueError(f"model.text.vocab_size {vocab_size} cannot hold the " f"{len(base)} special tokens and "
                          f"characters of the training expressions")
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
     vocab = base + words[: vocab_size - len(base)]

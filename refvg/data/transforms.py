@@ -91,18 +91,19 @@ class Letterbox:
         return out
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        """Binary [H, W] mask -> uint8 [size, size], placed exactly as the image is. A pixel is set when the
-        object covers at least half of its area (box filter); nearest-neighbour sampling would shift edges by
-        up to a pixel depending on where the samples fall."""
+        """Binary [H, W] mask -> uint8 [size, size], placed exactly as the image is. A pixel is set
+        when the object covers at least half of its area (box filter); nearest-neighbour sampling
+        would shift edges by up to a pixel depending on where the samples fall."""
         resized = Image.fromarray(mask.astype(np.float32)).resize((self.content_w, self.content_h), Image.BOX)
         out = np.zeros((self.size, self.size), dtype=np.uint8)
         out[: self.content_h, : self.content_w] = (np.asarray(resized) >= 0.5).astype(np.uint8)
         return out
 
     def mask_from_square(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mask logits over the square (any resolution: [h, w]) -> float logits [orig_h, orig_w] over the
-        original image: resized to the letterbox size, padding cropped, resized to the original size
-        (bilinear both times, so thresholding happens once, at the resolution that is scored)."""
+        """Mask logits over the square (any resolution: [h, w]) -> float logits [orig_h, orig_w]
+        over the original image: resized to the letterbox size, padding cropped, resized to the
+        original size (bilinear both times, so thresholding happens once, at the resolution that is
+        scored)."""
         x = logits.float()[None, None]
         if x.shape[-2:] != (self.size, self.size):
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -118,7 +119,8 @@ class Letterbox:
 
 
 def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] with ImageNet statistics (what pretrained backbones expect)."""
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] with ImageNet statistics (what pretrained backbones
+    expect)."""
     x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)

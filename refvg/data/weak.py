@@ -1,11 +1,12 @@
 """The training data of weakly supervised methods: image-sentence pairs, nothing about the target.
 
-`WeakSplit` copies out of a prepared split only what a pair is (the letterboxed image, its padding mask, the
-tokenized expression) plus two row numbers: `image_index`, which image of the split the pair shows (pairs of the
-same image are both positives of that image in a matching objective; it says nothing about which object the
-expression means) and `index`, the pair's row (the trainer names the rows of a skipped batch with it). It keeps no
-reference to the split's records, boxes, masks, annotation ids or candidates, so nothing downstream of it can
-reach the target, by accident or otherwise.
+`WeakSplit` copies out of a prepared split only what a pair is (the letterboxed image, its padding
+mask, the tokenized expression) plus two row numbers: `image_index`, which image of the split the
+pair shows (pairs of the same image are both positives of that image in a matching objective; it
+says nothing about which object the expression means) and `index`, the pair's row (the trainer names
+the rows of a skipped batch with it). It keeps no reference to the split's records, boxes, masks,
+annotation ids or candidates, so nothing downstream of it can reach the target, by accident or
+otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class WeakSplit(Dataset):
         self.input_ids = split.input_ids.clone()
         self.attention_mask = split.attention_mask.clone()
         self.image_index = torch.tensor([int(r["image_index"]) for r in split.records], dtype=torch.long)
-        pads: dict[tuple[int, int], torch.Tensor] = {}  # few distinct image sizes: one padding mask each
+        # few distinct image sizes: one padding mask each
+        pads: dict[tuple[int, int], torch.Tensor] = {}
         self.pixel_masks = []
         for lb in split.letterboxes:
             key = (lb.content_w, lb.content_h)
@@ -39,7 +41,8 @@ class WeakSplit(Dataset):
     def __getitem__(self, i: int) -> dict:
         image_index = self.image_index[i]
         return {
-            "image": torch.from_numpy(np.array(self.images[int(image_index)])),  # a copy: the map is read-only
+            # a copy: the map is read-only
+            "image": torch.from_numpy(np.array(self.images[int(image_index)])),
             "pixel_mask": self.pixel_masks[i],
             "input_ids": self.input_ids[i],
             "attention_mask": self.attention_mask[i],

@@ -1,8 +1,10 @@
 """Checkpoints: written atomically, read without unpickling arbitrary objects.
 
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)`
-reads it; a file that is not one of ours fails with a message that names it instead of executing anything.
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
+`torch.load(weights_only=True)` reads it; a file that is not one of ours fails with a message that
+names it instead of executing anything.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +28,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new
-    one, never half of one."""
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or
+    the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,7 +45,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def remove_partial_writes(folder: Path) -> list[Path]:
-    """Delete the temp files of writes a crash cut short (never a checkpoint: only the rename publishes one)."""
+    """Delete the temp files of writes a crash cut short (never a checkpoint: only the rename
+    publishes one)."""
     folder = Path(folder)
     leftovers = sorted(folder.glob(".*.pt.*.tmp")) if folder.is_dir() else []
     for p in leftovers:
@@ -52,20 +55,24 @@ def remove_partial_writes(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, map_location="cpu", require: tuple[str, ...] = ()) -> dict:
-    """Our checkpoint at `path`, holding at least the keys in `require`; CheckpointError (naming the file)
-    for anything else."""
+    """Our checkpoint at `path`, holding at least the keys in `require`; CheckpointError (naming the
+    file) for anything else."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no checkpoint here")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a refvg checkpoint (refused to load it: {err})") from None
+        raise CheckpointError(
+            f"{path}: not a refvg checkpoint (refused to load it: {err})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a refvg checkpoint (no '{FORMAT}' marker)")
     missing = [k for k in require if k not in state]
     if missing:
-        raise CheckpointError(f"{path}: a refvg checkpoint without {', '.join(missing)} (not one a training wrote)")
+        raise CheckpointError(
+            f"{path}: a refvg checkpoint without {', '.join(missing)} (not one a training wrote)"
+        )
     return state
 
 
@@ -89,21 +96,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-TRAINED_KEYS = ("model", "config", "model_name", "vocab_size", "pad_token_id", "language_blind", "best_epoch")
+TRAINED_KEYS = (
+    "model",
+    "config",
+    "model_name",
+    "vocab_size",
+    "pad_token_id",
+    "language_blind",
+    "best_epoch",
+)
 
 
-def load_trained(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
-    """Rebuild a model from one of our training checkpoints (its own config, not today's params.yaml), in eval
-    mode on `device`; also returns that config and the checkpoint's state."""
+def load_trained(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Config, dict]:
+    """Rebuild a model from one of our training checkpoints (its own config, not today's
+    params.yaml), in eval mode on `device`; also returns that config and the checkpoint's state."""
     from refvg.config import _validate
     from refvg.models import build_model
 
     state = load_checkpoint(path, map_location=device, require=TRAINED_KEYS)
     try:
         cfg = _validate(state["config"], source="its config")
-        model = build_model(state["model_name"], cfg, vocab_size=state["vocab_size"], pad_token_id=state["pad_token_id"])
+        model = build_model(
+            state["model_name"],
+            cfg,
+            vocab_size=state["vocab_size"],
+            pad_token_id=state["pad_token_id"],
+        )
         model.load_state_dict(state["model"])
-    except (ValueError, TypeError, RuntimeError) as err:  # config of another version; weights that do not fit
+    except (
+        ValueError,
+        TypeError,
+        RuntimeError,
+    ) as err:  # config of another version; weights that do not fit
         reason = " ".join(str(err).split())[:400]
-        raise CheckpointError(f"{path}: cannot rebuild its {state['model_name']!r} model: {reason}") from None
+        raise CheckpointError(
+            f"{path}: cannot rebuild its {state['model_name']!r} model: {reason}"
+        ) from None
     return model.to(device).eval(), cfg, state

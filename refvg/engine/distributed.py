@@ -1,11 +1,12 @@
-"""Data-parallel training across processes (`torchrun`): process group from the launcher's environment,
-rank helpers, the sampler that splits the data, and the reduction of per-rank sums.
+"""Data-parallel training across processes (`torchrun`): process group from the launcher's
+environment, rank helpers, the sampler that splits the data, and the reduction of per-rank sums.
 
-Under `torchrun --nproc_per_node N` every process runs the same training script; `train.batch_size` stays
-the *global* batch (each rank takes batch_size / N), so a run on N processes follows the same optimisation
-as one process. Without the launcher's variables nothing here starts a process group and the trainer runs
-exactly as it always did.
+Under `torchrun --nproc_per_node N` every process runs the same training script; `train.batch_size`
+stays the *global* batch (each rank takes batch_size / N), so a run on N processes follows the same
+optimisation as one process. Without the launcher's variables nothing here starts a process group
+and the trainer runs exactly as it always did.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -30,7 +31,8 @@ def launched() -> bool:
 
 
 def env_rank() -> int:
-    """This process's rank from the launcher's environment (0 without a launcher); usable before init."""
+    """This process's rank from the launcher's environment (0 without a launcher); usable before
+    init."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -51,8 +53,9 @@ def is_main() -> bool:
 
 
 def setup(device: torch.device) -> torch.device:
-    """Join the process group the launcher describes (idempotent) and return this rank's device: on CUDA
-    one GPU per rank (`cuda:LOCAL_RANK`, NCCL), else the CPU with gloo. Without a launcher: `device`."""
+    """Join the process group the launcher describes (idempotent) and return this rank's device: on
+    CUDA one GPU per rank (`cuda:LOCAL_RANK`, NCCL), else the CPU with gloo. Without a launcher:
+    `device`."""
     if not launched():
         return device
     if device.type == "cuda":
@@ -60,9 +63,13 @@ def setup(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not is_active():
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise DistributedError("RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not; "
-                                   "launch with torchrun (e.g. torchrun --nproc_per_node 2 -m refvg.cli train ...)")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+            raise DistributedError(
+                "RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not; "
+                "launch with torchrun (e.g. torchrun --nproc_per_node 2 -m refvg.cli train ...)"
+            )
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT
+        )
         atexit.register(_teardown)
     return device
 
@@ -75,22 +82,28 @@ def _teardown() -> None:
 def local_batch_size(global_batch: int) -> int:
     n = world_size()
     if global_batch % n:
-        raise DistributedError(f"train.batch_size {global_batch} is the global batch and must divide evenly "
-                               f"over the {n} processes of this run")
+        raise DistributedError(
+            f"train.batch_size {global_batch} is the global batch and must divide evenly "
+            f"over the {n} processes of this run"
+        )
     return global_batch // n
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` (the model itself when not distributed). Gradients are
-    averaged over ranks; parameters a forward leaves unused (a model may skip a part for some inputs)
-    are tolerated. BatchNorm becomes SyncBatchNorm on CUDA, so its statistics are those of the global batch;
-    on CPU (gloo) torch has no SyncBatchNorm and each rank normalises over its own share."""
+    averaged over ranks; parameters a forward leaves unused (a model may skip a part for some
+    inputs) are tolerated. BatchNorm becomes SyncBatchNorm on CUDA, so its statistics are those of
+    the global batch; on CPU (gloo) torch has no SyncBatchNorm and each rank normalises over its own
+    share."""
     if not is_active():
         return model
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
 
 
 def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -98,15 +111,19 @@ def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
     if not is_active() or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=device if device.type == "cuda" else "cpu")
+    t = torch.tensor(
+        [float(values[k]) for k in keys],
+        dtype=torch.float64,
+        device=device if device.type == "cuda" else "cpu",
+    )
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
-    """Each parameter's .grad averaged over the ranks, as DDP's reducer does (for a backward run without
-    it). A rank without a gradient for a parameter contributes zeros, as under find_unused_parameters."""
+    """Each parameter's .grad averaged over the ranks, as DDP's reducer does (for a backward run
+    without it). A rank without a gradient for a parameter contributes zeros, as under
+    find_unused_parameters."""
     if not is_active():
         return
     n = world_size()

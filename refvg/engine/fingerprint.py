@@ -1,11 +1,13 @@
-"""What a method's training depends on, as data: the knobs its training reads and the refvg source files
-its training runs. The `resolve` stage writes one stamp per method (`write_stamps`), and each train stage of
-dvc.yaml depends on its own stamp, so DVC reruns exactly the methods whose inputs changed: a family's knob
-or model file retrains that family (and the methods built on it), a shared module every method importing it.
-The same code digest keys resume (refvg.engine.trainer.run_key).
+"""What a method's training depends on, as data: the knobs its training reads and the refvg source
+files its training runs. The `resolve` stage writes one stamp per method (`write_stamps`), and each
+train stage of dvc.yaml depends on its own stamp, so DVC reruns exactly the methods whose inputs
+changed: a family's knob or model file retrains that family (and the methods built on it), a shared
+module every method importing it. The same code digest keys resume (refvg.engine.trainer.run_key).
 
-No torch here: the sources are read with `ast`, never imported, so the stage takes a fraction of a second.
+No torch here: the sources are read with `ast`, never imported, so the stage takes a fraction of a
+second.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,47 +22,66 @@ PACKAGE = "refvg"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SOURCE_ROOT = PACKAGE_DIR.parent  # stamps name files as refvg/..., relative to this
 MODELS_PACKAGE = "refvg.models"  # where register_model("<name>") decorates each model's class
-# Where every method's training starts, besides its model's module: the driver's training functions (a
-# "module:function" follows only that function's imports, so the driver's other stages, which import every
-# model, stay out) and the training loop.
+# Where every method's training starts, besides its model's module: the driver's training functions
+# (a "module:function" follows only that function's imports, so the driver's other stages, which
+# import every model, stay out) and the training loop.
 TRAINING_ENTRY_POINTS = (
     "refvg.stages.train:train_method",
     "refvg.stages.train:with_teacher_features",
     "refvg.stages.splits:open_split",
     "refvg.engine.trainer",
 )
-# Knobs that decide how a run is checkpointed, guarded or reported, not what it computes (section -> keys,
-# None: the whole section): they neither retrain a method nor throw a run's progress away.
+# Knobs that decide how a run is checkpointed, guarded or reported, not what it computes (section ->
+# keys, None: the whole section): they neither retrain a method nor throw a run's progress away.
 RESUME_NEUTRAL = {"train": ("checkpoint_every_steps", "max_bad_steps"), "tracking": None}
-# Sections of a run config that training does not read: generating, evaluating, storing and sharding the
-# data, the stand-in detector (its output is the train stage's detections stamp), the teacher's own training
-# (its outputs are a dependency of the distilling methods), and the method tables (a method's own entry and
-# its bases are stamped apart). The per-epoch validation reads eval.batch_size and eval.iou_thresholds, but
-# they decide neither the weights nor the best epoch (Acc@0.5), so a new evaluation setting re-scores
-# without retraining.
-NOT_READ_BY_TRAINING = ("synthetic", "eval", "storage", "parallel", "detections", "teacher", "methods",
-                        "distill_methods")
+# Sections of a run config that training does not read: generating, evaluating, storing and sharding
+# the data, the stand-in detector (its output is the train stage's detections stamp), the teacher's
+# own training (its outputs are a dependency of the distilling methods), and the method tables (a
+# method's own entry and its bases are stamped apart). The per-epoch validation reads
+# eval.batch_size and eval.iou_thresholds, but they decide neither the weights nor the best epoch
+# (Acc@0.5), so a new evaluation setting re-scores without retraining.
+NOT_READ_BY_TRAINING = (
+    "synthetic",
+    "eval",
+    "storage",
+    "parallel",
+    "detections",
+    "teacher",
+    "methods",
+    "distill_methods",
+)
 DIGEST_CHARS = 16
 
 
 def method_stamp(cfg: Config, method: str) -> dict:
-    """What `method`'s training reads: its method entry and those of its bases, its effective configuration
-    (`Config.for_method`) without what training does not read, and the digest of every source file it runs."""
+    """What `method`'s training reads: its method entry and those of its bases, its effective
+    configuration (`Config.for_method`) without what training does not read, and the digest of every
+    source file it runs."""
     entries = method_entries(cfg, method)
     model = entries[method]["model"]
-    return {"method": method, "model": model, "entries": entries, "config": training_config(cfg, method),
-            "code": training_sources(model)}
+    return {
+        "method": method,
+        "model": model,
+        "entries": entries,
+        "config": training_config(cfg, method),
+        "code": training_sources(model),
+    }
 
 
 def method_entries(cfg: Config, method: str) -> dict[str, dict]:
-    """The method's entry and, following `base:`, each entry it inherits from (name -> entry as written)."""
+    """The method's entry and, following `base:`, each entry it inherits from (name -> entry as
+    written)."""
     if method not in cfg.all_methods:
-        raise ConfigError(f"unknown method {method!r}; params.yaml declares {sorted(cfg.all_methods)}")
+        raise ConfigError(
+            f"unknown method {method!r}; params.yaml declares {sorted(cfg.all_methods)}"
+        )
     entries: dict[str, dict] = {}
     name = method
     while name is not None:
         if name in entries:
-            raise ConfigError(f"methods.{method}: its bases form a cycle ({' -> '.join([*entries, name])})")
+            raise ConfigError(
+                f"methods.{method}: its bases form a cycle ({' -> '.join([*entries, name])})"
+            )
         if name not in cfg.all_methods:
             raise ConfigError(f"methods.{method}: base {name!r} is not a declared method")
         entry = cfg.all_methods[name]
@@ -70,8 +91,8 @@ def method_entries(cfg: Config, method: str) -> dict[str, dict]:
 
 
 def training_config(cfg: Config, method: str) -> dict:
-    """`cfg.for_method(method)` as JSON, restricted to what training reads (the shared model sections and
-    the method's resolved entry, its family's knobs included)."""
+    """`cfg.for_method(method)` as JSON, restricted to what training reads (the shared model
+    sections and the method's resolved entry, its family's knobs included)."""
     run = cfg.for_method(method).model_dump(mode="json")
     out = {k: v for k, v in run.items() if k not in NOT_READ_BY_TRAINING}
     for section, keys in RESUME_NEUTRAL.items():
@@ -85,11 +106,14 @@ def training_config(cfg: Config, method: str) -> dict:
 
 
 def training_sources(model: str) -> dict[str, str]:
-    """Digest of every refvg source file a training of `model` runs: the model's module, the training entry
-    points and, transitively, every refvg module they import (path -> sha256 prefix)."""
+    """Digest of every refvg source file a training of `model` runs: the model's module, the
+    training entry points and, transitively, every refvg module they import (path -> sha256
+    prefix)."""
     models = registered_models()
     if model not in models:
-        raise ConfigError(f"unknown model {model!r}; registered models: {', '.join(sorted(models))}")
+        raise ConfigError(
+            f"unknown model {model!r}; registered models: {', '.join(sorted(models))}"
+        )
     files: set[Path] = set()
     pending = [models[model], *TRAINING_ENTRY_POINTS]
     while pending:
@@ -105,28 +129,35 @@ def training_sources(model: str) -> dict[str, str]:
 
 
 def run_code_digest(cfg: Config, method: str) -> str:
-    """The code part of a training run's identity: one digest of the method's `training_sources`, or of
-    every refvg source file for a method or model refvg does not declare (a library caller's own)."""
+    """The code part of a training run's identity: one digest of the method's `training_sources`, or
+    of every refvg source file for a method or model refvg does not declare (a library caller's
+    own)."""
     entry = cfg.all_methods.get(method)
     if entry is not None and entry.model in registered_models():
         sources = training_sources(entry.model)
     else:
-        sources = {p.relative_to(SOURCE_ROOT).as_posix(): _file_digest(p) for p in sorted(PACKAGE_DIR.rglob("*.py"))}
+        sources = {
+            p.relative_to(SOURCE_ROOT).as_posix(): _file_digest(p)
+            for p in sorted(PACKAGE_DIR.rglob("*.py"))
+        }
     return hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:DIGEST_CHARS]
 
 
 def registered_models() -> dict[str, str]:
-    """Model name -> the module registering it, read from the `@register_model("<name>", ...)` decorators of
-    refvg/models/*.py (without importing torch)."""
+    """Model name -> the module registering it, read from the `@register_model("<name>", ...)`
+    decorators of refvg/models/*.py (without importing torch)."""
     found: dict[str, str] = {}
     for path in sorted(_module_dir(MODELS_PACKAGE).glob("*.py")):
-        found.update(dict.fromkeys(_registered_in(path, *_version(path)), f"{MODELS_PACKAGE}.{path.stem}"))
+        found.update(
+            dict.fromkeys(_registered_in(path, *_version(path)), f"{MODELS_PACKAGE}.{path.stem}")
+        )
     return found
 
 
 def write_stamps(cfg: Config, out_dir: Path) -> dict[str, bool]:
-    """`<out_dir>/<method>.json` for every method (sorted keys): a file is rewritten only when its content
-    changes, and a stamp of a method no longer declared is removed. Returns method -> rewritten."""
+    """`<out_dir>/<method>.json` for every method (sorted keys): a file is rewritten only when its
+    content changes, and a stamp of a method no longer declared is removed. Returns method ->
+    rewritten."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     changed = {}
@@ -149,7 +180,8 @@ def _module_dir(module: str) -> Path:
 
 
 def _module_path(module: str) -> Path | None:
-    """The file of a refvg module (a package: its __init__.py); None outside refvg or for no such module."""
+    """The file of a refvg module (a package: its __init__.py); None outside refvg or for no such
+    module."""
     if module != PACKAGE and not module.startswith(PACKAGE + "."):
         return None
     base = _module_dir(module)
@@ -178,9 +210,15 @@ def _registered_in(path: Path, mtime_ns: int, size: int) -> tuple[str, ...]:
     names = []
     for node in ast.walk(_parse(path)):
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
-            names += [deco.args[0].value for deco in node.decorator_list
-                      if isinstance(deco, ast.Call) and _name_of(deco.func) == "register_model" and deco.args
-                      and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)]
+            names += [
+                deco.args[0].value
+                for deco in node.decorator_list
+                if isinstance(deco, ast.Call)
+                and _name_of(deco.func) == "register_model"
+                and deco.args
+                and isinstance(deco.args[0], ast.Constant)
+                and isinstance(deco.args[0].value, str)
+            ]
     return tuple(names)
 
 
@@ -200,18 +238,28 @@ def _imports(path: Path, function: str | None) -> tuple[str, ...]:
 
 @lru_cache(maxsize=512)
 def _imports_version(path: Path, function: str | None, mtime_ns: int, size: int) -> tuple[str, ...]:
-    """The refvg modules `path` imports: anywhere in it, or with `function`, at module level and inside that
-    function. A package's __init__ only gathers and registers (refvg.models imports every model), so an
-    import of a name from a package is not followed; one of a submodule is."""
+    """The refvg modules `path` imports: anywhere in it, or with `function`, at module level and
+    inside that function. A package's __init__ only gathers and registers (refvg.models imports
+    every model), so an import of a name from a package is not followed; one of a submodule is."""
     tree = _parse(path)
     if function is None:
         nodes = list(ast.walk(tree))
     else:
-        defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == function]
+        defs = [
+            n
+            for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == function
+        ]
         if not defs:
-            raise ValueError(f"{path}: no function {function!r} (refvg.engine.fingerprint.TRAINING_ENTRY_POINTS)")
-        nodes = [n for top in tree.body if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                 for n in ast.walk(top)]
+            raise ValueError(
+                f"{path}: no function {function!r} (refvg.engine.fingerprint.TRAINING_ENTRY_POINTS)"
+            )
+        nodes = [
+            n
+            for top in tree.body
+            if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            for n in ast.walk(top)
+        ]
         nodes += list(ast.walk(defs[0]))
     package = _package_of(path)
     found = []
@@ -224,7 +272,11 @@ def _imports_version(path: Path, function: str | None, mtime_ns: int, size: int)
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, *([base] if base else [])])
             found.append(base)
-            found += [f"{base}.{alias.name}" for alias in node.names if _module_path(f"{base}.{alias.name}")]
+            found += [
+                f"{base}.{alias.name}"
+                for alias in node.names
+                if _module_path(f"{base}.{alias.name}")
+            ]
     return tuple(found)
 
 

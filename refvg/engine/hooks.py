@@ -11,11 +11,13 @@ per-epoch validation and best-epoch selection, the per-epoch report, and preempt
         hook.after_epoch(state)
     hook.after_train(state)
 
-Hooks run in the order the trainer lists them, and that order is part of the contract: the checkpointer
-resumes before the report replays the history; at a step the guard stops a diverging run before a
-periodic checkpoint, which comes before a preemption check; at an epoch end validation picks the best
-epoch before the checkpointer writes best.pt (before last.pt), and the report comes last.
+Hooks run in the order the trainer lists them, and that order is part of the contract: the
+checkpointer resumes before the report replays the history; at a step the guard stops a diverging
+run before a periodic checkpoint, which comes before a preemption check; at an epoch end validation
+picks the best epoch before the checkpointer writes best.pt (before last.pt), and the report comes
+last.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,13 +33,28 @@ from refvg.config import Config
 from refvg.data.samplers import ResumableShuffle
 from refvg.engine import distributed, preemption
 from refvg.engine.checkpoint import (
-    CheckpointError, load_checkpoint, remove_partial_writes, rng_state, save_checkpoint, set_rng_state,
+    CheckpointError,
+    load_checkpoint,
+    remove_partial_writes,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 
 log = logging.getLogger(__name__)
 LAST, BEST = "last.pt", "best.pt"
-RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "progress", "epoch", "history", "best_score",
-               "best_epoch")
+RESUME_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "position",
+    "progress",
+    "epoch",
+    "history",
+    "best_score",
+    "best_epoch",
+)
 _RESUME_ONLY = ("optimizer", "scheduler", "rng", "position", "progress")  # best.pt is for inference
 
 
@@ -53,7 +70,9 @@ class TrainResult:
     select_metric: str = "acc@0.5"  # the val metric best_score is of (weak methods: a box-free one)
     checkpoint_dir: Optional[Path] = None
     samples_per_second: float = 0.0
-    compute_seconds: float = 0.0  # forward/backward/step and validation: the work, not the orchestration
+    compute_seconds: float = (
+        0.0  # forward/backward/step and validation: the work, not the orchestration
+    )
     resumed_from_epoch: int = 0
     resumed_from_step: int = 0  # steps into that epoch (0: resumed at an epoch boundary)
     skipped_steps: int = 0  # steps without an update because the loss or gradient was not finite
@@ -65,8 +84,8 @@ class TrainResult:
 
 @dataclass
 class EpochProgress:
-    """What the current epoch has done so far; checkpointed mid-epoch, so a resumed epoch reports the same
-    figures as an uninterrupted one."""
+    """What the current epoch has done so far; checkpointed mid-epoch, so a resumed epoch reports
+    the same figures as an uninterrupted one."""
 
     step: int = 0  # batches consumed, skipped ones included
     seen: int = 0
@@ -78,8 +97,8 @@ class EpochProgress:
 
 @dataclass
 class LoopState:
-    """What the hooks read and write: the run's objects, where it is, and what the last step and epoch
-    gave."""
+    """What the hooks read and write: the run's objects, where it is, and what the last step and
+    epoch gave."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -99,7 +118,9 @@ class LoopState:
     progress: EpochProgress = field(default_factory=EpochProgress)
     batch: Optional[dict] = None  # the last step's batch
     losses: Optional[dict] = None  # its loss parts; None: the step was skipped (nothing updated)
-    metrics: dict = field(default_factory=dict)  # the finished epoch's figures, filled by after_epoch hooks
+    metrics: dict = field(
+        default_factory=dict
+    )  # the finished epoch's figures, filled by after_epoch hooks
     score: float = -math.inf  # its value of the select metric
     is_best: bool = False
 
@@ -111,21 +132,31 @@ class LoopState:
         """Everything that decides the rest of the run, at this point of it."""
         consumed = min(self.progress.step * self.local_batch, len(self.sampler.epoch_share))
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "epoch": epochs_done,
-            "run_key": self.run_key, "method": self.method, "config": self.cfg.model_dump(mode="json"),
-            "history": self.result.history, "best_score": self.result.best_score,
-            "best_epoch": self.result.best_epoch, **self.extra_state,
-            "position": self.sampler.position(consumed), "progress": vars(self.progress).copy(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "epoch": epochs_done,
+            "run_key": self.run_key,
+            "method": self.method,
+            "config": self.cfg.model_dump(mode="json"),
+            "history": self.result.history,
+            "best_score": self.result.best_score,
+            "best_epoch": self.result.best_epoch,
+            **self.extra_state,
+            "position": self.sampler.position(consumed),
+            "progress": vars(self.progress).copy(),
         }
 
     def save_last(self) -> None:
-        """last.pt mid-epoch (rank 0 writes). Every rank calls it (the points are decided alike on all
-        ranks) and hands over its own running sums of the epoch: rank 0's alone would stand in for every
-        rank's in a resumed epoch's figures."""
+        """last.pt mid-epoch (rank 0 writes). Every rank calls it (the points are decided alike on
+        all ranks) and hands over its own running sums of the epoch: rank 0's alone would stand in
+        for every rank's in a resumed epoch's figures."""
         shares = distributed.gather(vars(self.progress).copy())
         if self.main:
-            save_checkpoint({**self.resume_state(self.epoch), "rank_progress": shares}, self.out_dir / LAST)
+            save_checkpoint(
+                {**self.resume_state(self.epoch), "rank_progress": shares}, self.out_dir / LAST
+            )
 
 
 class HookBase:
@@ -145,30 +176,40 @@ class HookBase:
 
 
 class Checkpointer(HookBase):
-    """Resumes from last.pt when it belongs to this run; writes last.pt every `every_steps` steps (0: epoch
-    ends only) and at each epoch end, best.pt first when the epoch is the best so far."""
+    """Resumes from last.pt when it belongs to this run; writes last.pt every `every_steps` steps
+    (0: epoch ends only) and at each epoch end, best.pt first when the epoch is the best so far."""
 
     def __init__(self, every_steps: int):
         self.every_steps = every_steps
 
     def before_train(self, state: LoopState) -> None:
         for leftover in remove_partial_writes(state.out_dir) if state.main else ():
-            log.warning("removed %s, a checkpoint write cut short by a crash (the previous checkpoint is intact)",
-                        leftover)
+            log.warning(
+                "removed %s, a checkpoint write cut short by a crash (the "
+                "previous checkpoint is intact)",
+                leftover,
+            )
         _maybe_resume(state.out_dir / LAST, state)
 
     def after_step(self, state: LoopState) -> None:
         # the epoch's last step is saved by after_epoch, with the validation in it
-        if self.every_steps and state.global_step % self.every_steps == 0 \
-                and state.progress.step < state.steps_per_epoch:
+        if (
+            self.every_steps
+            and state.global_step % self.every_steps == 0
+            and state.progress.step < state.steps_per_epoch
+        ):
             state.save_last()
 
     def after_epoch(self, state: LoopState) -> None:
         if not state.main:
             return
         ckpt = state.resume_state(state.epoch + 1)
-        if state.is_best:  # before last.pt: the resume point must never record a best epoch that is not on disk
-            save_checkpoint({k: v for k, v in ckpt.items() if k not in _RESUME_ONLY}, state.out_dir / BEST)
+        if (
+            state.is_best
+        ):  # before last.pt: the resume point must never record a best epoch that is not on disk
+            save_checkpoint(
+                {k: v for k, v in ckpt.items() if k not in _RESUME_ONLY}, state.out_dir / BEST
+            )
         save_checkpoint(ckpt, state.out_dir / LAST)
 
 
@@ -178,13 +219,18 @@ def _maybe_resume(path: Path, state: LoopState) -> None:
     try:
         ckpt = load_checkpoint(path)
         if ckpt.get("run_key") != state.run_key:
-            log.warning("%s belongs to another run (config, method or code changed); starting from scratch", path)
+            log.warning(
+                "%s belongs to another run (config, method or code changed); starting from scratch",
+                path,
+            )
             return
         missing = [k for k in RESUME_KEYS if k not in ckpt]
         if missing:
             raise CheckpointError(f"{path}: has the run's key but not {', '.join(missing)}")
     except CheckpointError as err:
-        raise CheckpointError(f"{err}; cannot resume from it. Move it away to train from scratch.") from None
+        raise CheckpointError(
+            f"{err}; cannot resume from it. Move it away to train from scratch."
+        ) from None
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
@@ -196,14 +242,16 @@ def _maybe_resume(path: Path, state: LoopState) -> None:
     state.epoch = ckpt["epoch"]
     state.progress = EpochProgress(**_rank_share(ckpt.get("rank_progress") or [ckpt["progress"]]))
     result.resumed_from_epoch, result.resumed_from_step = state.epoch, state.progress.step
-    result.skipped_steps = sum(h.get("train/skipped_steps", 0) for h in result.history) + state.progress.skipped
+    result.skipped_steps = (
+        sum(h.get("train/skipped_steps", 0) for h in result.history) + state.progress.skipped
+    )
     log.info("resumed %s after %d epochs and %d steps", path, state.epoch, result.resumed_from_step)
 
 
 def _rank_share(shares: list[dict]) -> dict:
-    """This rank's progress in the checkpointed epoch: its own share when the checkpoint has one per rank;
-    else (another world size, or an epoch boundary: one share) rank 0 carries all the running sums and the
-    others none, so the epoch's totals stay right."""
+    """This rank's progress in the checkpointed epoch: its own share when the checkpoint has one per
+    rank; else (another world size, or an epoch boundary: one share) rank 0 carries all the running
+    sums and the others none, so the epoch's totals stay right."""
     if len(shares) == distributed.world_size():
         return shares[distributed.rank()]
     share = dict(shares[0], seen=0, loss_sum=0.0, parts_sum={})
@@ -217,8 +265,9 @@ def _rank_share(shares: list[dict]) -> dict:
 
 
 class NonFiniteGuard(HookBase):
-    """Counts the steps the trainer skipped (NaN/inf loss or gradient: no update, BatchNorm statistics put
-    back); `max_bad_steps` in a row stop the run with the last good state in last.pt."""
+    """Counts the steps the trainer skipped (NaN/inf loss or gradient: no update, BatchNorm
+    statistics put back); `max_bad_steps` in a row stop the run with the last good state in
+    last.pt."""
 
     def __init__(self, max_bad_steps: int):
         self.max_bad_steps = max_bad_steps
@@ -232,16 +281,27 @@ class NonFiniteGuard(HookBase):
         progress.bad_in_a_row += 1
         result.skipped_steps += 1
         rows = state.batch["index"].tolist()
-        log.warning("%s epoch %d step %d: loss or gradient not finite; step skipped (%d in a row, %d this run; "
-                    "batch rows %s)", state.method, state.epoch + 1, progress.step, progress.bad_in_a_row,
-                    result.skipped_steps, _short(rows))
+        log.warning(
+            "%s epoch %d step %d: loss or gradient not finite; step "
+            "skipped (%d in a row, %d this run; "
+            "batch rows %s)",
+            state.method,
+            state.epoch + 1,
+            progress.step,
+            progress.bad_in_a_row,
+            result.skipped_steps,
+            _short(rows),
+        )
         if progress.bad_in_a_row >= self.max_bad_steps:
             state.save_last()  # nothing was updated by the bad steps: this is the last good state
             raise NonFiniteLossError(
-                f"{state.method}: the loss or gradient was not finite for {progress.bad_in_a_row} steps in a row "
-                f"(train.max_bad_steps={self.max_bad_steps}), the last at epoch {state.epoch + 1} step "
+                f"{state.method}: the loss or gradient was not finite for "
+                f"{progress.bad_in_a_row} steps in a row "
+                f"(train.max_bad_steps={self.max_bad_steps}), the last at "
+                f"epoch {state.epoch + 1} step "
                 f"{progress.step} (batch rows {_short(rows)}). Stopped; the last good state is in "
-                f"{state.out_dir / LAST} (lower train.lr, or check those samples).")
+                f"{state.out_dir / LAST} (lower train.lr, or check those samples)."
+            )
 
 
 def _short(rows: list[int], limit: int = 8) -> str:
@@ -249,8 +309,8 @@ def _short(rows: list[int], limit: int = 8) -> str:
 
 
 class Validation(HookBase):
-    """`evaluate(model)` on rank 0 after each epoch (the others get its result); its numbers become the
-    epoch's val/ metrics, and the epoch with the highest `select_metric` is the best."""
+    """`evaluate(model)` on rank 0 after each epoch (the others get its result); its numbers become
+    the epoch's val/ metrics, and the epoch with the highest `select_metric` is the best."""
 
     def __init__(self, evaluate: Callable[[torch.nn.Module], dict], select_metric: str):
         self.evaluate, self.select_metric = evaluate, select_metric
@@ -270,8 +330,9 @@ class Validation(HookBase):
 
 
 class EpochReport(HookBase):
-    """A log line and `on_epoch_end(metrics, epoch)` per epoch (rank 0); on resume, the callback first gets
-    every epoch restored from the checkpoint, so a tracker attached to the new process has the whole history."""
+    """A log line and `on_epoch_end(metrics, epoch)` per epoch (rank 0); on resume, the callback
+    first gets every epoch restored from the checkpoint, so a tracker attached to the new process
+    has the whole history."""
 
     def __init__(self, on_epoch_end: Callable[[dict, int], None], select_metric: str):
         self.on_epoch_end, self.select_metric = on_epoch_end, select_metric
@@ -284,22 +345,33 @@ class EpochReport(HookBase):
         if not state.main:
             return
         m = state.metrics
-        log.info("%s epoch %d/%d loss %.4f val %s=%.4f (%.0f samples/s)", state.method, state.epoch + 1,
-                 state.cfg.train.epochs, m.get("train/loss", float("nan")), self.select_metric, state.score,
-                 m["samples_per_second"])
+        log.info(
+            "%s epoch %d/%d loss %.4f val %s=%.4f (%.0f samples/s)",
+            state.method,
+            state.epoch + 1,
+            state.cfg.train.epochs,
+            m.get("train/loss", float("nan")),
+            self.select_metric,
+            state.score,
+            m["samples_per_second"],
+        )
         self.on_epoch_end(m, state.epoch + 1)
 
 
 class Preemption(HookBase):
-    """SIGTERM (refvg.engine.preemption): every rank stops at the same step boundary, last.pt written, and
-    the run ends with `Preempted` (exit code 143)."""
+    """SIGTERM (refvg.engine.preemption): every rank stops at the same step boundary, last.pt
+    written, and the run ends with `Preempted` (exit code 143)."""
 
     def after_step(self, state: LoopState) -> None:
         if distributed.all_ranks(not preemption.requested(), state.device):
             return
         state.save_last()
-        message = (f"{state.method}: SIGTERM: stopped in epoch {state.epoch + 1} after step {state.progress.step} "
-                   f"with a resumable checkpoint in {state.out_dir / LAST}; run the same command again to resume "
-                   f"(exit code {preemption.PREEMPTED_EXIT_CODE})")
+        message = (
+            f"{state.method}: SIGTERM: stopped in epoch {state.epoch + 1} "
+            f"after step {state.progress.step} "
+            f"with a resumable checkpoint in {state.out_dir / LAST}; run "
+            f"the same command again to resume "
+            f"(exit code {preemption.PREEMPTED_EXIT_CODE})"
+        )
         log.warning("%s", message)
         raise preemption.Preempted(message)

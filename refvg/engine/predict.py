@@ -1,8 +1,10 @@
-"""Inference on raw inputs: an image and an expression in, a box (and a mask, for models that segment) in
-original pixels out.
+"""Inference on raw inputs: an image and an expression in, a box (and a mask, for models that
+segment) in original pixels out.
 
-Used by `refvg predict` and by the MLflow pyfunc model, so the preprocessing there is exactly the one the
-model was trained with (letterbox size, tokenizer, max tokens from the checkpoint's own config)."""
+Used by `refvg predict` and by the MLflow pyfunc model, so the preprocessing there is exactly the
+one the model was trained with (letterbox size, tokenizer, max tokens from the checkpoint's own
+config)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,12 +32,19 @@ class Grounding:
 
 
 def mask_to_original(mask_logits: torch.Tensor, lb: Letterbox) -> np.ndarray:
-    """A model's mask logits over the letterboxed square ([h, w], any resolution) -> bool [H, W] in the
-    original image: upsampled to the square, cropped to the image content, resized to the original size."""
-    square = F.interpolate(mask_logits.float()[None, None], size=(lb.size, lb.size), mode="bilinear",
-                           align_corners=False)[0, 0]
+    """A model's mask logits over the letterboxed square ([h, w], any resolution) -> bool [H, W] in
+    the original image: upsampled to the square, cropped to the image content, resized to the
+    original size."""
+    square = F.interpolate(
+        mask_logits.float()[None, None],
+        size=(lb.size, lb.size),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0]
     content = square[: lb.content_h, : lb.content_w].sigmoid()
-    full = F.interpolate(content[None, None], size=(lb.orig_h, lb.orig_w), mode="bilinear", align_corners=False)
+    full = F.interpolate(
+        content[None, None], size=(lb.orig_h, lb.orig_w), mode="bilinear", align_corners=False
+    )
     return (full[0, 0] > 0.5).cpu().numpy()
 
 
@@ -52,10 +61,13 @@ class Grounder:
         return "candidates" in model_needs(self.state["model_name"], self.cfg)
 
     @torch.no_grad()
-    def ground(self, image: Image.Image, expression: str, candidates: Optional[ImageCandidates] = None) -> Grounding:
-        """`candidates`: the boxes a ranking model (e.g. mattnet) chooses from, in the image's pixels (a
-        detector's output); other models ignore them."""
-        # The checks prepare applied to the training expressions, before anything reaches the tokenizer.
+    def ground(
+        self, image: Image.Image, expression: str, candidates: Optional[ImageCandidates] = None
+    ) -> Grounding:
+        """`candidates`: the boxes a ranking model (e.g. mattnet) chooses from, in the image's
+        pixels (a detector's output); other models ignore them."""
+        # The checks prepare applied to the training expressions, before anything reaches the
+        # tokenizer.
         expression = self._expression(0, expression)
         size = self.cfg.data.image_size
         lb = Letterbox(image.width, image.height, size)
@@ -63,31 +75,46 @@ class Grounder:
         batch = {
             "image": torch.from_numpy(lb.image(image))[None],
             "pixel_mask": torch.from_numpy(lb.padding_mask())[None],
-            "input_ids": torch.from_numpy(ids).long(), "attention_mask": torch.from_numpy(mask).long(),
+            "input_ids": torch.from_numpy(ids).long(),
+            "attention_mask": torch.from_numpy(mask).long(),
         }
         if self.needs_candidates:
             if candidates is None or len(candidates) == 0:
-                raise ValueError(f"model {self.state['model_name']!r} ranks candidate boxes: give the image's "
-                                 f"candidates (e.g. a detector's boxes)")
+                raise ValueError(
+                    f"model {self.state['model_name']!r} ranks candidate boxes: give the image's "
+                    f"candidates (e.g. a detector's boxes)"
+                )
             batch |= candidate_batch(candidates, lb, self.cfg.proposals.max_candidates)
         batch = to_device(batch, self.device)
         with autocast(self.device, self.cfg.train.amp):
             out = read_outputs(self.model(batch), ("pred_boxes", "pred_masks"))
         box = lb.box_from_square(cxcywh_to_xyxy(out["pred_boxes"].float())[0].cpu().numpy())
-        masks = out.get("pred_masks")  # segmentation models (CMSA): [B, (1,) h, w] logits over the square
+        masks = out.get(
+            "pred_masks"
+        )  # segmentation models (CMSA): [B, (1,) h, w] logits over the square
         if masks is None:
             return Grounding(box)
         return Grounding(box, mask_to_original(masks[0].reshape(masks.shape[-2:]), lb))
 
-    def predict(self, images: list[Image.Image], expressions: list[str],
-                candidates: Optional[list[ImageCandidates]] = None) -> np.ndarray:
+    def predict(
+        self,
+        images: list[Image.Image],
+        expressions: list[str],
+        candidates: Optional[list[ImageCandidates]] = None,
+    ) -> np.ndarray:
         """-> [N, 4] xyxy boxes in each image's original pixels."""
-        if len(images) != len(expressions) or (candidates is not None and len(candidates) != len(images)):
-            raise ValueError(f"{len(images)} images, {len(expressions)} expressions"
-                             + (f", {len(candidates)} candidate lists" if candidates is not None else ""))
+        if len(images) != len(expressions) or (
+            candidates is not None and len(candidates) != len(images)
+        ):
+            raise ValueError(
+                f"{len(images)} images, {len(expressions)} expressions"
+                + (f", {len(candidates)} candidate lists" if candidates is not None else "")
+            )
         expressions = [self._expression(i, text) for i, text in enumerate(expressions)]
         cands = candidates if candidates is not None else [None] * len(images)
-        boxes = [self.ground(img, text, c).box_xyxy for img, text, c in zip(images, expressions, cands)]
+        boxes = [
+            self.ground(img, text, c).box_xyxy for img, text, c in zip(images, expressions, cands)
+        ]
         return np.stack(boxes) if boxes else np.zeros((0, 4))
 
     def _expression(self, i: int, text) -> str:

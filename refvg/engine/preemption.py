@@ -9,6 +9,7 @@ signals there only), and the previous one is put back after, so SIGTERM outside 
 process as usual. SIGTERM after the last step (in the final validation) lets training finish, then
 raises `Preempted`.
 """
+
 from __future__ import annotations
 
 import functools

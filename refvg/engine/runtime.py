@@ -1,4 +1,6 @@
-"""Device, precision, seeding and batch placement: what the trainer, evaluator and predictor share."""
+"""Device, precision, seeding and batch placement: what the trainer, evaluator and predictor
+share."""
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +81,9 @@ class CpuShare:
     def enter(self) -> "CpuShare":
         if fcntl is None or self.file is not None or _off(os.environ.get("REFVG_CPU_SHARE", "")):
             return self
-        # mkdir(parents=True) gives the missing parents the default mode: the per-user folder it makes is
-        # also the stage worker's, which refuses a folder others can enter (flows.launcher).
+        # mkdir(parents=True) gives the missing parents the default mode: the per-user folder it
+        # makes is also the stage worker's, which refuses a folder others can enter
+        # (flows.launcher).
         for folder in (self.folder.parent, self.folder):
             folder.mkdir(mode=0o700, exist_ok=True)
         for i in range(4096):
@@ -135,8 +138,12 @@ class CpuShare:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             if self.threads is not None or holders > 1:
-                log.info("%d processes computing on %d cores: %d threads here", holders, _cores(),
-                         threads)
+                log.info(
+                    "%d processes computing on %d cores: %d threads here",
+                    holders,
+                    _cores(),
+                    threads,
+                )
         self.threads = threads
 
 

@@ -1,7 +1,8 @@
-"""The evaluator protocol: an evaluator is reset, shown every batch (the model's inputs and outputs), and asked
-for its metrics at the end; `DatasetEvaluators` runs several as one. Which evaluators apply to a model comes
-from what the model declares (refvg.evaluation.evaluators_for); refvg.engine.evaluator runs a model over a
-split and feeds them."""
+"""The evaluator protocol: an evaluator is reset, shown every batch (the model's inputs and
+outputs), and asked for its metrics at the end; `DatasetEvaluators` runs several as one. Which
+evaluators apply to a model comes from what the model declares (refvg.evaluation.evaluators_for);
+refvg.engine.evaluator runs a model over a split and feeds them."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -13,10 +14,11 @@ import torch
 class DatasetEvaluator:
     """Accumulates what it needs from each batch; `evaluate` summarises the split.
 
-    `process(inputs, outputs)`: `inputs` is the collated batch on the CPU (refvg.data.dataset.collate; its
-    "index" is each sample's row in the split), `outputs` the model outputs named in `output_keys`, on the CPU
-    (floating point ones as float32). What produces them is `forward` (None: `model(batch)`, else that method
-    of the model), over the split in its own order or, with `order_seed`, a permutation seeded by it."""
+    `process(inputs, outputs)`: `inputs` is the collated batch on the CPU
+    (refvg.data.dataset.collate; its "index" is each sample's row in the split), `outputs` the model
+    outputs named in `output_keys`, on the CPU (floating point ones as float32). What produces them
+    is `forward` (None: `model(batch)`, else that method of the model), over the split in its own
+    order or, with `order_seed`, a permutation seeded by it."""
 
     output_keys: tuple[str, ...] = ()
     forward: Optional[str] = None
@@ -32,13 +34,15 @@ class DatasetEvaluator:
         return {}
 
     def per_sample(self) -> dict[str, np.ndarray]:
-        """Per-sample results in the order processed (e.g. for figures); {} for an evaluator without any."""
+        """Per-sample results in the order processed (e.g. for figures); {} for an evaluator without
+        any."""
         return {}
 
 
 class DatasetEvaluators(DatasetEvaluator):
-    """Several evaluators over one pass: each sees every batch; their results (and per-sample arrays) are merged
-    in order. They must agree on how the outputs are produced, and no two may report the same key."""
+    """Several evaluators over one pass: each sees every batch; their results (and per-sample
+    arrays) are merged in order. They must agree on how the outputs are produced, and no two may
+    report the same key."""
 
     def __init__(self, evaluators: Sequence[DatasetEvaluator]):
         self.evaluators = list(evaluators)
@@ -80,7 +84,8 @@ def _merge(parts: list[dict], what: str) -> dict:
 
 
 def flatten(results: dict, sep: str = "/") -> dict:
-    """{"acc@0.5": a, "mask": {"oIoU": o}} -> {"acc@0.5": a, "mask/oIoU": o} (what the trainer logs per epoch)."""
+    """{"acc@0.5": a, "mask": {"oIoU": o}} -> {"acc@0.5": a, "mask/oIoU": o} (what the trainer logs
+    per epoch)."""
     out = {}
     for k, v in results.items():
         if isinstance(v, dict):

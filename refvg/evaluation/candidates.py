@@ -1,5 +1,7 @@
-"""Candidate-recall evaluator (ranking methods): how often the target is among the candidates at all. A ranking
-method cannot score a sample whose target is missing (it counts as a miss in Acc@0.5): this is its ceiling."""
+"""Candidate-recall evaluator (ranking methods): how often the target is among the candidates at
+all. A ranking method cannot score a sample whose target is missing (it counts as a miss in
+Acc@0.5): this is its ceiling."""
+
 from __future__ import annotations
 
 import torch
@@ -8,7 +10,8 @@ from refvg.evaluation.base import DatasetEvaluator
 
 
 class CandidateRecallEvaluator(DatasetEvaluator):
-    """Reads the batch's "cand_target" (-1: the target is not among them) and "cand_valid"; no model output.
+    """Reads the batch's "cand_target" (-1: the target is not among them) and "cand_valid"; no model
+    output.
     Results: {"candidates": {"target_recall", "misses", "mean_candidates"}}."""
 
     def __init__(self):
@@ -27,5 +30,10 @@ class CandidateRecallEvaluator(DatasetEvaluator):
         if not len(found):
             return {"candidates": {"target_recall": 0.0, "misses": 0, "mean_candidates": 0.0}}
         count = torch.cat(self._valid).sum(1).float()
-        return {"candidates": {"target_recall": float(found.float().mean()), "misses": int((~found).sum()),
-                               "mean_candidates": float(count.mean())}}
+        return {
+            "candidates": {
+                "target_recall": float(found.float().mean()),
+                "misses": int((~found).sum()),
+                "mean_candidates": float(count.mean()),
+            }
+        }

@@ -1,8 +1,10 @@
 """Visual and text encoders built from `transformers`: a pretrained name/folder, or a small config.
 
-Small configs keep the default pipeline runnable on a CPU with no model hub; `pretrained` swaps in the
-real weights without touching the grounding models, which only see feature maps and token features.
+Small configs keep the default pipeline runnable on a CPU with no model hub; `pretrained` swaps in
+the real weights without touching the grounding models, which only see feature maps and token
+features.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +25,8 @@ SWIN_PATCH = 4
 
 
 class _Frozen(nn.Module):
-    """Base for encoders that may be frozen: frozen weights also keep BatchNorm/dropout in eval mode,
-    otherwise running statistics would still drift while 'frozen'."""
+    """Base for encoders that may be frozen: frozen weights also keep BatchNorm/dropout in eval
+    mode, otherwise running statistics would still drift while 'frozen'."""
 
     frozen: bool = False
 
@@ -42,9 +44,10 @@ class VisualBackbone(_Frozen):
     """pixel_values [B,3,H,W] -> feature maps [B,C_i,H_i,W_i], one per `out_stages` entry.
 
     Runs stage by stage, so a caller can refine each stage's map before the next stage sees it
-    (`modulate(stage, map) -> map`: QRNet's query-aware attention). Swin's maps are channels-last views of
-    its tokens (not contiguous: `.reshape`, not `.view`). Stages after the last one in
-    `out_stages` are dropped at build time: they would cost compute and leave grad-less parameters (DDP)."""
+    (`modulate(stage, map) -> map`: QRNet's query-aware attention). Swin's maps are channels-last
+    views of its tokens (not contiguous: `.reshape`, not `.view`). Stages after the last one in
+    `out_stages` are dropped at build time: they would cost compute and leave grad-less parameters
+    (DDP)."""
 
     def __init__(self, cfg: VisualConfig, image_size: int = 128):
         super().__init__()
@@ -63,7 +66,9 @@ class VisualBackbone(_Frozen):
             strides = [c.patch_size * 2**i for i in range(len(c.depths))]
         n = len(channels)
         if not self.out_stages or any(not 0 <= s < n for s in self.out_stages):
-            raise ValueError(f"out_stages {self.out_stages} invalid for a {cfg.kind} with {n} stages")
+            raise ValueError(
+                f"out_stages {self.out_stages} invalid for a {cfg.kind} with {n} stages"
+            )
         self.stage_channels = channels[: max(self.out_stages) + 1]
         self.out_channels = [channels[s] for s in self.out_stages]
         self.strides = [strides[s] for s in self.out_stages]
@@ -80,8 +85,8 @@ class VisualBackbone(_Frozen):
             return
         del self.body.encoder.layers[keep:]
         if keep < total:
-            # The kept last stage's patch merging fed a dropped stage; the final LayerNorm is sized for the
-            # model's true last stage, which is gone.
+            # The kept last stage's patch merging fed a dropped stage; the final LayerNorm is sized
+            # for the model's true last stage, which is gone.
             self.body.encoder.layers[-1].downsample = None
             self.body.layernorm = None
 
@@ -102,11 +107,13 @@ class VisualBackbone(_Frozen):
             for block in stage.blocks:
                 tokens = block(tokens, (h, w))[0]
             if i == len(self.body.encoder.layers) - 1 and self.body.layernorm is not None:
-                tokens = self.body.layernorm(tokens)  # the pretrained model's final norm, kept trained
+                tokens = self.body.layernorm(
+                    tokens
+                )  # the pretrained model's final norm, kept trained
             b, _, c = tokens.shape
-            # The map is a channels-last view of the tokens, and a channels-last map's pixels x channels
-            # view is the tokens again: no layout copy either way (a contiguous map from `modulate`
-            # is copied once here).
+            # The map is a channels-last view of the tokens, and a channels-last map's pixels x
+            # channels view is the tokens again: no layout copy either way (a contiguous map from
+            # `modulate` is copied once here).
             fmap = tokens.view(b, h, w, c).permute(0, 3, 1, 2)
             if modulate is not None:
                 fmap = modulate(i, fmap)
@@ -133,9 +140,13 @@ def _resnet(cfg: VisualConfig) -> ResNetModel:
 
 def _swin(cfg: VisualConfig, image_size: int) -> SwinModel:
     if cfg.pretrained is not None:
-        return SwinModel.from_pretrained(cfg.pretrained, attn_implementation="sdpa", add_pooling_layer=False)
+        return SwinModel.from_pretrained(
+            cfg.pretrained, attn_implementation="sdpa", add_pooling_layer=False
+        )
     if len(cfg.num_heads) != len(cfg.depths):
-        raise ValueError(f"swin needs one num_heads entry per stage: {cfg.num_heads} vs depths {cfg.depths}")
+        raise ValueError(
+            f"swin needs one num_heads entry per stage: {cfg.num_heads} vs depths {cfg.depths}"
+        )
     # Largest window <= 7 that tiles the last stage exactly; earlier stages are multiples of it,
     # so no stage pays for window padding.
     last = max(1, image_size // (SWIN_PATCH * 2 ** (len(cfg.depths) - 1)))
@@ -161,7 +172,9 @@ def build_visual_backbone(cfg: VisualConfig, image_size: int = 128) -> VisualBac
 class TextEncoder(_Frozen):
     """(input_ids [B,L], attention_mask [B,L]) -> token features [B,L,hidden_size]."""
 
-    def __init__(self, cfg: TextConfig, vocab_size: int, pad_token_id: int, max_positions: int = 64):
+    def __init__(
+        self, cfg: TextConfig, vocab_size: int, pad_token_id: int, max_positions: int = 64
+    ):
         super().__init__()
         if cfg.pretrained is not None:
             self.body = AutoModel.from_pretrained(cfg.pretrained, attn_implementation="sdpa")

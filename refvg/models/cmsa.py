@@ -1,20 +1,23 @@
-"""CMSA (Ye et al., CVPR 2019, "Cross-Modal Self-Attention Network for Referring Image Segmentation").
+"""CMSA (Ye et al., CVPR 2019, "Cross-Modal Self-Attention Network for Referring Image
+Segmentation").
 
-For each backbone level of `visual.out_stages`, every (word, pixel) pair gets the joint feature
-[v_p / |v_p|, e_n / |e_n|, s_p] (visual feature, word feature, 8-d spatial coordinates of the cell); one
-self-attention runs over all words x pixels of it, so a pixel can read any word at any other place; the result
-is averaged over the words back to a per-pixel map. The levels' maps, resized to the finest level, are merged
-by gated multi-level fusion (a memory and a reset gate per level), then a small decoder upsamples to mask
-logits at the letterbox size. Loss: per-pixel BCE + soft Dice. The box (`pred_boxes`, what the box tables
-score) is the tight box of the thresholded mask.
+For each backbone level of `visual.out_stages`, every (word, pixel) pair gets the joint feature [v_p
+/ |v_p|, e_n / |e_n|, s_p] (visual feature, word feature, 8-d spatial coordinates of the cell); one
+self-attention runs over all words x pixels of it, so a pixel can read any word at any other place;
+the result is averaged over the words back to a per-pixel map. The levels' maps, resized to the
+finest level, are merged by gated multi-level fusion (a memory and a reset gate per level), then a
+small decoder upsamples to mask logits at the letterbox size. Loss: per-pixel BCE + soft Dice. The
+box (`pred_boxes`, what the box tables score) is the tight box of the thresholded mask.
 
-An expression refers to one object, so at inference (eval mode, its config's `keep_peak_component`) the
-prediction keeps only the connected region of the thresholded mask that holds its most confident pixel: a
-stray positive blob on a distractor would otherwise stretch the box over both objects.
+An expression refers to one object, so at inference (eval mode, its config's `keep_peak_component`)
+the prediction keeps only the connected region of the thresholded mask that holds its most confident
+pixel: a stray positive blob on a distractor would otherwise stretch the box over both objects.
 
-Word features come from the shared text encoder (contextual) rather than the paper's bare word embeddings:
-the same encoder every method uses, and relations ("left of the green star") need context.
+Word features come from the shared text encoder (contextual) rather than the paper's bare word
+embeddings: the same encoder every method uses, and relations ("left of the green star") need
+context.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,18 +39,23 @@ class CMSAConfig(_Strict):
     """CMSA (referring segmentation): one cross-modal self-attention block per backbone level of
     `visual.out_stages`, gated fusion of the levels, an upsampling decoder to mask logits."""
 
-    visual_dim: int = Field(32, gt=0)  # C_v: each level's features are projected to this, then L2-normalised
+    visual_dim: int = Field(
+        32, gt=0
+    )  # C_v: each level's features are projected to this, then L2-normalised
     word_dim: int = Field(32, gt=0)  # C_l: the same for each word's features
-    d_model: int = Field(32, gt=0)  # width of the joint (word, pixel) features inside the self-attention
+    d_model: int = Field(
+        32, gt=0
+    )  # width of the joint (word, pixel) features inside the self-attention
     num_heads: int = Field(1, gt=0)
     ffn_dim: int = Field(64, gt=0)
     num_layers: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # One 3x3 conv + 2x upsampling per entry, from the finest CMSA level; the logits are then resized to the
-    # letterbox size bilinearly.
+    # One 3x3 conv + 2x upsampling per entry, from the finest CMSA level; the logits are then
+    # resized to the letterbox size bilinearly.
     decoder_channels: tuple[int, ...] = (32, 16)
-    # Inference: keep only the connected region of the thresholded mask that holds its most confident pixel
-    # (for the mask and its box); false: the whole thresholded mask and its tight box.
+    # Inference: keep only the connected region of the thresholded mask that holds its most
+    # confident pixel (for the mask and its box); false: the whole thresholded mask and its tight
+    # box.
     keep_peak_component: bool = True
     # Loss: per-pixel BCE and soft Dice on the letterboxed mask logits (padding excluded).
     mask_bce_weight: float = Field(1.0, ge=0)
@@ -56,7 +64,9 @@ class CMSAConfig(_Strict):
 
 @dataclass
 class CMSAOutput(GroundingOutput):
-    mask_logits: torch.Tensor = None  # [B,H,W] what the loss sees (pred_masks: after the peak read-out)
+    mask_logits: torch.Tensor = (
+        None  # [B,H,W] what the loss sees (pred_masks: after the peak read-out)
+    )
 
 
 class CrossModalSelfAttention(nn.Module):
@@ -66,17 +76,22 @@ class CrossModalSelfAttention(nn.Module):
         super().__init__()
         self.visual = nn.Conv2d(visual_in, cfg.visual_dim, 1)
         self.word = nn.Linear(text_in, cfg.word_dim)
-        # The joint feature's projection W [v; e; s] is split as W_vs [v; s] + W_e e: computed once per pixel
-        # and once per word, then broadcast over the L x hw pairs instead of projecting every pair.
+        # The joint feature's projection W [v; e; s] is split as W_vs [v; s] + W_e e: computed once
+        # per pixel and once per word, then broadcast over the L x hw pairs instead of projecting
+        # every pair.
         self.joint_pixel = nn.Linear(cfg.visual_dim + 8, cfg.d_model)
         self.joint_word = nn.Linear(cfg.word_dim, cfg.d_model, bias=False)
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.num_layers)
+            TransformerLayer(cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
+            for _ in range(cfg.num_layers)
         )
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, visual: torch.Tensor, pad: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
-        """pad bool [B,h,w] (True = letterbox padding); word_mask [B,L] (1 = a real token; real tokens first)."""
+    def forward(
+        self, visual: torch.Tensor, pad: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """pad bool [B,h,w] (True = letterbox padding); word_mask [B,L] (1 = a real token; real
+        tokens first)."""
         b, _, h, w = visual.shape
         v = F.normalize(self.visual(visual).flatten(2).transpose(1, 2), dim=-1)  # [B,hw,Cv]
         coords = cell_coords(h, w, v).expand(b, -1, -1)
@@ -86,9 +101,9 @@ class CrossModalSelfAttention(nn.Module):
         lengths = _prefix_lengths(word_mask)
         keep_pixels = ~pad.flatten(1)  # keys: pixels of the image, not of the letterbox padding
         out = pixel.new_empty(b, h * w, pixel.shape[-1])
-        # One attention per expression length, so no (word, pixel) token is padding: a sample costs (L*hw)^2,
-        # and padding to the batch's longest expression would spend ~3x that on RefShapes (7 of 12 word slots
-        # are real on average).
+        # One attention per expression length, so no (word, pixel) token is padding: a sample costs
+        # (L*hw)^2, and padding to the batch's longest expression would spend ~3x that on RefShapes
+        # (7 of 12 word slots are real on average).
         for n in lengths.unique().tolist():
             rows = (lengths == n).nonzero().squeeze(1)
             x = (word[rows, :n, None] + pixel[rows, None]).flatten(1, 2)  # [g, n*hw, d], word-major
@@ -103,17 +118,22 @@ def _prefix_lengths(word_mask: torch.Tensor) -> torch.Tensor:
     """Number of real tokens per row of a right-padded mask [B,L]; raises for any other layout."""
     lengths = word_mask.long().sum(1)
     positions = torch.arange(word_mask.shape[1], device=word_mask.device)
-    if not torch.equal(word_mask.bool(), positions[None] < lengths[:, None]) or (lengths == 0).any():
-        raise ValueError("attention_mask must mark at least one token per expression, real tokens first")
+    if (
+        not torch.equal(word_mask.bool(), positions[None] < lengths[:, None])
+        or (lengths == 0).any()
+    ):
+        raise ValueError(
+            "attention_mask must mark at least one token per expression, real tokens first"
+        )
     return lengths
 
 
 class GatedFusion(nn.Module):
     """Gated multi-level fusion (Sec. 3.3 of the paper), levels X_i [B,d,h,w] at one resolution:
-    memory gate m_i = sigmoid(conv(X_i)), reset gate r_i = sigmoid(conv(X_i)), learned scalar gamma_i;
-    C_i = (1 - m_i) X_i + sum_{j != i} gamma_j m_j X_j;  F_i = r_i tanh(C_i) + (1 - r_i) X_i;  out = sum_i F_i.
-    A level passes on what its memory gate lets out to the others, and its reset gate decides how much of
-    that context replaces its own features."""
+    memory gate m_i = sigmoid(conv(X_i)), reset gate r_i = sigmoid(conv(X_i)), learned scalar
+    gamma_i; C_i = (1 - m_i) X_i + sum_{j != i} gamma_j m_j X_j;  F_i = r_i tanh(C_i) + (1 - r_i)
+    X_i;  out = sum_i F_i. A level passes on what its memory gate lets out to the others, and its
+    reset gate decides how much of that context replaces its own features."""
 
     def __init__(self, d: int, levels: int):
         super().__init__()
@@ -134,16 +154,20 @@ class GatedFusion(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """[B,d,h,w] -> mask logits [B,1,h*2^k,w*2^k]: per entry of `channels`, 2x bilinear upsampling then a
-    3x3 conv + BatchNorm + ReLU; a 1x1 conv to one logit at the end."""
+    """[B,d,h,w] -> mask logits [B,1,h*2^k,w*2^k]: per entry of `channels`, 2x bilinear upsampling
+    then a 3x3 conv + BatchNorm + ReLU; a 1x1 conv to one logit at the end."""
 
     def __init__(self, d: int, channels: tuple[int, ...]):
         super().__init__()
         blocks: list[nn.Module] = []
         c_in = d
         for c in channels:
-            blocks += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
             c_in = c
         self.body = nn.Sequential(*blocks)
         self.logits = nn.Conv2d(c_in, 1, 1)
@@ -157,7 +181,8 @@ class CMSA(GroundingModel):
     def __init__(self, config: CMSAConfig, **backbones):
         super().__init__(config, **backbones)
         self.levels = nn.ModuleList(
-            CrossModalSelfAttention(ch, self.text.hidden_size, config) for ch in self.visual.out_channels
+            CrossModalSelfAttention(ch, self.text.hidden_size, config)
+            for ch in self.visual.out_channels
         )
         self.fusion = GatedFusion(config.d_model, len(self.levels))
         self.decoder = MaskDecoder(config.d_model, config.decoder_channels)
@@ -180,7 +205,9 @@ class CMSA(GroundingModel):
         logits = logits[:, 0]
         mask_logits = logits
         if not self.training and self.config.keep_peak_component:
-            with torch.no_grad():  # the prediction: other positive regions are flipped to negative logits
+            with (
+                torch.no_grad()
+            ):  # the prediction: other positive regions are flipped to negative logits
                 logits = torch.where(peak_component(logits, pixel_pad), logits, -logits.abs())
         with torch.no_grad():
             boxes = mask_to_box(logits, pixel_pad)
@@ -188,5 +215,10 @@ class CMSA(GroundingModel):
 
     def compute_loss(self, outputs: CMSAOutput, batch: dict) -> dict[str, torch.Tensor]:
         w = self.config
-        return mask_loss(outputs.mask_logits, batch["mask"], ~batch["pixel_mask"], w.mask_bce_weight,
-                         w.mask_dice_weight)
+        return mask_loss(
+            outputs.mask_logits,
+            batch["mask"],
+            ~batch["pixel_mask"],
+            w.mask_bce_weight,
+            w.mask_dice_weight,
+        )

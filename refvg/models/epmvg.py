@@ -1,17 +1,21 @@
-"""EpmVG (Wang et al., "Bridging Modality Gap for Visual Grounding with Effective Cross-modal Distillation"):
-a TransVG student whose backbones learn from a CLIP teacher (stage `teacher`, refvg/models/clip_teacher.py).
+"""EpmVG (Wang et al., "Bridging Modality Gap for Visual Grounding with Effective Cross-modal
+Distillation"): a TransVG student whose backbones learn from a CLIP teacher (stage `teacher`,
+refvg/models/clip_teacher.py).
 
 The student's visual and language backbones start in two unrelated feature spaces, and the fusion
-transformer has to bridge that gap from the grounding loss alone. EpmVG closes it with distillation from a
-model whose image and text features already share one space:
-- feature consistency: the student's visual tokens (projected, resampled to the teacher's patch grid) vs
+transformer has to bridge that gap from the grounding loss alone. EpmVG closes it with distillation
+from a model whose image and text features already share one space:
+- feature consistency: the student's visual tokens (projected, resampled to the teacher's patch
+grid) vs
   the teacher's patch features, and the student's sentence feature (projected) vs the teacher's;
-- similarity-structure consistency: the student's in-batch image-text similarity matrix vs the teacher's.
-Weights in the method's `config:` (EpmVGConfig; all 0: the same student without distillation, and without
-the projection heads, which then would have nothing to learn). The teacher's features are computed once by the `teacher` stage
-and read with the batch ("teacher_patch", "teacher_sentence"), never recomputed during training.
-Backbones, fusion transformer, [REG] head and grounding loss are TransVG's (inherited, not copied).
+- similarity-structure consistency: the student's in-batch image-text similarity matrix vs the
+teacher's. Weights in the method's `config:` (EpmVGConfig; all 0: the same student without
+distillation, and without the projection heads, which then would have nothing to learn). The
+teacher's features are computed once by the `teacher` stage and read with the batch
+("teacher_patch", "teacher_sentence"), never recomputed during training. Backbones, fusion
+transformer, [REG] head and grounding loss are TransVG's (inherited, not copied).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,20 +33,24 @@ from refvg.models.registry import register_model
 from refvg.models.transvg import TransVG, TransVGConfig, TransVGOutput
 from refvg.models.vl import downsample_mask
 
-TEACHER_KEYS = ("teacher_patch", "teacher_sentence")  # what refvg.data.teacher_features adds to a batch
+TEACHER_KEYS = (
+    "teacher_patch",
+    "teacher_sentence",
+)  # what refvg.data.teacher_features adds to a batch
 
 
 class EpmVGConfig(TransVGConfig):
-    """EpmVG's cross-modal distillation from the CLIP teacher (section `teacher`), on top of TransVG's
-    grounding loss. Every weight 0: no distillation (the same student, trained without the teacher)."""
+    """EpmVG's cross-modal distillation from the CLIP teacher (section `teacher`), on top of
+    TransVG's grounding loss. Every weight 0: no distillation (the same student, trained without the
+    teacher)."""
 
-    # Feature consistency: 1 - cosine between the student's projected visual tokens (resampled to the
-    # teacher's patch grid) and the teacher's patch features, over real (non-padding) cells ...
+    # Feature consistency: 1 - cosine between the student's projected visual tokens (resampled to
+    # the teacher's patch grid) and the teacher's patch features, over real (non-padding) cells ...
     image_weight: float = Field(0.1, ge=0)
     # ... and between the student's projected sentence feature and the teacher's.
     text_weight: float = Field(0.1, ge=0)
-    # Similarity structure: KL between the teacher's and the student's row-softmaxed in-batch image-text
-    # similarity matrices (both directions).
+    # Similarity structure: KL between the teacher's and the student's row-softmaxed in-batch
+    # image-text similarity matrices (both directions).
     similarity_weight: float = Field(0.1, ge=0)
     temperature: float = Field(0.1, gt=0)  # of those softmaxes (cosine similarities / temperature)
 
@@ -53,7 +61,8 @@ class EpmVGConfig(TransVGConfig):
 
 @dataclass
 class EpmVGOutput(TransVGOutput):
-    # while distilling: the visual tokens [B,h*w,D] in the teacher's space, their grid, the sentence [B,D]
+    # while distilling: the visual tokens [B,h*w,D] in the teacher's space, their grid, the sentence
+    # [B,D]
     distill_visual: Optional[torch.Tensor] = None
     distill_grid: Optional[tuple[int, int]] = None
     distill_sentence: Optional[torch.Tensor] = None
@@ -69,7 +78,9 @@ class EpmVG(TransVG):
     output_type = EpmVGOutput
 
     def __init__(self, config: EpmVGConfig, *, teacher_dim: int, **kwargs):
-        self.teacher_dim = teacher_dim  # the teacher's joint space (teacher.projection_dim); read by build_neck
+        self.teacher_dim = (
+            teacher_dim  # the teacher's joint space (teacher.projection_dim); read by build_neck
+        )
         super().__init__(config, **kwargs)
 
     @classmethod
@@ -78,16 +89,19 @@ class EpmVG(TransVG):
 
     @property
     def auxiliary_loss(self) -> bool:
-        return self.distill_visual is not None  # the trainer clips the distillation's gradient apart
+        return (
+            self.distill_visual is not None
+        )  # the trainer clips the distillation's gradient apart
 
     def build_neck(self) -> int:
         visual_dim = super().build_neck()
         self.distill_visual = self.distill_text = None
         if self.config.distills:
-            # Linear heads from the student's feature spaces to the teacher's joint space: the backbones keep
-            # their own width, and what the fusion transformer reads is their output, not the projection.
-            # Drawn from a forked RNG: the modules built after them (fusion, head) start from the
-            # weights the ablation's start from, so the pair differs in the distillation alone.
+            # Linear heads from the student's feature spaces to the teacher's joint space: the
+            # backbones keep their own width, and what the fusion transformer reads is their output,
+            # not the projection. Drawn from a forked RNG: the modules built after them (fusion,
+            # head) start from the weights the ablation's start from, so the pair differs in the
+            # distillation alone.
             with torch.random.fork_rng(devices=[]):
                 self.distill_visual = nn.Linear(visual_dim, self.teacher_dim)
                 self.distill_text = nn.Linear(self.text.hidden_size, self.teacher_dim)
@@ -97,8 +111,11 @@ class EpmVG(TransVG):
         if self.distill_visual is None:
             return {}
         tokens = self.distill_visual(visual.flatten(2).transpose(1, 2))  # [B, h*w, D]
-        return {"distill_visual": tokens, "distill_grid": tuple(visual.shape[-2:]),
-                "distill_sentence": self.distill_text(masked_mean(text, batch["attention_mask"]))}
+        return {
+            "distill_visual": tokens,
+            "distill_grid": tuple(visual.shape[-2:]),
+            "distill_sentence": self.distill_text(masked_mean(text, batch["attention_mask"])),
+        }
 
     def compute_loss(self, outputs: EpmVGOutput, batch: dict) -> dict[str, torch.Tensor]:
         losses = super().compute_loss(outputs, batch)
@@ -106,17 +123,30 @@ class EpmVG(TransVG):
             return losses
         missing = [k for k in TEACHER_KEYS if k not in batch]
         if missing:
-            raise KeyError(f"epmvg distils (its config's weights > 0) but the batch has no {', '.join(missing)}: "
-                           "train it through refvg.stages.train_method, which reads the `teacher` stage's features")
+            raise KeyError(
+                f"epmvg distils (its config's weights > 0) but the batch has "
+                f"no {', '.join(missing)}: "
+                "train it through refvg.stages.train_method, which reads the "
+                "`teacher` stage's features"
+            )
         teacher = batch["teacher_patch"]  # [B, G, D] on the teacher's g x g patch grid
         grid = patch_grid(teacher.shape[1])
         student = resample_tokens(outputs.distill_visual, outputs.distill_grid, grid)
         valid = ~downsample_mask(batch["pixel_mask"], grid).flatten(1)
         e = self.config
-        parts = distillation_losses(student, outputs.distill_sentence, teacher, batch["teacher_sentence"],
-                                    valid, e.temperature)
-        total = e.image_weight * parts["distill_image"] + e.text_weight * parts["distill_text"] \
+        parts = distillation_losses(
+            student,
+            outputs.distill_sentence,
+            teacher,
+            batch["teacher_sentence"],
+            valid,
+            e.temperature,
+        )
+        total = (
+            e.image_weight * parts["distill_image"]
+            + e.text_weight * parts["distill_text"]
             + e.similarity_weight * parts["distill_similarity"]
+        )
         return {**losses, **parts, "loss": losses["loss"] + total, "auxiliary": total}
 
 
@@ -128,9 +158,11 @@ def patch_grid(cells: int) -> tuple[int, int]:
     return side, side
 
 
-def resample_tokens(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
-    """Tokens [B, h*w, D] on `grid` -> [B, H*W, D] on `target`: averaged when the target is coarser (each teacher
-    patch covers several student cells), bilinear when it is finer."""
+def resample_tokens(
+    tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]
+) -> torch.Tensor:
+    """Tokens [B, h*w, D] on `grid` -> [B, H*W, D] on `target`: averaged when the target is coarser
+    (each teacher patch covers several student cells), bilinear when it is finer."""
     if tuple(grid) == tuple(target):
         return tokens
     b, _, d = tokens.shape

@@ -22,15 +22,17 @@ refvg.data.proposals) against the expression and outputs the best one's box:
 Candidate categories (`category_input`) are off by default: on RefShapes the category is the
 expression's noun, so they would hand the model the answer for many expressions.
 
-CM-Erase (training only, the `erase` section of its config), from the model's own attention on the sample, as
-the official code: a language copy with one word replaced by [MASK], drawn from the module-weighted
-word attention, and a visual copy in which a module is drawn from the module weights and then, for
-every candidate, one of that module's items drawn from its attention is zeroed: a window of subject
-cells, a location item (its own geometry or a neighbour's offset) or a context object. Each copy is
-trained on with the cross-entropy and the paper's hinge term (language copy: against a mismatched
-image; visual copy: against a mismatched expression), so the model learns complementary evidence
-instead of one dominant cue. `rule: argmax` erases the most attended item instead of drawing.
+CM-Erase (training only, the `erase` section of its config), from the model's own attention on the
+sample, as the official code: a language copy with one word replaced by [MASK], drawn from the
+module-weighted word attention, and a visual copy in which a module is drawn from the module weights
+and then, for every candidate, one of that module's items drawn from its attention is zeroed: a
+window of subject cells, a location item (its own geometry or a neighbour's offset) or a context
+object. Each copy is trained on with the cross-entropy and the paper's hinge term (language copy:
+against a mismatched image; visual copy: against a mismatched expression), so the model learns
+complementary evidence instead of one dominant cue. `rule: argmax` erases the most attended item
+instead of drawing.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,45 +86,65 @@ class MAttNetConfig(_Strict):
     category_input: Literal["none", "neighbours", "embedding"] = "none"
     num_categories: int = Field(100, gt=0)  # category_input embedding: ids below this (COCO: 90)
     rank_margin: float = Field(0.1, ge=0)  # hinge margin against mismatched expressions / images
-    rank_weight: float = Field(1.0, ge=0)  # weight of the ranking loss (cross-entropy over candidates: 1)
+    rank_weight: float = Field(
+        1.0, ge=0
+    )  # weight of the ranking loss (cross-entropy over candidates: 1)
     erase: EraseConfig = EraseConfig()
 
 
-# ------------------------------------------------------------------------------------------- geometry
+# -------------------------------------------------------------------------------------------
+# geometry
 
-def roi_align(fmap: torch.Tensor, boxes_xyxy: torch.Tensor, size: int, samples: int = 2) -> torch.Tensor:
-    """RoI align: fmap [B,C,H,W] covering [0,1]^2, boxes [B,K,4] xyxy in that frame -> [B,K,C,size,size].
-    Each bin averages samples x samples bilinear samples at the centres of its sub-bins (as torchvision's
-    RoIAlign with aligned=True); a map value sits at its pixel centre ((j + 0.5) / W)."""
+
+def roi_align(
+    fmap: torch.Tensor, boxes_xyxy: torch.Tensor, size: int, samples: int = 2
+) -> torch.Tensor:
+    """RoI align: fmap [B,C,H,W] covering [0,1]^2, boxes [B,K,4] xyxy in that frame ->
+    [B,K,C,size,size]. Each bin averages samples x samples bilinear samples at the centres of its
+    sub-bins (as torchvision's RoIAlign with aligned=True); a map value sits at its pixel centre ((j
+    + 0.5) / W)."""
     b, c, _, _ = fmap.shape
     k = boxes_xyxy.shape[1]
     n = size * samples
-    t = (torch.arange(n, device=fmap.device, dtype=fmap.dtype) + 0.5) / n  # sub-bin centres in the box
+    t = (
+        torch.arange(n, device=fmap.device, dtype=fmap.dtype) + 0.5
+    ) / n  # sub-bin centres in the box
     x0, y0, x1, y1 = boxes_xyxy.to(fmap.dtype).unbind(-1)  # [B,K]
     xs = x0[..., None] + t * (x1 - x0)[..., None]  # [B,K,n]
     ys = y0[..., None] + t * (y1 - y0)[..., None]
-    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), -1)  # [B,K,n(y),n(x),2]
+    grid = torch.stack(
+        torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), -1
+    )  # [B,K,n(y),n(x),2]
     grid = grid.reshape(b, k * n, n, 2) * 2 - 1  # grid_sample: -1/+1 are the map's outer edges
-    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [B,C,K*n,n]
+    out = F.grid_sample(
+        fmap, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )  # [B,C,K*n,n]
     out = out.view(b, c, k, size, samples, size, samples).mean((4, 6))
     return out.permute(0, 2, 1, 3, 4)
 
 
 def pair_offsets(boxes_xyxy: torch.Tensor) -> torch.Tensor:
-    """[B,K,K,5]: candidate j relative to candidate i, MAttNet's offset
-    [(x0_j - cx_i) / w_i, (y0_j - cy_i) / h_i, (x1_j - cx_i) / w_i, (y1_j - cy_i) / h_i, area_j / area_i]."""
+    """[B,K,K,5]: candidate j relative to candidate i, MAttNet's offset [(x0_j - cx_i) / w_i, (y0_j
+    - cy_i) / h_i, (x1_j - cx_i) / w_i, (y1_j - cy_i) / h_i, area_j / area_i]."""
     x0, y0, x1, y1 = boxes_xyxy.unbind(-1)
     w, h = (x1 - x0).clamp_min(1e-3), (y1 - y0).clamp_min(1e-3)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    rel = [(x0[:, None, :] - cx[..., None]) / w[..., None], (y0[:, None, :] - cy[..., None]) / h[..., None],
-           (x1[:, None, :] - cx[..., None]) / w[..., None], (y1[:, None, :] - cy[..., None]) / h[..., None],
-           (w * h)[:, None, :] / (w * h)[..., None]]
+    rel = [
+        (x0[:, None, :] - cx[..., None]) / w[..., None],
+        (y0[:, None, :] - cy[..., None]) / h[..., None],
+        (x1[:, None, :] - cx[..., None]) / w[..., None],
+        (y1[:, None, :] - cy[..., None]) / h[..., None],
+        (w * h)[:, None, :] / (w * h)[..., None],
+    ]
     return torch.stack(rel, -1)
 
 
-def nearest_others(boxes_xyxy: torch.Tensor, allowed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each candidate, the indices [B,K,n] of its n nearest (centre distance) others where `allowed`
-    [B,K,K] is True, and which of those slots are real [B,K,n] (False: fewer than n allowed)."""
+def nearest_others(
+    boxes_xyxy: torch.Tensor, allowed: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each candidate, the indices [B,K,n] of its n nearest (centre distance) others where
+    `allowed` [B,K,K] is True, and which of those slots are real [B,K,n] (False: fewer than n
+    allowed)."""
     k = boxes_xyxy.shape[1]
     centre = (boxes_xyxy[..., :2] + boxes_xyxy[..., 2:]) / 2
     dist = torch.cdist(centre.float(), centre.float())
@@ -150,7 +172,10 @@ def _gather_objects(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- losses
 
-def candidate_cross_entropy(logits: torch.Tensor, valid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+
+def candidate_cross_entropy(
+    logits: torch.Tensor, valid: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy of the target over the valid candidates; samples whose target is not among the
     candidates (target -1) add nothing (0 when none has one)."""
     has = target >= 0
@@ -159,9 +184,13 @@ def candidate_cross_entropy(logits: torch.Tensor, valid: torch.Tensor, target: t
     return F.cross_entropy(logits[has].masked_fill(~valid[has], FAR), target[has])
 
 
-def ranking_loss(pos: torch.Tensor, neg_expression: Optional[torch.Tensor],
-                 neg_image: Optional[torch.Tensor], keep: torch.Tensor,
-                 margin: float) -> torch.Tensor:
+def ranking_loss(
+    pos: torch.Tensor,
+    neg_expression: Optional[torch.Tensor],
+    neg_image: Optional[torch.Tensor],
+    keep: torch.Tensor,
+    margin: float,
+) -> torch.Tensor:
     """MAttNet's hinge ranking loss, averaged over the samples `keep` marks:
     max(0, margin - S(o_i, r_i) + S(o_i, r_j)) + max(0, margin - S(o_i, r_i) + S(o_k, r_i)),
     with r_j a mismatched expression and o_k an object of a mismatched image (a None negative: no
@@ -175,7 +204,9 @@ def ranking_loss(pos: torch.Tensor, neg_expression: Optional[torch.Tensor],
     return loss.mean()
 
 
-# ------------------------------------------------------------------------------------------- erasing
+# -------------------------------------------------------------------------------------------
+# erasing
+
 
 def choose(weights: torch.Tensor, rule: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
     """One index per row of `weights` [..., N] (>= 0): a multinomial draw in proportion to the row
@@ -197,8 +228,13 @@ def choose(weights: torch.Tensor, rule: str = "sample") -> tuple[torch.Tensor, t
     return torch.where(has, idx, torch.zeros_like(idx)).view(shape), has.view(shape)
 
 
-def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: torch.Tensor,
-                token_id: int, rule: str = "sample") -> torch.Tensor:
+def erase_words(
+    input_ids: torch.Tensor,
+    word_attention: torch.Tensor,
+    rows: torch.Tensor,
+    token_id: int,
+    rule: str = "sample",
+) -> torch.Tensor:
     """A copy of input_ids [B,L] in which, for each sample of `rows` (bool [B]), one word chosen
     from word_attention [B,L] (zero outside the words, so only a word can be chosen) is
     `token_id`."""
@@ -209,8 +245,13 @@ def erase_words(input_ids: torch.Tensor, word_attention: torch.Tensor, rows: tor
     return out
 
 
-def erase_cells(rois: torch.Tensor, cell_attention: torch.Tensor, rows: torch.Tensor,
-                window: int = 1, rule: str = "sample") -> torch.Tensor:
+def erase_cells(
+    rois: torch.Tensor,
+    cell_attention: torch.Tensor,
+    rows: torch.Tensor,
+    window: int = 1,
+    rule: str = "sample",
+) -> torch.Tensor:
     """A copy of the RoI features [B,K,C,P*P] in which, for each sample of `rows`, every candidate
     loses a window x window block of cells, chosen from the block averages of its cell_attention
     [B,K,P*P] (as the official code's avg_pool2d with stride 1 over the 7x7 attention, then a
@@ -229,8 +270,9 @@ def erase_cells(rois: torch.Tensor, cell_attention: torch.Tensor, rows: torch.Te
     return rois.masked_fill(drop[:, :, None, :], 0.0)
 
 
-def erase_items(items: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor,
-                rule: str = "sample") -> torch.Tensor:
+def erase_items(
+    items: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor, rule: str = "sample"
+) -> torch.Tensor:
     """A copy of per-candidate items [B,K,M,D] (location items, context objects) in which, for each
     sample of `rows`, every candidate loses one item chosen from its attention [B,K,M] (zero on
     non-items: never chosen; a candidate with no item keeps everything)."""
@@ -239,7 +281,9 @@ def erase_items(items: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor
     return items.masked_fill(drop[..., None], 0.0)
 
 
-# ------------------------------------------------------------------------------------------- modules
+# -------------------------------------------------------------------------------------------
+# modules
+
 
 def _mlp(d_in: int, d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(inplace=True), nn.Linear(d, d))
@@ -262,8 +306,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class LanguageAttention(nn.Module):
-    """Word features [B,L,H] -> phrase embeddings [B,3,d] (subject, location, relation), the word attention of
-    each [B,3,L] and the module weights [B,3] (softmax)."""
+    """Word features [B,L,H] -> phrase embeddings [B,3,d] (subject, location, relation), the word
+    attention of each [B,3,L] and the module weights [B,3] (softmax)."""
 
     def __init__(self, hidden: int, d: int):
         super().__init__()
@@ -272,25 +316,33 @@ class LanguageAttention(nn.Module):
         self.weights = nn.Linear(hidden, len(MODULES))
 
     def forward(self, words: torch.Tensor, word_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.attend(words).transpose(1, 2).masked_fill(~word_mask[:, None], -math.inf)  # [B,3,L]
+        logits = (
+            self.attend(words).transpose(1, 2).masked_fill(~word_mask[:, None], -math.inf)
+        )  # [B,3,L]
         attention = logits.softmax(-1)
         phrases = attention @ self.embed(words)  # [B,3,d]
-        weights = self.weights(words[:, 0]).softmax(-1)  # from the [CLS] output: the whole expression
+        weights = self.weights(words[:, 0]).softmax(
+            -1
+        )  # from the [CLS] output: the whole expression
         return {"phrases": phrases, "word_attention": attention, "weights": weights}
 
 
 def trim_candidates(batch: dict) -> dict:
-    """The batch with its candidate slots cut to the most any of its images has (valid candidates come first):
-    RefShapes images hold 3-4 objects, and every module's cost grows with the slots (relation: squared)."""
+    """The batch with its candidate slots cut to the most any of its images has (valid candidates
+    come first): RefShapes images hold 3-4 objects, and every module's cost grows with the slots
+    (relation: squared)."""
     k = max(int(batch["cand_valid"].sum(1).max()), 1)
     if k == batch["cand_valid"].shape[1]:
         return batch
-    return {**batch, **{key: batch[key][:, :k] for key in ("cand_boxes", "cand_valid", "cand_category")}}
+    return {
+        **batch,
+        **{key: batch[key][:, :k] for key in ("cand_boxes", "cand_valid", "cand_category")},
+    }
 
 
 def real_words(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """bool [B,L]: the expression's words, not [CLS], [SEP] or padding (an empty expression: its [CLS], so
-    attention is always over something)."""
+    """bool [B,L]: the expression's words, not [CLS], [SEP] or padding (an empty expression: its
+    [CLS], so attention is always over something)."""
     mask = attention_mask.bool().clone()
     mask[:, 0] = False
     last = attention_mask.long().sum(1) - 1
@@ -307,13 +359,18 @@ class ErasedCopy:
     logits: torch.Tensor  # [R,K] candidate logits
     scores: torch.Tensor  # [R,K] cosine scores
     rank_keep: torch.Tensor  # [R] rows with a mismatched pair for the hinge term
-    neg_expression: Optional[torch.Tensor] = None  # visual copy: the erased object with another expression
-    neg_image: Optional[torch.Tensor] = None  # language copy: the erased expression with another image's object
+    neg_expression: Optional[torch.Tensor] = (
+        None  # visual copy: the erased object with another expression
+    )
+    neg_image: Optional[torch.Tensor] = (
+        None  # language copy: the erased expression with another image's object
+    )
 
 
 @dataclass
 class MAttNetOutput(GroundingOutput):
-    """pred_boxes: the best candidate's box; the candidates' scores, and the attention that decided them."""
+    """pred_boxes: the best candidate's box; the candidates' scores, and the attention that decided
+    them."""
 
     scores: torch.Tensor = None  # [B,K] sum over modules of weight x cosine
     logits: torch.Tensor = None  # [B,K] scaled scores, FAR on padding slots
@@ -339,7 +396,8 @@ class MAttNet(GroundingModel):
     can_explain = True
 
     def __init__(self, config: MAttNetConfig, *, tokenizer_dir: Optional[Path] = None, **backbones):
-        """`tokenizer_dir`: the prepared tokenizer, whose [MASK] the language erasing writes (training only)."""
+        """`tokenizer_dir`: the prepared tokenizer, whose [MASK] the language erasing writes
+        (training only)."""
         super().__init__(config, **backbones)
         c = config
         self.tokenizer_dir = tokenizer_dir
@@ -367,7 +425,9 @@ class MAttNet(GroundingModel):
         self.context_attend = _attend(d)
         self.context_out = _mlp(d, d)
         self.phrase_out = nn.ModuleList(nn.Linear(d, d) for _ in MODULES)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # cosine scores -> candidate logits
+        self.logit_scale = nn.Parameter(
+            torch.tensor(math.log(10.0))
+        )  # cosine scores -> candidate logits
         self.erase_token_id: Optional[int] = None  # [MASK], looked up in the tokenizer on first use
 
     @classmethod
@@ -405,12 +465,25 @@ class MAttNet(GroundingModel):
         if self.category is not None:
             appearance.append(self.category(vis["category"]))
         appearance = torch.cat(appearance, -1)  # [B,K,C+3(+d)]
-        contexts = torch.cat([_gather_objects(appearance, idx), _gather_pairs(offsets, idx)], -1) * ctx_valid[..., None]
-        return {**vis, "rois": rois, "colour": colour, "location": location,
-                "location_valid": location_valid,
-                "contexts": contexts, "context_valid": ctx_valid, "context_index": idx, "valid": valid}
+        contexts = (
+            torch.cat([_gather_objects(appearance, idx), _gather_pairs(offsets, idx)], -1)
+            * ctx_valid[..., None]
+        )
+        return {
+            **vis,
+            "rois": rois,
+            "colour": colour,
+            "location": location,
+            "location_valid": location_valid,
+            "contexts": contexts,
+            "context_valid": ctx_valid,
+            "context_index": idx,
+            "valid": valid,
+        }
 
-    def encode_language(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_language(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         words = self.text(input_ids, attention_mask)
         return self.language(words, real_words(input_ids, attention_mask))
 
@@ -433,26 +506,36 @@ class MAttNet(GroundingModel):
         own, offsets = self.location_own(loc[:, :, :1]), self.location_offset(loc[:, :, 1:])
         items = torch.cat([own, offsets], 2)  # [B,K,S,d]
         guide = phrases[:, 1][:, None, None].expand_as(items)
-        loc_logits = torch.cat([
-            self.location_attend_own(torch.cat([own, guide[:, :, :1]], -1)),
-            self.location_attend_offset(torch.cat([offsets, guide[:, :, 1:]], -1))], 2)
+        loc_logits = torch.cat(
+            [
+                self.location_attend_own(torch.cat([own, guide[:, :, :1]], -1)),
+                self.location_attend_offset(torch.cat([offsets, guide[:, :, 1:]], -1)),
+            ],
+            2,
+        )
         location_attention = _attention(loc_logits.squeeze(-1), vis["location_valid"])  # [B,K,S]
         location = (location_attention[..., None] * items).sum(2)
         s_location = _cosine(self.location_out(location), q[1][:, None])
         # relation
         ctx = self.context_in(vis["contexts"])  # [B,K,M,d]
         guide = phrases[:, 2][:, None, None].expand_as(ctx)
-        context_attention = _attention(self.context_attend(torch.cat([ctx, guide], -1)).squeeze(-1),
-                                       vis["context_valid"])  # [B,K,M]
+        context_attention = _attention(
+            self.context_attend(torch.cat([ctx, guide], -1)).squeeze(-1), vis["context_valid"]
+        )  # [B,K,M]
         relation = (context_attention[..., None] * ctx).sum(2)
         has_context = vis["context_valid"].any(-1)
         s_relation = _cosine(self.context_out(relation), q[2][:, None]) * has_context  # none: 0
         modules = torch.stack([s_subject, s_location, s_relation], -1)  # [B,K,3]
         scores = (modules * lang["weights"][:, None]).sum(-1)
         logits = (scores * self.logit_scale.exp()).masked_fill(~vis["valid"], FAR)
-        return {"scores": scores, "logits": logits, "cell_attention": cell_attention,
-                "location_attention": location_attention, "context_attention": context_attention,
-                "module_scores": modules}
+        return {
+            "scores": scores,
+            "logits": logits,
+            "cell_attention": cell_attention,
+            "location_attention": location_attention,
+            "context_attention": context_attention,
+            "module_scores": modules,
+        }
 
     def forward(self, batch: dict) -> MAttNetOutput:
         batch = trim_candidates(batch)
@@ -462,10 +545,14 @@ class MAttNet(GroundingModel):
         best = scored["logits"].argmax(1)
         rows = torch.arange(len(best), device=best.device)
         out = MAttNetOutput(
-            pred_boxes=batch["cand_boxes"][rows, best].float(), **scored,
+            pred_boxes=batch["cand_boxes"][rows, best].float(),
+            **scored,
             # which words and regions decided it (the attention figure; the erasing reads them too)
             word_attention=(lang["word_attention"] * lang["weights"][..., None]).sum(1),
-            module_weights=lang["weights"], best=best, valid=vis["valid"])
+            module_weights=lang["weights"],
+            best=best,
+            valid=vis["valid"],
+        )
         if self.training:
             target = batch["cand_target"]
             out.neg_expression, out.neg_image, out.rank_keep = self._mismatched(vis, lang, target)
@@ -475,9 +562,10 @@ class MAttNet(GroundingModel):
 
     @torch.no_grad()
     def explain(self, batch: dict) -> dict[str, torch.Tensor]:
-        """What decided each prediction (the attention figure): the module-weighted word attention [B,L], the
-        module weights [B,3], the chosen candidate [B], its most attended subject cell as a box [B,4] (xyxy in
-        the square) and its most attended context object's candidate index [B] (-1: none)."""
+        """What decided each prediction (the attention figure): the module-weighted word attention
+        [B,L], the module weights [B,3], the chosen candidate [B], its most attended subject cell as
+        a box [B,4] (xyxy in the square) and its most attended context object's candidate index [B]
+        (-1: none)."""
         batch = trim_candidates(batch)
         was = self.training
         self.eval()
@@ -498,23 +586,30 @@ class MAttNet(GroundingModel):
         ctx = out["context_attention"][rows, best]  # [B,M], all zero without a context object
         context = vis["context_index"][rows, best, ctx.argmax(-1)]
         context = torch.where(ctx.amax(-1) > 0, context, torch.full_like(context, -1))
-        return {"word_attention": (lang["word_attention"] * lang["weights"][..., None]).sum(1),
-                "module_weights": lang["weights"], "best": best, "cell_box": cell_box, "context": context}
+        return {
+            "word_attention": (lang["word_attention"] * lang["weights"][..., None]).sum(1),
+            "module_weights": lang["weights"],
+            "best": best,
+            "cell_box": cell_box,
+            "context": context,
+        }
 
     def _mismatched(self, vis: dict, lang: dict, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(scores of each sample's target with the next sample's expression, of the next sample's target
-        with this sample's expression (the batch rolled by one), which samples have both)."""
+        """(scores of each sample's target with the next sample's expression, of the next sample's
+        target with this sample's expression (the batch rolled by one), which samples have both)."""
         rolled_lang = {k: v.roll(-1, 0) for k, v in lang.items()}
         rolled_vis = {k: v.roll(-1, 0) for k, v in vis.items()}
         rows = torch.arange(len(target), device=target.device)
         t, t_next = target.clamp_min(0), target.roll(-1, 0)
-        return (self.score(vis, rolled_lang)["scores"][rows, t],
-                self.score(rolled_vis, lang)["scores"][rows, t_next.clamp_min(0)],
-                (target >= 0) & (t_next >= 0) & (len(target) > 1))
+        return (
+            self.score(vis, rolled_lang)["scores"][rows, t],
+            self.score(rolled_vis, lang)["scores"][rows, t_next.clamp_min(0)],
+            (target >= 0) & (t_next >= 0) & (len(target) > 1),
+        )
 
     def _erase(self, batch: dict, vis: dict, lang: dict, out: MAttNetOutput) -> None:
-        """Adds to `out` the CM-Erase copies (language, visual) of a `rate` fraction of the batch, scored,
-        each with the mismatched pair of its hinge term."""
+        """Adds to `out` the CM-Erase copies (language, visual) of a `rate` fraction of the batch,
+        scored, each with the mismatched pair of its hinge term."""
         e = self.config.erase
         b = len(batch["input_ids"])
         device = batch["input_ids"].device
@@ -531,79 +626,122 @@ class MAttNet(GroundingModel):
             ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
             # shorter expressions enter unchanged (paper)
             long_enough = real_words(ids, mask).sum(1) >= e.min_words
-            ids = erase_words(ids, out.word_attention[rows], long_enough, self._erase_token(),
-                              e.rule)
+            ids = erase_words(
+                ids, out.word_attention[rows], long_enough, self._erase_token(), e.rule
+            )
             lang_e = self.encode_language(ids, mask)
             scored = self.score(sub_vis, lang_e)
             rolled = {k: v.roll(-1, 0) for k, v in sub_vis.items()}
             # the paper's term for it: the erased expression with an object it does not describe
             neg_image = self.score(rolled, lang_e)["scores"][n, t_next.clamp_min(0)]
             out.erased_language = ErasedCopy(
-                logits=scored["logits"], scores=scored["scores"], neg_image=neg_image,
-                rank_keep=(target >= 0) & (t_next >= 0) & (len(rows) > 1))
+                logits=scored["logits"],
+                scores=scored["scores"],
+                neg_image=neg_image,
+                rank_keep=(target >= 0) & (t_next >= 0) & (len(rows) > 1),
+            )
         if e.type in ("visual", "both"):
-            attention = {k: getattr(out, k)[rows]
-                         for k in ("cell_attention", "location_attention", "context_attention")}
+            attention = {
+                k: getattr(out, k)[rows]
+                for k in ("cell_attention", "location_attention", "context_attention")
+            }
             vis_e = self.erase_visual(sub_vis, lang["weights"][rows], attention)
             scored = self.score(vis_e, sub_lang)
             rolled = {k: v.roll(-1, 0) for k, v in sub_lang.items()}
             # the paper's term for it: the erased object with an expression not describing it
             neg_expression = self.score(vis_e, rolled)["scores"][n, t]
             out.erased_visual = ErasedCopy(
-                logits=scored["logits"], scores=scored["scores"], neg_expression=neg_expression,
-                rank_keep=(target >= 0) & (len(rows) > 1))
+                logits=scored["logits"],
+                scores=scored["scores"],
+                neg_expression=neg_expression,
+                rank_keep=(target >= 0) & (len(rows) > 1),
+            )
 
-    def erase_visual(self, vis: dict, weights: torch.Tensor,
-                     attention: dict) -> dict[str, torch.Tensor]:
+    def erase_visual(
+        self, vis: dict, weights: torch.Tensor, attention: dict
+    ) -> dict[str, torch.Tensor]:
         """The visual inputs with, per sample, a module chosen from its weights [B,3] and, for every
         candidate, one of that module's items chosen from its attention zeroed: a window of subject
         cells, a location item (own geometry or a neighbour's offset) or a context object
         (CM-Erase's erase_allvisual)."""
         e = self.config.erase
         module, _ = choose(weights, e.rule)
-        rois = erase_cells(vis["rois"], attention["cell_attention"], module == 0, e.cell_window,
-                           e.rule)
-        location = erase_items(vis["location"], attention["location_attention"], module == 1,
-                               e.rule)
+        rois = erase_cells(
+            vis["rois"], attention["cell_attention"], module == 0, e.cell_window, e.rule
+        )
+        location = erase_items(
+            vis["location"], attention["location_attention"], module == 1, e.rule
+        )
         contexts = erase_items(vis["contexts"], attention["context_attention"], module == 2, e.rule)
         return {**vis, "rois": rois, "location": location, "contexts": contexts}
 
     def _erase_token(self) -> int:
-        """[MASK] of the prepared dataset's tokenizer ([UNK] when it has none); training needs the prepared data."""
+        """[MASK] of the prepared dataset's tokenizer ([UNK] when it has none); training needs the
+        prepared data."""
         if self.erase_token_id is None:
             from refvg.data.text import load_tokenizer
 
             if self.tokenizer_dir is None:
-                raise ValueError("mattnet erases words with the prepared tokenizer's [MASK]: build it with "
-                                 "tokenizer_dir (from_config passes the prepared one) or set erase_token_id")
+                raise ValueError(
+                    "mattnet erases words with the prepared tokenizer's [MASK]: build it with "
+                    "tokenizer_dir (from_config passes the prepared one) or set erase_token_id"
+                )
             tok = load_tokenizer(self.tokenizer_dir)
-            self.erase_token_id = tok.mask_token_id if tok.mask_token_id is not None else tok.unk_token_id
+            self.erase_token_id = (
+                tok.mask_token_id if tok.mask_token_id is not None else tok.unk_token_id
+            )
         return int(self.erase_token_id)
 
     # --- loss
     @property
     def auxiliary_loss(self) -> bool:
-        """Whether compute_loss has an "auxiliary" term (the erased copies; the trainer clips it apart)."""
+        """Whether compute_loss has an "auxiliary" term (the erased copies; the trainer clips it
+        apart)."""
         return self.config.erase.type != "none" and self.config.erase.rate > 0
 
-    def _sample_losses(self, logits, scores, valid, target, neg_expression, neg_image, keep) -> tuple:
+    def _sample_losses(
+        self, logits, scores, valid, target, neg_expression, neg_image, keep
+    ) -> tuple:
         ce = candidate_cross_entropy(logits, valid, target)
         pos = scores.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
         return ce, ranking_loss(pos, neg_expression, neg_image, keep, self.config.rank_margin)
 
     def compute_loss(self, outputs: MAttNetOutput, batch: dict) -> dict[str, torch.Tensor]:
         target = batch["cand_target"]
-        ce, rank = self._sample_losses(outputs.logits, outputs.scores, outputs.valid, target,
-                                       outputs.neg_expression, outputs.neg_image, outputs.rank_keep)
+        ce, rank = self._sample_losses(
+            outputs.logits,
+            outputs.scores,
+            outputs.valid,
+            target,
+            outputs.neg_expression,
+            outputs.neg_image,
+            outputs.rank_keep,
+        )
         loss = ce + self.config.rank_weight * rank
         erased_ce = erased_rank = loss.new_zeros(())
-        for copy in (outputs.erased_language, outputs.erased_visual):  # each weighs as much as the sample
+        for copy in (
+            outputs.erased_language,
+            outputs.erased_visual,
+        ):  # each weighs as much as the sample
             if copy is None:
                 continue
             rows = outputs.erased_rows
-            c, r = self._sample_losses(copy.logits, copy.scores, outputs.valid[rows], target[rows],
-                                       copy.neg_expression, copy.neg_image, copy.rank_keep)
+            c, r = self._sample_losses(
+                copy.logits,
+                copy.scores,
+                outputs.valid[rows],
+                target[rows],
+                copy.neg_expression,
+                copy.neg_image,
+                copy.rank_keep,
+            )
             erased_ce, erased_rank = erased_ce + c, erased_rank + r
         loss = loss + erased_ce + self.config.rank_weight * erased_rank
-        return {"loss": loss, "ce": ce, "rank": rank, "erased_ce": erased_ce, "erased_rank": erased_rank,
-                "auxiliary": erased_ce + self.config.rank_weight * erased_rank}  # the trainer clips it apart
+        return {
+            "loss": loss,
+            "ce": ce,
+            "rank": rank,
+            "erased_ce": erased_ce,
+            "erased_rank": erased_rank,
+            "auxiliary": erased_ce + self.config.rank_weight * erased_rank,
+        }  # the trainer clips it apart

@@ -16,6 +16,7 @@ the expression.
 Unlike TransVG, no visual transformer runs on the backbone's maps (QRNet has none). The fusion
 transformer, [REG] token, MLP head and L1 + GIoU loss are TransVG's (inherited, not copied).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from refvg.models.layers import masked_mean
 from refvg.models.registry import register_model
 from refvg.models.transvg import TransVG, TransVGConfig
 from refvg.models.vl import downsample_mask
@@ -33,22 +33,25 @@ from refvg.models.vl import downsample_mask
 
 class QRNetConfig(TransVGConfig):
     """QRNet's query-modulated backbone and fusion (and TransVG's loss). Its fusion (top-down FPN +
-    QD-ATT-gated bottom-up path) reads every `model.visual.out_stages` map; the last level and one more
-    (stride x2) enter the fusion transformer as tokens of two scales."""
+    QD-ATT-gated bottom-up path) reads every `model.visual.out_stages` map; the last level and one
+    more (stride x2) enter the fusion transformer as tokens of two scales."""
 
     # Query-aware dynamic attention (channel gate then spatial gate, weights generated from the
     # sentence) after every backbone stage and on every bottom-up merge of the fusion; false: the
     # ablation, no QD-ATT anywhere (the visual path never sees the expression), as the paper's
     # use_channel/use_spatial off.
     qd_att: bool = True
-    qd_att_rank: int = Field(16, gt=0)  # k of the dynamic linear layers' generated weights (the paper's 30)
+    qd_att_rank: int = Field(
+        16, gt=0
+    )  # k of the dynamic linear layers' generated weights (the paper's 30)
     qd_att_reduction: int = Field(16, gt=0)  # channel gate MLP: C -> C // this (at least 1) -> C
 
 
 class _MaskedAmax(torch.autograd.Function):
-    """x [B,N,C], valid bool [B,N] -> the max over the valid positions [B,C]; the gradient is amax's (split
-    evenly among tied maxima, none to padding), computed from a comparison instead of the bool-to-float
-    casts and the masked copy that masked_fill + amax's backward make of the whole map."""
+    """x [B,N,C], valid bool [B,N] -> the max over the valid positions [B,C]; the gradient is amax's
+    (split evenly among tied maxima, none to padding), computed from a comparison instead of the
+    bool-to-float casts and the masked copy that masked_fill + amax's backward make of the whole
+    map."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -100,13 +103,14 @@ class QueryDynamicAttention(nn.Module):
         self.channel_out = DynamicLinear(hidden, channels, query_dim, rank)
         self.spatial = DynamicLinear(channels, 1, query_dim, rank)
 
-    def gates(self, fmap: torch.Tensor, query: torch.Tensor,
-              valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gates(
+        self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(channel [B,C], spatial [B,h*w]) gates in (0, 1); `valid` bool [B,h*w] (False on
         padding)."""
-        # Pixels x channels as a view of the map in either memory format (contiguous or channels-last:
-        # the Swin backbone's maps are views of its tokens); the batched matmuls read it strided, so no
-        # layout copy is made forward or backward.
+        # Pixels x channels as a view of the map in either memory format (contiguous or
+        # channels-last: the Swin backbone's maps are views of its tokens); the batched matmuls read
+        # it strided, so no layout copy is made forward or backward.
         x = fmap.flatten(2).transpose(1, 2)  # [B,N,C]
         keep = valid.to(x.dtype)
         avg = torch.bmm(keep.unsqueeze(1), x).squeeze(1) / keep.sum(1, keepdim=True).clamp_min(1)
@@ -114,8 +118,8 @@ class QueryDynamicAttention(nn.Module):
         # Both poolings through the shared MLP in one pass: its weights are generated once.
         hidden = F.relu(self.channel_in(torch.stack([avg, peak], 1), query))
         channel = torch.sigmoid(self.channel_out(hidden, query).sum(1))
-        # The spatial layer on the channel-gated map, (x * channel) @ W = x @ (channel * W): the gate
-        # folds into the generated weight instead of a gated copy of the map.
+        # The spatial layer on the channel-gated map, (x * channel) @ W = x @ (channel * W): the
+        # gate folds into the generated weight instead of a gated copy of the map.
         weight, bias = self.spatial.weight_and_bias(query)
         weight = (channel.unsqueeze(-1) * weight).to(x.dtype)
         spatial = torch.sigmoid(torch.bmm(x, weight).squeeze(-1) + bias.to(x.dtype))
@@ -137,8 +141,8 @@ def avg_down(fmap: torch.Tensor) -> torch.Tensor:
     pixels = fmap.permute(0, 2, 3, 1)  # [B,H,W,C]
     if not pixels.is_contiguous():
         return F.avg_pool2d(fmap, 2)
-    # A channels-last map (QRNet's, from the Swin tokens): sums of row pairs, then of pixel pairs, each
-    # over contiguous memory; avg_pool2d's channels-last backward makes two copies of the map.
+    # A channels-last map (QRNet's, from the Swin tokens): sums of row pairs, then of pixel pairs,
+    # each over contiguous memory; avg_pool2d's channels-last backward makes two copies of the map.
     b, hp, wp, c = pixels.shape
     rows = pixels.reshape(b, hp // 2, 2, wp * c).sum(2)
     quads = rows.view(b, hp // 2, wp // 2, 2, c).sum(3)
@@ -159,8 +163,9 @@ class QueryFPN(nn.Module):
         self.lateral = nn.ModuleList(nn.Conv2d(c, out_dim, 1) for c in channels)
         self.qd_att = qd_att  # one per bottom-up merge
 
-    def forward(self, maps: list[torch.Tensor], query: torch.Tensor,
-                pixel_mask: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, maps: list[torch.Tensor], query: torch.Tensor, pixel_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
         levels = [proj(m) for proj, m in zip(self.lateral, maps)]
         for i in range(len(levels) - 1, 0, -1):
             up = F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="nearest")
@@ -186,14 +191,17 @@ class QRNet(TransVG):
             if not q.qd_att:
                 return None
             rank, reduction = q.qd_att_rank, q.qd_att_reduction
-            return nn.ModuleList(QueryDynamicAttention(c, text_dim, rank, reduction) for c in channels)
+            return nn.ModuleList(
+                QueryDynamicAttention(c, text_dim, rank, reduction) for c in channels
+            )
 
         # Not under `visual.`: QD-ATT is new even on a pretrained backbone, so it trains at the
         # head's lr.
         self.qd_att = qd_atts(self.visual.stage_channels)
         if stages != list(range(stages[0], stages[-1] + 1)):
             raise ValueError(
-                f"qrnet's fusion merges consecutive stages; model.visual.out_stages {stages}")
+                f"qrnet's fusion merges consecutive stages; model.visual.out_stages {stages}"
+            )
         self.multiscale = QueryFPN(self.visual.out_channels, d, qd_atts([d] * (len(stages) - 1)))
         return d
 
@@ -213,8 +221,9 @@ class QRNet(TransVG):
         pixel_mask = batch["pixel_mask"]
         modulate = None
         if self.qd_att is not None:
+
             def modulate(stage: int, fmap: torch.Tensor) -> torch.Tensor:
                 valid = ~downsample_mask(pixel_mask, fmap.shape[-2:]).flatten(1)
                 return self.qd_att[stage](fmap, query, valid)
-        return self.multiscale(self.visual(batch["image"], modulate=modulate), query, pixel_mask)
 
+        return self.multiscale(self.visual(batch["image"], modulate=modulate), query, pixel_mask)

@@ -1,37 +1,47 @@
-"""Model registry: a model name in params.yaml -> its GroundingModel class, its family's config class (what
-a method entry's `config:` is validated by), and what it needs from the prepared data beyond the image, the
-expression and the box (e.g. target masks)."""
+"""Model registry: a model name in params.yaml -> its GroundingModel class, its family's config
+class (what a method entry's `config:` is validated by), and what it needs from the prepared data
+beyond the image, the expression and the box (e.g. target masks)."""
+
 from __future__ import annotations
 
 from typing import Callable, Union
 
-# What a model needs from the data: fixed, or decided by its family config (config -> needs), e.g. EpmVG
-# needs the teacher's features only while a distillation weight is non-zero.
+# What a model needs from the data: fixed, or decided by its family config (config -> needs), e.g.
+# EpmVG needs the teacher's features only while a distillation weight is non-zero.
 Needs = Union[tuple[str, ...], Callable[..., tuple[str, ...]]]
 _MODELS: dict[str, type] = {}
 _NEEDS: dict[str, Needs] = {}
-_WEAK: set[str] = set()  # weakly supervised: trained on image-sentence pairs, no target box, mask or id
-# What a model can ask the data for: "masks" and "candidates" are options of refvg.data.dataset.PreparedSplit,
-# "teacher" the cached features of the `teacher` stage (refvg.data.teacher_features).
+_WEAK: set[str] = (
+    set()
+)  # weakly supervised: trained on image-sentence pairs, no target box, mask or id
+# What a model can ask the data for: "masks" and "candidates" are options of
+# refvg.data.dataset.PreparedSplit, "teacher" the cached features of the `teacher` stage
+# (refvg.data.teacher_features).
 DATA_NEEDS = frozenset({"masks", "candidates", "teacher"})
 
 
-def register_model(name: str, *, config: type, needs: Needs = (),
-                   weak: bool = False) -> Callable[[type], type]:
-    """Class decorator: register a GroundingModel under `name` with its family's config class (which becomes
-    its `config_class`). `needs`: data the model reads beyond image, expression and box; for a `weak` model,
-    at evaluation only (its training data carries no target at all, see refvg.data.weak)."""
+def register_model(
+    name: str, *, config: type, needs: Needs = (), weak: bool = False
+) -> Callable[[type], type]:
+    """Class decorator: register a GroundingModel under `name` with its family's config class (which
+    becomes its `config_class`). `needs`: data the model reads beyond image, expression and box; for
+    a `weak` model, at evaluation only (its training data carries no target at all, see
+    refvg.data.weak)."""
     from refvg.models.base import GroundingModel
 
     unknown = set() if callable(needs) else set(needs) - DATA_NEEDS
     if unknown:
-        raise ValueError(f"model {name!r} needs {sorted(unknown)}; the data provides {sorted(DATA_NEEDS)}")
+        raise ValueError(
+            f"model {name!r} needs {sorted(unknown)}; the data provides {sorted(DATA_NEEDS)}"
+        )
 
     def decorator(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, GroundingModel)):
             raise TypeError(f"model {name!r}: register a GroundingModel subclass, got {cls!r}")
         if name in _MODELS and _MODELS[name] is not cls:
-            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
+            raise ValueError(
+                f"model {name!r} is already registered (by {_MODELS[name].__module__})"
+            )
         cls.config_class = config
         _MODELS[name] = cls
         _NEEDS[name] = needs if callable(needs) else frozenset(needs)
@@ -58,8 +68,9 @@ def config_class(name: str) -> type:
 
 
 def model_needs(name: str, cfg=None) -> frozenset[str]:
-    """What the model trains on besides image, expression and box, e.g. {"masks"} or {"candidates"}; `cfg`
-    (the method's run config) is required for a model whose needs depend on its family config."""
+    """What the model trains on besides image, expression and box, e.g. {"masks"} or {"candidates"};
+    `cfg` (the method's run config) is required for a model whose needs depend on its family
+    config."""
     _check(name)
     needs = _NEEDS[name]
     if not callable(needs):
@@ -68,7 +79,10 @@ def model_needs(name: str, cfg=None) -> frozenset[str]:
         raise ValueError(f"what model {name!r} needs from the data depends on its config; pass it")
     found = frozenset(needs(_MODELS[name].family_config(cfg)))
     if found - DATA_NEEDS:
-        raise ValueError(f"model {name!r} needs {sorted(found - DATA_NEEDS)}; the data provides {sorted(DATA_NEEDS)}")
+        raise ValueError(
+            f"model {name!r} needs {sorted(found - DATA_NEEDS)}; the data "
+            f"provides {sorted(DATA_NEEDS)}"
+        )
     return found
 
 
@@ -84,4 +98,6 @@ def list_models() -> list[str]:
 
 def _check(name: str) -> None:
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models()) or '(none)'}")
+        raise ValueError(
+            f"unknown model {name!r}; registered models: {', '.join(list_models()) or '(none)'}"
+        )

@@ -1,7 +1,9 @@
-"""Weakly supervised grounding by Grad-CAM (after the ICLR 2025 submission "Improve weakly supervised visual
-grounding by learning where to focus on"): trained on image-sentence pairs only, never a box.
+"""Weakly supervised grounding by Grad-CAM (after the ICLR 2025 submission "Improve weakly
+supervised visual grounding by learning where to focus on"): trained on image-sentence pairs only,
+never a box.
 
-- Matching. A CNN backbone (model.visual) and the text encoder (model.text) give a visual map A [B,C,h,w] and
+- Matching. A CNN backbone (model.visual) and the text encoder (model.text) give a visual map A
+[B,C,h,w] and
   word features. Two objectives over the batch: an image-text contrastive loss on pooled
   embeddings over the whole in-batch image x expression grid (pairs showing the same image are all
   positives: RefShapes has several expressions per image), and a matching loss of the fusion
@@ -18,24 +20,30 @@ grounding by learning where to focus on"): trained on image-sentence pairs only,
 - Checkpoint selection is box-free: `select_metric` (the first pass's matching accuracy on the val
   split's image-sentence pairs, `match_scores`), which refvg.stages hands to the trainer for weak
   models.
-- Grad-CAM. alpha_c = mean over cells of d score / d A_c; cam = ReLU(sum_c alpha_c A_c), padding cells
+- Grad-CAM. alpha_c = mean over cells of d score / d A_c; cam = ReLU(sum_c alpha_c A_c), padding
+cells
   zeroed, divided by its peak. Computed inside the forward with torch.autograd.grad, differentiably
   (create_graph) where the attention-mining loss needs to push on it.
-- CAM encoder. A small conv net embeds the first pass's CAM into C channels added to A, and the fusion runs
-  again on it (second pass, same weights, its own matching loss): the fusion sees where the first pass looked.
-  Its last conv starts at zero, so the second pass starts as the first. The second pass's Grad-CAM is the
-  fused CAM, the one a box is read from.
-- Attention mining (as in GAIN, Li et al. 2018). A (or the image) is multiplied by 1 - sigmoid((cam - t) * w), the fused
+- CAM encoder. A small conv net embeds the first pass's CAM into C channels added to A, and the
+fusion runs
+  again on it (second pass, same weights, its own matching loss): the fusion sees where the first
+  pass looked. Its last conv starts at zero, so the second pass starts as the first. The second
+  pass's Grad-CAM is the fused CAM, the one a box is read from.
+- Attention mining (as in GAIN, Li et al. 2018). A (or the image) is multiplied by 1 - sigmoid((cam
+- t) * w), the fused
   CAM's soft complement, and the positive pair's matching score of what remains is penalised
   (softplus(score): BCE towards "no match"). While a part of the object is left outside the CAM the
   remaining image still matches, so the CAM is pushed to cover the whole object, not only its most
-  discriminative part. Weight 0 is the ablation (weak_cam_no_mining). `mining_on: image` masks the pixels
-  instead (the mask upsampled, another backbone pass): zeroed feature cells are out of distribution and the
-  fusion called them a mismatch whatever they hid (the feature-map loss fell to ~0.001 at once).
-- Localisation (test time): the fused CAM, upsampled to the letterboxed square with padding excluded, either
-  thresholded at a fraction of its peak, keeping the connected region that holds the peak (its tight box),
-  or used to rank the candidate boxes (refvg.data.proposals) by CAM mass / area^p.
+  discriminative part. Weight 0 is the ablation (weak_cam_no_mining). `mining_on: image` masks the
+  pixels instead (the mask upsampled, another backbone pass): zeroed feature cells are out of
+  distribution and the fusion called them a mismatch whatever they hid (the feature-map loss fell to
+  ~0.001 at once).
+- Localisation (test time): the fused CAM, upsampled to the letterboxed square with padding
+excluded, either
+  thresholded at a fraction of its peak, keeping the connected region that holds the peak (its tight
+  box), or used to rank the candidate boxes (refvg.data.proposals) by CAM mass / area^p.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,37 +67,58 @@ from refvg.models.vl import VLTransformer, downsample_mask
 
 
 class WeakCAMConfig(_Strict):
-    """Weakly supervised grounding by Grad-CAM (method weak_cam): trained on image-sentence pairs only.
+    """Weakly supervised grounding by Grad-CAM (method weak_cam): trained on image-sentence pairs
+    only.
 
-    The fusion transformer is `model.fusion`'s; these are the matching objective, the CAM encoder, the
-    attention-mining loss and how a box is read off the CAM at test time."""
+    The fusion transformer is `model.fusion`'s; these are the matching objective, the CAM encoder,
+    the attention-mining loss and how a box is read off the CAM at test time."""
 
-    # in-batch image-text contrastive loss (the unimodal embeddings). 0.1: at 1 its gradient dominates the
-    # clipped update and the fusion's matching loss never leaves ln 2 (docs/weak_cam.md)
+    # in-batch image-text contrastive loss (the unimodal embeddings). 0.1: at 1 its gradient
+    # dominates the clipped update and the fusion's matching loss never leaves ln 2
+    # (docs/weak_cam.md)
     itc_weight: float = Field(0.1, ge=0)
-    itm_weight: float = Field(1.0, ge=0)  # matching loss of the first fusion pass (positives + hard negatives)
-    cam_itm_weight: float = Field(1.0, ge=0)  # matching loss of the second pass, the one fed the CAM embedding
+    itm_weight: float = Field(
+        1.0, ge=0
+    )  # matching loss of the first fusion pass (positives + hard negatives)
+    cam_itm_weight: float = Field(
+        1.0, ge=0
+    )  # matching loss of the second pass, the one fed the CAM embedding
     embed_dim: int = Field(64, gt=0)  # width of the contrastive embeddings
-    cam_channels: int = Field(16, gt=0)  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
-    match_fraction: float = Field(0.25, gt=0, le=1)  # share of each batch the fusion matching + mining see
-    # The negative image of each matched expression: "random" (any other image of the batch) or "hard"
-    # (ALBEF: drawn by contrastive similarity). On RefShapes a hard negative mostly holds an object the
-    # expression also fits ("the top shape"): labelled "no match", it keeps the matcher at chance.
+    cam_channels: int = Field(
+        16, gt=0
+    )  # hidden channels of the CAM encoder (conv net: CAM -> visual channels)
+    match_fraction: float = Field(
+        0.25, gt=0, le=1
+    )  # share of each batch the fusion matching + mining see
+    # The negative image of each matched expression: "random" (any other image of the batch) or
+    # "hard" (ALBEF: drawn by contrastive similarity). On RefShapes a hard negative mostly holds an
+    # object the expression also fits ("the top shape"): labelled "no match", it keeps the matcher
+    # at chance.
     negatives: Literal["random", "hard"] = "random"
-    cam_per_cell: bool = False  # HiResCAM: weigh channels by each cell's gradient, not the map's mean (Grad-CAM)
-    contrastive_in_score: bool = False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
-    # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness) and the
-    # matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the ablation.
+    cam_per_cell: bool = (
+        False  # HiResCAM: weigh channels by each cell's gradient, not the map's mean (Grad-CAM)
+    )
+    contrastive_in_score: bool = (
+        False  # matching score (and so its Grad-CAM) = fusion logit + cell-text similarity
+    )
+    # Attention mining: the visual map is multiplied by 1 - sigmoid((cam - threshold) * sharpness)
+    # and the matching score of what remains is penalised (softplus: BCE towards "no match"). 0: the
+    # ablation.
     mining_weight: float = Field(1.0, ge=0)
     mining_threshold: float = Field(0.5, gt=0, lt=1)
     mining_sharpness: float = Field(10.0, gt=0)
-    mining_on: Literal["feature", "image"] = "image"  # what the soft complement masks: the visual map or the image
+    mining_on: Literal["feature", "image"] = (
+        "image"  # what the soft complement masks: the visual map or the image
+    )
     # Test time: "threshold" keeps the CAM (upsampled to the square, padding excluded) above
-    # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight box;
-    # "candidates" returns the candidate box (proposals section) with the highest CAM mass / area^p.
+    # `box_threshold` x its peak, takes the connected region holding the peak and returns its tight
+    # box; "candidates" returns the candidate box (proposals section) with the highest CAM mass /
+    # area^p.
     localisation: Literal["threshold", "candidates"] = "candidates"
     box_threshold: float = Field(0.5, gt=0, lt=1)
-    candidate_area_power: float = Field(1.0, ge=0, le=1)  # 1: mean CAM in the box; 0: total CAM mass
+    candidate_area_power: float = Field(
+        1.0, ge=0, le=1
+    )  # 1: mean CAM in the box; 0: total CAM mass
 
 
 @dataclass
@@ -103,7 +132,8 @@ class WeakCAMOutput(GroundingOutput):
 
 @dataclass
 class WeakCAMTraining:
-    """A training pass (no box is predicted): what the matching, contrastive and mining losses read."""
+    """A training pass (no box is predicted): what the matching, contrastive and mining losses
+    read."""
 
     contrastive_logits: torch.Tensor  # [B,B] image i vs expression j
     same_image: torch.Tensor  # bool [B,B]
@@ -115,15 +145,22 @@ class WeakCAMTraining:
     mined: Optional[torch.Tensor] = None  # [b] matching logits of what the CAM leaves (mining on)
 
 
-def grad_cam(score: torch.Tensor, fmap: torch.Tensor, valid: torch.Tensor | None = None,
-             create_graph: bool = False, per_cell: bool = False) -> torch.Tensor:
-    """Grad-CAM of per-sample scores [B] w.r.t. a feature map [B,C,h,w] that produced them (sample i's score
-    depends only on fmap[i]): ReLU(sum_c mean_hw(d score / d fmap)_c * fmap_c), zero where `valid` [B,h,w] is
-    False, divided by each map's peak (an all-zero map stays zero). [B,h,w]. `create_graph`: differentiable
-    (the gradients' graph is kept, so a loss on the CAM trains the weights that made it)."""
+def grad_cam(
+    score: torch.Tensor,
+    fmap: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    create_graph: bool = False,
+    per_cell: bool = False,
+) -> torch.Tensor:
+    """Grad-CAM of per-sample scores [B] w.r.t. a feature map [B,C,h,w] that produced them (sample
+    i's score depends only on fmap[i]): ReLU(sum_c mean_hw(d score / d fmap)_c * fmap_c), zero where
+    `valid` [B,h,w] is False, divided by each map's peak (an all-zero map stays zero). [B,h,w].
+    `create_graph`: differentiable (the gradients' graph is kept, so a loss on the CAM trains the
+    weights that made it)."""
     (grads,) = torch.autograd.grad(score.sum(), fmap, create_graph=create_graph, retain_graph=True)
-    # per_cell (HiResCAM, Draelos & Carin 2020): each cell's own gradient, not the map's mean, weighs its
-    # channels, so a score that rests on single cells (the smooth maximums here) is not blurred across the map
+    # per_cell (HiResCAM, Draelos & Carin 2020): each cell's own gradient, not the map's mean,
+    # weighs its channels, so a score that rests on single cells (the smooth maximums here) is not
+    # blurred across the map
     weights = grads if per_cell else grads.mean((2, 3), keepdim=True)
     cam = F.relu((weights * fmap).sum(1))
     if valid is not None:
@@ -132,31 +169,36 @@ def grad_cam(score: torch.Tensor, fmap: torch.Tensor, valid: torch.Tensor | None
 
 
 def cam_to_square(cam: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """Feature-map CAMs [B,h,w] -> [B,S,S] at the letterbox size of `pad` (bool [B,S,S], True = padding):
-    bilinear upsampling, padding zeroed, divided by the peak again."""
-    sq = F.interpolate(cam[:, None].float(), size=pad.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    """Feature-map CAMs [B,h,w] -> [B,S,S] at the letterbox size of `pad` (bool [B,S,S], True =
+    padding): bilinear upsampling, padding zeroed, divided by the peak again."""
+    sq = F.interpolate(
+        cam[:, None].float(), size=pad.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
     sq = sq.clamp_min(0).masked_fill(pad, 0)
     return sq / sq.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
 
 
 def threshold_box(cam_sq: torch.Tensor, pad: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Box [B,4] (cxcywh normalised to the square) of a peak-normalised square CAM: the connected region of
-    cam >= threshold that holds the CAM's peak (refvg.models.layers.peak_component, the same read-out CMSA uses
-    for its masks), as its tight box."""
+    """Box [B,4] (cxcywh normalised to the square) of a peak-normalised square CAM: the connected
+    region of cam >= threshold that holds the CAM's peak (refvg.models.layers.peak_component, the
+    same read-out CMSA uses for its masks), as its tight box."""
     logits = cam_sq - threshold + 1e-6  # >= threshold -> positive; the peak (1) is always inside
     region = peak_component(logits, pad)
     return mask_to_box(torch.where(region, 1.0, -1.0), pad)
 
 
-def candidate_scores(cam_sq: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, area_power: float) -> torch.Tensor:
-    """Each candidate's CAM mass / area^p, [B,K]; -inf for padding candidates. `boxes` [B,K,4] cxcywh
-    normalised to the square; a pixel belongs to a box when its centre lies inside."""
+def candidate_scores(
+    cam_sq: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, area_power: float
+) -> torch.Tensor:
+    """Each candidate's CAM mass / area^p, [B,K]; -inf for padding candidates. `boxes` [B,K,4]
+    cxcywh normalised to the square; a pixel belongs to a box when its centre lies inside."""
     b, s, _ = cam_sq.shape
     x0, y0, x1, y1 = (cxcywh_to_xyxy(boxes.float()) * s).unbind(-1)  # [B,K] in pixels
     centres = torch.arange(s, device=cam_sq.device, dtype=torch.float32) + 0.5
     in_x = (centres[None, None] >= x0[..., None]) & (centres[None, None] < x1[..., None])  # [B,K,S]
     in_y = (centres[None, None] >= y0[..., None]) & (centres[None, None] < y1[..., None])
-    # mass = sum over the box's rows of the CAM summed over its columns: [B,K,S] x [B,S,S] -> no [B,K,S,S]
+    # mass = sum over the box's rows of the CAM summed over its columns: [B,K,S] x [B,S,S] -> no
+    # [B,K,S,S]
     mass = torch.einsum("bky,byx,bkx->bk", in_y.float(), cam_sq.float(), in_x.float())
     area = (in_x.sum(-1) * in_y.sum(-1)).clamp_min(1).float()
     return (mass / area**area_power).masked_fill(~valid, float("-inf"))
@@ -167,8 +209,11 @@ class CAMEncoder(nn.Module):
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, hidden, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(hidden, channels, 1))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+        )
         nn.init.zeros_(self.body[-1].weight)  # the second pass starts as the first
         nn.init.zeros_(self.body[-1].bias)
 
@@ -177,9 +222,10 @@ class CAMEncoder(nn.Module):
 
 
 class RegionMatchHead(nn.Module):
-    """Matching logit of a fused pair: a logit per visual token from the token and the [REG] output (which has
-    read the expression), pooled by a smooth maximum (log-mean-exp): the pair matches when some place does,
-    so the score, and its Grad-CAM, rest on the described object rather than on the scene as a whole."""
+    """Matching logit of a fused pair: a logit per visual token from the token and the [REG] output
+    (which has read the expression), pooled by a smooth maximum (log-mean-exp): the pair matches
+    when some place does, so the score, and its Grad-CAM, rest on the described object rather than
+    on the scene as a whole."""
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -208,7 +254,9 @@ class WeakCAM(GroundingModel):
         self.cam_encoder = CAMEncoder(channels, w.cam_channels)
         self.image_embed = nn.Linear(channels, w.embed_dim)
         self.text_embed = nn.Linear(self.text.hidden_size, w.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.logit_scale = nn.Parameter(
+            torch.tensor(math.log(1 / 0.07))
+        )  # CLIP's initial temperature
 
     @classmethod
     def config_kwargs(cls, cfg) -> dict:
@@ -216,29 +264,39 @@ class WeakCAM(GroundingModel):
 
     @property
     def auxiliary_loss(self) -> bool:
-        """Whether compute_loss has an "auxiliary" term (the mining; the trainer clips its gradient apart)."""
+        """Whether compute_loss has an "auxiliary" term (the mining; the trainer clips its gradient
+        apart)."""
         return self.config.mining_weight > 0
 
-    def score(self, visual: torch.Tensor, pixel_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-              cam: torch.Tensor | None = None) -> torch.Tensor:
-        """Matching logit [B] of (visual map, expression) pairs; with `cam`, the CAM embedding is added first."""
+    def score(
+        self,
+        visual: torch.Tensor,
+        pixel_mask: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        cam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Matching logit [B] of (visual map, expression) pairs; with `cam`, the CAM embedding is
+        added first."""
         if cam is not None:
             visual = visual + self.cam_encoder(cam).to(visual.dtype)
         reg, tokens = self.fusion(visual, pixel_mask, text, text_mask)
         grid = visual.shape[-2:]
         pad = downsample_mask(pixel_mask, grid).flatten(1)
-        logit = self.match_head(reg, tokens[:, -grid[0] * grid[1]:], pad)
+        logit = self.match_head(reg, tokens[:, -grid[0] * grid[1] :], pad)
         if self.config.contrastive_in_score:
-            # The pair's cell-text similarity learns fast (the cheap contrastive loss trains it on the whole
-            # batch); in the score, its Grad-CAM points at the cells that match the expression from the start.
+            # The pair's cell-text similarity learns fast (the cheap contrastive loss trains it on
+            # the whole batch); in the score, its Grad-CAM points at the cells that match the
+            # expression from the start.
             logit = logit + self._pair_similarity(visual, pixel_mask, text, text_mask)
         return logit
 
     def two_pass_cams(self, visual, pixel_mask, text, text_mask, differentiable: int = 0):
-        """(first-pass score and CAM, second-pass score and CAM) of pairs; the second pass reads the first
-        CAM (detached: a hint, not a path for gradients). The fused CAMs of the first `differentiable` rows
-        keep their graph; those rows take the math attention kernel (the fused CPU/GPU kernels have no double
-        backward) and the rest the fast one, which is why the second pass runs in two parts."""
+        """(first-pass score and CAM, second-pass score and CAM) of pairs; the second pass reads the
+        first CAM (detached: a hint, not a path for gradients). The fused CAMs of the first
+        `differentiable` rows keep their graph; those rows take the math attention kernel (the fused
+        CPU/GPU kernels have no double backward) and the rest the fast one, which is why the second
+        pass runs in two parts."""
         valid = ~downsample_mask(pixel_mask, visual.shape[-2:])
         s1 = self.score(visual, pixel_mask, text, text_mask)
         cam1 = grad_cam(s1, visual, valid, per_cell=self.config.cam_per_cell).detach()
@@ -250,8 +308,15 @@ class WeakCAM(GroundingModel):
             keep_graph = rows.start == 0 and differentiable > 0
             with sdpa_kernel(SDPBackend.MATH) if keep_graph else contextlib.nullcontext():
                 s = self.score(*part, cam=cam1[rows])
-                cam2.append(grad_cam(s, part[0], valid[rows], create_graph=keep_graph,
-                                     per_cell=self.config.cam_per_cell))
+                cam2.append(
+                    grad_cam(
+                        s,
+                        part[0],
+                        valid[rows],
+                        create_graph=keep_graph,
+                        per_cell=self.config.cam_per_cell,
+                    )
+                )
             s2.append(s)
         return s1, cam1, torch.cat(s2), torch.cat(cam2)
 
@@ -261,11 +326,14 @@ class WeakCAM(GroundingModel):
         with torch.enable_grad():  # Grad-CAM needs gradients, also under the evaluator's no_grad
             return self._localise(batch)
 
-    # ---------------------------------------------------------------- training: pairs, matching, mining
+    # ---------------------------------------------------------------- training: pairs, matching,
+    # mining
     def _train_forward(self, batch: dict) -> WeakCAMTraining:
         if "image_index" not in batch:
-            raise KeyError("weak_cam trains on refvg.data.weak.WeakSplit batches (image-sentence pairs with "
-                           "their image_index); this batch has none")
+            raise KeyError(
+                "weak_cam trains on refvg.data.weak.WeakSplit batches (image-sentence pairs with "
+                "their image_index); this batch has none"
+            )
         visual = self.visual(batch["image"])[-1]
         words = self.text(batch["input_ids"], batch["attention_mask"])
         pad, tmask = batch["pixel_mask"], batch["attention_mask"]
@@ -276,15 +344,17 @@ class WeakCAM(GroundingModel):
         if self.config.negatives == "random":
             sim = torch.zeros_like(sim)
         neg_image, has_neg = _hard_negatives(sim, same)
-        # The fusion (two passes + Grad-CAM, double backward when mining) costs most of a step: it sees the
-        # first `match_fraction` of the (shuffled) batch, while the cheap contrastive loss sees all of it.
+        # The fusion (two passes + Grad-CAM, double backward when mining) costs most of a step: it
+        # sees the first `match_fraction` of the (shuffled) batch, while the cheap contrastive loss
+        # sees all of it.
         b = max(1, round(visual.shape[0] * self.config.match_fraction))
         neg_image, has_neg = neg_image[:b], has_neg[:b]
         visual_all = visual
         visual, pad, words, tmask = visual[:b], pad[:b], words[:b], tmask[:b]
-        # Pair rows: B positives, then B (expression, another image). Negatives that pair an image with another
-        # expression would teach text discrimination, which the contrastive loss already does, at a third more
-        # fusion compute; negative images are what makes the match depend on where the object is.
+        # Pair rows: B positives, then B (expression, another image). Negatives that pair an image
+        # with another expression would teach text discrimination, which the contrastive loss
+        # already does, at a third more fusion compute; negative images are what makes the match
+        # depend on where the object is.
         pv = torch.cat([visual, visual_all[neg_image]])
         ppad = torch.cat([pad, batch["pixel_mask"][neg_image]])
         pw, ptm = torch.cat([words, words]), torch.cat([tmask, tmask])
@@ -292,11 +362,22 @@ class WeakCAM(GroundingModel):
         weights = torch.cat([visual.new_ones(b), has_neg.float()]).float()
         mining = self.config.mining_weight > 0
         # Only the positives' fused CAMs are mined, so only they need a differentiable Grad-CAM.
-        s1, cam1, s2, cam2 = self.two_pass_cams(pv, ppad, pw, ptm, differentiable=b if mining else 0)
-        out = WeakCAMTraining(contrastive_logits=logits, same_image=same, match1=s1, match2=s2,
-                              match_labels=labels, match_weights=weights, cam=cam2[:b].detach())
+        s1, cam1, s2, cam2 = self.two_pass_cams(
+            pv, ppad, pw, ptm, differentiable=b if mining else 0
+        )
+        out = WeakCAMTraining(
+            contrastive_logits=logits,
+            same_image=same,
+            match1=s1,
+            match2=s2,
+            match_labels=labels,
+            match_weights=weights,
+            cam=cam2[:b].detach(),
+        )
         if mining:
-            keep = 1 - torch.sigmoid((cam2[:b] - self.config.mining_threshold) * self.config.mining_sharpness)
+            keep = 1 - torch.sigmoid(
+                (cam2[:b] - self.config.mining_threshold) * self.config.mining_sharpness
+            )
             out.mined = self._mined_score(batch["image"][:b], visual, keep, pad, words, tmask)
         return out
 
@@ -304,7 +385,8 @@ class WeakCAM(GroundingModel):
     def match_scores(self, batch: dict) -> dict[str, torch.Tensor]:
         """First-pass matching logits of image-sentence pairs (WeakSplit rows, no box): "pos" [B]
         of each pair, "neg" [B] of its expression with the previous row's image, "neg_valid" [B]
-        where that image is another one. What best.pt is selected by (refvg.evaluation.MatchEvaluator)."""
+        where that image is another one. What best.pt is selected by
+        (refvg.evaluation.MatchEvaluator)."""
         visual = self.visual(batch["image"])[-1]
         words = self.text(batch["input_ids"], batch["attention_mask"])
         pad, tmask = batch["pixel_mask"], batch["attention_mask"]
@@ -314,28 +396,37 @@ class WeakCAM(GroundingModel):
         return {"pos": pos, "neg": neg, "neg_valid": other}
 
     def _mined_score(self, image, visual, keep, pad, words, tmask) -> torch.Tensor:
-        """Matching score of what the CAM's soft complement `keep` [b,h,w] leaves: of the visual map times it
-        ("feature"), or of the backbone's map of the image times it upsampled ("image": a zeroed feature cell
-        is out of distribution for the fusion, which can call it a mismatch whatever the rest shows; a zeroed
-        image patch is mean colour, which the CNN has seen, at the price of another backbone pass)."""
+        """Matching score of what the CAM's soft complement `keep` [b,h,w] leaves: of the visual map
+        times it ("feature"), or of the backbone's map of the image times it upsampled ("image": a
+        zeroed feature cell is out of distribution for the fusion, which can call it a mismatch
+        whatever the rest shows; a zeroed image patch is mean colour, which the CNN has seen, at the
+        price of another backbone pass)."""
         if self.config.mining_on == "feature":
             return self.score(visual * keep[:, None].to(visual.dtype), pad, words, tmask)
-        up = F.interpolate(keep[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)
+        up = F.interpolate(
+            keep[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False
+        )
         return self.score(self.visual(image * up.to(image.dtype))[-1], pad, words, tmask)
 
     def _contrastive_logits(self, visual, pad, words, tmask) -> torch.Tensor:
-        """[B,B]: image i vs expression j, the smooth maximum over i's cells (padding excluded) of the scaled
-        cosine similarity of the cell's and the expression's embeddings: an image matches an expression when one
-        of its places does (pooling the whole image would blur the object with the rest of the scene)."""
+        """[B,B]: image i vs expression j, the smooth maximum over i's cells (padding excluded) of
+        the scaled cosine similarity of the cell's and the expression's embeddings: an image matches
+        an expression when one of its places does (pooling the whole image would blur the object
+        with the rest of the scene)."""
         keep, cells, txt = self._embeddings(visual, pad, words, tmask)
-        sim = self.logit_scale.clamp(max=math.log(100)).exp() * torch.einsum("ine,je->ijn", cells, txt)
+        sim = self.logit_scale.clamp(max=math.log(100)).exp() * torch.einsum(
+            "ine,je->ijn", cells, txt
+        )
         sim = sim.masked_fill(~keep[:, None], float("-inf"))
         return sim.logsumexp(-1) - keep.sum(1, keepdim=True).float().log()
 
     def _pair_similarity(self, visual, pad, words, tmask) -> torch.Tensor:
-        """[B]: the diagonal of `_contrastive_logits` (image i vs expression i) without the [B,B] grid."""
+        """[B]: the diagonal of `_contrastive_logits` (image i vs expression i) without the [B,B]
+        grid."""
         keep, cells, txt = self._embeddings(visual, pad, words, tmask)
-        sim = self.logit_scale.clamp(max=math.log(100)).exp() * torch.einsum("ine,ie->in", cells, txt)
+        sim = self.logit_scale.clamp(max=math.log(100)).exp() * torch.einsum(
+            "ine,ie->in", cells, txt
+        )
         sim = sim.masked_fill(~keep, float("-inf"))
         return sim.logsumexp(-1) - keep.sum(1).float().log()
 
@@ -355,8 +446,12 @@ class WeakCAM(GroundingModel):
         losses = {"itc": itc, "itm": itm1, "itm_cam": itm2}
         total = w.itc_weight * itc + w.itm_weight * itm1 + w.cam_itm_weight * itm2
         if outputs.mined is not None:
-            losses["mining"] = F.softplus(outputs.mined).mean()  # -log(1 - p(match)) of what the CAM left
-            losses["auxiliary"] = w.mining_weight * losses["mining"]  # the trainer clips its gradient apart
+            losses["mining"] = F.softplus(
+                outputs.mined
+            ).mean()  # -log(1 - p(match)) of what the CAM left
+            losses["auxiliary"] = (
+                w.mining_weight * losses["mining"]
+            )  # the trainer clips its gradient apart
             total = total + losses["auxiliary"]
         losses["loss"] = total
         return losses
@@ -372,14 +467,22 @@ class WeakCAM(GroundingModel):
         box = threshold_box(cam_sq, pad, self.config.box_threshold)
         if self.config.localisation == "candidates":
             if "cand_boxes" not in batch:
-                raise KeyError("weak_cam's localisation is 'candidates' but the batch has no cand_boxes "
-                               "(open the split through refvg.stages.open_split)")
-            scores = candidate_scores(cam_sq, batch["cand_boxes"], batch["cand_valid"], self.config.candidate_area_power)
+                raise KeyError(
+                    "weak_cam's localisation is 'candidates' but the batch has no cand_boxes "
+                    "(open the split through refvg.stages.open_split)"
+                )
+            scores = candidate_scores(
+                cam_sq, batch["cand_boxes"], batch["cand_valid"], self.config.candidate_area_power
+            )
             best = scores.argmax(1)
             picked = batch["cand_boxes"][torch.arange(len(best), device=best.device), best].float()
             has = batch["cand_valid"].any(1)[:, None]
-            box = torch.where(has, picked, box)  # an image without candidates keeps the threshold box
-        return WeakCAMOutput(pred_boxes=box, cam=cam_sq, first_cam=cam_to_square(cam1, pad), match=s2.detach())
+            box = torch.where(
+                has, picked, box
+            )  # an image without candidates keeps the threshold box
+        return WeakCAMOutput(
+            pred_boxes=box, cam=cam_sq, first_cam=cam_to_square(cam1, pad), match=s2.detach()
+        )
 
 
 def _hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +495,8 @@ def _hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> tuple[torch.Tensor
     return torch.multinomial(weights, 1).squeeze(1), ok
 
 
-def _weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _weighted_bce(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
     return (loss * weights).sum() / weights.sum().clamp_min(1)
-

@@ -1,4 +1,5 @@
 """The `generate` stage: RefShapes written in the REFER layout (refvg.data.synthetic)."""
+
 from __future__ import annotations
 
 from refvg.config import Config

@@ -1,4 +1,5 @@
 """Where the stages read and write, from the config: shared by several stages."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The `prepare` stage: validate, letterbox, tokenize (refvg.data.prepare)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,8 @@ from refvg.config import Config
 
 
 def prepare(cfg: Config, run_shards=None) -> dict:
-    """`run_shards(letterbox_shard, shards)` runs the image shards (default: one after the other, here)."""
+    """`run_shards(letterbox_shard, shards)` runs the image shards (default: one after the other,
+    here)."""
     from refvg.data.prepare import prepare_dataset, run_sequentially
 
     return prepare_dataset(cfg, run_shards=run_shards or run_sequentially)

@@ -1,15 +1,19 @@
 """Opening a prepared split the way a method reads it (train and evaluate share this)."""
+
 from __future__ import annotations
 
 from refvg.config import Config
 from refvg.stages.paths import instances_path
 
 
-def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = False, training: bool = False):
-    """A prepared split with what the model needs from the data: target masks to train a mask method on
-    (evaluation scores against the original-resolution masks instead), candidates for a ranking method.
-    A weakly supervised model trains on image-sentence pairs only (refvg.data.weak.WeakSplit: no box, mask,
-    annotation id or candidate); its evaluation splits are like every method's."""
+def open_split(
+    cfg: Config, model_name: str, split: str, language_blind: bool = False, training: bool = False
+):
+    """A prepared split with what the model needs from the data: target masks to train a mask method
+    on (evaluation scores against the original-resolution masks instead), candidates for a ranking
+    method. A weakly supervised model trains on image-sentence pairs only
+    (refvg.data.weak.WeakSplit: no box, mask, annotation id or candidate); its evaluation splits are
+    like every method's."""
     from refvg.data.dataset import PreparedSplit
     from refvg.data.prepare import prepared_path
     from refvg.data.proposals import load_candidates
@@ -24,6 +28,12 @@ def open_split(cfg: Config, model_name: str, split: str, language_blind: bool = 
     candidates = None
     if "candidates" in needs:
         candidates = load_candidates(cfg.proposals, prepared / split, instances_path(cfg))
-    return PreparedSplit(prepared, split, language_blind=language_blind, masks=training and "masks" in needs,
-                         candidates=candidates, max_candidates=cfg.proposals.max_candidates,
-                         match_iou=cfg.proposals.match_iou)
+    return PreparedSplit(
+        prepared,
+        split,
+        language_blind=language_blind,
+        masks=training and "masks" in needs,
+        candidates=candidates,
+        max_candidates=cfg.proposals.max_candidates,
+        match_iou=cfg.proposals.match_iou,
+    )

@@ -1,4 +1,5 @@
 """The `teacher` stage: the CLIP teacher of the distilling methods and its cached features."""
+
 from __future__ import annotations
 
 import shutil
@@ -21,7 +22,11 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     from refvg.data.dataset import PreparedSplit, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.data.teacher_features import (
-        FEATURES_DIR, MODEL_DIR, data_fingerprint, write_features, write_manifest,
+        FEATURES_DIR,
+        MODEL_DIR,
+        data_fingerprint,
+        write_features,
+        write_manifest,
     )
     from refvg.data.text import load_tokenizer
     from refvg.engine.distributed import env_rank
@@ -44,21 +49,33 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
         view = lambda split: ct.TeacherView(PreparedSplit(prepared, split), tokenizer, length)  # noqa: E731
     else:
         tokenizer = load_tokenizer(prepared / TOKENIZER_DIR)
-        corpus = captions.build_corpus(cfg.synthetic, tcfg.corpus_images, tcfg.captions_per_image,
-                                       manifest["image_size"], tcfg.seed)
+        corpus = captions.build_corpus(
+            cfg.synthetic,
+            tcfg.corpus_images,
+            tcfg.captions_per_image,
+            manifest["image_size"],
+            tcfg.seed,
+        )
         shared = captions.shared_with_prepared(corpus, prepared)
         if shared:  # another stream cannot repeat a scene; a blank image (all padding) could
-            raise RuntimeError(f"teacher caption corpus: {shared} of its images have the pixels of "
-                               f"a grounding image in {prepared}; the teacher must learn from "
-                               f"others")
+            raise RuntimeError(
+                f"teacher caption corpus: {shared} of its images have the pixels of "
+                f"a grounding image in {prepared}; the teacher must learn from "
+                f"others"
+            )
         length = captions.caption_tokens(tokenizer, corpus)
-        model = ct.build_teacher(tcfg, manifest["image_size"], max(manifest["max_tokens"], length),
-                                 tokenizer).to(device)
+        model = ct.build_teacher(
+            tcfg, manifest["image_size"], max(manifest["max_tokens"], length), tokenizer
+        ).to(device)
         split_at = len(corpus) - tcfg.corpus_held_out
         train_pairs = captions.CorpusPairs(captions.subset(corpus, 0, split_at), tokenizer, length)
         held_out = captions.CorpusPairs(captions.subset(corpus, split_at), tokenizer, length)
-        corpus_figures = {"images": split_at, "held_out_images": tcfg.corpus_held_out,
-                          "caption_tokens": length, "images_shared_with_grounding": shared}
+        corpus_figures = {
+            "images": split_at,
+            "held_out_images": tcfg.corpus_held_out,
+            "caption_tokens": length,
+            "images_shared_with_grounding": shared,
+        }
         view = lambda split: ct.TeacherView(PreparedSplit(prepared, split))  # noqa: E731
     train_view = view("train")
     val_view = view("val") if "val" in manifest["splits"] else None
@@ -76,11 +93,26 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     out = teacher_dir(cfg)
     history = []
     if not tcfg.pretrained:
-        history = ct.train_teacher(model, train_pairs, cfg, out / ct.TRAINING_DIR, evaluate, on_epoch_end,
-                                   data_fingerprint(prepared)).history
-    if env_rank() != 0:  # under torchrun the other ranks share the training; rank 0 writes the teacher
-        return {"out_dir": str(out), "features": {}, "val": {}, "corpus": {}, "history": history,
-                "seconds": time.perf_counter() - t0}
+        history = ct.train_teacher(
+            model,
+            train_pairs,
+            cfg,
+            out / ct.TRAINING_DIR,
+            evaluate,
+            on_epoch_end,
+            data_fingerprint(prepared),
+        ).history
+    if (
+        env_rank() != 0
+    ):  # under torchrun the other ranks share the training; rank 0 writes the teacher
+        return {
+            "out_dir": str(out),
+            "features": {},
+            "val": {},
+            "corpus": {},
+            "history": history,
+            "seconds": time.perf_counter() - t0,
+        }
     scores = evaluate(model)
     recall = {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("val/")}
     corpus_figures |= {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("corpus/")}
@@ -91,14 +123,21 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
         patch, sentence = ct.extract_features(model, train_view, tcfg.batch_size, device)
         write_features(tmp / FEATURES_DIR, "train", patch, sentence)
         fingerprint = data_fingerprint(prepared)
-        meta = {"data_fingerprint": fingerprint, "prepared": str(prepared),
-                "features_id": _digest(fingerprint.encode(), patch.tobytes(), sentence.tobytes()),
-                "splits": {"train": {"images": int(patch.shape[0]), "samples": int(sentence.shape[0])}},
-                "grid": int(round(patch.shape[1] ** 0.5)), "dim": int(patch.shape[2]),
-                "teacher": ct.teacher_config_summary(cfg, model), "val": recall,
-                "corpus": corpus_figures}
+        meta = {
+            "data_fingerprint": fingerprint,
+            "prepared": str(prepared),
+            "features_id": _digest(fingerprint.encode(), patch.tobytes(), sentence.tobytes()),
+            "splits": {"train": {"images": int(patch.shape[0]), "samples": int(sentence.shape[0])}},
+            "grid": int(round(patch.shape[1] ** 0.5)),
+            "dim": int(patch.shape[2]),
+            "teacher": ct.teacher_config_summary(cfg, model),
+            "val": recall,
+            "corpus": corpus_figures,
+        }
         write_manifest(tmp / FEATURES_DIR, meta)
-        if not tcfg.pretrained and (out / ct.TRAINING_DIR).exists():  # kept: a rerun of this run finds it done
+        if (
+            not tcfg.pretrained and (out / ct.TRAINING_DIR).exists()
+        ):  # kept: a rerun of this run finds it done
             shutil.move(out / ct.TRAINING_DIR, tmp / ct.TRAINING_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,20 +145,33 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
-    return {"out_dir": str(out), "features": meta, "val": recall, "corpus": corpus_figures,
-            "history": history, "seconds": time.perf_counter() - t0}
+    return {
+        "out_dir": str(out),
+        "features": meta,
+        "val": recall,
+        "corpus": corpus_figures,
+        "history": history,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _no_teacher(cfg: Config, t0: float) -> dict:
-    """The `teacher` stage's outputs when no method distils: a manifest that says so (DVC wants the outputs)."""
+    """The `teacher` stage's outputs when no method distils: a manifest that says so (DVC wants the
+    outputs)."""
     from refvg.data.teacher_features import FEATURES_DIR, write_manifest
 
     out = teacher_dir(cfg)
     shutil.rmtree(out, ignore_errors=True)
     meta = {"skipped": "no method in distill_methods: no teacher trained"}
     write_manifest(out / FEATURES_DIR, meta)
-    return {"out_dir": str(out), "features": meta, "val": {}, "corpus": {}, "history": [],
-            "seconds": time.perf_counter() - t0}
+    return {
+        "out_dir": str(out),
+        "features": meta,
+        "val": {},
+        "corpus": {},
+        "history": [],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _digest(*parts: bytes) -> str:

@@ -1,4 +1,6 @@
-"""The `train@<method>` stage: one method trained by the engine's one loop, validated by its evaluators."""
+"""The `train@<method>` stage: one method trained by the engine's one loop, validated by its
+evaluators."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,7 +18,9 @@ if TYPE_CHECKING:
     from refvg.engine.trainer import TrainResult
 
 
-def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> TrainResult:
+def train_method(
+    cfg: Config, method: str, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None
+) -> TrainResult:
     from refvg.data.dataset import prepared_fingerprint, read_manifest
     from refvg.data.prepare import prepared_path
     from refvg.engine.distributed import env_rank
@@ -35,41 +39,75 @@ def train_method(cfg: Config, method: str, on_epoch_end: Callable[[dict, int], N
     data_version = prepared_fingerprint(prepared)
     if "teacher" in model_needs(mcfg.model, rcfg):
         train_set, teacher_version = with_teacher_features(cfg, method, train_set, prepared)
-        data_version += f"+teacher:{teacher_version}"  # a new teacher must not resume the old student
+        data_version += (
+            f"+teacher:{teacher_version}"  # a new teacher must not resume the old student
+        )
     weak = is_weakly_supervised(mcfg.model)
-    # Weak end to end: a weak method validates on the val split's image-sentence pairs (a WeakSplit: no
-    # box to read) and best.pt is chosen by its model's box-free criterion, never by Acc@0.5.
+    # Weak end to end: a weak method validates on the val split's image-sentence pairs (a WeakSplit:
+    # no box to read) and best.pt is chosen by its model's box-free criterion, never by Acc@0.5.
     val_set = open_split(rcfg, mcfg.model, "val", mcfg.language_blind, training=weak)
-    seed_everything(rcfg.train.seed)  # before the model exists: its initial weights are part of the run
-    model = build_model(mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"])
+    seed_everything(
+        rcfg.train.seed
+    )  # before the model exists: its initial weights are part of the run
+    model = build_model(
+        mcfg.model, rcfg, vocab_size=manifest["vocab_size"], pad_token_id=manifest["pad_token_id"]
+    )
     device = resolve_device(rcfg.train.device)
-    # A checkpoint folder is self-contained: the tokenizer travels with the weights (written by rank 0 only).
+    # A checkpoint folder is self-contained: the tokenizer travels with the weights (written by rank
+    # 0 only).
     if env_rank() == 0:
-        shutil.copytree(prepared / TOKENIZER_DIR, checkpoint_dir(cfg, method) / TOKENIZER_DIR, dirs_exist_ok=True)
+        shutil.copytree(
+            prepared / TOKENIZER_DIR,
+            checkpoint_dir(cfg, method) / TOKENIZER_DIR,
+            dirs_exist_ok=True,
+        )
 
-    validation = evaluators_for(mcfg.model, rcfg, val_set, rcfg.eval.iou_thresholds, validation=True)
+    validation = evaluators_for(
+        mcfg.model, rcfg, val_set, rcfg.eval.iou_thresholds, validation=True
+    )
 
-    def evaluate(m: torch.nn.Module) -> dict:  # {"acc@0.5": .., "mask/oIoU": ..}, or a weak model's "match_acc"
-        return flatten(inference_on_dataset(m, val_set, validation, rcfg.eval.batch_size, device, rcfg.train.amp))
+    def evaluate(
+        m: torch.nn.Module,
+    ) -> dict:  # {"acc@0.5": .., "mask/oIoU": ..}, or a weak model's "match_acc"
+        return flatten(
+            inference_on_dataset(
+                m, val_set, validation, rcfg.eval.batch_size, device, rcfg.train.amp
+            )
+        )
 
     return train(
-        model, train_set, rcfg, checkpoint_dir(cfg, method), method=method, evaluate=evaluate,
+        model,
+        train_set,
+        rcfg,
+        checkpoint_dir(cfg, method),
+        method=method,
+        evaluate=evaluate,
         select_metric=model.select_metric,
-        on_epoch_end=on_epoch_end, data_version=data_version,
-        extra_state={"model_name": mcfg.model, "language_blind": mcfg.language_blind,
-                     "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"]},
+        on_epoch_end=on_epoch_end,
+        data_version=data_version,
+        extra_state={
+            "model_name": mcfg.model,
+            "language_blind": mcfg.language_blind,
+            "vocab_size": manifest["vocab_size"],
+            "pad_token_id": manifest["pad_token_id"],
+        },
     )
 
 
 def with_teacher_features(cfg: Config, method: str, train_set, prepared: Path):
-    """(the train split with the `teacher` stage's cached features in every item, their identity). Only
-    methods of `distill_methods` may use them: the others' DVC stages do not depend on the teacher."""
+    """(the train split with the `teacher` stage's cached features in every item, their identity).
+    Only methods of `distill_methods` may use them: the others' DVC stages do not depend on the
+    teacher."""
     from refvg.config import ConfigError
     from refvg.data.teacher_features import FEATURES_DIR, WithTeacherFeatures
 
     if method not in cfg.distill_methods:
-        raise ConfigError(f"method {method!r} distils from the teacher: declare it under distill_methods (not "
-                          f"methods), so that its DVC stage depends on the `teacher` stage's outputs")
+        raise ConfigError(
+            f"method {method!r} distils from the teacher: declare it under distill_methods (not "
+            f"methods), so that its DVC stage depends on the `teacher` stage's outputs"
+        )
     rcfg = cfg.for_method(method)
-    data = WithTeacherFeatures(train_set, teacher_dir(rcfg) / FEATURES_DIR, prepared, dim=rcfg.teacher.projection_dim)
+    data = WithTeacherFeatures(
+        train_set, teacher_dir(rcfg) / FEATURES_DIR, prepared, dim=rcfg.teacher.projection_dim
+    )
     return data, data.meta["features_id"]

@@ -1,5 +1,7 @@
-"""Integration tests run the real pipeline pieces (DVC, Prefect, MLflow, S3, subprocesses) on the tiny
+"""Integration tests run the real pipeline pieces (DVC, Prefect, MLflow, S3, subprocesses) on the
+tiny
 dataset: all of them are `e2e` (`pytest -m "not e2e"` runs the fast unit and model tests alone)."""
+
 import pytest
 
 

@@ -1,6 +1,7 @@
-"""Training under faults: kill -9 at any point then the same command again (bitwise the same end on CPU), a
-checkpoint write cut in half, SIGTERM (preemption: checkpoint at the step boundary, exit 143,
-resume), NaN/inf losses and gradients."""
+"""Training under faults: kill -9 at any point then the same command again (bitwise the same end on
+CPU), a checkpoint write cut in half, SIGTERM (preemption: checkpoint at the step boundary, exit
+143, resume), NaN/inf losses and gradients."""
+
 from __future__ import annotations
 
 import json
@@ -40,27 +41,36 @@ def test_kill_9_mid_epoch_then_rerun_ends_bitwise_like_an_uninterrupted_run(in_t
     write_params(in_tiny, train={"checkpoint_every_steps": 4})
     cfg = load_config("params.yaml")
     ckpt = stages.checkpoint_dir(cfg, "transvg")
-    steps_per_epoch = read_manifest(prepared_path(cfg))["splits"]["train"]["samples"] // cfg.train.batch_size
+    steps_per_epoch = (
+        read_manifest(prepared_path(cfg))["splits"]["train"]["samples"] // cfg.train.batch_size
+    )
     assert steps_per_epoch > 8  # the kill below must fall mid-epoch
     reference = stages.train_method(cfg, "transvg")
     ref_last, ref_best = load_checkpoint(ckpt / LAST), load_checkpoint(ckpt / BEST)
     shutil.rmtree(ckpt)
 
-    # kill -9 in epoch 1, half-way through writing the step-8 checkpoint: the step-4 one must survive whole.
+    # kill -9 in epoch 1, half-way through writing the step-8 checkpoint: the step-4 one must
+    # survive whole.
     killed = train_process(in_tiny, kill_in_write=2)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert list(ckpt.glob(".last.pt.*.tmp")), "the cut-short write should have left its temp file"
     state = load_checkpoint(ckpt / LAST)
     assert (state["epoch"], state["progress"]["step"]) == (0, 4)
 
-    # The same command again: resumes mid-epoch, drops the partial file, ends exactly where the reference did.
+    # The same command again: resumes mid-epoch, drops the partial file, ends exactly where the
+    # reference did.
     done = train_process(in_tiny)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "after 0 epochs and 4 steps" in done.stderr and "a checkpoint write cut short by a crash" in done.stderr
+    assert (
+        "after 0 epochs and 4 steps" in done.stderr
+        and "a checkpoint write cut short by a crash" in done.stderr
+    )
     assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from_step"] == 4
     assert not list(ckpt.glob(".*.tmp"))
     last, best = load_checkpoint(ckpt / LAST), load_checkpoint(ckpt / BEST)
-    assert _same_tensors(ref_last["model"], last["model"]) and _same_tensors(ref_best["model"], best["model"])
+    assert _same_tensors(ref_last["model"], last["model"]) and _same_tensors(
+        ref_best["model"], best["model"]
+    )
     assert ref_last["optimizer"]["state"][0]["step"] == last["optimizer"]["state"][0]["step"]
     assert _results(last["history"]) == _results(reference.history)
     assert best["best_epoch"] == reference.best_epoch
@@ -74,8 +84,8 @@ def _wait_for_file(path, proc) -> None:
 
 
 def _sigterm_once_stepping(proc, started, check=lambda: None) -> None:
-    """SIGTERM as a scheduler sends it, once the process steps; waits for it to exit (killed if the test
-    fails first)."""
+    """SIGTERM as a scheduler sends it, once the process steps; waits for it to exit (killed if the
+    test fails first)."""
     try:
         _wait_for_file(started, proc)
         check()
@@ -161,8 +171,14 @@ def test_sigterm_reaches_training_in_a_stage_worker_child(in_tiny, tmp_path):
     cfg = load_config("params.yaml")
     ckpt = stages.checkpoint_dir(cfg, "transvg")
     started, log = tmp_path / "started", tmp_path / "train.log"
-    proc = spawn_train_process(in_tiny, log, term_at_item=cfg.train.batch_size + 1, started=started,
-                               via_worker=True, env={"REFVG_PREFECT_SERVER": "ephemeral"})
+    proc = spawn_train_process(
+        in_tiny,
+        log,
+        term_at_item=cfg.train.batch_size + 1,
+        started=started,
+        via_worker=True,
+        env={"REFVG_PREFECT_SERVER": "ephemeral"},
+    )
 
     def in_the_workers_child() -> None:
         assert int(started.read_text()) != proc.pid, "the training ran in the worker's child"
@@ -189,14 +205,34 @@ def test_resume_at_an_epoch_boundary_replays_the_history(in_tiny, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(model(), data, cfg, tmp_path / "run", method="t", evaluate=_no_eval, on_epoch_end=stop_after_first)
+        train(
+            model(),
+            data,
+            cfg,
+            tmp_path / "run",
+            method="t",
+            evaluate=_no_eval,
+            on_epoch_end=stop_after_first,
+        )
     seen = []
-    result = train(model(), data, cfg, tmp_path / "run", method="t", evaluate=_no_eval,
-                   on_epoch_end=lambda metrics, epoch: seen.append(epoch))
+    result = train(
+        model(),
+        data,
+        cfg,
+        tmp_path / "run",
+        method="t",
+        evaluate=_no_eval,
+        on_epoch_end=lambda metrics, epoch: seen.append(epoch),
+    )
     assert (result.resumed_from_epoch, result.resumed_from_step) == (1, 0)
-    assert seen == [1, 2]  # epoch 1 replayed from the checkpoint, for a tracker attached to this process
+    assert seen == [
+        1,
+        2,
+    ]  # epoch 1 replayed from the checkpoint, for a tracker attached to this process
     ref, run = load_checkpoint(tmp_path / "ref" / LAST), load_checkpoint(tmp_path / "run" / LAST)
-    assert _same_tensors(ref["model"], run["model"]) and _results(ref["history"]) == _results(run["history"])
+    assert _same_tensors(ref["model"], run["model"]) and _results(ref["history"]) == _results(
+        run["history"]
+    )
 
 
 def test_resume_refuses_a_damaged_checkpoint_and_restarts_a_changed_run(in_tiny, tmp_path, caplog):
@@ -210,7 +246,8 @@ def test_resume_refuses_a_damaged_checkpoint_and_restarts_a_changed_run(in_tiny,
     save_checkpoint({"run_key": run_key(cfg, "t"), "model": {}}, tmp_path / LAST)
     with pytest.raises(CheckpointError, match=r"not optimizer, scheduler"):
         train(model(), data, cfg, tmp_path, method="t", evaluate=_no_eval)
-    # Another run's checkpoint (a knob that changes the result differs): a warning, then a fresh start.
+    # Another run's checkpoint (a knob that changes the result differs): a warning, then a fresh
+    # start.
     save_checkpoint({"run_key": "0" * 16}, tmp_path / LAST)
     result = train(model(), data, cfg, tmp_path, method="t", evaluate=_no_eval)
     assert result.resumed_from_epoch == 0 and "belongs to another run" in caplog.text
@@ -221,8 +258,13 @@ def test_run_key_ignores_knobs_that_do_not_change_the_result(tmp_path):
     from refvg.engine.trainer import run_key
 
     base = load_config(write_params(tmp_path))
-    neutral = load_config(write_params(tmp_path, train={"checkpoint_every_steps": 7, "max_bad_steps": 3},
-                                       tracking={"experiment": "other"}))
+    neutral = load_config(
+        write_params(
+            tmp_path,
+            train={"checkpoint_every_steps": 7, "max_bad_steps": 3},
+            tracking={"experiment": "other"},
+        )
+    )
     changed = load_config(write_params(tmp_path, train={"lr": 0.01}))
     assert run_key(base, "transvg") == run_key(neutral, "transvg") != run_key(changed, "transvg")
     assert run_key(base, "transvg", "data-a") != run_key(base, "transvg", "data-b")
@@ -252,7 +294,9 @@ def test_sampler_position_restores_the_same_order():
     pos = b.position(4)
     c = ResumableShuffle(10, seed=99)
     c.restore(pos)
-    assert len(c) == 6 and head + list(c) == first and list(c) == second  # rest of epoch 1, then epoch 2
+    assert (
+        len(c) == 6 and head + list(c) == first and list(c) == second
+    )  # rest of epoch 1, then epoch 2
     with pytest.raises(ValueError, match="outside an epoch"):
         c.restore({"generator": pos["generator"], "consumed": 11})
 
@@ -270,8 +314,15 @@ def test_non_finite_steps_are_skipped_and_counted(in_tiny, tmp_path, caplog, whe
     model = build()
     poison_loss(model, {2, 3, 6}, where)
     seen = []
-    result = train(model, data, cfg, tmp_path / "ckpt", method="t", evaluate=_no_eval,
-                   on_epoch_end=lambda metrics, epoch: seen.append(metrics["train/skipped_steps"]))
+    result = train(
+        model,
+        data,
+        cfg,
+        tmp_path / "ckpt",
+        method="t",
+        evaluate=_no_eval,
+        on_epoch_end=lambda metrics, epoch: seen.append(metrics["train/skipped_steps"]),
+    )
     assert seen == [2, 1] and result.skipped_steps == 3
     assert _updates(tmp_path / "ckpt" / LAST) == 8 - 3  # a skipped step updates nothing
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -283,10 +334,17 @@ def test_too_many_bad_steps_in_a_row_stop_with_a_usable_checkpoint(in_tiny, tmp_
     cfg, build, data = small_training(in_tiny, train={"max_bad_steps": 3})
     model = build()
     poison_loss(model, set(range(3, 100)), "loss")  # diverges after two good steps
-    with pytest.raises(NonFiniteLossError, match=r"3 steps in a row \(train\.max_bad_steps=3\).*last\.pt"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"3 steps in a row \(train\.max_bad_steps=3\).*last\.pt"
+    ):
         train(model, data, cfg, tmp_path / "ckpt", method="t", evaluate=_no_eval)
     state = load_checkpoint(tmp_path / "ckpt" / LAST)
     assert _updates(tmp_path / "ckpt" / LAST) == 2  # the state after the last good step
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    # Two bad steps ended epoch 1, the third was epoch 2's first: "in a row" spans the epoch boundary.
-    assert (state["epoch"], state["progress"]["step"], state["progress"]["bad_in_a_row"]) == (1, 1, 3)
+    # Two bad steps ended epoch 1, the third was epoch 2's first: "in a row" spans the epoch
+    # boundary.
+    assert (state["epoch"], state["progress"]["step"], state["progress"]["bad_in_a_row"]) == (
+        1,
+        1,
+        3,
+    )

@@ -1,5 +1,7 @@
-"""Scheduled deployments: prefect.yaml served by flows/serve.py against a real Prefect server on loopback;
-the deployments are registered with their cron schedules, and a triggered run completes."""
+"""Scheduled deployments: prefect.yaml served by flows/serve.py against a real Prefect server on
+loopback; the deployments are registered with their cron schedules, and a triggered run
+completes."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +30,9 @@ def test_prefect_yaml_entrypoints_and_schedules_are_valid():
     for d in specs:
         flow = load_flow(d["entrypoint"])
         unknown = set(d["parameters"]) - set(flow.parameters.properties)
-        assert not unknown, f"{d['name']}: parameters {unknown} are not parameters of {d['entrypoint']}"
+        assert not unknown, (
+            f"{d['name']}: parameters {unknown} are not parameters of {d['entrypoint']}"
+        )
         for s in d["schedules"]:
             CronSchedule(cron=s["cron"], timezone=s["timezone"])  # raises on a malformed cron
 
@@ -38,17 +42,34 @@ def test_served_deployment_runs_when_triggered(in_tiny, prefect_api, mlflow_uri)
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    cfg = load_config(write_params(in_tiny, train={"epochs": 1, "batch_size": 16, "warmup_steps": 2},
-                                   methods={"transvg": {"model": "transvg"}}))
+    cfg = load_config(
+        write_params(
+            in_tiny,
+            train={"epochs": 1, "batch_size": 16, "warmup_steps": 2},
+            methods={"transvg": {"model": "transvg"}},
+        )
+    )
     stages.train_method(cfg, "transvg")  # what the evaluate deployment evaluates
 
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(ROOT), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--only", "refvg-evaluate"], cwd=in_tiny, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", "--only", "refvg-evaluate"],
+        cwd=in_tiny,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         with get_client(sync_client=True) as client:
-            # Until `serve` registers it (or dies); any other error is the test's failure, at once. The
-            # ceiling only bounds a hang: a busy machine takes what it takes.
+            # Until `serve` registers it (or dies); any other error is the test's failure, at once.
+            # The ceiling only bounds a hang: a busy machine takes what it takes.
             deadline = time.monotonic() + 600
             while True:
                 try:
@@ -58,9 +79,14 @@ def test_served_deployment_runs_when_triggered(in_tiny, prefect_api, mlflow_uri)
                     assert serve.poll() is None, serve.stdout.read()[-4000:]
                     assert time.monotonic() < deadline, "the deployment was never registered"
                     time.sleep(0.5)
-            declared = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-                            if d["name"] == "refvg-evaluate")
-            assert [s.schedule.cron for s in deployment.schedules] == [declared["schedules"][0]["cron"]]
+            declared = next(
+                d
+                for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+                if d["name"] == "refvg-evaluate"
+            )
+            assert [s.schedule.cron for s in deployment.schedules] == [
+                declared["schedules"][0]["cron"]
+            ]
             assert deployment.parameters == declared["parameters"]
 
             run = run_deployment("evaluate/refvg-evaluate", timeout=0)
@@ -76,6 +102,8 @@ def test_served_deployment_runs_when_triggered(in_tiny, prefect_api, mlflow_uri)
             os.killpg(serve.pid, signal.SIGTERM)
         try:
             serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # ended either way: SIGKILL to it and the flow runs it started
+        except (
+            subprocess.TimeoutExpired
+        ):  # ended either way: SIGKILL to it and the flow runs it started
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()

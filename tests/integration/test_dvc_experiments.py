@@ -2,6 +2,7 @@
 --run-all`. DVC runs it in a temporary workspace (.dvc/tmp/exps/<tmp>/) that it deletes afterwards.
 Its MLflow runs must be in the repository's store, named and tagged after the experiment; the
 repository's one Prefect server serves it; and nothing it started is left running."""
+
 from __future__ import annotations
 
 import json
@@ -48,15 +49,26 @@ def _group(p: psutil.Process) -> int:
 
 
 def test_queued_experiment_logs_to_the_repository_and_leaves_nothing_running(tmp_path):
-    repo = project_copy(tmp_path / "repo", synthetic={"num_images": 32, "image_size": 64, "seed": 0},
-                        train={"epochs": 1}, methods={"transvg": {"model": "transvg"}})
+    repo = project_copy(
+        tmp_path / "repo",
+        synthetic={"num_images": 32, "image_size": 64, "seed": 0},
+        train={"epochs": 1},
+        methods={"transvg": {"model": "transvg"}},
+    )
     defaults = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "REFVG_PREFECT_HOME")  # a user's
     env = {k: v for k, v in os.environ.items() if k not in defaults}
     workers = Path(tempfile.mkdtemp(prefix="refvg-x-"))  # its own stage workers (a short path)
-    env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                DIR_ENV: str(workers),
-                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t", "REFVG_CPU_SLOTS_DIR": str(tmp_path / "cpu-slots")})
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            DIR_ENV: str(workers),
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+            "REFVG_CPU_SLOTS_DIR": str(tmp_path / "cpu-slots"),
+        }
+    )
     (repo / ".gitignore").write_text("mlruns.db*\nmlartifacts/\n.prefect/\n.refvg/\n")
     sh(["git", "init", "-q"], repo, env)
     sh(["dvc", "init", "-q"], repo, env)
@@ -78,11 +90,14 @@ def test_queued_experiment_logs_to_the_repository_and_leaves_nothing_running(tmp
         assert parent.data.tags["dvc.exp_name"] == "lr-up"
         assert parent.info.run_name.startswith("lr-up (")
         assert parent.data.params["train.lr"] == "0.002" and parent.info.status == "FINISHED"
-        stages = {r.data.tags["refvg.stage"]: r for r in runs
-                  if r.data.tags.get("refvg.kind") == "stage"}
+        stages = {
+            r.data.tags["refvg.stage"]: r for r in runs if r.data.tags.get("refvg.kind") == "stage"
+        }
         assert {"train@transvg", "evaluate@transvg", "report"} <= set(stages)
-        assert all(r.data.tags["dvc.exp_name"] == "lr-up" and r.info.status == "FINISHED"
-                   for r in stages.values())
+        assert all(
+            r.data.tags["dvc.exp_name"] == "lr-up" and r.info.status == "FINISHED"
+            for r in stages.values()
+        )
         assert stages["train@transvg"].data.params["train.lr"] == "0.002"
         version = client.get_model_version("refvg-transvg", "1")
         assert version.run_id == stages["train@transvg"].info.run_id

@@ -1,4 +1,5 @@
 """The Prefect flows against Prefect's test harness, logging to a real MLflow sqlite store."""
+
 from __future__ import annotations
 
 import os
@@ -30,13 +31,27 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
     assert len(parents) == 1, "one pipeline = one parent run"
-    children = {r.data.tags["refvg.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"prepare", "detections", "train@transvg", "evaluate@transvg", "train@transvg_blind",
-                             "evaluate@transvg_blind", "report"}
+    children = {
+        r.data.tags["refvg.stage"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
+    assert set(children) == {
+        "prepare",
+        "detections",
+        "train@transvg",
+        "evaluate@transvg",
+        "train@transvg_blind",
+        "evaluate@transvg_blind",
+        "report",
+    }
     assert all(r.info.status == "FINISHED" for r in children.values())
 
     train = children["train@transvg"]
-    assert train.data.params["train.lr"] == str(load_config("params.yaml").train.lr) and train.data.tags["git.commit"]
+    assert (
+        train.data.params["train.lr"] == str(load_config("params.yaml").train.lr)
+        and train.data.tags["git.commit"]
+    )
     history = client.get_metric_history(train.info.run_id, "val/acc_at_0.5")
     assert [m.step for m in history] == [1, 2]  # one point per epoch
     evaluate = children["evaluate@transvg"]
@@ -55,23 +70,44 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
     out = pyfunc.predict(pd.DataFrame({"image": [image], "expression": [rec["sentence"]]}))
     assert list(out.columns) == ["x0", "y0", "x1", "y1"] and len(out) == 1
 
-    # This pipeline's own flow runs, not every run on the session's shared server (earlier tests fail some
-    # on purpose): the pipeline run and its subflows.
+    # This pipeline's own flow runs, not every run on the session's shared server (earlier tests
+    # fail some on purpose): the pipeline run and its subflows.
     pipeline_run = state.state_details.flow_run_id
     with get_client(sync_client=True) as prefect:
-        flow_runs = [prefect.read_flow_run(pipeline_run), *prefect.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run])),
-            limit=200, sort=FlowRunSort.START_TIME_ASC)]
+        flow_runs = [
+            prefect.read_flow_run(pipeline_run),
+            *prefect.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run])
+                ),
+                limit=200,
+                sort=FlowRunSort.START_TIME_ASC,
+            ),
+        ]
         names = [prefect.read_flow(r.flow_id).name for r in flow_runs]
     assert all(r.state.is_completed() for r in flow_runs)
-    assert sorted(names) == sorted(["refvg-pipeline", "prepare", "detections", "train", "evaluate", "train",
-                                    "evaluate", "report"])
+    assert sorted(names) == sorted(
+        [
+            "refvg-pipeline",
+            "prepare",
+            "detections",
+            "train",
+            "evaluate",
+            "train",
+            "evaluate",
+            "report",
+        ]
+    )
 
 
-def test_unreachable_tracking_store_does_not_stop_a_stage(in_tiny, prefect_api, monkeypatch, caplog):
+def test_unreachable_tracking_store_does_not_stop_a_stage(
+    in_tiny, prefect_api, monkeypatch, caplog
+):
     from flows.stages import report_flow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")  # nothing listens on the discard port
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", "http://127.0.0.1:9/"
+    )  # nothing listens on the discard port
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     out = report_flow(params="params.yaml")
@@ -79,8 +115,11 @@ def test_unreachable_tracking_store_does_not_stop_a_stage(in_tiny, prefect_api, 
     assert "runs untracked" in caplog.text
 
 
-def test_unreachable_tracking_store_does_not_stop_training(in_tiny, prefect_api, monkeypatch, caplog, tmp_path):
-    """Every stage with params used to crash here (AttributeError in log_params) instead of running untracked."""
+def test_unreachable_tracking_store_does_not_stop_training(
+    in_tiny, prefect_api, monkeypatch, caplog, tmp_path
+):
+    """Every stage with params used to crash here (AttributeError in log_params) instead of running
+    untracked."""
     import json
 
     from flows.stages import train_flow
@@ -89,8 +128,11 @@ def test_unreachable_tracking_store_does_not_stop_training(in_tiny, prefect_api,
     from tests.helpers import write_params
 
     unlogged = tmp_path / "unlogged"
-    write_params(in_tiny, train={"epochs": 1}, tracking={"unlogged_dir": str(unlogged), "http_retries": 0,
-                                                        "http_timeout_s": 2})
+    write_params(
+        in_tiny,
+        train={"epochs": 1},
+        tracking={"unlogged_dir": str(unlogged), "http_retries": 0, "http_timeout_s": 2},
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")
     out = train_flow(method="transvg", params="params.yaml")
     assert out["best_epoch"] == 1
@@ -99,12 +141,16 @@ def test_unreachable_tracking_store_does_not_stop_training(in_tiny, prefect_api,
     assert "runs untracked" in caplog.text and "not uploaded (still on disk)" in caplog.text
     [saved] = unlogged.glob("train_transvg-no-run-*.json")
     calls = json.loads(saved.read_text())["pending"]
-    assert {m[0] for c in calls if c["kind"] == "metrics" for m in c["metrics"]} >= {"val/acc_at_0.5", "train/loss"}
+    assert {m[0] for c in calls if c["kind"] == "metrics" for m in c["metrics"]} >= {
+        "val/acc_at_0.5",
+        "train/loss",
+    }
     assert any(p[0] == "train.lr" for c in calls if c["kind"] == "params" for p in c["params"])
 
 
 def test_pipeline_runs_the_stages_of_dvc_yaml_in_dvc_repro_order(tmp_path):
-    """flows/pipeline.py keeps no list of its own: its plan is dvc.yaml's stages for the params it is given."""
+    """flows/pipeline.py keeps no list of its own: its plan is dvc.yaml's stages for the params it
+    is given."""
     import shutil
 
     import yaml
@@ -112,19 +158,35 @@ def test_pipeline_runs_the_stages_of_dvc_yaml_in_dvc_repro_order(tmp_path):
     from flows.pipeline import DVC_YAML, STAGE_FUNCTIONS, stage_call, stage_plan
     from tests.helpers import write_params
 
-    params = write_params(tmp_path, methods={"a": {"model": "transvg"}, "b": {"model": "cmsa"}},
-                          distill_methods={"d": {"model": "epmvg"}})
+    params = write_params(
+        tmp_path,
+        methods={"a": {"model": "transvg"}, "b": {"model": "cmsa"}},
+        distill_methods={"d": {"model": "epmvg"}},
+    )
     plan = [name for name, _ in stage_plan(str(params))]
     stages = yaml.safe_load(DVC_YAML.read_text())["stages"]
-    expanded = {f"{g}@{m}" for g, s in stages.items() if "foreach" in s
-                for m in (["a", "b"] if s["foreach"] == "${methods}" else ["d"])}
+    expanded = {
+        f"{g}@{m}"
+        for g, s in stages.items()
+        if "foreach" in s
+        for m in (["a", "b"] if s["foreach"] == "${methods}" else ["d"])
+    }
     assert set(plan) == {g for g, s in stages.items() if "foreach" not in s} | expanded
-    for before, after in [("generate", "prepare"), ("prepare", "train@a"), ("resolve", "train@b"),
-                          ("detections", "train@a"), ("teacher", "train_distill@d"), ("train@a", "evaluate@a"),
-                          ("evaluate@b", "report"), ("evaluate_distill@d", "report")]:
+    for before, after in [
+        ("generate", "prepare"),
+        ("prepare", "train@a"),
+        ("resolve", "train@b"),
+        ("detections", "train@a"),
+        ("teacher", "train_distill@d"),
+        ("train@a", "evaluate@a"),
+        ("evaluate@b", "report"),
+        ("evaluate_distill@d", "report"),
+    ]:
         assert plan.index(before) < plan.index(after), (before, after)
     assert [stage_call(n, c) for n, c in stage_plan(str(params)) if n.endswith("@b")] == [
-        ("flows.train", {"method": "b"}), ("flows.evaluate", {"method": "b"})]
+        ("flows.train", {"method": "b"}),
+        ("flows.evaluate", {"method": "b"}),
+    ]
     assert all(stage_call(n, c)[0] in STAGE_FUNCTIONS for n, c in stage_plan(str(params)))
 
     other = tmp_path / "other.yaml"  # any params file name

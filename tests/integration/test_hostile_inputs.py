@@ -3,6 +3,7 @@ expressions that are not text or absurdly long at inference, and real photos (EX
 greyscale, CMYK, alpha, non-images, decompression bombs, image symlinks leading out of the dataset).
 Each ends in a clear error naming the input, or a counted skip; none in a traceback from deep inside
 torch or PIL. (Reader-level cases: test_refer.py; params.yaml: test_config.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -39,15 +40,22 @@ class _Exploit:
 
 @pytest.fixture
 def untrained(in_tiny):
-    """A checkpoint exactly as training writes best.pt (untrained weights: its content is not the point),
-    beside the prepared tokenizer."""
+    """A checkpoint exactly as training writes best.pt (untrained weights: its content is not the
+    point), beside the prepared tokenizer."""
     cfg = load_config("params.yaml")
     manifest = read_manifest(prepared_path(cfg))
     torch.manual_seed(0)
     model = build_model("transvg", cfg, manifest["vocab_size"], manifest["pad_token_id"])
-    state = {"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "model_name": "transvg",
-             "vocab_size": manifest["vocab_size"], "pad_token_id": manifest["pad_token_id"],
-             "language_blind": False, "best_epoch": 1, "epoch": 1}
+    state = {
+        "model": model.state_dict(),
+        "config": cfg.model_dump(mode="json"),
+        "model_name": "transvg",
+        "vocab_size": manifest["vocab_size"],
+        "pad_token_id": manifest["pad_token_id"],
+        "language_blind": False,
+        "best_epoch": 1,
+        "epoch": 1,
+    }
     folder = in_tiny / "ckpt"
     save_checkpoint(state, folder / "best.pt")
     shutil.copytree(prepared_path(cfg) / "tokenizer", folder / "tokenizer")
@@ -63,20 +71,36 @@ def _tampered(untrained, tmp_path, **changes):
     return out
 
 
-def test_a_checkpoint_that_carries_code_is_refused_everywhere_it_is_read(untrained, tmp_path, capsys):
+def test_a_checkpoint_that_carries_code_is_refused_everywhere_it_is_read(
+    untrained, tmp_path, capsys
+):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": "refvg-checkpoint-v1", "model": _Exploit(marker)}, evil)  # torch's own zip format
+    torch.save(
+        {"format": "refvg-checkpoint-v1", "model": _Exploit(marker)}, evil
+    )  # torch's own zip format
     with pytest.raises(CheckpointError, match="evil.pt: not a refvg checkpoint"):
         load_trained(evil)
     with pytest.raises(SystemExit, match="evil.pt: not a refvg checkpoint"):
-        cli(["predict", str(next((untrained[0].parents[1] / "data/raw/refshapes/images").iterdir())), "a circle",
-             "--model", str(evil)])
+        cli(
+            [
+                "predict",
+                str(next((untrained[0].parents[1] / "data/raw/refshapes/images").iterdir())),
+                "a circle",
+                "--model",
+                str(evil),
+            ]
+        )
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing_keys", "wrong_shapes", "config_of_another_version", "not_a_dict"])
-def test_a_damaged_or_foreign_checkpoint_is_named_not_a_torch_traceback(untrained, tmp_path, damage):
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "missing_keys", "wrong_shapes", "config_of_another_version", "not_a_dict"],
+)
+def test_a_damaged_or_foreign_checkpoint_is_named_not_a_torch_traceback(
+    untrained, tmp_path, damage
+):
     path, state = untrained
     if damage == "truncated":
         bad = tmp_path / "half.pt"
@@ -95,8 +119,15 @@ def test_a_damaged_or_foreign_checkpoint_is_named_not_a_torch_traceback(untraine
         bad = _tampered(untrained, tmp_path, model=weights)
         match = rf"tampered\.pt: cannot rebuild its 'transvg' model: .*{name}"
     elif damage == "config_of_another_version":
-        bad = _tampered(untrained, tmp_path, config={**state["config"], "train": {**state["config"]["train"], "lrr": 1}})
-        match = r"tampered\.pt: cannot rebuild its 'transvg' model: its config: invalid configuration train\.lrr"
+        bad = _tampered(
+            untrained,
+            tmp_path,
+            config={**state["config"], "train": {**state["config"]["train"], "lrr": 1}},
+        )
+        match = (
+            r"tampered\.pt: cannot rebuild its 'transvg' model: its "
+            r"config: invalid configuration train\.lrr"
+        )
     else:
         bad = _tampered(untrained, tmp_path, model=[1, 2, 3])
         match = r"tampered\.pt: cannot rebuild its 'transvg' model"
@@ -120,8 +151,12 @@ def test_evaluate_with_a_foreign_best_checkpoint_names_it(in_tiny):
 # ---------------------------------------------------------------- truncated JPEGs
 
 
-@pytest.mark.parametrize("keep", [0.05, 0.6])  # cut inside the headers; cut in the middle of the scan data
-def test_truncated_jpeg_is_a_counted_skip_or_a_named_error(tiny_workdir, tmp_path, monkeypatch, keep):
+@pytest.mark.parametrize(
+    "keep", [0.05, 0.6]
+)  # cut inside the headers; cut in the middle of the scan data
+def test_truncated_jpeg_is_a_counted_skip_or_a_named_error(
+    tiny_workdir, tmp_path, monkeypatch, keep
+):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_workdir / "data" / "raw", tmp_path / "data" / "raw")
     raw = tmp_path / "data/raw/refshapes"
@@ -138,12 +173,20 @@ def test_truncated_jpeg_is_a_counted_skip_or_a_named_error(tiny_workdir, tmp_pat
     assert manifest["skipped"]["counts"].get("corrupt_image", 0) >= 1
     assert any(jpeg.name in e for e in manifest["skipped"]["examples"])
     baseline = read_manifest(tiny_workdir / "data/prepared/refshapes")
-    on_victim = sum(len(r["sentences"]) for r in load_refs(raw / "refs(unc).p") if r["image_id"] == victim["id"])
+    on_victim = sum(
+        len(r["sentences"]) for r in load_refs(raw / "refs(unc).p") if r["image_id"] == victim["id"]
+    )
     total = lambda m: sum(c["samples"] for c in m["splits"].values())  # noqa: E731
-    assert on_victim > 0 and total(manifest) == total(baseline) - on_victim  # that image's samples only
+    assert (
+        on_victim > 0 and total(manifest) == total(baseline) - on_victim
+    )  # that image's samples only
 
-    with pytest.raises(BadRecordError, match=rf"{jpeg.name}: image {victim['id']} cannot be decoded"):
-        prepare_dataset(load_config(write_params(tmp_path, data={"image_size": 64, "on_bad_record": "error"})))
+    with pytest.raises(
+        BadRecordError, match=rf"{jpeg.name}: image {victim['id']} cannot be decoded"
+    ):
+        prepare_dataset(
+            load_config(write_params(tmp_path, data={"image_size": 64, "on_bad_record": "error"}))
+        )
 
 
 def test_truncated_jpeg_at_inference(untrained, tmp_path):
@@ -169,21 +212,31 @@ def test_truncated_jpeg_at_inference(untrained, tmp_path):
 def test_expressions_that_are_not_text_or_absurdly_long_at_inference(untrained):
     path, state = untrained
     grounder = Grounder(path)
-    image = Image.open(next((path.parents[1] / "data/raw/refshapes/images").iterdir())).convert("RGB")
+    image = Image.open(next((path.parents[1] / "data/raw/refshapes/images").iterdir())).convert(
+        "RGB"
+    )
     limit = grounder.cfg.data.max_expression_chars
-    with pytest.raises(ValueError, match=rf"expression #1: expression_too_long \({10 ** 6} > {limit} chars\)"):
-        grounder.predict([image, image], ["the red circle", "x" * 10 ** 6])
+    with pytest.raises(
+        ValueError, match=rf"expression #1: expression_too_long \({10**6} > {limit} chars\)"
+    ):
+        grounder.predict([image, image], ["the red circle", "x" * 10**6])
     # What Python makes of undecodable bytes in argv or a file read with surrogateescape.
     with pytest.raises(ValueError, match="expression #0: non_utf8_expression"):
         grounder.predict([image], [b"caf\xe9".decode("utf-8", errors="surrogateescape")])
     with pytest.raises(ValueError, match="expression #0: empty_expression"):
         grounder.predict([image], ["   "])
     with pytest.raises(SystemExit, match="refvg predict: expression #0: expression_too_long"):
-        cli(["predict", str(next((path.parents[1] / "data/raw/refshapes/images").iterdir())), "y" * (limit + 1),
-             "--model", str(path)])
+        cli(
+            [
+                "predict",
+                str(next((path.parents[1] / "data/raw/refshapes/images").iterdir())),
+                "y" * (limit + 1),
+                "--model",
+                str(path),
+            ]
+        )
     box = grounder.predict([image], ["  the red circle  "])[0]  # control
     assert box.shape == (4,) and 0 <= box[0] <= box[2] <= image.width
-
 
 
 # ---------------------------------------------------------------- real photos (refvg.data.images)
@@ -279,8 +332,17 @@ def test_a_non_image_or_a_decompression_bomb_is_refused_naming_the_file(tmp_path
 def test_predict_on_a_phone_photo_answers_in_the_upright_frame(untrained, tmp_path, capsys):
     path, _ = untrained
     _phone_jpeg(tmp_path / "phone.jpg")
-    cli(["predict", str(tmp_path / "phone.jpg"), "the red square", "--model", str(path),
-         "--out", str(tmp_path / "drawn.png")])
+    cli(
+        [
+            "predict",
+            str(tmp_path / "phone.jpg"),
+            "the red square",
+            "--model",
+            str(path),
+            "--out",
+            str(tmp_path / "drawn.png"),
+        ]
+    )
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     x0, y0, x1, y1 = payload["box_xyxy"]
     assert 0 <= x0 <= x1 <= 20 and 0 <= y0 <= y1 <= 40  # clipped to the upright 20 x 40 image
@@ -290,8 +352,9 @@ def test_predict_on_a_phone_photo_answers_in_the_upright_frame(untrained, tmp_pa
         cli(["predict", str(tmp_path / "notes.jpg"), "the red square", "--model", str(path)])
 
 
-def test_prepare_refuses_an_image_symlink_leading_out_of_the_image_folder(tiny_workdir, tmp_path,
-                                                                          monkeypatch):
+def test_prepare_refuses_an_image_symlink_leading_out_of_the_image_folder(
+    tiny_workdir, tmp_path, monkeypatch
+):
     from refvg.data.images import UnsafeImagePath, open_dataset_image
     from refvg.data.prepare import ImageJob, Shard, letterbox_shard
 
@@ -311,11 +374,15 @@ def test_prepare_refuses_an_image_symlink_leading_out_of_the_image_folder(tiny_w
     assert open_dataset_image(images / "alias.png", images).size == Image.open(source).size
 
     w, h = Image.open(source).size
-    jobs = tuple(ImageJob(i, str(images / n), w, h, str(images))
-                 for i, n in enumerate(["alias.png", "escape.png", "inside.png"]))
+    jobs = tuple(
+        ImageJob(i, str(images / n), w, h, str(images))
+        for i, n in enumerate(["alias.png", "escape.png", "inside.png"])
+    )
     result = letterbox_shard(Shard("train", 0, jobs, 32, str(tmp_path / "s.npy"), strict=False))
     assert result.image_ids == [0] and {k: v[0] for k, v in result.bad.items()} == {
-        1: "unsafe_image_path", 2: "unsafe_image_path"}
+        1: "unsafe_image_path",
+        2: "unsafe_image_path",
+    }
     with pytest.raises(BadRecordError, match=r"image 1: unsafe_image_path: .*escape\.png"):
         letterbox_shard(Shard("train", 0, jobs[:2], 32, str(tmp_path / "s.npy"), strict=True))
 

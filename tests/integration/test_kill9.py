@@ -1,7 +1,8 @@
-"""kill -9 at the points tests/test_crash_safety.py does not reach: between the two checkpoint writes of an
-epoch's end, inside validation, in a `dvc repro` stage (a stage worker's child), and of both ranks of a
-2-process torchrun. Each time the same command again must end bitwise where an uninterrupted run ends.
-The faults enter through tests/faults.py's `inject` only."""
+"""kill -9 at the points tests/test_crash_safety.py does not reach: between the two checkpoint
+writes of an epoch's end, inside validation, in a `dvc repro` stage (a stage worker's child), and of
+both ranks of a 2-process torchrun. Each time the same command again must end bitwise where an
+uninterrupted run ends. The faults enter through tests/faults.py's `inject` only."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,9 @@ from tests.helpers import project_copy, write_params
 from tests.faults import FAULTS_ENV, sitecustomize_dir, torchrun_train_process, train_process
 
 TIMINGS = ("samples_per_second", "epoch_seconds")
-TRAIN = {"checkpoint_every_steps": 4}  # the tiny set has > 8 steps per epoch: mid-epoch checkpoints at 4, 8, ...
+TRAIN = {
+    "checkpoint_every_steps": 4
+}  # the tiny set has > 8 steps per epoch: mid-epoch checkpoints at 4, 8, ...
 
 
 def _results(history: list[dict]) -> list[dict]:
@@ -30,31 +33,40 @@ def _results(history: list[dict]) -> list[dict]:
 
 
 def _assert_same_end(reference: Path, ckpt: Path) -> None:
-    """last.pt and best.pt of `ckpt` hold what the uninterrupted run's hold: weights and optimizer state
-    bitwise, the per-epoch results (timings aside) and the best epoch."""
+    """last.pt and best.pt of `ckpt` hold what the uninterrupted run's hold: weights and optimizer
+    state bitwise, the per-epoch results (timings aside) and the best epoch."""
     for name in (LAST, BEST):
         ref, got = load_checkpoint(reference / name), load_checkpoint(ckpt / name)
         assert ref["model"].keys() == got["model"].keys()
         differ = [k for k in ref["model"] if not torch.equal(ref["model"][k], got["model"][k])]
-        assert not differ, f"{name}: {len(differ)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
+        assert not differ, (
+            f"{name}: {len(differ)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
+        )
         assert _results(got["history"]) == _results(ref["history"]), name
         assert got["best_epoch"] == ref["best_epoch"], name
     ref, got = load_checkpoint(reference / LAST), load_checkpoint(ckpt / LAST)
-    assert all(torch.equal(a, b) for a, b in zip(ref["optimizer"]["state"][0].values(),
-                                                 got["optimizer"]["state"][0].values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            ref["optimizer"]["state"][0].values(), got["optimizer"]["state"][0].values()
+        )
+    )
 
 
 def _assert_best_on_disk(ckpt: Path) -> None:
     """The resume point never names a best epoch that best.pt does not hold."""
     last = load_checkpoint(ckpt / LAST)
     if last["best_epoch"] >= 1:
-        assert (ckpt / BEST).exists(), f"last.pt records best epoch {last['best_epoch']}, and there is no best.pt"
+        assert (ckpt / BEST).exists(), (
+            f"last.pt records best epoch {last['best_epoch']}, and there is no best.pt"
+        )
         assert load_checkpoint(ckpt / BEST)["epoch"] == last["best_epoch"]
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_workdir, tmp_path_factory) -> Path:
-    """The checkpoint folder of an uninterrupted run with TRAIN (in this process: same code, same seed)."""
+    """The checkpoint folder of an uninterrupted run with TRAIN (in this process: same code, same
+    seed)."""
     folder = tmp_path_factory.mktemp("reference")
     (folder / "data").symlink_to(tiny_workdir / "data")
     cwd = os.getcwd()
@@ -70,10 +82,15 @@ def reference(tiny_workdir, tmp_path_factory) -> Path:
 def test_kill_9_between_the_two_checkpoint_writes_of_an_epoch_end(in_tiny, reference):
     cfg = load_config(write_params(in_tiny, train=TRAIN))
     ckpt = stages.checkpoint_dir(cfg, "transvg")
-    killed = train_process(in_tiny, kill_after_validation_write=1)  # epoch 1's end: one file written, not both
+    killed = train_process(
+        in_tiny, kill_after_validation_write=1
+    )  # epoch 1's end: one file written, not both
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    written = [name for name in (LAST, BEST) if (ckpt / name).exists()
-               and load_checkpoint(ckpt / name)["epoch"] == 1]
+    written = [
+        name
+        for name in (LAST, BEST)
+        if (ckpt / name).exists() and load_checkpoint(ckpt / name)["epoch"] == 1
+    ]
     assert len(written) == 1, f"epoch 1's end should have written exactly one file, not {written}"
     _assert_best_on_disk(ckpt)
 
@@ -86,7 +103,9 @@ def test_kill_9_between_the_two_checkpoint_writes_of_an_epoch_end(in_tiny, refer
 def test_kill_9_during_validation(in_tiny, reference):
     cfg = load_config(write_params(in_tiny, train=TRAIN))
     ckpt = stages.checkpoint_dir(cfg, "transvg")
-    killed = train_process(in_tiny, kill_in_validation=2)  # epoch 2's validation, its scores computed
+    killed = train_process(
+        in_tiny, kill_in_validation=2
+    )  # epoch 2's validation, its scores computed
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     state = load_checkpoint(ckpt / LAST)
     # The epoch whose validation was cut is not recorded as done: the resume point is inside it.
@@ -123,22 +142,40 @@ def test_kill_9_of_both_ranks_under_torchrun_then_the_same_command(in_tiny):
 
 @pytest.mark.e2e
 def test_kill_9_in_a_dvc_repro_stage_then_dvc_repro_again(tmp_path, prefect_api):
-    """`dvc repro train@transvg` with its training (a stage worker's child) killed mid-epoch 1, then `dvc repro`
-    again: the stage resumes from its persisted last.pt and ends bitwise where an uninterrupted run ends."""
+    """`dvc repro train@transvg` with its training (a stage worker's child) killed mid-epoch 1, then
+    `dvc repro`
+    again: the stage resumes from its persisted last.pt and ends bitwise where an uninterrupted run
+    ends."""
     repo = project_copy(tmp_path / "repo", train=TRAIN)
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_api,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
-           "PYTHONPATH": str(sitecustomize_dir(tmp_path / "site")), "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_API_URL": prefect_api,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "PYTHONPATH": str(sitecustomize_dir(tmp_path / "site")),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
 
     def sh(*cmd: str, fault: str = "", ok: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, cwd=repo, env={**env, FAULTS_ENV: fault}, capture_output=True, text=True)
-        assert (proc.returncode == 0) == ok, f"{' '.join(cmd)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        proc = subprocess.run(
+            cmd, cwd=repo, env={**env, FAULTS_ENV: fault}, capture_output=True, text=True
+        )
+        assert (proc.returncode == 0) == ok, (
+            f"{' '.join(cmd)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
         return proc
 
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
         sh(*cmd)
     cfg = load_config(repo / "params.yaml")
     ckpt = repo / stages.checkpoint_dir(cfg, "transvg")
@@ -153,16 +190,26 @@ def test_kill_9_in_a_dvc_repro_stage_then_dvc_repro_again(tmp_path, prefect_api)
     assert (state["epoch"], state["progress"]["step"]) == (0, 4)
 
     done = sh("dvc", "repro", "train@transvg")
-    assert "Running stage 'train@transvg'" in done.stdout and "Running stage 'prepare'" not in done.stdout
-    assert "after 0 epochs and 4 steps" in done.stderr, done.stderr[-3000:]  # DVC kept last.pt (persist)
+    assert (
+        "Running stage 'train@transvg'" in done.stdout
+        and "Running stage 'prepare'" not in done.stdout
+    )
+    assert "after 0 epochs and 4 steps" in done.stderr, done.stderr[
+        -3000:
+    ]  # DVC kept last.pt (persist)
     last_stage = json.loads((repo / ".refvg/timings.jsonl").read_text().splitlines()[-1])
-    assert last_stage["args"]["method"] == "transvg" and last_stage["via_worker"], last_stage  # a worker's child
+    assert last_stage["args"]["method"] == "transvg" and last_stage["via_worker"], (
+        last_stage
+    )  # a worker's child
 
-    # The reference: the same training uninterrupted, on the data the pipeline prepared, in another folder.
+    # The reference: the same training uninterrupted, on the data the pipeline prepared, in another
+    # folder.
     cwd = os.getcwd()
     os.chdir(repo)
     try:
-        ref_params = write_params(tmp_path, train={**TRAIN, "checkpoint_dir": str(tmp_path / "ref")})
+        ref_params = write_params(
+            tmp_path, train={**TRAIN, "checkpoint_dir": str(tmp_path / "ref")}
+        )
         stages.train_method(load_config(ref_params), "transvg")
     finally:
         os.chdir(cwd)

@@ -1,7 +1,8 @@
-"""MAttNet + CM-Erase end to end on the tiny set, through the Prefect flows (test harness) and a real MLflow
-sqlite store: the detections stage (stand-in file + per-method stamps), then train and evaluate
-mattnet_erase on those detections -> metrics JSON with the candidate recall per split, the attention figure,
-the report's ranking table."""
+"""MAttNet + CM-Erase end to end on the tiny set, through the Prefect flows (test harness) and a
+real MLflow sqlite store: the detections stage (stand-in file + per-method stamps), then train and
+evaluate mattnet_erase on those detections -> metrics JSON with the candidate recall per split, the
+attention figure, the report's ranking table."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,17 @@ from refvg import stages
 from refvg.config import load_config
 from tests.helpers import write_params
 
-DETS = {"source": "detections", "detections_file": "dets/refshapes.json"}  # not under data/: the shared tiny set
+DETS = {
+    "source": "detections",
+    "detections_file": "dets/refshapes.json",
+}  # not under data/: the shared tiny set
 METHODS = {
     "transvg": {"model": "transvg"},
-    "mattnet_erase_det": {"model": "mattnet", "config": {"d_model": 16}, "overrides": {"proposals": DETS}},
+    "mattnet_erase_det": {
+        "model": "mattnet",
+        "config": {"d_model": 16},
+        "overrides": {"proposals": DETS},
+    },
 }
 
 
@@ -28,8 +36,12 @@ def _runs(client: MlflowClient, stage: str):
 def test_detections_then_mattnet_erase_train_evaluate_report(in_tiny, prefect_api, mlflow_uri):
     from flows.stages import detections_flow, evaluate_flow, train_flow
 
-    write_params(Path.cwd(), methods=METHODS, train={"epochs": 1},
-                 detections={"dir": "dets", "drop_rate": 0.2, "false_positives": 2})
+    write_params(
+        Path.cwd(),
+        methods=METHODS,
+        train={"epochs": 1},
+        detections={"dir": "dets", "drop_rate": 0.2, "false_positives": 2},
+    )
     cfg = load_config("params.yaml")
 
     out = detections_flow(params="params.yaml")
@@ -38,7 +50,9 @@ def test_detections_then_mattnet_erase_train_evaluate_report(in_tiny, prefect_ap
     stamps = Path(cfg.detections.dir) / "methods"
     det_stamp = json.loads((stamps / "mattnet_erase_det.json").read_text())
     assert det_stamp["source"] == "detections" and len(det_stamp["sha256"]) == 64
-    assert json.loads((stamps / "transvg.json").read_text()) == {"source": "gt"}  # untouched by new detections
+    assert json.loads((stamps / "transvg.json").read_text()) == {
+        "source": "gt"
+    }  # untouched by new detections
 
     trained = train_flow(method="mattnet_erase_det", params="params.yaml")
     assert 0 <= trained["best_score"] <= 1
@@ -48,8 +62,12 @@ def test_detections_then_mattnet_erase_train_evaluate_report(in_tiny, prefect_ap
     for split in ("val", "testA", "testB"):
         m = payload["splits"][split]
         c = m["candidates"]
-        assert 0 < c["target_recall"] < 1 and c["misses"] > 0  # drop_rate 0.2: some targets were not detected
-        assert m["acc@0.5"] <= c["target_recall"] + 1e-9  # a missed target can never be ranked first
+        assert (
+            0 < c["target_recall"] < 1 and c["misses"] > 0
+        )  # drop_rate 0.2: some targets were not detected
+        assert (
+            m["acc@0.5"] <= c["target_recall"] + 1e-9
+        )  # a missed target can never be ranked first
     assert (Path(cfg.eval.plots_dir) / "mattnet_erase_det" / "qualitative.png").stat().st_size > 0
 
     client = MlflowClient(mlflow_uri)
@@ -66,4 +84,7 @@ def test_detections_then_mattnet_erase_train_evaluate_report(in_tiny, prefect_ap
 
     report = stages.report(cfg).read_text()
     v = payload["splits"]["val"]
-    assert f"| mattnet_erase_det | detections | {v['acc@0.5']:.3f} / {v['candidates']['target_recall']:.3f} |" in report
+    assert (
+        f"| mattnet_erase_det | detections | {v['acc@0.5']:.3f} / "
+        f"{v['candidates']['target_recall']:.3f} |" in report
+    )

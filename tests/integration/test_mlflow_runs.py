@@ -1,6 +1,7 @@
 """What a user finds in MLflow: the pipeline's parent run closed with its stages' outcome and
 carrying the report, an experiment that opens as a model-training one, the store of the repository
 whichever DVC workspace a stage runs in, and a registered model version per training run."""
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,9 @@ def test_parent_run_takes_the_outcome_of_its_latest_stage(tmp_path, monkeypatch,
     assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
 
 
-def test_experiment_kind_set_on_an_old_experiment_and_a_users_choice_kept(tmp_path, monkeypatch,
-                                                                          mlflow_uri):
+def test_experiment_kind_set_on_an_old_experiment_and_a_users_choice_kept(
+    tmp_path, monkeypatch, mlflow_uri
+):
     monkeypatch.chdir(tmp_path)
     client = MlflowClient(mlflow_uri)
     client.create_experiment("refvg")  # as an earlier refvg (or MLflow's UI) created it: no kind
@@ -101,8 +103,9 @@ def test_every_workspace_of_a_repository_logs_to_its_store(tmp_path, monkeypatch
 
 
 @pytest.mark.e2e
-def test_pipeline_parent_run_is_finished_with_the_report_and_models_registered(in_tiny, prefect_api,
-                                                                                mlflow_uri):
+def test_pipeline_parent_run_is_finished_with_the_report_and_models_registered(
+    in_tiny, prefect_api, mlflow_uri
+):
     import mlflow
 
     from flows.pipeline import pipeline_flow
@@ -124,7 +127,9 @@ def test_pipeline_parent_run_is_finished_with_the_report_and_models_registered(i
     assert "| transvg |" in parent.data.tags["mlflow.note.content"]
     assert parent.data.tags["mlflow.note.content"] == summary
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
-        "report/summary.md", "report/comparison.png"}
+        "report/summary.md",
+        "report/comparison.png",
+    }
     local = client.download_artifacts(parent.info.run_id, "report/summary.md", str(in_tiny / "dl"))
     assert Path(local).read_text() == summary
     evaluate = next(r for r in children if r.data.tags["refvg.stage"] == "evaluate@transvg")

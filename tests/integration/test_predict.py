@@ -1,5 +1,7 @@
-"""`refvg predict IMAGE "expression" --model ...`: the box (and the mask of a segmenting model) printed in the
-image's pixels and drawn on it. Loading a registered MLflow model is covered in test_storage (its files in S3)."""
+"""`refvg predict IMAGE "expression" --model ...`: the box (and the mask of a segmenting model)
+printed in the image's pixels and drawn on it. Loading a registered MLflow model is covered in
+test_storage (its files in S3)."""
+
 from __future__ import annotations
 
 import json
@@ -25,19 +27,19 @@ RED = (255, 0, 0)
 
 @register_model("test_segmenting_transvg", config=TransVGConfig)
 class _SegmentingTransVG(TransVG):
-    """TransVG plus a mask output in the CMSA convention ("pred_masks": logits over the letterboxed square):
-    here, positive exactly inside the predicted box, so the printed mask can be checked against the box."""
+    """TransVG plus a mask output in the CMSA convention ("pred_masks": logits over the letterboxed
+    square): here, positive exactly inside the predicted box, so the printed mask can be checked
+    against the box."""
 
     def forward(self, batch):
         out = super().forward(batch)
         s = batch["image"].shape[-2]
         cx, cy, w, h = out.pred_boxes.unbind(-1)
         grid = (torch.arange(s, dtype=torch.float32) + 0.5) / s
-        inside_x = ((grid[None] - cx[:, None]).abs() <= w[:, None] / 2)
-        inside_y = ((grid[None] - cy[:, None]).abs() <= h[:, None] / 2)
+        inside_x = (grid[None] - cx[:, None]).abs() <= w[:, None] / 2
+        inside_y = (grid[None] - cy[:, None]).abs() <= h[:, None] / 2
         out.pred_masks = torch.where(inside_y[:, :, None] & inside_x[:, None, :], 10.0, -10.0)
         return out
-
 
 
 def _sample(cfg):
@@ -54,15 +56,19 @@ def test_predict_prints_the_box_and_draws_it(in_tiny, capsys):
     cfg = load_config("params.yaml")
     ckpt = untrained_checkpoint(cfg, in_tiny / "ckpt")
     image_path, sentence = _sample(cfg)
-    out = _predict(capsys, image_path, sentence, "--model", str(ckpt.parent))  # the folder works too
+    out = _predict(
+        capsys, image_path, sentence, "--model", str(ckpt.parent)
+    )  # the folder works too
     image = Image.open(image_path)
     x0, y0, x1, y1 = out["box_xyxy"]
     assert 0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height and "mask" not in out
     drawn = np.asarray(Image.open(out["drawn"]))
-    assert out["drawn"] == f"outputs/predict/{os.path.splitext(os.path.basename(image_path))[0]}.png"
+    assert (
+        out["drawn"] == f"outputs/predict/{os.path.splitext(os.path.basename(image_path))[0]}.png"
+    )
     assert drawn.shape[:2] == (image.height, image.width)
-    # What changed is the outline of the printed box, red along all four sides, and nothing else (the
-    # image is full of red shapes: one red pixel proves nothing).
+    # What changed is the outline of the printed box, red along all four sides, and nothing else
+    # (the image is full of red shapes: one red pixel proves nothing).
     changed = (drawn.astype(int) != np.asarray(image.convert("RGB")).astype(int)).any(-1)
     ys, xs = np.nonzero(changed)
     band = max(image.size) / 150 + 2  # the line's width, drawn inwards, and rounding
@@ -70,11 +76,21 @@ def test_predict_prints_the_box_and_draws_it(in_tiny, capsys):
     assert len(xs) and (depth >= -1).all() and (depth <= band).all(), "drawn off the box's outline"
     h, w = image.height, image.width
     red = (drawn == RED).all(-1)
-    near = lambda v, n: {min(max(int(v) + d, 0), n - 1) for d in (-1, 0, 1)}  # where the line's edge lies
+
+    def near(v, n):  # where the line's edge lies
+        return {min(max(int(v) + d, 0), n - 1) for d in (-1, 0, 1)}
+
     cols, rows = slice(int(x0) + 1, int(x1)), slice(int(y0) + 1, int(y1))
-    sides = [max(red[y, cols].mean() for y in near(y0, h)), max(red[y, cols].mean() for y in near(y1, h)),
-             max(red[rows, x].mean() for x in near(x0, w)), max(red[rows, x].mean() for x in near(x1, w))]
-    assert all(side == 1.0 for side in sides if not np.isnan(side)), ("outline along all four sides", sides)
+    sides = [
+        max(red[y, cols].mean() for y in near(y0, h)),
+        max(red[y, cols].mean() for y in near(y1, h)),
+        max(red[rows, x].mean() for x in near(x0, w)),
+        max(red[rows, x].mean() for x in near(x1, w)),
+    ]
+    assert all(side == 1.0 for side in sides if not np.isnan(side)), (
+        "outline along all four sides",
+        sides,
+    )
 
 
 def test_predict_prints_and_draws_the_mask_of_a_segmenting_model(in_tiny, capsys):
@@ -83,20 +99,31 @@ def test_predict_prints_and_draws_the_mask_of_a_segmenting_model(in_tiny, capsys
     cfg = load_config("params.yaml")
     ckpt = untrained_checkpoint(cfg, in_tiny / "seg", model_name="test_segmenting_transvg")
     image_path, sentence = _sample(cfg)
-    out = _predict(capsys, image_path, sentence, "--model", str(ckpt), "--out", str(in_tiny / "seg.png"))
+    out = _predict(
+        capsys, image_path, sentence, "--model", str(ckpt), "--out", str(in_tiny / "seg.png")
+    )
     image = Image.open(image_path)
-    mask = mask_utils.decode({"size": out["mask"]["size"], "counts": out["mask"]["counts"].encode()})
+    mask = mask_utils.decode(
+        {"size": out["mask"]["size"], "counts": out["mask"]["counts"].encode()}
+    )
     assert mask.shape == (image.height, image.width) and mask.sum() == out["mask"]["area"] > 0
     ys, xs = np.nonzero(mask)
     x0, y0, x1, y1 = out["box_xyxy"]
-    # The mask was the box in the square: back in the image, it lies on the printed box (within a pixel
-    # or two of resampling).
-    assert abs(xs.min() - x0) <= 2 and abs(xs.max() + 1 - x1) <= 2 and abs(ys.min() - y0) <= 2 and abs(ys.max() + 1 - y1) <= 2
+    # The mask was the box in the square: back in the image, it lies on the printed box (within a
+    # pixel or two of resampling).
+    assert (
+        abs(xs.min() - x0) <= 2
+        and abs(xs.max() + 1 - x1) <= 2
+        and abs(ys.min() - y0) <= 2
+        and abs(ys.max() + 1 - y1) <= 2
+    )
     drawn = np.asarray(Image.open(in_tiny / "seg.png")).astype(int)
     inner = mask.astype(bool).copy()
-    inner[:, : int(x0) + 3] = inner[:, int(x1) - 3:] = False  # away from the outline
-    inner[: int(y0) + 3] = inner[int(y1) - 3:] = False
-    assert inner.sum() > 10, out  # seeded: the untrained model's box is large enough to have an inside
+    inner[:, : int(x0) + 3] = inner[:, int(x1) - 3 :] = False  # away from the outline
+    inner[: int(y0) + 3] = inner[int(y1) - 3 :] = False
+    assert inner.sum() > 10, (
+        out
+    )  # seeded: the untrained model's box is large enough to have an inside
     original = np.asarray(image.convert("RGB")).astype(int)
     assert (drawn[inner][:, 0] >= original[inner][:, 0]).all(), "the mask is tinted red"
     assert (drawn[inner] != original[inner]).any()
@@ -110,7 +137,9 @@ def test_mask_goes_back_to_the_original_pixels():
     ys, xs = np.nonzero(mask)
     assert mask.shape == (50, 100)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == pytest.approx((25, 49, 12, 24), abs=1)
-    low_res = mask_to_original(logits[::4, ::4], lb)  # a coarser mask head gives the same region, roughly
+    low_res = mask_to_original(
+        logits[::4, ::4], lb
+    )  # a coarser mask head gives the same region, roughly
     assert (low_res & mask).sum() / (low_res | mask).sum() > 0.7
 
 

@@ -1,6 +1,7 @@
-"""Parallel `prepare`: the image work cut into shards (library), mapped as Prefect tasks over Dask worker
-processes or threads (flow). Whatever runs the shards, the prepared dataset is the same as the one-process
-path, bad images included."""
+"""Parallel `prepare`: the image work cut into shards (library), mapped as Prefect tasks over Dask
+worker processes or threads (flow). Whatever runs the shards, the prepared dataset is the same as
+the one-process path, bad images included."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,10 @@ from tests.helpers import write_params
 def _split_arrays(prepared) -> dict:
     out = {}
     for split_dir in sorted(p for p in prepared.iterdir() if p.is_dir() and p.name != "tokenizer"):
-        out[split_dir.name] = (np.load(split_dir / "images.npy"), json.loads((split_dir / "samples.json").read_text()))
+        out[split_dir.name] = (
+            np.load(split_dir / "images.npy"),
+            json.loads((split_dir / "samples.json").read_text()),
+        )
         assert not list(split_dir.glob(".shard-*")), "shard files must not outlive the merge"
     return out
 
@@ -46,17 +50,44 @@ def raw_with_a_bad_image(tiny_workdir, tmp_path, monkeypatch):
 def test_plan_cuts_every_split_and_a_shard_reports_bad_images(raw_with_a_bad_image, tmp_path):
     from refvg.data.prepare import ImageJob
 
-    jobs = {"train": [ImageJob(i, f"img{i}.png", 10, 10) for i in range(10)], "val": [ImageJob(99, "v.png", 10, 10)]}
+    jobs = {
+        "train": [ImageJob(i, f"img{i}.png", 10, 10) for i in range(10)],
+        "val": [ImageJob(99, "v.png", 10, 10)],
+    }
     shards = plan_shards(jobs, 32, tmp_path / "out", num_shards=4, strict=False)
-    assert [(s.split, len(s.jobs)) for s in shards] == [("train", 3), ("train", 3), ("train", 3), ("train", 1), ("val", 1)]
-    assert [j for s in shards for j in s.jobs] == jobs["train"] + jobs["val"]  # nothing lost, order kept
+    assert [(s.split, len(s.jobs)) for s in shards] == [
+        ("train", 3),
+        ("train", 3),
+        ("train", 3),
+        ("train", 1),
+        ("val", 1),
+    ]
+    assert [j for s in shards for j in s.jobs] == jobs["train"] + jobs[
+        "val"
+    ]  # nothing lost, order kept
 
-    result = letterbox_shard(Shard("train", 0, (ImageJob(7, str(raw_with_a_bad_image), 64, 64),), 32,
-                                   str(tmp_path / "s.npy"), strict=False))
+    result = letterbox_shard(
+        Shard(
+            "train",
+            0,
+            (ImageJob(7, str(raw_with_a_bad_image), 64, 64),),
+            32,
+            str(tmp_path / "s.npy"),
+            strict=False,
+        )
+    )
     assert result.image_ids == [] and result.bad[7][0] == "corrupt_image"
     with pytest.raises(BadRecordError, match=raw_with_a_bad_image.name):
-        letterbox_shard(Shard("train", 0, (ImageJob(7, str(raw_with_a_bad_image), 64, 64),), 32,
-                              str(tmp_path / "s.npy"), strict=True))
+        letterbox_shard(
+            Shard(
+                "train",
+                0,
+                (ImageJob(7, str(raw_with_a_bad_image), 64, 64),),
+                32,
+                str(tmp_path / "s.npy"),
+                strict=True,
+            )
+        )
 
 
 PIDS_ENV = "REFVG_TEST_SHARD_PIDS"
@@ -70,19 +101,25 @@ def _letterbox_noting_pid(shard: Shard):
 
 
 @pytest.mark.parametrize("runner", ["dask", "threads"])
-def test_prepare_flow_maps_shards_and_matches_one_process(raw_with_a_bad_image, tmp_path, prefect_api, mlflow_uri,
-                                                          runner, monkeypatch):
+def test_prepare_flow_maps_shards_and_matches_one_process(
+    raw_with_a_bad_image, tmp_path, prefect_api, mlflow_uri, runner, monkeypatch
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
     from flows.stages import prepare_flow
 
-    cfg = load_config(write_params(tmp_path, data={"image_size": 64, "prepared_dir": "data/sequential"}))
+    cfg = load_config(
+        write_params(tmp_path, data={"image_size": 64, "prepared_dir": "data/sequential"})
+    )
     reference = prepare_dataset(cfg)  # one process, one shard per split
 
-    write_params(tmp_path, data={"image_size": 64, "prepared_dir": "data/sharded"},
-                 parallel={"prepare_shards": 5, "prepare_runner": runner, "prepare_workers": 2})
+    write_params(
+        tmp_path,
+        data={"image_size": 64, "prepared_dir": "data/sharded"},
+        parallel={"prepare_shards": 5, "prepare_runner": runner, "prepare_workers": 2},
+    )
     pids = tmp_path / "shard_pids.txt"
     monkeypatch.setenv(PIDS_ENV, str(pids))
     monkeypatch.setattr("refvg.data.prepare.letterbox_shard", _letterbox_noting_pid)
@@ -94,20 +131,31 @@ def test_prepare_flow_maps_shards_and_matches_one_process(raw_with_a_bad_image, 
     else:
         assert set(ran_in) == {str(os.getpid())}, ran_in
     manifest = state.result()["manifest"]
-    assert manifest["skipped"] == reference["skipped"] and manifest["skipped"]["counts"]["corrupt_image"] >= 1
+    assert (
+        manifest["skipped"] == reference["skipped"]
+        and manifest["skipped"]["counts"]["corrupt_image"] >= 1
+    )
     assert manifest["splits"] == reference["splits"]
-    _assert_same(_split_arrays(prepared_path(load_config("params.yaml"))), _split_arrays(prepared_path(cfg)))
+    _assert_same(
+        _split_arrays(prepared_path(load_config("params.yaml"))), _split_arrays(prepared_path(cfg))
+    )
 
-    # Task-run states reach the server as events, recorded asynchronously: wait until it has the last ones
-    # (the ceiling only bounds a hang; on a busy machine the events can take a minute).
+    # Task-run states reach the server as events, recorded asynchronously: wait until it has the
+    # last ones (the ceiling only bounds a hang; on a busy machine the events can take a minute).
     deadline = time.monotonic() + 600
     while True:
         with get_client(sync_client=True) as client:
             tasks = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                ),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+                limit=200,
+            )
         shards = [t for t in tasks if t.name.startswith("letterbox-")]
-        done = len(shards) >= 5 and all(t.state is not None and t.state.is_completed() for t in shards)
+        done = len(shards) >= 5 and all(
+            t.state is not None and t.state.is_completed() for t in shards
+        )
         if done or time.monotonic() > deadline:
             break
         time.sleep(0.5)

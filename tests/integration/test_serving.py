@@ -1,6 +1,7 @@
 """The registered model served by `mlflow models serve`: a JSON request carrying the image as base64
 gets a box; a path, which would let any client make the server open any file it can read, is
 refused, and so is a row that is not an image, each with a short error."""
+
 from __future__ import annotations
 
 import base64
@@ -33,8 +34,9 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.loads(resp.read())
@@ -78,55 +80,100 @@ def test_paths_only_when_the_operator_allows_them(registered_model):
     served = mlflow.pyfunc.load_model(registered_model["uri"])  # as the server loads it
     with pytest.raises(MlflowException, match="row 0: image must be the image file's bytes"):
         served.predict(pd.DataFrame({"image": [str(image)], "expression": ["the red circle"]}))
-    by_bytes = served.predict(pd.DataFrame({"image": [image.read_bytes()],
-                                            "expression": ["the red circle"]}))
-    trusted = mlflow.pyfunc.load_model(registered_model["uri"],
-                                       model_config={"allow_image_paths": True})
-    by_path = trusted.predict(pd.DataFrame({"image": [str(image)],
-                                            "expression": ["the red circle"]}))
+    by_bytes = served.predict(
+        pd.DataFrame({"image": [image.read_bytes()], "expression": ["the red circle"]})
+    )
+    trusted = mlflow.pyfunc.load_model(
+        registered_model["uri"], model_config={"allow_image_paths": True}
+    )
+    by_path = trusted.predict(
+        pd.DataFrame({"image": [str(image)], "expression": ["the red circle"]})
+    )
     assert by_path.equals(by_bytes) and list(by_path.columns) == ["x0", "y0", "x1", "y1"]
 
 
 def test_mlflow_models_serve_answers_a_base64_image(registered_model, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered_model["tracking_uri"],
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registered_model["tracking_uri"],
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_PYFUNC_INFERENCE_CONFIG", None)
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", registered_model["uri"],
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                registered_model["uri"],
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         _wait_until_up(url, proc, log)
         image = registered_model["image"]
         b64 = base64.b64encode(image.read_bytes()).decode()
-        status, body = _post(f"{url}/invocations", {"dataframe_split": {
-            "columns": ["image", "expression"],
-            "data": [[b64, "the red circle"], [b64, "the blue square"]]}})
+        status, body = _post(
+            f"{url}/invocations",
+            {
+                "dataframe_split": {
+                    "columns": ["image", "expression"],
+                    "data": [[b64, "the red circle"], [b64, "the blue square"]],
+                }
+            },
+        )
         assert status == 200, body
         rows = body["predictions"]
         assert len(rows) == 2 and set(rows[0]) == {"x0", "y0", "x1", "y1"}
         from PIL import Image
 
         width, height = Image.open(image).size
-        assert all(0 <= r["x0"] <= r["x1"] <= width and 0 <= r["y0"] <= r["y1"] <= height
-                   for r in rows)
+        assert all(
+            0 <= r["x0"] <= r["x1"] <= width and 0 <= r["y0"] <= r["y1"] <= height for r in rows
+        )
 
         # A path is not opened: base64 of the path's text, as a client would send it, is no image.
         secret = tmp_path / "secret.png"
         secret.write_bytes(image.read_bytes())
         b64_path = base64.b64encode(str(secret).encode()).decode()
-        status, body = _post(f"{url}/invocations", {"dataframe_split": {
-            "columns": ["image", "expression"],
-            "data": [[b64, "the red circle"], [b64_path, "the red circle"]]}})
+        status, body = _post(
+            f"{url}/invocations",
+            {
+                "dataframe_split": {
+                    "columns": ["image", "expression"],
+                    "data": [[b64, "the red circle"], [b64_path, "the red circle"]],
+                }
+            },
+        )
         assert status == 400 and "row 1: cannot read the image" in body["message"], body
         assert "Traceback" not in json.dumps(body) and len(body["message"]) < 2000
-        status, body = _post(f"{url}/invocations", {"dataframe_split": {  # the path as plain text
-            "columns": ["image", "expression"], "data": [[str(secret), "the red circle"]]}})
+        status, body = _post(
+            f"{url}/invocations",
+            {
+                "dataframe_split": {  # the path as plain text
+                    "columns": ["image", "expression"],
+                    "data": [[str(secret), "the red circle"]],
+                }
+            },
+        )
         assert status == 400 and "predictions" not in body, body
     finally:
         try:

@@ -1,6 +1,7 @@
-"""The CLIP teacher trains through the one training loop (refvg.engine.trainer): kill -9 mid-epoch then
-the same command again ends bitwise like an uninterrupted run; best.pt is the epoch its held-out caption
-retrieval picks; the non-finite guard covers it."""
+"""The CLIP teacher trains through the one training loop (refvg.engine.trainer): kill -9 mid-epoch
+then the same command again ends bitwise like an uninterrupted run; best.pt is the epoch its
+held-out caption retrieval picks; the non-finite guard covers it."""
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,29 @@ from tests.helpers import write_params
 from tests.faults import teacher_process
 
 # 64 training images in batches of 16: 4 steps an epoch, last.pt every 2 steps
-TEACHER = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "projection_dim": 16,
-           "epochs": 2, "batch_size": 16, "warmup_steps": 2, "corpus_images": 80, "corpus_held_out": 16}
+TEACHER = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "projection_dim": 16,
+    "epochs": 2,
+    "batch_size": 16,
+    "warmup_steps": 2,
+    "corpus_images": 80,
+    "corpus_held_out": 16,
+}
 EPMVG = {"epmvg": {"model": "epmvg"}}
 TIMINGS = ("samples_per_second", "epoch_seconds")
 
 
 def _teacher_params(folder: Path, **teacher) -> None:
-    write_params(folder, teacher={**TEACHER, **teacher}, distill_methods=EPMVG, train={"checkpoint_every_steps": 2})
+    write_params(
+        folder,
+        teacher={**TEACHER, **teacher},
+        distill_methods=EPMVG,
+        train={"checkpoint_every_steps": 2},
+    )
 
 
 def _results(history: list[dict]) -> list[dict]:
@@ -69,16 +85,24 @@ def test_teacher_keeps_its_best_epoch_and_its_metric_names(in_tiny):
     _teacher_params(in_tiny, epochs=3)
     cfg = load_config("params.yaml")
     epochs = []
-    result = stages.teacher(cfg, on_epoch_end=lambda metrics, epoch: epochs.append((epoch, metrics)))
+    result = stages.teacher(
+        cfg, on_epoch_end=lambda metrics, epoch: epochs.append((epoch, metrics))
+    )
     out = Path(result["out_dir"])
-    assert [e for e, _ in epochs] == [1, 2, 3] and [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert [e for e, _ in epochs] == [1, 2, 3] and [h["epoch"] for h in result["history"]] == [
+        1,
+        2,
+        3,
+    ]
     # the teacher's own names, as before it trained through the shared loop
     assert {"train/loss", "corpus/text_recall@1", "val/recall@1", "lr"} <= set(epochs[0][1])
     best = load_checkpoint(out / ct.TRAINING_DIR / BEST)
     recalls = [h[ct.SELECT_METRIC] for h in result["history"]]
     assert best["best_epoch"] == 1 + recalls.index(max(recalls))
     saved = _weights(out)
-    assert all(torch.equal(saved[k], best["model"][f"clip.{k}"]) for k in saved)  # the model/ folder is best.pt
+    assert all(
+        torch.equal(saved[k], best["model"][f"clip.{k}"]) for k in saved
+    )  # the model/ folder is best.pt
     assert result["corpus"]["text_recall@1"] == max(recalls)
 
     # A rerun of the finished run trains nothing and replays the history.
@@ -107,6 +131,12 @@ def test_teacher_run_maps_its_section_onto_the_trainer(in_tiny):
     _teacher_params(in_tiny, epochs=4, lr=0.005, warmup_steps=7, seed=3)
     cfg = load_config("params.yaml")
     run = ct.teacher_run(cfg).train
-    assert (run.epochs, run.batch_size, run.lr, run.warmup_steps, run.seed, run.schedule) == \
-        (4, 16, 0.005, 7, 3, "cosine")
+    assert (run.epochs, run.batch_size, run.lr, run.warmup_steps, run.seed, run.schedule) == (
+        4,
+        16,
+        0.005,
+        7,
+        3,
+        "cosine",
+    )
     assert run.grad_clip == cfg.train.grad_clip and run.checkpoint_every_steps == 2

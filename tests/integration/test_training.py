@@ -1,4 +1,6 @@
-"""Prepare -> dataset -> train -> evaluate -> report through the library (no orchestration), on the tiny set."""
+"""Prepare -> dataset -> train -> evaluate -> report through the library (no orchestration), on the
+tiny set."""
+
 from __future__ import annotations
 
 import json
@@ -49,7 +51,9 @@ def test_batch_contract_and_blind_control(in_tiny):
 def test_train_evaluate_report(in_tiny):
     cfg = load_config("params.yaml")
     epochs_seen = []
-    result = stages.train_method(cfg, "transvg", on_epoch_end=lambda m, e: epochs_seen.append((e, m)))
+    result = stages.train_method(
+        cfg, "transvg", on_epoch_end=lambda m, e: epochs_seen.append((e, m))
+    )
     assert [e for e, _ in epochs_seen] == [1, 2] and result.best_checkpoint.exists()
     assert {"train/loss", "train/l1", "train/giou", "val/acc@0.5", "lr"} <= set(epochs_seen[0][1])
     assert np.isfinite(epochs_seen[-1][1]["train/loss"])
@@ -60,7 +64,10 @@ def test_train_evaluate_report(in_tiny):
     payload = json.loads(rep.metrics_path.read_text())
     assert set(payload["splits"]) == {"val", "testA", "testB"}
     val = payload["splits"]["val"]
-    assert 0 <= val["acc@0.5"] <= 1 and val["n"] == read_manifest(prepared_path(cfg))["splits"]["val"]["samples"]
+    assert (
+        0 <= val["acc@0.5"] <= 1
+        and val["n"] == read_manifest(prepared_path(cfg))["splits"]["val"]["samples"]
+    )
     assert val["acc@0.5:0.95"] <= val["acc@0.5"]
     assert all(p.exists() and p.stat().st_size > 0 for p in rep.figures)
     summary = stages.report(cfg).read_text()
@@ -117,10 +124,17 @@ def test_predict_on_a_raw_image(in_tiny):
     stages.train_method(cfg, "transvg")
     rec = PreparedSplit(prepared_path(cfg), "val").records[0]
     image = Image.open(os.path.join(cfg.data.image_dir, rec["file_name"]))
-    box = Grounder(stages.checkpoint_dir(cfg, "transvg") / BEST).predict([image], [rec["sentence"]])[0]
-    assert box.shape == (4,) and 0 <= box[0] <= box[2] <= image.width and 0 <= box[1] <= box[3] <= image.height
-    # The box the evaluator gives that sample with the trained weights: the same weights, the same letterbox
-    # and the same mapping back to the image's pixels (a model not loaded from best.pt is pixels off).
+    box = Grounder(stages.checkpoint_dir(cfg, "transvg") / BEST).predict(
+        [image], [rec["sentence"]]
+    )[0]
+    assert (
+        box.shape == (4,)
+        and 0 <= box[0] <= box[2] <= image.width
+        and 0 <= box[1] <= box[3] <= image.height
+    )
+    # The box the evaluator gives that sample with the trained weights: the same weights, the same
+    # letterbox and the same mapping back to the image's pixels (a model not loaded from best.pt is
+    # pixels off).
     from refvg.engine.evaluator import predict_split
 
     model, _, _ = load_trained(stages.checkpoint_dir(cfg, "transvg") / BEST)
@@ -130,16 +144,18 @@ def test_predict_on_a_raw_image(in_tiny):
 
 
 def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(in_tiny):
-    """A step skipped for a NaN loss still ran its forward, which moves BatchNorm's running statistics;
-    after a divergence last.pt must equal, tensor for tensor (buffers included), the clean run's state after
-    the same good steps."""
+    """A step skipped for a NaN loss still ran its forward, which moves BatchNorm's running
+    statistics; after a divergence last.pt must equal, tensor for tensor (buffers included), the
+    clean run's state after the same good steps."""
     from refvg.engine.trainer import NonFiniteLossError, train
     from tests.faults import poison_loss, small_training
 
     cfg, model, data = small_training(in_tiny, train={"max_bad_steps": 3})
     clean, before_step3, forwards = model(), {}, [0]
 
-    def before_forward(module, _args):  # the clean run's state after 2 updates, before step 3's forward
+    def before_forward(
+        module, _args
+    ):  # the clean run's state after 2 updates, before step 3's forward
         forwards[0] += 1
         if forwards[0] == 3:
             before_step3.update({k: v.detach().clone() for k, v in module.state_dict().items()})
@@ -150,15 +166,22 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(in_tiny):
     diverging = model()
     poison_loss(diverging, set(range(3, 100)), "loss")
     with pytest.raises(NonFiniteLossError):
-        train(diverging, data, cfg, in_tiny / "diverge", method="t", evaluate=lambda _: {"acc@0.5": 0.0})
+        train(
+            diverging,
+            data,
+            cfg,
+            in_tiny / "diverge",
+            method="t",
+            evaluate=lambda _: {"acc@0.5": 0.0},
+        )
     kept = load_checkpoint(in_tiny / "diverge" / LAST)["model"]
     assert any("running_mean" in k for k in kept), "the test model has BatchNorm"
     assert [k for k, v in kept.items() if not torch.equal(v, before_step3[k])] == []
 
 
 class _MainPlusAuxiliary(torch.nn.Module):
-    """A grounding-like main loss on `a` (and `shared`) and an auxiliary term on `b` (and `shared`), as a
-    method adds distillation / erased copies / mining over its ablation."""
+    """A grounding-like main loss on `a` (and `shared`) and an auxiliary term on `b` (and `shared`),
+    as a method adds distillation / erased copies / mining over its ablation."""
 
     def __init__(self, aux_weight: float):
         super().__init__()
@@ -172,10 +195,10 @@ class _MainPlusAuxiliary(torch.nn.Module):
         return {}
 
     def compute_loss(self, outputs, batch):
-        main = (self.a ** 2).sum() + (self.shared ** 2).sum()
+        main = (self.a**2).sum() + (self.shared**2).sum()
         losses = {"main": main, "loss": main}
         if self.auxiliary_loss:
-            aux = self.aux_weight * ((self.b ** 2).sum() + 5 * self.shared.sum())
+            aux = self.aux_weight * ((self.b**2).sum() + 5 * self.shared.sum())
             losses |= {"auxiliary": aux, "loss": main + aux}
         return losses
 
@@ -185,27 +208,37 @@ def _one_sgd_step(model, grad_clip: float) -> dict[str, torch.Tensor]:
     from refvg.engine.trainer import _train_step
 
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the step is the clipped gradient, visibly
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.1
+    )  # the step is the clipped gradient, visibly
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     tcfg = TrainConfig(grad_clip=grad_clip)
-    assert _train_step(model, model, {}, optimizer, scheduler, tcfg, torch.device("cpu")) is not None
+    assert (
+        _train_step(model, model, {}, optimizer, scheduler, tcfg, torch.device("cpu")) is not None
+    )
     return {k: (p.detach() - before[k]) / -0.1 for k, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("aux_weight", [1e-6, 1.0, 1e3])
 def test_an_auxiliary_loss_never_rescales_the_main_terms_step(aux_weight):
-    """Method vs ablation differ in the auxiliary term alone: with clipping on, the main loss's parameters
-    get exactly the ablation's clipped gradient however large the auxiliary term (one clip of the sum shrank
+    """Method vs ablation differ in the auxiliary term alone: with clipping on, the main loss's
+    parameters get exactly the ablation's clipped gradient however large the auxiliary term (one
+    clip of the sum shrank
     it: a method then also trained its grounding loss at another effective learning rate)."""
     ablation = _one_sgd_step(_MainPlusAuxiliary(0.0), grad_clip=1.0)
     method = _one_sgd_step(_MainPlusAuxiliary(aux_weight), grad_clip=1.0)
     torch.testing.assert_close(method["a"], ablation["a"], rtol=0, atol=0)
-    # The shared parameter gets the main term's clipped gradient plus the auxiliary's, clipped on its own.
-    aux_grad = torch.cat([2 * aux_weight * torch.tensor([10.0, 10.0]), torch.full((2,), 5.0 * aux_weight)])
+    # The shared parameter gets the main term's clipped gradient plus the auxiliary's, clipped on
+    # its own.
+    aux_grad = torch.cat(
+        [2 * aux_weight * torch.tensor([10.0, 10.0]), torch.full((2,), 5.0 * aux_weight)]
+    )
     aux_clipped = aux_grad * min(1.0, 1.0 / (float(aux_grad.norm()) + 1e-6))
     torch.testing.assert_close(method["shared"], ablation["shared"] + aux_clipped[2:])
     torch.testing.assert_close(method["b"], aux_clipped[:2])
-    assert float(torch.cat([ablation["a"], ablation["shared"]]).norm()) == pytest.approx(1.0, abs=1e-5)  # clipped
+    assert float(torch.cat([ablation["a"], ablation["shared"]]).norm()) == pytest.approx(
+        1.0, abs=1e-5
+    )  # clipped
     # Without clipping the gradients simply add: one backward, the same main-term step.
     free = _one_sgd_step(_MainPlusAuxiliary(aux_weight), grad_clip=0.0)
     torch.testing.assert_close(free["a"], torch.tensor([6.0, -8.0]))
@@ -225,8 +258,10 @@ def test_each_methods_auxiliary_term_is_exactly_what_its_ablation_lacks():
     batch = mattnet_batch()
     losses = erase.train().compute_loss(erase(batch), batch)
     assert losses["auxiliary"].requires_grad and losses["auxiliary"].item() > 0
-    torch.testing.assert_close(losses["loss"] - losses["auxiliary"],
-                               losses["ce"] + erase.config.rank_weight * losses["rank"])
+    torch.testing.assert_close(
+        losses["loss"] - losses["auxiliary"],
+        losses["ce"] + erase.config.rank_weight * losses["rank"],
+    )
     _, mined = _grads(1.0)
     _, unmined = _grads(0.0)
     torch.testing.assert_close(mined["auxiliary"], mined["mining"])

@@ -1,7 +1,8 @@
-"""weak_cam end to end on the tiny set: train_method (whose every training batch is checked for any trace of the
-target, and whose validation and best.pt selection must read no box) -> the evaluate flow (Prefect test
-harness, real MLflow sqlite store) -> metrics, the Grad-CAM figure as an MLflow artifact, the report's
-weak-supervision note."""
+"""weak_cam end to end on the tiny set: train_method (whose every training batch is checked for any
+trace of the target, and whose validation and best.pt selection must read no box) -> the evaluate
+flow (Prefect test harness, real MLflow sqlite store) -> metrics, the Grad-CAM figure as an MLflow
+artifact, the report's weak-supervision note."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,15 @@ from refvg.data.weak import WEAK_KEYS, WeakSplit
 from refvg.evaluation import BoxEvaluator, CandidateRecallEvaluator, MaskEvaluator, MatchEvaluator
 from tests.helpers import write_params
 
-WEAK = {"weak_cam": {"model": "weak_cam", "config": {"localisation": "candidates"}},
-        "transvg": {"model": "transvg"}}
+WEAK = {
+    "weak_cam": {"model": "weak_cam", "config": {"localisation": "candidates"}},
+    "transvg": {"model": "transvg"},
+}
 
 
-def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, mlflow_uri, monkeypatch):
+def test_weak_cam_trains_without_targets_and_is_evaluated(
+    in_tiny, prefect_api, mlflow_uri, monkeypatch
+):
     import refvg.engine.evaluator as evaluator
     import refvg.engine.trainer as trainer
     from flows.stages import evaluate_flow
@@ -29,7 +34,9 @@ def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, 
     seen_keys, datasets = [], []
     real_step, real_train = trainer._train_step, trainer.train
 
-    def spy_step(model, step_model, batch, *args):  # the batches the trainer's DataLoader actually yields
+    def spy_step(
+        model, step_model, batch, *args
+    ):  # the batches the trainer's DataLoader actually yields
         seen_keys.append(set(batch))
         return real_step(model, step_model, batch, *args)
 
@@ -58,17 +65,23 @@ def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, 
             during_training.setattr(scorer, "process", no_boxes)
         result = stages.train_method(cfg, "weak_cam", on_epoch_end=lambda m, e: epochs.append(m))
     assert result.best_checkpoint.exists() and len(epochs) == 1
-    assert {"train/itc", "train/itm", "train/itm_cam", "train/mining", "val/match_acc"} <= set(epochs[0])
+    assert {"train/itc", "train/itm", "train/itm_cam", "train/mining", "val/match_acc"} <= set(
+        epochs[0]
+    )
     assert not any(k.startswith("val/acc") for k in epochs[0])
     # best.pt is chosen by the box-free matching accuracy on val image-sentence pairs
     assert result.select_metric == "match_acc" and result.best_score == epochs[0]["val/match_acc"]
-    (val_pairs, val_evaluators), = validated
+    ((val_pairs, val_evaluators),) = validated
     assert isinstance(val_pairs, WeakSplit)
     assert [type(e) for e in val_evaluators.evaluators] == [MatchEvaluator]
-    assert seen_keys and all(keys == set(WEAK_KEYS) for keys in seen_keys)  # no box, mask, ann id, candidate
+    assert seen_keys and all(
+        keys == set(WEAK_KEYS) for keys in seen_keys
+    )  # no box, mask, ann id, candidate
     (train_set,) = datasets
     assert isinstance(train_set, WeakSplit)
-    assert not {"records", "boxes", "masks", "candidates"} & set(vars(train_set))  # nothing to reach the target with
+    assert not {"records", "boxes", "masks", "candidates"} & set(
+        vars(train_set)
+    )  # nothing to reach the target with
 
     out = evaluate_flow(method="weak_cam", params="params.yaml")
     payload = json.loads((Path(cfg.eval.metrics_dir) / "weak_cam.json").read_text())
@@ -79,11 +92,17 @@ def test_weak_cam_trains_without_targets_and_is_evaluated(in_tiny, prefect_api, 
     assert cams.stat().st_size > 0
 
     client = MlflowClient(mlflow_uri)
-    runs = client.search_runs([client.get_experiment_by_name("refvg").experiment_id],
-                              filter_string="tags.`refvg.stage` = 'evaluate@weak_cam'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("refvg").experiment_id],
+        filter_string="tags.`refvg.stage` = 'evaluate@weak_cam'",
+    )
     assert runs[0].data.metrics["val.acc_at_0.5"] == payload["splits"]["val"]["acc@0.5"]
     logged = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert "cams.png" in logged
 
     summary = stages.report(cfg).read_text()
-    assert "| weak_cam | weak_cam | yes |" in summary and "Weakly supervised" in summary and ": weak_cam." in summary
+    assert (
+        "| weak_cam | weak_cam | yes |" in summary
+        and "Weakly supervised" in summary
+        and ": weak_cam." in summary
+    )

@@ -1,6 +1,7 @@
-"""EpmVG and its CLIP teacher: the distillation losses (zero when the student equals the teacher, gradients to
-the student only), the teacher's shapes, crops and retrieval recall, the pretrained-by-folder path, and the
-clear failures without the teacher's features."""
+"""EpmVG and its CLIP teacher: the distillation losses (zero when the student equals the teacher,
+gradients to the student only), the teacher's shapes, crops and retrieval recall, the
+pretrained-by-folder path, and the clear failures without the teacher's features."""
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,15 @@ def student_and_teacher_features(b=4, n=16, d=8, seed=0):
 
 def test_distillation_losses_are_zero_when_the_student_equals_the_teacher():
     tokens, sentence, valid = student_and_teacher_features()
-    same = distillation_losses(tokens, sentence, tokens.clone(), sentence.clone(), valid, temperature=0.1)
+    same = distillation_losses(
+        tokens, sentence, tokens.clone(), sentence.clone(), valid, temperature=0.1
+    )
     for name, value in same.items():
         assert abs(float(value)) < 1e-5, name
     other_tokens, other_sentence, _ = student_and_teacher_features(seed=1)
-    differ = distillation_losses(other_tokens, other_sentence, tokens, sentence, valid, temperature=0.1)
+    differ = distillation_losses(
+        other_tokens, other_sentence, tokens, sentence, valid, temperature=0.1
+    )
     assert all(float(v) > 1e-2 for v in differ.values()), differ
 
 
@@ -45,20 +50,29 @@ def test_feature_loss_ignores_padding_and_similarity_loss_sees_only_structure():
     noisy[~valid] = torch.randn(int((~valid).sum()), tokens.shape[-1])  # only padding cells differ
     assert float(feature_consistency_loss(noisy, tokens, valid)) < 1e-6
     assert float(feature_consistency_loss(noisy, tokens)) > 1e-2
-    # A rotated copy relates images to texts exactly as the teacher does: no structure loss, but feature loss.
+    # A rotated copy relates images to texts exactly as the teacher does: no structure loss, but
+    # feature loss.
     rotation = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(3)))[0]
     image, text = tokens.mean(1), sentence
-    assert float(similarity_structure_loss(image @ rotation, text @ rotation, image, text, 0.1)) < 1e-5
+    assert (
+        float(similarity_structure_loss(image @ rotation, text @ rotation, image, text, 0.1)) < 1e-5
+    )
     assert float(feature_consistency_loss(text @ rotation, text)) > 1e-2
 
 
 def make_epmvg(**epmvg) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = Config.model_validate({"model": {
-        "visual": {"hidden_sizes": [16, 32, 64]},
-        "text": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
-        "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128}},
-        "method": {"model": "epmvg", "config": epmvg}, "teacher": SMALL_TEACHER})
+    cfg = Config.model_validate(
+        {
+            "model": {
+                "visual": {"hidden_sizes": [16, 32, 64]},
+                "text": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
+                "fusion": {"d_model": 64, "num_layers": 1, "num_heads": 2, "ffn_dim": 128},
+            },
+            "method": {"model": "epmvg", "config": epmvg},
+            "teacher": SMALL_TEACHER,
+        }
+    )
     return build_model("epmvg", cfg, VOCAB, PAD)
 
 
@@ -68,8 +82,11 @@ def test_gradients_reach_the_student_and_never_the_teacher():
     teacher = ct.build_teacher(Config(teacher=SMALL_TEACHER).teacher, 64, 12, tokenizer)
     batch = make_batch()
     images = (batch["image"].permute(0, 2, 3, 1) * 40 + 128).clamp(0, 255).to(torch.uint8)
-    ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in encode(tokenizer, ["the red circle"] * 4, 12))
-    # Teacher features computed WITH autograd on: only the loss's own detaching keeps the teacher out.
+    ids, mask = (
+        torch.from_numpy(a.astype(np.int64)) for a in encode(tokenizer, ["the red circle"] * 4, 12)
+    )
+    # Teacher features computed WITH autograd on: only the loss's own detaching keeps the teacher
+    # out.
     batch["teacher_patch"] = ct.encode_images(teacher, ct.teacher_pixels(images, 64))[1]
     batch["teacher_sentence"] = ct.encode_texts(teacher, ids, mask)
     assert batch["teacher_patch"].shape == (4, 64, 16) and batch["teacher_patch"].requires_grad
@@ -77,8 +94,12 @@ def test_gradients_reach_the_student_and_never_the_teacher():
     assert {"distill_image", "distill_text", "distill_similarity"} <= set(losses)
     losses["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
-    for name in ("distill_visual.weight", "distill_text.weight", "visual.body.embedder.embedder.convolution.weight",
-                 "text.body.embeddings.word_embeddings.weight"):
+    for name in (
+        "distill_visual.weight",
+        "distill_text.weight",
+        "visual.body.embedder.embedder.convolution.weight",
+        "text.body.embeddings.word_embeddings.weight",
+    ):
         grad = dict(student.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     # Distillation alone moves the backbones too (not only the heads).
@@ -115,8 +136,14 @@ def test_no_distillation_means_no_heads_and_no_teacher():
     losses = plain.compute_loss(plain(batch), batch)
     assert "distill_image" not in losses and torch.isfinite(losses["loss"])
     assert model_needs("epmvg", Config()) == {"teacher"}
-    off = Config.model_validate({"method": {"model": "epmvg", "config": {
-        "image_weight": 0, "text_weight": 0, "similarity_weight": 0}}})
+    off = Config.model_validate(
+        {
+            "method": {
+                "model": "epmvg",
+                "config": {"image_weight": 0, "text_weight": 0, "similarity_weight": 0},
+            }
+        }
+    )
     assert model_needs("epmvg", off) == set()
     with pytest.raises(KeyError, match="teacher"):
         distilling = make_epmvg()
@@ -133,12 +160,17 @@ def test_resample_tokens_averages_onto_a_coarser_grid():
 
 
 def test_retrieval_recall_hand_case():
-    similarity = torch.tensor([[0.9, 0.1, 0.0],    # right item (0) first
-                               [0.8, 0.5, 0.7],    # right item (1) third
-                               [0.2, 0.6, 0.6]])   # right item (2) tied for first: a tie counts against
+    similarity = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # right item (0) first
+            [0.8, 0.5, 0.7],  # right item (1) third
+            [0.2, 0.6, 0.6],
+        ]
+    )  # right item (2) tied for first: a tie counts against
     correct = torch.tensor([0, 1, 2])
     assert ct.retrieval_recall(similarity, correct, (1, 2, 3)) == pytest.approx(
-        {"recall@1": 1 / 3, "recall@2": 2 / 3, "recall@3": 1.0})
+        {"recall@1": 1 / 3, "recall@2": 2 / 3, "recall@3": 1.0}
+    )
 
 
 def test_teacher_shapes_and_crops():
@@ -148,28 +180,44 @@ def test_teacher_shapes_and_crops():
     pixels = ct.teacher_pixels(images, 64)
     image, patches = ct.encode_images(teacher, pixels)
     assert image.shape == (3, 16) and patches.shape == (3, 64, 16)  # 8x8 patches of 8 px
-    ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in encode(tokenizer, ["the red circle", "red", "the blue square"], 12))
+    ids, mask = (
+        torch.from_numpy(a.astype(np.int64))
+        for a in encode(tokenizer, ["the red circle", "red", "the blue square"], 12)
+    )
     assert ct.encode_texts(teacher, ids, mask).shape == (3, 16)
     whole = ct.crop_boxes(pixels, torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 3), 64)
     torch.testing.assert_close(whole, pixels, atol=1e-4, rtol=0)  # the full box is the image
     quarter = ct.crop_boxes(pixels, torch.tensor([[0.25, 0.25, 0.5, 0.5]] * 3), 32)
     torch.testing.assert_close(quarter, pixels[..., :32, :32], atol=1e-4, rtol=0)
-    assert ct.teacher_pixels(images, 32).shape == (3, 3, 32, 32)  # a pretrained teacher's own input size
+    assert ct.teacher_pixels(images, 32).shape == (
+        3,
+        3,
+        32,
+        32,
+    )  # a pretrained teacher's own input size
 
 
 def test_pretrained_teacher_loads_by_folder_with_its_own_tokenizer(in_tiny, tmp_path):
-    """A CLIP saved with save_pretrained, named by its folder: used as is (not trained), and the expressions
-    are tokenized by ITS tokenizer, not by the prepared one."""
+    """A CLIP saved with save_pretrained, named by its folder: used as is (not trained), and the
+    expressions are tokenized by ITS tokenizer, not by the prepared one."""
     cfg = load_config(write_params(in_tiny, teacher=SMALL_TEACHER))
     prepared = Path(cfg.data.prepared_dir) / cfg.data.dataset
     records = json.loads((prepared / "train" / "samples.json").read_text())
-    own = build_wordpiece_tokenizer([r["sentence"][::-1] for r in records], 80)  # another vocabulary
+    own = build_wordpiece_tokenizer(
+        [r["sentence"][::-1] for r in records], 80
+    )  # another vocabulary
     torch.manual_seed(1)
-    saved = ct.build_teacher(cfg.teacher, 64, 24, own)  # 24 positions: expressions are cut to the model's length
+    saved = ct.build_teacher(
+        cfg.teacher, 64, 24, own
+    )  # 24 positions: expressions are cut to the model's length
     folder = tmp_path / "my-clip"
     ct.save_teacher(saved, own, folder)
 
-    cfg = load_config(write_params(in_tiny, teacher={**SMALL_TEACHER, "pretrained": str(folder)}, distill_methods=EPMVG))
+    cfg = load_config(
+        write_params(
+            in_tiny, teacher={**SMALL_TEACHER, "pretrained": str(folder)}, distill_methods=EPMVG
+        )
+    )
     epochs = []
     result = stages.teacher(cfg, on_epoch_end=lambda m, e: epochs.append(e))
     assert result["history"] == [] and epochs == []  # used as is
@@ -180,7 +228,10 @@ def test_pretrained_teacher_loads_by_folder_with_its_own_tokenizer(in_tiny, tmp_
     meta = json.loads((out / "features" / "manifest.json").read_text())
     assert meta["teacher"]["pretrained"] == str(folder) and meta["dim"] == 16
     sentence = np.load(out / "features" / "train_sentence.npy").astype(np.float32)
-    ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in encode(own, [r["sentence"] for r in records[:5]], 24))
+    ids, mask = (
+        torch.from_numpy(a.astype(np.int64))
+        for a in encode(own, [r["sentence"] for r in records[:5]], 24)
+    )
     with torch.no_grad():
         expected = ct.encode_texts(saved.eval(), ids, mask).numpy()
     np.testing.assert_allclose(sentence[:5], expected, atol=2e-3, rtol=1e-2)  # float16 cache
@@ -194,14 +245,17 @@ def test_pretrained_teacher_loads_by_folder_with_its_own_tokenizer(in_tiny, tmp_
 def test_epmvg_without_the_teacher_names_the_stage(in_tiny):
     from refvg.data.teacher_features import TeacherFeaturesError, read_manifest
 
-    cfg = load_config(write_params(in_tiny, methods={}, distill_methods=EPMVG, teacher=SMALL_TEACHER))
+    cfg = load_config(
+        write_params(in_tiny, methods={}, distill_methods=EPMVG, teacher=SMALL_TEACHER)
+    )
     with pytest.raises(TeacherFeaturesError, match=r"run the `teacher` stage"):
         stages.train_method(cfg, "epmvg")
     # In `methods` its DVC stage would not depend on the teacher: refused, with where it belongs.
     wrong = load_config(write_params(in_tiny, methods=EPMVG, teacher=SMALL_TEACHER))
     with pytest.raises(ConfigError, match="distill_methods"):
         stages.train_method(wrong, "epmvg")
-    # No method distils: the stage writes only a manifest that says so, and a student is told what to do.
+    # No method distils: the stage writes only a manifest that says so, and a student is told what
+    # to do.
     skipped = stages.teacher(wrong)
     assert skipped["history"] == [] and not (Path(cfg.teacher.out_dir) / "model").exists()
     with pytest.raises(TeacherFeaturesError, match="distill_methods"):

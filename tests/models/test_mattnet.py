@@ -2,6 +2,7 @@
 drawn from the attention, over the subject, location and relation modules; argmax as an option), the
 losses, the category input (off: the output ignores candidate categories), and candidates from a
 (stand-in) detections file."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,15 @@ from refvg.data.prepare import prepared_path
 from refvg.data.proposals import detection_candidates, read_detections
 from refvg.evaluation import CandidateRecallEvaluator
 from refvg.models.mattnet import (
-    MAttNet, candidate_cross_entropy, choose, erase_cells, erase_items, erase_words, ranking_loss,
-    real_words, roi_align,
+    MAttNet,
+    candidate_cross_entropy,
+    choose,
+    erase_cells,
+    erase_items,
+    erase_words,
+    ranking_loss,
+    real_words,
+    roi_align,
 )
 from tests.helpers import TINY
 
@@ -28,24 +36,31 @@ MASK_ID = 4  # [MASK] of the locally built tokenizer (refvg.data.text.SPECIAL_TO
 
 
 def test_roi_align_matches_a_hand_computed_case():
-    # A map whose value is its column index (x ramp) or row index (y ramp): bilinear sampling of a linear
-    # function is exact, so a bin's value is (its mean sample position) * 8 - 0.5 (pixel centres at j + 0.5).
+    # A map whose value is its column index (x ramp) or row index (y ramp): bilinear sampling of a
+    # linear function is exact, so a bin's value is (its mean sample position) * 8 - 0.5 (pixel
+    # centres at j + 0.5).
     xs = torch.arange(8.0).expand(8, 8)
     fmap = torch.stack([xs, xs.T])[None]  # [1, 2, 8, 8]: channel 0 = x, channel 1 = y
     boxes = torch.tensor([[[0.25, 0.25, 0.75, 0.75], [0.0, 0.5, 1.0, 1.0]]])
     out = roi_align(fmap, boxes, size=2, samples=2)
     assert out.shape == (1, 2, 2, 2, 2)
-    # box 0, x bins [0.25, 0.5] and [0.5, 0.75]: samples at 0.3125, 0.4375 -> 2.5 and 0.5625, 0.6875 -> 4.5
+    # box 0, x bins [0.25, 0.5] and [0.5, 0.75]: samples at 0.3125, 0.4375 -> 2.5 and 0.5625, 0.6875
+    # -> 4.5
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([[2.5, 4.5], [2.5, 4.5]]))
     torch.testing.assert_close(out[0, 0, 1], torch.tensor([[2.5, 2.5], [4.5, 4.5]]))
     # box 1, y from 0.5 to 1: bins [0.5, 0.75] -> 4.5 and [0.75, 1] -> samples 0.8125, 0.9375 -> 6.5
     torch.testing.assert_close(out[0, 1, 1], torch.tensor([[4.5, 4.5], [6.5, 6.5]]))
-    torch.testing.assert_close(out[0, 1, 0], torch.tensor([[1.5, 5.5], [1.5, 5.5]]))  # x: 0.125..0.375 and 0.625..0.875
+    torch.testing.assert_close(
+        out[0, 1, 0], torch.tensor([[1.5, 5.5], [1.5, 5.5]])
+    )  # x: 0.125..0.375 and 0.625..0.875
 
 
 def _tiny_cfg(**mattnet) -> Config:
-    raw = {"model": TINY["model"], "data": {"image_size": 64},
-           "method": {"model": "mattnet", "config": {"d_model": 16, **mattnet}}}
+    raw = {
+        "model": TINY["model"],
+        "data": {"image_size": 64},
+        "method": {"model": "mattnet", "config": {"d_model": 16, **mattnet}},
+    }
     return Config.model_validate(raw)
 
 
@@ -55,12 +70,18 @@ def _batch(b: int = 4, k: int = 5, seed: int = 0) -> dict:
     size = torch.rand(b, k, 2, generator=g) * 0.15 + 0.15
     valid = torch.ones(b, k, dtype=torch.bool)
     valid[0, 3:] = False  # padding candidates
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 13, 14, 3, 0, 0], [2, 15, 16, 17, 18, 3], [2, 19, 3, 0, 0, 0]])[:b]
+    ids = torch.tensor(
+        [[2, 10, 11, 12, 3, 0], [2, 13, 14, 3, 0, 0], [2, 15, 16, 17, 18, 3], [2, 19, 3, 0, 0, 0]]
+    )[:b]
     return {
-        "image": torch.randn(b, 3, 64, 64, generator=g), "pixel_mask": torch.zeros(b, 64, 64, dtype=torch.bool),
-        "input_ids": ids, "attention_mask": (ids != 0).long(),
-        "cand_boxes": torch.cat([centre, size], -1), "cand_valid": valid,
-        "cand_category": torch.randint(1, 4, (b, k), generator=g), "cand_target": torch.tensor([1, 0, -1, 4])[:b],
+        "image": torch.randn(b, 3, 64, 64, generator=g),
+        "pixel_mask": torch.zeros(b, 64, 64, dtype=torch.bool),
+        "input_ids": ids,
+        "attention_mask": (ids != 0).long(),
+        "cand_boxes": torch.cat([centre, size], -1),
+        "cand_valid": valid,
+        "cand_category": torch.randint(1, 4, (b, k), generator=g),
+        "cand_target": torch.tensor([1, 0, -1, 4])[:b],
     }
 
 
@@ -98,9 +119,16 @@ def test_modules_shapes_prediction_and_loss():
     assert set(losses) == {"loss", "ce", "rank", "erased_ce", "erased_rank", "auxiliary"}
     assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
-    for name in ("cell.weight", "location_out.0.weight", "location_attend_offset.0.weight",
-                 "context_in.weight", "context_attend.0.weight", "language.attend.weight",
-                 "visual.body.embedder.embedder.convolution.weight", "text.body.embeddings.word_embeddings.weight"):
+    for name in (
+        "cell.weight",
+        "location_out.0.weight",
+        "location_attend_offset.0.weight",
+        "context_in.weight",
+        "context_attend.0.weight",
+        "language.attend.weight",
+        "visual.body.embedder.embedder.convolution.weight",
+        "text.body.embeddings.word_embeddings.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -109,7 +137,9 @@ def test_cross_entropy_ignores_samples_whose_target_is_missing():
     logits = torch.tensor([[2.0, 0.0, 5.0], [0.0, 1.0, 0.0]])
     valid = torch.tensor([[True, True, False], [True, True, True]])
     ce = candidate_cross_entropy(logits, valid, torch.tensor([0, -1]))
-    torch.testing.assert_close(ce, -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0])  # padding excluded
+    torch.testing.assert_close(
+        ce, -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
+    )  # padding excluded
     assert candidate_cross_entropy(logits, valid, torch.tensor([-1, -1])) == 0
 
 
@@ -118,14 +148,22 @@ def test_ranking_loss_on_a_hand_case():
     neg_expression = torch.tensor([0.45, -0.5, 5.0])
     neg_image = torch.tensor([0.1, 0.3, 5.0])
     keep = torch.tensor([True, True, False])  # the third has no target: not counted
-    # sample 0: max(0, .1 - .5 + .45) + max(0, .1 - .5 + .1) = .05; sample 1: 0 + max(0, .1 - .2 + .3) = .2
-    torch.testing.assert_close(ranking_loss(pos, neg_expression, neg_image, keep, 0.1), torch.tensor(0.125))
+    # sample 0: max(0, .1 - .5 + .45) + max(0, .1 - .5 + .1) = .05; sample 1: 0 + max(0, .1 - .2 +
+    # .3) = .2
+    torch.testing.assert_close(
+        ranking_loss(pos, neg_expression, neg_image, keep, 0.1), torch.tensor(0.125)
+    )
     # one negative only (an erased copy's term): sample 0 .05, sample 1 0 / sample 0 0, sample 1 .2
     one = ranking_loss(pos, neg_expression, None, keep, 0.1)
     torch.testing.assert_close(one, torch.tensor(0.025))
     torch.testing.assert_close(ranking_loss(pos, None, neg_image, keep, 0.1), torch.tensor(0.1))
-    met = ranking_loss(torch.tensor([1.0, 0.8]), torch.tensor([0.5, 0.7]), torch.tensor([0.2, 0.69]),
-                       torch.tensor([True, True]), 0.1)
+    met = ranking_loss(
+        torch.tensor([1.0, 0.8]),
+        torch.tensor([0.5, 0.7]),
+        torch.tensor([0.2, 0.69]),
+        torch.tensor([True, True]),
+        0.1,
+    )
     assert met == 0  # every positive beats every negative by more than the margin
     assert ranking_loss(pos, neg_expression, neg_image, torch.zeros(3, dtype=torch.bool), 0.1) == 0
 
@@ -218,7 +256,9 @@ def _spy_training_step(model: MAttNet, batch: dict) -> tuple[dict, list, list]:
     texts, scored = [], []
     encode, score = model.encode_language, model.score
     model.encode_language = lambda ids, mask: texts.append(ids.clone()) or encode(ids, mask)
-    model.score = lambda vis, lang: scored.append({k: v.clone() for k, v in vis.items()}) or score(vis, lang)
+    model.score = lambda vis, lang: (
+        scored.append({k: v.clone() for k, v in vis.items()}) or score(vis, lang)
+    )
     model.train()
     out = model(batch)
     return out, texts, scored
@@ -255,8 +295,9 @@ def test_visual_erasing_draws_the_module_then_its_item_location_included():
     weights = torch.tensor([[0.2, 0.5, 0.3]]).expand(n, 3)
     torch.manual_seed(0)
     erased = model.erase_visual(rep, weights, att)
-    hit = {key: (erased[key] != rep[key]).flatten(1).any(1)
-           for key in ("rois", "location", "contexts")}
+    hit = {
+        key: (erased[key] != rep[key]).flatten(1).any(1) for key in ("rois", "location", "contexts")
+    }
     assert (sum(h.long() for h in hit.values()) == 1).all()  # one module per copy
     freq = torch.stack([hit["rois"], hit["location"], hit["contexts"]], 1).float().mean(0)
     torch.testing.assert_close(freq, weights[0], atol=0.05, rtol=0)  # the module weights
@@ -265,12 +306,14 @@ def test_visual_erasing_draws_the_module_then_its_item_location_included():
     loc = erased["location"][hit["location"]]
     zeroed = (loc == 0).all(-1) & ~(rep["location"][: len(loc)] == 0).all(-1)  # [n',K,S]
     assert (zeroed.sum(-1) == 1).all()
-    torch.testing.assert_close(zeroed.float().mean(0), att["location_attention"][0], atol=0.06,
-                               rtol=0)
+    torch.testing.assert_close(
+        zeroed.float().mean(0), att["location_attention"][0], atol=0.06, rtol=0
+    )
     ctx = erased["contexts"][hit["contexts"]]
     zeroed = (ctx == 0).all(-1) & vis["context_valid"][1]
-    torch.testing.assert_close(zeroed.float().mean(0), att["context_attention"][0], atol=0.06,
-                               rtol=0)
+    torch.testing.assert_close(
+        zeroed.float().mean(0), att["context_attention"][0], atol=0.06, rtol=0
+    )
     assert (zeroed.sum(-1) == 1).all()  # one real context object per candidate (slot 4: none)
 
     # in training: a visual copy per sample, scored with its one mismatched pair (an expression)
@@ -308,8 +351,11 @@ def test_argmax_rule_erases_the_most_attended_items():
     original, vis_e = scored[0], scored[5]
     module = out.module_weights[rows].argmax(1)
     for i in r.tolist():
-        key, att = {0: ("rois", "cell_attention"), 1: ("location", "location_attention"),
-                    2: ("contexts", "context_attention")}[int(module[i])]
+        key, att = {
+            0: ("rois", "cell_attention"),
+            1: ("location", "location_attention"),
+            2: ("contexts", "context_attention"),
+        }[int(module[i])]
         top = getattr(out, att)[rows[i]].argmax(-1)  # [K]
         if key == "rois":
             assert (vis_e["rois"][i][torch.arange(len(top)), :, top] == 0).all()
@@ -319,8 +365,15 @@ def test_argmax_rule_erases_the_most_attended_items():
             assert torch.equal(vis_e[other][i], original[other][rows[i]])
 
 
-@pytest.mark.parametrize("mattnet", [{"neighbours": 0}, {"roi_size": 1, "erase": {"cell_window": 2}},
-                                     {"erase": {"rule": "argmax"}}, {}])
+@pytest.mark.parametrize(
+    "mattnet",
+    [
+        {"neighbours": 0},
+        {"roi_size": 1, "erase": {"cell_window": 2}},
+        {"erase": {"rule": "argmax"}},
+        {},
+    ],
+)
 def test_erasing_edge_cases_train(mattnet):
     batch = _batch()
     if not mattnet:  # one candidate per image: no neighbour, no context object to erase
@@ -361,7 +414,9 @@ def test_no_erase_is_the_ablation():
     assert model.compute_loss(out, batch)["erased_ce"] == 0
 
 
-# ------------------------------------------------------------------------------------------- detections
+# -------------------------------------------------------------------------------------------
+# detections
+
 
 def _gt_rows(cfg, split_dir) -> list[dict]:
     """A 'perfect detector': every gt object of the split's images as a COCO result row."""
@@ -369,9 +424,17 @@ def _gt_rows(cfg, split_dir) -> list[dict]:
 
     coco = COCO(str(stages.instances_path(cfg)))
     images = {r["image_id"] for r in json.loads((split_dir / "samples.json").read_text())}
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9,
-             "ann_id": a["id"]}
-            for a in coco.dataset["annotations"] if a["image_id"] in images]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+            "ann_id": a["id"],
+        }
+        for a in coco.dataset["annotations"]
+        if a["image_id"] in images
+    ]
 
 
 def test_detections_file_gives_candidates_and_a_missing_target_is_a_miss(in_tiny):
@@ -381,7 +444,9 @@ def test_detections_file_gives_candidates_and_a_missing_target_is_a_miss(in_tiny
     split = PreparedSplit(prepared_path(cfg), "val")
     target = split.records[0]
     # the detector misses sample 0's target; an image the dataset lacks is skipped
-    rows = [r for r in rows if r["ann_id"] != target["ann_id"]]  # extra keys are allowed (and ignored)
+    rows = [
+        r for r in rows if r["ann_id"] != target["ann_id"]
+    ]  # extra keys are allowed (and ignored)
     rows.append({"image_id": 10**9, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5})
     path = in_tiny / "dets.json"
     path.write_text(json.dumps(rows))
@@ -394,18 +459,34 @@ def test_detections_file_gives_candidates_and_a_missing_target_is_a_miss(in_tiny
     recall = CandidateRecallEvaluator()
     recall.process(ds.candidates, {})  # the whole split as one batch
     m = recall.evaluate()["candidates"]
-    assert m["misses"] == len(same_ref) and m["target_recall"] == pytest.approx(1 - len(same_ref) / len(ds))
+    assert m["misses"] == len(same_ref) and m["target_recall"] == pytest.approx(
+        1 - len(same_ref) / len(ds)
+    )
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"image_id": 1, "category_id": 1, "score": 0.5}, "detection row 1: missing bbox"),
-    ({"image_id": 1, "category_id": 1, "bbox": [0, 0, "x", 1], "score": 0.5}, "detection row 1: could not convert"),
-    ({"image_id": 1.5, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}, "detection row 1: expected an integer"),
-    ({"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 0.5}, "detection row 1: bbox must be 4"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"image_id": 1, "category_id": 1, "score": 0.5}, "detection row 1: missing bbox"),
+        (
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, "x", 1], "score": 0.5},
+            "detection row 1: could not convert",
+        ),
+        (
+            {"image_id": 1.5, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5},
+            "detection row 1: expected an integer",
+        ),
+        (
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 0.5},
+            "detection row 1: bbox must be 4",
+        ),
+    ],
+)
 def test_bad_detection_row_names_the_file_and_row(tmp_path, row, message):
     path = tmp_path / "dets.json"
-    path.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}, row]))
+    path.write_text(
+        json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}, row])
+    )
     with pytest.raises(ValueError, match=f"dets.json: {message}"):
         read_detections(path)
 
@@ -415,13 +496,20 @@ def test_stand_in_detections_are_seeded_and_imperfect(in_tiny):
     dcfg = DetectionsConfig(drop_rate=0.2, false_positives=2)
     rows = stand_in_detections(stages.instances_path(cfg), dcfg)
     assert rows == stand_in_detections(stages.instances_path(cfg), dcfg)
-    assert rows != stand_in_detections(stages.instances_path(cfg), dcfg.model_copy(update={"seed": 1}))
+    assert rows != stand_in_detections(
+        stages.instances_path(cfg), dcfg.model_copy(update={"seed": 1})
+    )
     scores = np.array([r["score"] for r in rows])
     assert (scores < dcfg.true_score_min).sum() >= 2 * 48 * 0.9  # the false positives, scored lower
     recall = detection_recall(stages.instances_path(cfg), rows)["object_recall"]
     assert 0.5 < recall < 0.9  # some objects dropped or badly localised, most found
-    perfect = detection_recall(stages.instances_path(cfg), stand_in_detections(
-        stages.instances_path(cfg), DetectionsConfig(jitter=0.0, drop_rate=0.0, false_positives=0)))
+    perfect = detection_recall(
+        stages.instances_path(cfg),
+        stand_in_detections(
+            stages.instances_path(cfg),
+            DetectionsConfig(jitter=0.0, drop_rate=0.0, false_positives=0),
+        ),
+    )
     assert perfect["object_recall"] == 1.0
 
 
@@ -430,13 +518,20 @@ def test_stand_in_detections_confuse_categories_at_the_configured_rate(in_tiny):
 
     instances = stages.instances_path(cfg := load_config("params.yaml"))
     coco = COCO(str(instances))
-    truth = [a["category_id"] for i in sorted(coco.getImgIds())
-             for a in sorted(coco.imgToAnns.get(i, []), key=lambda a: a["id"])]
+    truth = [
+        a["category_id"]
+        for i in sorted(coco.getImgIds())
+        for a in sorted(coco.imgToAnns.get(i, []), key=lambda a: a["id"])
+    ]
     assert len(set(truth)) > 1 and cfg.detections.confusion_rate > 0  # the default confuses some
 
     def categories(rate: float, **other) -> list[int]:
-        rows = stand_in_detections(instances, DetectionsConfig(
-            jitter=0.0, drop_rate=0.0, false_positives=0, confusion_rate=rate, **other))
+        rows = stand_in_detections(
+            instances,
+            DetectionsConfig(
+                jitter=0.0, drop_rate=0.0, false_positives=0, confusion_rate=rate, **other
+            ),
+        )
         assert len(rows) == len(truth)  # one row per object, in the same order
         return [r["category_id"] for r in rows]
 
@@ -449,10 +544,12 @@ def test_stand_in_detections_confuse_categories_at_the_configured_rate(in_tiny):
         assert cats != categories(rate, seed=1)
     assert all(c != t for c, t in zip(categories(1.0), truth))
     # the boxes and scores do not depend on the rate: only the categories change
-    jittered = [stand_in_detections(instances, DetectionsConfig(confusion_rate=r))
-                for r in (0.0, 0.5)]
-    strip = [[{k: v for k, v in row.items() if k != "category_id"} for row in rows]
-             for rows in jittered]
+    jittered = [
+        stand_in_detections(instances, DetectionsConfig(confusion_rate=r)) for r in (0.0, 0.5)
+    ]
+    strip = [
+        [{k: v for k, v in row.items() if k != "category_id"} for row in rows] for rows in jittered
+    ]
     assert strip[0] == strip[1] and jittered[0] != jittered[1]
 
 
@@ -466,9 +563,13 @@ def test_grounder_picks_one_of_the_given_detections(in_tiny, tmp_path):
     cfg = load_config("params.yaml")
     grounder = Grounder(untrained_checkpoint(cfg, tmp_path / "ckpt", "mattnet"), device="cpu")
     image = Image.new("RGB", (120, 80), (200, 200, 200))
-    dets = [{"bbox": [5, 5, 30, 20], "category_id": 1, "score": 0.9},
-            {"bbox": [60, 30, 40, 40], "category_id": 2, "score": 0.8}]
-    box = grounder.ground(image, "the red circle", candidates_from_detections(dets, "dets")).box_xyxy
+    dets = [
+        {"bbox": [5, 5, 30, 20], "category_id": 1, "score": 0.9},
+        {"bbox": [60, 30, 40, 40], "category_id": 2, "score": 0.8},
+    ]
+    box = grounder.ground(
+        image, "the red circle", candidates_from_detections(dets, "dets")
+    ).box_xyxy
     given = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)]
     assert any(np.allclose(box, g, atol=1e-3) for g in given)  # in the image's own pixels
 
@@ -476,15 +577,28 @@ def test_grounder_picks_one_of_the_given_detections(in_tiny, tmp_path):
 def test_new_detections_change_only_the_stamps_of_methods_that_rank_them(in_tiny):
     from tests.helpers import write_params
 
-    methods = {"transvg": {"model": "transvg"}, "mattnet_erase": {"model": "mattnet"},
-               "mattnet_erase_det": {"model": "mattnet", "overrides": {"proposals": {
-                   "source": "detections", "detections_file": "dets/refshapes.json"}}}}
+    methods = {
+        "transvg": {"model": "transvg"},
+        "mattnet_erase": {"model": "mattnet"},
+        "mattnet_erase_det": {
+            "model": "mattnet",
+            "overrides": {
+                "proposals": {"source": "detections", "detections_file": "dets/refshapes.json"}
+            },
+        },
+    }
 
-    def stamps(**detections) -> dict:  # (not under data/: that is the session's shared tiny dataset)
+    def stamps(
+        **detections,
+    ) -> dict:  # (not under data/: that is the session's shared tiny dataset)
         write_params(in_tiny, methods=methods, detections={"dir": "dets", **detections})
         stages.detections(load_config("params.yaml"))
         return {m: (in_tiny / "dets/methods" / f"{m}.json").read_bytes() for m in methods}
 
     before, after = stamps(seed=0), stamps(seed=1)
-    assert after["mattnet_erase_det"] != before["mattnet_erase_det"]  # dvc.yaml: its training reruns
-    assert after["transvg"] == before["transvg"] and after["mattnet_erase"] == before["mattnet_erase"]  # theirs not
+    assert (
+        after["mattnet_erase_det"] != before["mattnet_erase_det"]
+    )  # dvc.yaml: its training reruns
+    assert (
+        after["transvg"] == before["transvg"] and after["mattnet_erase"] == before["mattnet_erase"]
+    )  # theirs not

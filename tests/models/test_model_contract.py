@@ -1,7 +1,9 @@
-"""One contract for every registered model (as timm's tests/test_models.py does over list_models()): built
-from a small config, a forward on a tiny batch with what the model needs from the data, a finite loss whose
-backward reaches the backbones and the head, optimizer groups that hold every trainable parameter once, a
-state-dict round trip into a fresh model, and a config class that round-trips."""
+"""One contract for every registered model (as timm's tests/test_models.py does over list_models()):
+built from a small config, a forward on a tiny batch with what the model needs from the data, a
+finite loss whose backward reaches the backbones and the head, optimizer groups that hold every
+trainable parameter once, a state-dict round trip into a fresh model, and a config class that
+round-trips."""
+
 import pytest
 import torch
 
@@ -12,37 +14,54 @@ from refvg.models.registry import config_class, is_weakly_supervised
 VOCAB, PAD, B, K, LENGTH, SIZE = 60, 0, 4, 5, 10, 64
 SMALL_SHARED = {
     "data": {"image_size": SIZE},
-    "model": {"visual": {"hidden_sizes": [8, 16, 32], "depths": [1, 1, 1]},
-              "text": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
-              "fusion": {"d_model": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64}},
+    "model": {
+        "visual": {"hidden_sizes": [8, 16, 32], "depths": [1, 1, 1]},
+        "text": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+        "fusion": {"d_model": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64},
+    },
     "teacher": {"projection_dim": 16},
 }
-# Per family: what makes it small, or the shared sections it needs (QRNet: Swin and consecutive stages).
+# Per family: what makes it small, or the shared sections it needs (QRNet: Swin and consecutive
+# stages).
 SMALL_FAMILY = {
-    "cmsa": ({"visual_dim": 8, "word_dim": 8, "d_model": 16, "ffn_dim": 16, "decoder_channels": [8]},
-             {"model": {"visual": {"out_stages": [1, 2]}}}),
+    "cmsa": (
+        {"visual_dim": 8, "word_dim": 8, "d_model": 16, "ffn_dim": 16, "decoder_channels": [8]},
+        {"model": {"visual": {"out_stages": [1, 2]}}},
+    ),
     "mattnet": ({"d_model": 16}, {}),
-    "qrnet": ({"qd_att_rank": 4}, {"model": {"visual": {"kind": "swin", "embed_dim": 8, "out_stages": [0, 1]}}}),
+    "qrnet": (
+        {"qd_att_rank": 4},
+        {"model": {"visual": {"kind": "swin", "embed_dim": 8, "out_stages": [0, 1]}}},
+    ),
     "weak_cam": ({"embed_dim": 16, "cam_channels": 4}, {}),
 }
 
 
 def run_config(name: str) -> Config:
     config, shared = SMALL_FAMILY.get(name, ({}, {}))
-    raw = {**SMALL_SHARED, "methods": {name: {"model": name, "config": config, "overrides": shared}}}
+    raw = {
+        **SMALL_SHARED,
+        "methods": {name: {"model": name, "config": config, "overrides": shared}},
+    }
     return _validate(raw, source="test").for_method(name)
 
 
 def tiny_batch(cfg: Config, name: str, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     pixel_mask = torch.zeros(B, SIZE, SIZE, dtype=torch.bool)
-    pixel_mask[:, :, SIZE * 3 // 4:] = True
+    pixel_mask[:, :, SIZE * 3 // 4 :] = True
     attention_mask = torch.ones(B, LENGTH, dtype=torch.long)
-    attention_mask[:, LENGTH // 2:] = 0
-    box = torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.5, 0.5, 0.3, 0.2], [0.4, 0.3, 0.2, 0.2], [0.6, 0.6, 0.25, 0.3]])
-    batch = {"image": torch.randn(B, 3, SIZE, SIZE, generator=g), "pixel_mask": pixel_mask,
-             "input_ids": torch.randint(5, VOCAB, (B, LENGTH), generator=g) * attention_mask,
-             "attention_mask": attention_mask, "index": torch.arange(B)}
+    attention_mask[:, LENGTH // 2 :] = 0
+    box = torch.tensor(
+        [[0.3, 0.4, 0.2, 0.3], [0.5, 0.5, 0.3, 0.2], [0.4, 0.3, 0.2, 0.2], [0.6, 0.6, 0.25, 0.3]]
+    )
+    batch = {
+        "image": torch.randn(B, 3, SIZE, SIZE, generator=g),
+        "pixel_mask": pixel_mask,
+        "input_ids": torch.randint(5, VOCAB, (B, LENGTH), generator=g) * attention_mask,
+        "attention_mask": attention_mask,
+        "index": torch.arange(B),
+    }
     if is_weakly_supervised(name):
         batch["image_index"] = torch.tensor([0, 0, 1, 2])  # image-sentence pairs: no target
     else:
@@ -53,14 +72,27 @@ def tiny_batch(cfg: Config, name: str, seed: int = 0) -> dict:
         mask[:, 10:30, 12:34] = 1
         batch["mask"] = mask
     if "candidates" in needs:
-        cand = torch.cat([0.2 + 0.5 * torch.rand(B, K, 2, generator=g), 0.1 + 0.2 * torch.rand(B, K, 2, generator=g)], -1)
+        cand = torch.cat(
+            [
+                0.2 + 0.5 * torch.rand(B, K, 2, generator=g),
+                0.1 + 0.2 * torch.rand(B, K, 2, generator=g),
+            ],
+            -1,
+        )
         cand[:, 1] = box
         valid = torch.ones(B, K, dtype=torch.bool)
         valid[0, 3:] = False
-        batch |= {"cand_boxes": cand, "cand_valid": valid, "cand_category": torch.randint(1, 4, (B, K), generator=g),
-                  "cand_target": torch.ones(B, dtype=torch.long)}
+        batch |= {
+            "cand_boxes": cand,
+            "cand_valid": valid,
+            "cand_category": torch.randint(1, 4, (B, K), generator=g),
+            "cand_target": torch.ones(B, dtype=torch.long),
+        }
     if "teacher" in needs:
-        batch |= {"teacher_patch": torch.randn(B, 64, 16, generator=g), "teacher_sentence": torch.randn(B, 16, generator=g)}
+        batch |= {
+            "teacher_patch": torch.randn(B, 64, 16, generator=g),
+            "teacher_sentence": torch.randn(B, 16, generator=g),
+        }
     return batch
 
 
@@ -101,7 +133,9 @@ def test_forward_loss_and_backward(name):
     if model.auxiliary_loss:  # what the trainer clips apart
         assert "auxiliary" in losses
     losses["loss"].backward()
-    moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    moved = {
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
     for prefix in ("visual.", "text."):
         assert any(n.startswith(prefix) for n in moved), prefix
     assert any(not n.startswith(("visual.", "text.")) for n in moved)

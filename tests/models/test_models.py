@@ -9,9 +9,12 @@ from refvg.models.backbones import build_text_encoder, build_visual_backbone
 from refvg.models.transvg import TransVG, TransVGConfig
 from tests.helpers import PAD, ROOT, VOCAB, make_batch
 
+
 def make_model(kind="resnet", **fusion):
     torch.manual_seed(0)
-    cfg = Config.model_validate({"model": {"visual": {"kind": kind}, "fusion": {"dropout": 0.0, **fusion}}})
+    cfg = Config.model_validate(
+        {"model": {"visual": {"kind": kind}, "fusion": {"dropout": 0.0, **fusion}}}
+    )
     return build_model("transvg", cfg, VOCAB, PAD)
 
 
@@ -31,8 +34,8 @@ def test_transvg_shapes_loss_and_grads(kind):
 
 
 def test_default_transvg_is_the_papers():
-    """CNN + visual transformer, BERT, [REG], fusion transformer with learned positions on queries and keys,
-    an MLP head on [REG], and L1 + GIoU only."""
+    """CNN + visual transformer, BERT, [REG], fusion transformer with learned positions on queries
+    and keys, an MLP head on [REG], and L1 + GIoU only."""
     from refvg.models.vl import BoxHead, VisualEncoder
 
     model = make_model().eval()
@@ -40,7 +43,9 @@ def test_default_transvg_is_the_papers():
     assert all(layer.post_norm for layer in (*model.visual_encoder.layers, *model.vl.layers))
     assert type(model.head) is BoxHead  # the MLP, not the attention head
     assert not model.vl.cell_coords and model.vl.visual_proj.in_features == model.vl.d_model
-    assert model.vl.visual_pos.num_embeddings == 64  # 64 px at stride 8: one learned position per cell
+    assert (
+        model.vl.visual_pos.num_embeddings == 64
+    )  # 64 px at stride 8: one learned position per cell
 
     # The visual transformer mixes the whole map: a change in the top-left corner of the image moves
     # the bottom-right cell's features after the encoder, though not the CNN's, whose receptive
@@ -62,8 +67,8 @@ def test_default_transvg_is_the_papers():
 
 
 def test_transvg_attn_is_the_same_class_configured():
-    """params.yaml's transvg_attn: no visual encoder, cell coordinates, positions in the tokens, attention
-    box head and its attention-in-box loss, DETR's 5:2 box loss weights."""
+    """params.yaml's transvg_attn: no visual encoder, cell coordinates, positions in the tokens,
+    attention box head and its attention-in-box loss, DETR's 5:2 box loss weights."""
     from refvg.config import load_config
     from refvg.models.vl import AttentionBoxHead
 
@@ -77,7 +82,9 @@ def test_transvg_attn_is_the_same_class_configured():
     out = model(batch)
     losses = model.compute_loss(out, batch)
     assert set(losses) == {"loss", "l1", "giou", "attention"}
-    torch.testing.assert_close(losses["loss"], 5 * losses["l1"] + 2 * losses["giou"] + losses["attention"])
+    torch.testing.assert_close(
+        losses["loss"], 5 * losses["l1"] + 2 * losses["giou"] + losses["attention"]
+    )
 
 
 def test_transvg_overfits_one_batch():
@@ -108,8 +115,11 @@ def test_transvg_bf16_autocast():
     model = make_model()
     batch = make_batch()
     dtypes = []  # what each Linear computed in: the matmuls are where bf16 saves the time
-    hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
-             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     with autocast(torch.device("cpu"), "bf16"):  # train.amp=bf16, as the trainer enters it
         out = model(batch)
         loss = model.compute_loss(out, batch)["loss"]
@@ -125,7 +135,10 @@ def test_param_groups_split_backbone_and_decay():
     model = make_model()
     groups = {g["name"]: g for g in model.param_groups(lr=1e-3, lr_backbone=1e-4, weight_decay=0.1)}
     assert groups["backbone_decay"]["lr"] == 1e-4 and groups["head_decay"]["lr"] == 1e-3
-    assert groups["head_no_decay"]["weight_decay"] == 0.0 and groups["backbone_decay"]["weight_decay"] == 0.1
+    assert (
+        groups["head_no_decay"]["weight_decay"] == 0.0
+        and groups["backbone_decay"]["weight_decay"] == 0.1
+    )
     assert all(p.ndim <= 1 for g in groups.values() if "no_decay" in g["name"] for p in g["params"])
     n = sum(len(g["params"]) for g in groups.values())
     assert n == len(list(model.parameters()))
@@ -163,7 +176,9 @@ def _assert_same_weights(saved: torch.nn.Module, loaded: torch.nn.Module):
 
 def test_pretrained_resnet_from_local_folder(tmp_path):
     torch.manual_seed(1)
-    ref = ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic"))
+    ref = ResNetModel(
+        ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic")
+    )
     ref.save_pretrained(tmp_path / "resnet")
     vis = build_visual_backbone(VisualConfig(pretrained=str(tmp_path / "resnet"), out_stages=(1,)))
     _assert_same_weights(ref, vis.body)
@@ -172,17 +187,28 @@ def test_pretrained_resnet_from_local_folder(tmp_path):
 
 def test_pretrained_swin_from_local_folder(tmp_path):
     torch.manual_seed(1)
-    ref = SwinModel(SwinConfig(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4))
+    ref = SwinModel(
+        SwinConfig(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
+    )
     ref.save_pretrained(tmp_path / "swin")
-    vis = build_visual_backbone(VisualConfig(kind="swin", pretrained=str(tmp_path / "swin"), out_stages=(1,)))
+    vis = build_visual_backbone(
+        VisualConfig(kind="swin", pretrained=str(tmp_path / "swin"), out_stages=(1,))
+    )
     _assert_same_weights(ref, vis.body)
     assert vis(torch.randn(1, 3, 64, 64))[0].shape == (1, 32, 8, 8)
 
 
 def test_pretrained_text_encoder_from_local_folder(tmp_path):
     torch.manual_seed(1)
-    ref = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64))
+    ref = BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
     ref.save_pretrained(tmp_path / "bert")
     txt = build_text_encoder(TextConfig(pretrained=str(tmp_path / "bert")), VOCAB, PAD)
     _assert_same_weights(ref, txt.body)
@@ -225,13 +251,18 @@ def test_box_heads_and_grounding_attention_loss():
     assert attention_in_box_loss(off, grid, box) > 10
     # A big box counts every cell whose centre it covers.
     spread = torch.full((1, 16), 1 / 16)
-    assert torch.isclose(attention_in_box_loss(spread, grid, torch.tensor([[0.5, 0.5, 1.0, 1.0]])), torch.tensor(0.0), atol=1e-5)
+    assert torch.isclose(
+        attention_in_box_loss(spread, grid, torch.tensor([[0.5, 0.5, 1.0, 1.0]])),
+        torch.tensor(0.0),
+        atol=1e-5,
+    )
 
 
 def test_local_readout_picks_the_peak_object_not_the_midpoint():
     from refvg.models.vl import local_attention
 
-    # Attention split between two objects (cells (0,0) and (3,3) of a 4x4 map), slightly more on the first.
+    # Attention split between two objects (cells (0,0) and (3,3) of a 4x4 map), slightly more on the
+    # first.
     attn = torch.zeros(2, 16)
     attn[:, 0], attn[:, 15] = 0.55, 0.45
     attn[1, 1] = 0.0
@@ -241,9 +272,12 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
     # Neighbours of the peak keep their share; farther cells are dropped.
     spread = torch.tensor([[0.4, 0.2, 0.2, 0.0] + [0.1, 0.0, 0.0, 0.0] + [0.1] + [0.0] * 7])
     kept = local_attention(spread, 4, 4, radius=1)
-    assert torch.allclose(kept[0, [0, 1, 4]], torch.tensor([0.4, 0.2, 0.1]) / 0.7) and kept[0, [2, 8]].eq(0).all()
-    # Gradients reach the kept attention weights. (A plain sum of the kept weights is always 1 after the
-    # renormalisation, so it has no gradient: take a position-weighted sum.)
+    assert (
+        torch.allclose(kept[0, [0, 1, 4]], torch.tensor([0.4, 0.2, 0.1]) / 0.7)
+        and kept[0, [2, 8]].eq(0).all()
+    )
+    # Gradients reach the kept attention weights. (A plain sum of the kept weights is always 1 after
+    # the renormalisation, so it has no gradient: take a position-weighted sum.)
     logits = torch.randn(1, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
     (local_attention(logits.softmax(-1), 4, 4, radius=1) * torch.arange(16.0)).sum().backward()
     assert logits.grad.abs().sum() > 0
@@ -255,9 +289,15 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
     with torch.no_grad():
         head.query.weight.zero_(), head.query.bias.fill_(1.0)  # q = ones
         head.key.weight.copy_(torch.eye(d)), head.key.bias.zero_()  # k = token
-        head.mlp[-1].weight.zero_(), head.mlp[-1].bias.zero_()  # no offset: the centre is the read-out alone
+        (
+            head.mlp[-1].weight.zero_(),
+            head.mlp[-1].bias.zero_(),
+        )  # no offset: the centre is the read-out alone
         tokens = torch.zeros(1, 16, d)
-        tokens[0, 0], tokens[0, 15] = 2.0, 2.0 - 0.4 / d**0.5  # logits 0.4 apart, others ~0: 0.6 / 0.4 of the mass
+        tokens[0, 0], tokens[0, 15] = (
+            2.0,
+            2.0 - 0.4 / d**0.5,
+        )  # logits 0.4 apart, others ~0: 0.6 / 0.4 of the mass
         args = (torch.zeros(1, d), tokens, torch.zeros(1, 16, dtype=torch.bool), (4, 4))
         local_box = head(*args)
         head.readout_radius = None
@@ -271,8 +311,15 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
 
 def make_cmsa(out_stages=(1, 2)):
     torch.manual_seed(0)
-    cfg = Config.model_validate({"model": {"visual": {"out_stages": list(out_stages)}}, "method": {
-        "model": "cmsa", "config": {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32}}})
+    cfg = Config.model_validate(
+        {
+            "model": {"visual": {"out_stages": list(out_stages)}},
+            "method": {
+                "model": "cmsa",
+                "config": {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32},
+            },
+        }
+    )
     return build_model("cmsa", cfg, VOCAB, PAD)
 
 
@@ -280,7 +327,7 @@ def make_mask_batch(b=4, size=64, seed=0):
     batch = make_batch(b, size, seed=seed)
     mask = torch.zeros(b, size, size, dtype=torch.uint8)
     for i, (cx, cy, w, h) in enumerate((batch["box"] * size).round().long().tolist()):
-        mask[i, cy - h // 2: cy + h // 2, cx - w // 2: cx + w // 2] = 1
+        mask[i, cy - h // 2 : cy + h // 2, cx - w // 2 : cx + w // 2] = 1
     return {**batch, "mask": mask * ~batch["pixel_mask"]}
 
 
@@ -298,7 +345,14 @@ def test_cmsa_shapes_loss_and_grads():
     losses = model.compute_loss(out, batch)
     assert set(losses) == {"loss", "bce", "dice"} and torch.isfinite(losses["loss"])
     losses["loss"].backward()
-    for part in (model.visual, model.text, *model.levels, model.fusion.memory, model.fusion.reset, model.decoder):
+    for part in (
+        model.visual,
+        model.text,
+        *model.levels,
+        model.fusion.memory,
+        model.fusion.reset,
+        model.decoder,
+    ):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
     assert model.fusion.gamma.grad.abs().sum() > 0
     one_level = make_cmsa(out_stages=(1,))  # the gated fusion also works with a single level
@@ -365,21 +419,28 @@ def test_cmsa_prediction_is_one_region_its_loss_the_raw_logits():
     model = make_cmsa()
     batch = make_mask_batch()
     train_out = model(batch)
-    assert torch.equal(train_out.pred_masks, train_out.mask_logits)  # nothing post-processed in training
+    assert torch.equal(
+        train_out.pred_masks, train_out.mask_logits
+    )  # nothing post-processed in training
     model.eval()
     with torch.no_grad():
         out = model(batch)
     from refvg.models.layers import peak_component
 
     raw, fg = out.mask_logits > 0, out.pred_masks > 0
-    assert (raw & ~fg).any()  # the untrained model has several regions; the prediction drops all but one
+    assert (
+        raw & ~fg
+    ).any()  # the untrained model has several regions; the prediction drops all but one
     some = fg.flatten(1).any(1)  # (a sample with nothing positive keeps nothing)
-    assert torch.equal(peak_component(out.pred_masks, batch["pixel_mask"])[some], fg[some])  # one region
+    assert torch.equal(
+        peak_component(out.pred_masks, batch["pixel_mask"])[some], fg[some]
+    )  # one region
     assert torch.equal(out.pred_masks.abs(), out.mask_logits.abs())  # only signs change
 
 
 def test_cmsa_attention_ignores_text_padding():
-    """A sample's map is the same alone (its own length) as in a batch padded to a longer expression."""
+    """A sample's map is the same alone (its own length) as in a batch padded to a longer
+    expression."""
     block = make_cmsa().levels[0].eval()
     g = torch.Generator().manual_seed(0)
     visual = torch.randn(3, 64, 8, 8, generator=g)
@@ -390,8 +451,10 @@ def test_cmsa_attention_ignores_text_padding():
     with torch.no_grad():
         batched = block(visual, pad, words, word_mask)
         for i, n in enumerate((7, 3, 5)):
-            alone = block(visual[i:i + 1], pad[i:i + 1], words[i:i + 1, :n], word_mask[i:i + 1, :n])
-            torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+            alone = block(
+                visual[i : i + 1], pad[i : i + 1], words[i : i + 1, :n], word_mask[i : i + 1, :n]
+            )
+            torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-5, atol=1e-5)
         changed = words.clone()
         changed[1, 3:] = 100.0  # padding content must not matter
         torch.testing.assert_close(block(visual, pad, changed, word_mask), batched)

@@ -1,12 +1,13 @@
-"""QRNet computes what it computed before its hot paths were rewritten for speed (QD-ATT gates on strided
-views, Swin maps as channels-last views of the tokens): outputs, loss and every parameter's gradient,
-for the same weights and input, against a reference stored from the earlier code
+"""QRNet computes what it computed before its hot paths were rewritten for speed (QD-ATT gates on
+strided views, Swin maps as channels-last views of the tokens): outputs, loss and every parameter's
+gradient, for the same weights and input, against a reference stored from the earlier code
 (tests/data/qrnet_reference.pt), and the state dict keeps its keys and shapes (so checkpoints and
 `from_pretrained` Swin weights still load).
 
 Regenerate the reference (only for an intended change of the model's math) from the code to compare
 against:  PYTHONPATH=<that checkout> python tests/test_qrnet_reference.py --write
 """
+
 import sys
 from pathlib import Path
 
@@ -28,21 +29,29 @@ PROJECTIONS = 2
 
 
 def build(case: str):
-    cfg = Config.model_validate({"model": {
-        "visual": CASES[case],
-        "text": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
-        "fusion": {"d_model": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64}}})
+    cfg = Config.model_validate(
+        {
+            "model": {
+                "visual": CASES[case],
+                "text": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64},
+                "fusion": {"d_model": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64},
+            }
+        }
+    )
     torch.manual_seed(0)
     model = build_model("qrnet", cfg, VOCAB, PAD).train()
-    # Weights from the parameters' names and shapes, not from the modules' init order: a refactor that
-    # builds the modules in another order still gets these weights. The dynamic layers' V start at zero
-    # (every gate 0.5 whatever the input); random values here make the gates depend on the map and the
-    # sentence.
+    # Weights from the parameters' names and shapes, not from the modules' init order: a refactor
+    # that builds the modules in another order still gets these weights. The dynamic layers' V start
+    # at zero (every gate 0.5 whatever the input); random values here make the gates depend on the
+    # map and the sentence.
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             scale = p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=g) * scale
+                + (1.0 if name.endswith("norm.weight") else 0.0)
+            )
     return model
 
 
@@ -59,13 +68,16 @@ def make_batch(b: int = 4, size: int = 64, length: int = 10) -> dict:
         "pixel_mask": pixel_mask,
         "input_ids": torch.randint(1, VOCAB, (b, length), generator=g) * attention_mask,
         "attention_mask": attention_mask,
-        "box": torch.cat([0.3 + 0.4 * torch.rand(b, 2, generator=g), 0.1 + 0.3 * torch.rand(b, 2, generator=g)], 1),
+        "box": torch.cat(
+            [0.3 + 0.4 * torch.rand(b, 2, generator=g), 0.1 + 0.3 * torch.rand(b, 2, generator=g)],
+            1,
+        ),
     }
 
 
 def summary(case: str) -> dict:
-    """Outputs, loss, and per parameter its gradient's norm and projections on seeded random directions
-    (a few numbers that move when any entry of the gradient moves)."""
+    """Outputs, loss, and per parameter its gradient's norm and projections on seeded random
+    directions (a few numbers that move when any entry of the gradient moves)."""
     model, batch = build(case), make_batch()
     out = model(batch)
     loss = model.compute_loss(out, batch)["loss"]
@@ -76,8 +88,12 @@ def summary(case: str) -> dict:
         d = torch.randn(PROJECTIONS, p.numel(), generator=g, dtype=torch.float64)
         flat = p.grad.reshape(-1).double()
         grads[name] = torch.cat([flat.norm().view(1), d @ flat])
-    return {"pred_boxes": out.pred_boxes.detach(), "loss": loss.detach(), "grads": grads,
-            "state": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
+    return {
+        "pred_boxes": out.pred_boxes.detach(),
+        "loss": loss.detach(),
+        "grads": grads,
+        "state": {k: tuple(v.shape) for k, v in model.state_dict().items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +110,13 @@ def test_qrnet_outputs_and_gradients_match_the_reference(case, reference):
     assert now["grads"].keys() == ref["grads"].keys()
     for name, summ in now["grads"].items():
         # float32 sums in another order: relative to the gradient's norm
-        torch.testing.assert_close(summ, ref["grads"][name], rtol=1e-4, atol=1e-5 * float(ref["grads"][name][0]) + 1e-9,
-                                   msg=lambda m, name=name: f"{case} {name}: {m}")
+        torch.testing.assert_close(
+            summ,
+            ref["grads"][name],
+            rtol=1e-4,
+            atol=1e-5 * float(ref["grads"][name][0]) + 1e-9,
+            msg=lambda m, name=name: f"{case} {name}: {m}",
+        )
 
 
 def test_qd_att_gates_do_not_depend_on_the_memory_format():
@@ -123,8 +144,10 @@ def test_masked_max_pooling_gradient_is_amaxs_with_ties_and_padding():
     valid[2] = False  # all padding
     weight = torch.randn(3, 5, generator=g)
     grads = []
-    for pool in (lambda t: _MaskedAmax.apply(t, valid),
-                 lambda t: t.masked_fill(~valid.unsqueeze(-1), torch.finfo(t.dtype).min).amax(1)):
+    for pool in (
+        lambda t: _MaskedAmax.apply(t, valid),
+        lambda t: t.masked_fill(~valid.unsqueeze(-1), torch.finfo(t.dtype).min).amax(1),
+    ):
         t = x.clone().requires_grad_()
         out = pool(t)
         (out * weight).sum().backward()

@@ -1,5 +1,6 @@
-"""weak_cam's parts: Grad-CAM against a hand-computed case, the attention-mining loss's effect on the
-gradients (through the differentiable Grad-CAM), and both ways of reading a box off a CAM."""
+"""weak_cam's parts: Grad-CAM against a hand-computed case, the attention-mining loss's effect on
+the gradients (through the differentiable Grad-CAM), and both ways of reading a box off a CAM."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,37 +13,63 @@ from tests.helpers import TINY
 
 
 def test_grad_cam_matches_hand_computation():
-    # score_b = sum(W_b * A_b): d score / d A = W, so alpha_c = mean(W_c) and cam = ReLU(sum_c alpha_c A_c) / peak.
-    fmap = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[4.0, 0.0], [0.0, 1.0]]],
-                         [[[0.0, 1.0], [2.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]], requires_grad=True)
-    w = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[-2.0, -2.0], [-2.0, 2.0]]],  # alpha = (1, -1)
-                      [[[2.0, 2.0], [2.0, 2.0]], [[0.5, 0.5], [0.5, 0.5]]]])  # alpha = (2, 0.5)
+    # score_b = sum(W_b * A_b): d score / d A = W, so alpha_c = mean(W_c) and cam = ReLU(sum_c
+    # alpha_c A_c) / peak.
+    fmap = torch.tensor(
+        [
+            [[[1.0, 2.0], [3.0, 4.0]], [[4.0, 0.0], [0.0, 1.0]]],
+            [[[0.0, 1.0], [2.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]],
+        ],
+        requires_grad=True,
+    )
+    w = torch.tensor(
+        [
+            [[[1.0, 1.0], [1.0, 1.0]], [[-2.0, -2.0], [-2.0, 2.0]]],  # alpha = (1, -1)
+            [[[2.0, 2.0], [2.0, 2.0]], [[0.5, 0.5], [0.5, 0.5]]],
+        ]
+    )  # alpha = (2, 0.5)
     score = (w * fmap).sum((1, 2, 3))
     cam = grad_cam(score, fmap)
-    # sample 0: A0 - A1 = [[-3, 2], [3, 3]] -> ReLU -> / 3;  sample 1: 2 A0 + 0.5 A1 = [[0.5, 2.5], [4.5, 0.5]] / 4.5
-    expected = torch.tensor([[[0.0, 2 / 3], [1.0, 1.0]], [[0.5 / 4.5, 2.5 / 4.5], [1.0, 0.5 / 4.5]]])
+    # sample 0: A0 - A1 = [[-3, 2], [3, 3]] -> ReLU -> / 3;  sample 1: 2 A0 + 0.5 A1 = [[0.5, 2.5],
+    # [4.5, 0.5]] / 4.5
+    expected = torch.tensor(
+        [[[0.0, 2 / 3], [1.0, 1.0]], [[0.5 / 4.5, 2.5 / 4.5], [1.0, 0.5 / 4.5]]]
+    )
     torch.testing.assert_close(cam, expected)
 
     valid = torch.tensor([[[True, True], [True, False]], [[True, True], [False, True]]])
-    masked = grad_cam((w * fmap).sum((1, 2, 3)), fmap, valid)  # excluded cells are 0, the peak is re-taken
-    torch.testing.assert_close(masked, torch.tensor([[[0.0, 2 / 3], [1.0, 0.0]], [[0.2, 1.0], [0.0, 0.2]]]))
+    masked = grad_cam(
+        (w * fmap).sum((1, 2, 3)), fmap, valid
+    )  # excluded cells are 0, the peak is re-taken
+    torch.testing.assert_close(
+        masked, torch.tensor([[[0.0, 2 / 3], [1.0, 0.0]], [[0.2, 1.0], [0.0, 0.2]]])
+    )
 
-    # per_cell (HiResCAM): each cell's own gradient weighs its channels: sample 0 is W0*A0 + W1*A1 per cell
+    # per_cell (HiResCAM): each cell's own gradient weighs its channels: sample 0 is W0*A0 + W1*A1
+    # per cell
     per_cell = grad_cam((w * fmap).sum((1, 2, 3)), fmap, per_cell=True)
-    torch.testing.assert_close(per_cell, torch.tensor([[[0.0, 2 / 6], [3 / 6, 1.0]], expected[1].tolist()]))
+    torch.testing.assert_close(
+        per_cell, torch.tensor([[[0.0, 2 / 6], [3 / 6, 1.0]], expected[1].tolist()])
+    )
 
     # create_graph: the CAM is a differentiable function of the weights that made the score
     wp = w.clone().requires_grad_(True)
     cam = grad_cam((wp * fmap).sum((1, 2, 3)), fmap, create_graph=True)
-    (grad_w,) = torch.autograd.grad(cam[0, 0, 1], wp)  # cam[0,0,1] = (a0*2 + a1*0) / (a0*3 + a1*0), peak cell (1,0)
+    (grad_w,) = torch.autograd.grad(
+        cam[0, 0, 1], wp
+    )  # cam[0,0,1] = (a0*2 + a1*0) / (a0*3 + a1*0), peak cell (1,0)
     assert grad_w.abs().sum() > 0
     with pytest.raises(RuntimeError):  # without create_graph there is no graph to differentiate
         torch.autograd.grad(grad_cam((wp * fmap).sum((1, 2, 3)), fmap)[0, 0, 1], wp)
 
 
 def _tiny_cfg(mining_weight: float, **weak) -> Config:
-    return Config.model_validate({"model": TINY["model"], "method": {
-        "model": "weak_cam", "config": {"mining_weight": mining_weight, **weak}}})
+    return Config.model_validate(
+        {
+            "model": TINY["model"],
+            "method": {"model": "weak_cam", "config": {"mining_weight": mining_weight, **weak}},
+        }
+    )
 
 
 def _weak_batch(b: int = 6, size: int = 64) -> dict:
@@ -51,9 +78,14 @@ def _weak_batch(b: int = 6, size: int = 64) -> dict:
     ids[:, 0] = 2
     pad = torch.zeros(b, size, size, dtype=torch.bool)
     pad[:, 48:] = True  # letterbox padding at the bottom
-    return {"image": torch.randn(b, 3, size, size, generator=g), "pixel_mask": pad, "input_ids": ids,
-            "attention_mask": torch.ones(b, 7, dtype=torch.long),
-            "image_index": torch.tensor([0, 0, 1, 2, 3, 4])[:b], "index": torch.arange(b)}
+    return {
+        "image": torch.randn(b, 3, size, size, generator=g),
+        "pixel_mask": pad,
+        "input_ids": ids,
+        "attention_mask": torch.ones(b, 7, dtype=torch.long),
+        "image_index": torch.tensor([0, 0, 1, 2, 3, 4])[:b],
+        "index": torch.arange(b),
+    }
 
 
 def _grads(mining_weight: float, terms=("loss",)) -> tuple[dict, dict]:
@@ -63,19 +95,30 @@ def _grads(mining_weight: float, terms=("loss",)) -> tuple[dict, dict]:
     torch.manual_seed(1)  # the same hard negatives for both
     losses = model.compute_loss(model(batch), batch)
     sum(losses[t] for t in terms).backward()
-    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}, losses
+    return {
+        n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for n, p in model.named_parameters()
+    }, losses
 
 
 def test_mining_loss_changes_the_gradients():
     with_mining, losses = _grads(1.0)
     without, losses0 = _grads(0.0)
     assert "mining" in losses and "mining" not in losses0
-    for k in ("itc", "itm", "itm_cam"):  # same weights, same negatives: the other terms are identical
+    for k in (
+        "itc",
+        "itm",
+        "itm_cam",
+    ):  # same weights, same negatives: the other terms are identical
         torch.testing.assert_close(losses[k], losses0[k])
     diff = {n: (with_mining[n] - without[n]).abs().max().item() for n in with_mining}
-    assert diff["match_head.out.weight"] > 1e-6 and diff["visual.body.embedder.embedder.convolution.weight"] > 0
-    # The mined pass reads the visual map without the CAM embedding, so the CAM encoder is reached only through
-    # the mask, i.e. through the differentiable Grad-CAM of the second pass (a second-order path).
+    assert (
+        diff["match_head.out.weight"] > 1e-6
+        and diff["visual.body.embedder.embedder.convolution.weight"] > 0
+    )
+    # The mined pass reads the visual map without the CAM embedding, so the CAM encoder is reached
+    # only through the mask, i.e. through the differentiable Grad-CAM of the second pass (a
+    # second-order path).
     mining_only, _ = _grads(1.0, terms=("mining",))
     assert mining_only["cam_encoder.body.2.weight"].abs().sum() > 0
     assert mining_only["fusion.layers.0.qkv.weight"].abs().sum() > 0
@@ -88,8 +131,12 @@ def test_threshold_box_keeps_the_region_around_the_peak():
     cam[0, 5:7, 5:7] = 0.8  # a weaker blob, apart from it
     pad = torch.zeros(1, 8, 8, dtype=torch.bool)
     box = threshold_box(cam, pad, threshold=0.5)
-    torch.testing.assert_close(box, torch.tensor([[2.5 / 8, 2 / 8, 3 / 8, 2 / 8]]))  # cxcywh of x 1..4, y 1..3
-    loose = threshold_box(cam + 0.6 * (cam == 0), pad, threshold=0.5)  # everything above: the whole square
+    torch.testing.assert_close(
+        box, torch.tensor([[2.5 / 8, 2 / 8, 3 / 8, 2 / 8]])
+    )  # cxcywh of x 1..4, y 1..3
+    loose = threshold_box(
+        cam + 0.6 * (cam == 0), pad, threshold=0.5
+    )  # everything above: the whole square
     torch.testing.assert_close(loose, torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
     # CAM on the letterbox padding is ignored (cam_to_square zeroes it before the read-out)
     pad[0, 4:] = True
@@ -124,17 +171,29 @@ def test_localisation_modes_in_the_model():
     outs = {}
     for mode in ("candidates", "threshold"):
         torch.manual_seed(0)
-        model = build_model("weak_cam", _tiny_cfg(1.0, localisation=mode), vocab_size=60, pad_token_id=0).eval()
+        model = build_model(
+            "weak_cam", _tiny_cfg(1.0, localisation=mode), vocab_size=60, pad_token_id=0
+        ).eval()
         with torch.no_grad():  # as under the evaluator: Grad-CAM turns gradients back on itself
             outs[mode] = model(batch)
     cand = outs["candidates"]
-    scores = candidate_scores(cand.cam, batch["cand_boxes"], batch["cand_valid"], cfg.family.candidate_area_power)
+    scores = candidate_scores(
+        cand.cam, batch["cand_boxes"], batch["cand_valid"], cfg.family.candidate_area_power
+    )
     torch.testing.assert_close(cand.pred_boxes[0], batch["cand_boxes"][0, scores[0].argmax()])
     torch.testing.assert_close(cand.pred_boxes[1], batch["cand_boxes"][1, 0])  # the only valid one
     thr = outs["threshold"]
-    torch.testing.assert_close(thr.cam, cand.cam)  # same weights, same CAM; only the read-out differs
-    assert cand.cam.shape == (2, 64, 64) and cand.cam[:, 48:].max() == 0 and cand.cam.amax((1, 2)).min() > 0.99
-    torch.testing.assert_close(thr.pred_boxes, threshold_box(thr.cam, batch["pixel_mask"], cfg.family.box_threshold))
+    torch.testing.assert_close(
+        thr.cam, cand.cam
+    )  # same weights, same CAM; only the read-out differs
+    assert (
+        cand.cam.shape == (2, 64, 64)
+        and cand.cam[:, 48:].max() == 0
+        and cand.cam.amax((1, 2)).min() > 0.99
+    )
+    torch.testing.assert_close(
+        thr.pred_boxes, threshold_box(thr.cam, batch["pixel_mask"], cfg.family.box_threshold)
+    )
     with pytest.raises(KeyError, match="cand_boxes"):
         model_c = build_model("weak_cam", cfg, vocab_size=60, pad_token_id=0).eval()
         model_c({k: v for k, v in batch.items() if not k.startswith("cand_")})
@@ -181,16 +240,18 @@ def test_mining_on_the_image_reaches_the_cam_through_the_backbone():
         scores[where] = losses["mining"].detach()
         if where == "image":
             losses["mining"].backward()
-            # the mask is the second pass's differentiable Grad-CAM, applied to the pixels: the CAM encoder gets
-            # gradients only through it (second order), the backbone through both of its passes
+            # the mask is the second pass's differentiable Grad-CAM, applied to the pixels: the CAM
+            # encoder gets gradients only through it (second order), the backbone through both of
+            # its passes
             assert model.cam_encoder.body[2].weight.grad.abs().sum() > 0
             assert model.visual.body.embedder.embedder.convolution.weight.grad.abs().sum() > 0
     assert not torch.allclose(scores["feature"], scores["image"])
 
 
 def test_the_matcher_learns_on_real_pairs(tiny_workdir, monkeypatch):
-    """The fusion's matching loss leaves ln 2 under the default objective (random negative images, the
-    contrastive loss at 0.1): a fixed batch of the tiny RefShapes pairs, seeded, full-batch steps."""
+    """The fusion's matching loss leaves ln 2 under the default objective (random negative images,
+    the contrastive loss at 0.1): a fixed batch of the tiny RefShapes pairs, seeded, full-batch
+    steps."""
     import math
 
     from refvg import stages
@@ -231,9 +292,18 @@ def test_match_scores_pair_each_expression_with_another_image():
     words = model.text(batch["input_ids"], batch["attention_mask"])
     pos = model.score(visual, batch["pixel_mask"], words, batch["attention_mask"])
     torch.testing.assert_close(out["pos"], pos)
-    neg = model.score(visual[[5, 0, 1, 2, 3, 4]], batch["pixel_mask"], words, batch["attention_mask"])
+    neg = model.score(
+        visual[[5, 0, 1, 2, 3, 4]], batch["pixel_mask"], words, batch["attention_mask"]
+    )
     torch.testing.assert_close(out["neg"], neg)
-    assert out["neg_valid"].tolist() == [True, False, True, True, True, True]  # rows 0, 1 show image 0
+    assert out["neg_valid"].tolist() == [
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]  # rows 0, 1 show image 0
 
 
 def test_negative_images_random_or_by_similarity():
@@ -247,5 +317,7 @@ def test_negative_images_random_or_by_similarity():
     hard = torch.stack([_hard_negatives(sim, same)[0] for _ in range(50)])
     rand = torch.stack([_hard_negatives(torch.zeros_like(sim), same)[0] for _ in range(50)])
     assert (hard[:, [0, 1, 2, 4, 5, 6, 7]] == 3).all()  # "hard": the most similar other image
-    assert (image[rand] != image).all()  # "random" (zero similarities): never the pair's own image...
+    assert (
+        image[rand] != image
+    ).all()  # "random" (zero similarities): never the pair's own image...
     assert rand[:, 0].unique().tolist() == [2, 3, 4, 5, 6, 7]  # ...and any other one

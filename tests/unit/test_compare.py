@@ -1,5 +1,6 @@
-"""benchmarks/compare.py: the paired interval is the t-interval of the per-seed differences, a pair with
-unequal budgets is refused, and a run on the tiny set gives one record per pair and split."""
+"""benchmarks/compare.py: the paired interval is the t-interval of the per-seed differences, a pair
+with unequal budgets is refused, and a run on the tiny set gives one record per pair and split."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +22,12 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
     assert rec["mean_diff"] == pytest.approx(0.4 / 3)
     assert (rec["ci_low"], rec["ci_high"]) == pytest.approx((0.4 / 3 - half, 0.4 / 3 + half))
     assert compare.verdict(rec) == "inside noise"  # the interval reaches below 0
-    assert compare.verdict(compare.paired_interval([0.9, 0.8, 0.85], [0.1, 0.15, 0.1])) == "a better"
-    assert compare.verdict(compare.paired_interval([0.1, 0.15, 0.1], [0.9, 0.8, 0.85])) == "b better"
+    assert (
+        compare.verdict(compare.paired_interval([0.9, 0.8, 0.85], [0.1, 0.15, 0.1])) == "a better"
+    )
+    assert (
+        compare.verdict(compare.paired_interval([0.1, 0.15, 0.1], [0.9, 0.8, 0.85])) == "b better"
+    )
 
 
 @pytest.mark.e2e
@@ -30,18 +35,39 @@ def test_compare_on_the_tiny_set(in_tiny, tmp_path):
     from refvg.engine.checkpoint import load_checkpoint
 
     params = write_params(in_tiny, train={"epochs": 1, "batch_size": 16, "warmup_steps": 2})
-    records = compare.compare(params, [("transvg", "transvg_blind")], [0, 1], tmp_path / "work", keep=True)
+    records = compare.compare(
+        params, [("transvg", "transvg_blind")], [0, 1], tmp_path / "work", keep=True
+    )
     assert [r["split"] for r in records] == ["val", "testA", "testB"]
     for r in records:
-        assert r["pair"] == "transvg vs transvg_blind" and r["seeds"] == 2 and len(r["a"]) == len(r["b"]) == 2
+        assert (
+            r["pair"] == "transvg vs transvg_blind"
+            and r["seeds"] == 2
+            and len(r["a"]) == len(r["b"]) == 2
+        )
         assert r["mean_diff"] == pytest.approx(r["a_mean"] - r["b_mean"])
     for seed in (0, 1):  # each run trained with its own seed, the rest of params.yaml as it is
         for method in ("transvg", "transvg_blind"):
-            saved = load_checkpoint(tmp_path / "work" / f"seed{seed}" / "checkpoints" / method / "best.pt")
-            assert saved["config"]["train"]["seed"] == seed and saved["config"]["train"]["epochs"] == 1
+            saved = load_checkpoint(
+                tmp_path / "work" / f"seed{seed}" / "checkpoints" / method / "best.pt"
+            )
+            assert (
+                saved["config"]["train"]["seed"] == seed and saved["config"]["train"]["epochs"] == 1
+            )
     assert "| transvg vs transvg_blind | val | 1 | 2 |" in compare.markdown(records)
 
-    unequal = write_params(in_tiny, methods={"transvg": {"model": "transvg"}, "transvg_blind": {
-        "model": "transvg", "language_blind": True, "overrides": {"train": {"epochs": 3}}}})
+    unequal = write_params(
+        in_tiny,
+        methods={
+            "transvg": {"model": "transvg"},
+            "transvg_blind": {
+                "model": "transvg",
+                "language_blind": True,
+                "overrides": {"train": {"epochs": 3}},
+            },
+        },
+    )
     with pytest.raises(SystemExit, match="needs equal budgets"):
-        compare.compare(unequal, [("transvg", "transvg_blind")], [0, 1], tmp_path / "work2", keep=False)
+        compare.compare(
+            unequal, [("transvg", "transvg_blind")], [0, 1], tmp_path / "work2", keep=False
+        )

@@ -19,20 +19,30 @@ def test_repo_params_parse_and_cover_every_section():
     assert "transvg" in cfg.methods and cfg.methods["transvg_blind"].language_blind
     # params.yaml lists every knob (DVC tracks params by key, so a missing one would go untracked)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(raw) == set(Config.model_fields) - {"method"}  # `method` is set by for_method, per run
+    assert set(raw) == set(Config.model_fields) - {
+        "method"
+    }  # `method` is set by for_method, per run
     for section in ("data", "train", "eval", "synthetic", "model"):
-        assert set(raw[section]) == set(Config.model_fields[section].annotation.model_fields), section
-    # each family's knobs are listed in full in one method entry (`dvc exp run -S methods.<m>.config.<knob>=...`
-    # needs the key to exist); its ablations inherit them by `base:`
+        assert set(raw[section]) == set(Config.model_fields[section].annotation.model_fields), (
+            section
+        )
+    # each family's knobs are listed in full in one method entry (`dvc exp run -S
+    # methods.<m>.config.<knob>=...` needs the key to exist); its ablations inherit them by `base:`
     from refvg.models import config_class
 
     for model in {m.model for m in cfg.all_methods.values()}:
-        full = [name for name, entry in {**raw["methods"], **raw["distill_methods"]}.items()
-                if entry.get("model") == model and "base" not in entry]
+        full = [
+            name
+            for name, entry in {**raw["methods"], **raw["distill_methods"]}.items()
+            if entry.get("model") == model and "base" not in entry
+        ]
         assert full, model
         listed = set(raw["methods"].get(full[0], raw["distill_methods"].get(full[0]))["config"])
-        inherited = {"transvg": set(), "qrnet": {"l1_weight", "giou_weight", "attention_weight"},
-                     "epmvg": {"l1_weight", "giou_weight", "attention_weight"}}.get(model, set())
+        inherited = {
+            "transvg": set(),
+            "qrnet": {"l1_weight", "giou_weight", "attention_weight"},
+            "epmvg": {"l1_weight", "giou_weight", "attention_weight"},
+        }.get(model, set())
         assert listed | inherited == set(config_class(model).model_fields), model
 
 
@@ -48,11 +58,22 @@ def test_family_config_is_typed_and_dumped_per_method():
 
 
 def test_base_inherits_the_whole_entry_and_states_what_differs(tmp_path):
-    cfg = load_config(write(tmp_path, {"methods": {
-        "a": {"model": "mattnet", "config": {"d_model": 32, "erase": {"type": "both", "rate": 0.5}},
-              "overrides": {"train": {"epochs": 3}}},
-        "b": {"base": "a", "config": {"erase": {"type": "none"}}},
-        "c": {"base": "b", "overrides": {"train": {"lr": 0.01}}}}}))
+    cfg = load_config(
+        write(
+            tmp_path,
+            {
+                "methods": {
+                    "a": {
+                        "model": "mattnet",
+                        "config": {"d_model": 32, "erase": {"type": "both", "rate": 0.5}},
+                        "overrides": {"train": {"epochs": 3}},
+                    },
+                    "b": {"base": "a", "config": {"erase": {"type": "none"}}},
+                    "c": {"base": "b", "overrides": {"train": {"lr": 0.01}}},
+                }
+            },
+        )
+    )
     b, c = cfg.for_method("b"), cfg.for_method("c")
     assert b.family.d_model == 32 and b.family.erase.type == "none" and b.family.erase.rate == 0.5
     assert b.train.epochs == 3 and cfg.methods["b"].model == "mattnet"
@@ -61,25 +82,51 @@ def test_base_inherits_the_whole_entry_and_states_what_differs(tmp_path):
 
 
 def test_base_may_name_a_distill_method(tmp_path):
-    cfg = load_config(write(tmp_path, {
-        "methods": {"off": {"base": "on", "config": {"image_weight": 0.0}}},
-        "distill_methods": {"on": {"model": "epmvg", "config": {"image_weight": 0.3, "text_weight": 0.2}}}}))
-    assert cfg.for_method("off").family.image_weight == 0.0 and cfg.for_method("off").family.text_weight == 0.2
+    cfg = load_config(
+        write(
+            tmp_path,
+            {
+                "methods": {"off": {"base": "on", "config": {"image_weight": 0.0}}},
+                "distill_methods": {
+                    "on": {"model": "epmvg", "config": {"image_weight": 0.3, "text_weight": 0.2}}
+                },
+            },
+        )
+    )
+    assert (
+        cfg.for_method("off").family.image_weight == 0.0
+        and cfg.for_method("off").family.text_weight == 0.2
+    )
 
 
-@pytest.mark.parametrize("methods, match", [
-    ({"a": {"base": "b"}, "b": {"base": "a"}}, r"methods\.(a|b)\.base: cycle of bases"),
-    ({"a": {"base": "a"}}, r"methods\.a\.base: cycle"),
-    ({"a": {"model": "transvg"}, "b": {"base": "nope"}}, r"methods\.b\.base: unknown method 'nope'"),
-    ({"a": {"model": "transvg"}, "b": {"base": "a", "model": "cmsa"}},
-     r"methods\.b\.model: 'cmsa' contradicts its base 'a'"),
-    ({"weak_cam": {"model": "weak_cam", "config": {"minig_weight": 0.5}}},
-     r"methods\.weak_cam\.config\.minig_weight: Extra inputs are not permitted"),
-    ({"a": {"model": "mattnet"}, "b": {"base": "a", "config": {"erase": {"tpye": "none"}}}},
-     r"methods\.b\.config\.erase\.tpye"),
-    ({"a": {"model": "no_such_model"}}, r"methods\.a\.model: unknown model 'no_such_model'"),
-    ({"a": {"model": "transvg", "overrides": {"model": {"mattnet": {"d_model": 8}}}}}, r"model\.mattnet"),
-])
+@pytest.mark.parametrize(
+    "methods, match",
+    [
+        ({"a": {"base": "b"}, "b": {"base": "a"}}, r"methods\.(a|b)\.base: cycle of bases"),
+        ({"a": {"base": "a"}}, r"methods\.a\.base: cycle"),
+        (
+            {"a": {"model": "transvg"}, "b": {"base": "nope"}},
+            r"methods\.b\.base: unknown method 'nope'",
+        ),
+        (
+            {"a": {"model": "transvg"}, "b": {"base": "a", "model": "cmsa"}},
+            r"methods\.b\.model: 'cmsa' contradicts its base 'a'",
+        ),
+        (
+            {"weak_cam": {"model": "weak_cam", "config": {"minig_weight": 0.5}}},
+            r"methods\.weak_cam\.config\.minig_weight: Extra inputs are not permitted",
+        ),
+        (
+            {"a": {"model": "mattnet"}, "b": {"base": "a", "config": {"erase": {"tpye": "none"}}}},
+            r"methods\.b\.config\.erase\.tpye",
+        ),
+        ({"a": {"model": "no_such_model"}}, r"methods\.a\.model: unknown model 'no_such_model'"),
+        (
+            {"a": {"model": "transvg", "overrides": {"model": {"mattnet": {"d_model": 8}}}}},
+            r"model\.mattnet",
+        ),
+    ],
+)
 def test_bad_method_entries_are_rejected_with_the_key_path(tmp_path, methods, match):
     with pytest.raises(ConfigError, match=match):
         cfg = load_config(write(tmp_path, {"methods": methods}))
@@ -115,9 +162,17 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
 
 
 def test_method_overrides_merge_and_are_validated(tmp_path):
-    cfg = load_config(write(tmp_path, {"methods": {
-        "a": {"model": "transvg", "overrides": {"train": {"epochs": 3}}},
-        "b": {"model": "transvg", "overrides": {"train": {"nope": 1}}}}}))
+    cfg = load_config(
+        write(
+            tmp_path,
+            {
+                "methods": {
+                    "a": {"model": "transvg", "overrides": {"train": {"epochs": 3}}},
+                    "b": {"model": "transvg", "overrides": {"train": {"nope": 1}}},
+                }
+            },
+        )
+    )
     assert cfg.for_method("a").train.epochs == 3
     assert cfg.for_method("a").train.lr == cfg.train.lr
     with pytest.raises(ConfigError, match=r"methods\.b\.overrides"):
@@ -126,19 +181,34 @@ def test_method_overrides_merge_and_are_validated(tmp_path):
         cfg.for_method("c")
 
 
-@pytest.mark.parametrize("text, match", [
-    ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", r"(?s)duplicate key 'lr'.*params.yaml\", line 4"),  # YAML keeps the last silently
-    ("train:\n  epochs: yes\n", r"train\.epochs: .*expected a number, got the boolean true"),
-    ("train:\n  num_workers: off\n", r"train\.num_workers: .*boolean false"),
-    ("train:\n  lr: .inf\n", r"train\.lr: Input should be a finite number"),
-    ("train:\n  grad_clip: .nan\n", r"train\.grad_clip: Input should be a finite number"),
-    ("model:\n  visual:\n    hidden_sizes: [32, big, 128]\n", r"model\.visual\.hidden_sizes\.1"),
-    ("model:\n  fusion:\n    readout_radius: on\n", r"model\.fusion\.readout_radius: .*boolean"),
-    ("data:\n  dataset: null\n", r"data\.dataset: Input should be a valid string"),
-    ("methods:\n  m:\n    model: transvg\n    language_blind: 2\n", r"methods\.m\.language_blind"),
-    ("train: 5\n", r"train: Input should be a valid dictionary"),
-    ("synthetic:\n  min_objects: 4\n  max_objects: 2\n", r"max_objects must be >= min_objects"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            "train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n",
+            r"(?s)duplicate key 'lr'.*params.yaml\", line 4",
+        ),  # YAML keeps the last silently
+        ("train:\n  epochs: yes\n", r"train\.epochs: .*expected a number, got the boolean true"),
+        ("train:\n  num_workers: off\n", r"train\.num_workers: .*boolean false"),
+        ("train:\n  lr: .inf\n", r"train\.lr: Input should be a finite number"),
+        ("train:\n  grad_clip: .nan\n", r"train\.grad_clip: Input should be a finite number"),
+        (
+            "model:\n  visual:\n    hidden_sizes: [32, big, 128]\n",
+            r"model\.visual\.hidden_sizes\.1",
+        ),
+        (
+            "model:\n  fusion:\n    readout_radius: on\n",
+            r"model\.fusion\.readout_radius: .*boolean",
+        ),
+        ("data:\n  dataset: null\n", r"data\.dataset: Input should be a valid string"),
+        (
+            "methods:\n  m:\n    model: transvg\n    language_blind: 2\n",
+            r"methods\.m\.language_blind",
+        ),
+        ("train: 5\n", r"train: Input should be a valid dictionary"),
+        ("synthetic:\n  min_objects: 4\n  max_objects: 2\n", r"max_objects must be >= min_objects"),
+    ],
+)
 def test_hostile_params_are_rejected_with_the_key_named(tmp_path, text, match):
     p = tmp_path / "params.yaml"
     p.write_text(text)
@@ -154,6 +224,19 @@ def test_params_that_are_not_utf8_text(tmp_path):
 
 
 def test_yaml_spellings_that_mean_the_right_thing_still_parse(tmp_path):
-    # Guards the checks above from rejecting good files: 1e-3 is a string to YAML 1.1, null is allowed here.
-    cfg = load_config(write(tmp_path, {"train": {"lr": "1e-3", "compile": True}, "model": {"fusion": {"readout_radius": None}}}))
-    assert cfg.train.lr == 0.001 and cfg.train.compile is True and cfg.model.fusion.readout_radius is None
+    # Guards the checks above from rejecting good files: 1e-3 is a string to YAML 1.1, null is
+    # allowed here.
+    cfg = load_config(
+        write(
+            tmp_path,
+            {
+                "train": {"lr": "1e-3", "compile": True},
+                "model": {"fusion": {"readout_radius": None}},
+            },
+        )
+    )
+    assert (
+        cfg.train.lr == 0.001
+        and cfg.train.compile is True
+        and cfg.model.fusion.readout_radius is None
+    )

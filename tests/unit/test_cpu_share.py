@@ -1,5 +1,6 @@
 """Trainings side by side share the cores: each uses cores // (trainings computing) threads,
 recounted as others start and end, and a killed one gives its share back."""
+
 from __future__ import annotations
 
 import subprocess
@@ -35,10 +36,17 @@ def test_each_training_gets_its_share_and_a_killed_one_gives_it_back(tmp_path, m
 
         # A training killed mid-run: the kernel drops its lock with the process.
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
-             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-             str(tmp_path / "slot-9.lock")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                str(tmp_path / "slot-9.lock"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert holder.stdout.readline().strip() == "held"
             first.refresh(force=True)
@@ -62,8 +70,8 @@ def test_switched_off(tmp_path, monkeypatch):
 
 
 def test_its_per_user_folder_is_closed_to_others(tmp_path, monkeypatch):
-    """The slots' parent is the stage worker's per-user folder too: made open to others, the worker refused it
-    and every later stage ran in-process."""
+    """The slots' parent is the stage worker's per-user folder too: made open to others, the worker
+    refused it and every later stage ran in-process."""
     import stat
 
     monkeypatch.delenv("REFVG_CPU_SHARE", raising=False)

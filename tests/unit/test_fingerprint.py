@@ -1,5 +1,6 @@
-"""The per-method stamps of the `resolve` stage (refvg.engine.fingerprint): a stamp changes with what its
-method's training reads, and with nothing else; it is rewritten only when it changes."""
+"""The per-method stamps of the `resolve` stage (refvg.engine.fingerprint): a stamp changes with
+what its method's training reads, and with nothing else; it is rewritten only when it changes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,8 @@ def cfg() -> Config:
 
 
 def edited(cfg: Config, dotted: str, value) -> Config:
-    """params.yaml as written (bases unresolved) with one value changed, then read as refvg reads it."""
+    """params.yaml as written (bases unresolved) with one value changed, then read as refvg reads
+    it."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     *parents, leaf = dotted.split(".")
     section = raw
@@ -39,10 +41,17 @@ def test_a_stamp_changes_with_what_its_training_reads_only(cfg):
     everyone = set(cfg.all_methods)
     mattnets = {m for m, e in cfg.all_methods.items() if e.model == "mattnet"}
     assert len(mattnets) == 4 and set(cfg.distill_methods) == {"epmvg"}
-    for dotted, value in [("eval.num_qualitative", 3), ("eval.iou_thresholds", [0.5]), ("storage.prefix", "x"),
-                          ("tracking.experiment", "x"), ("synthetic.seed", 7), ("teacher.epochs", 1),
-                          ("train.checkpoint_every_steps", 7), ("detections.jitter", 0.2),
-                          ("parallel.prepare_shards", 2)]:
+    for dotted, value in [
+        ("eval.num_qualitative", 3),
+        ("eval.iou_thresholds", [0.5]),
+        ("storage.prefix", "x"),
+        ("tracking.experiment", "x"),
+        ("synthetic.seed", 7),
+        ("teacher.epochs", 1),
+        ("train.checkpoint_every_steps", 7),
+        ("detections.jitter", 0.2),
+        ("parallel.prepare_shards", 2),
+    ]:
         assert changed_stamps(cfg, dotted, value) == set(), dotted
     assert changed_stamps(cfg, "train.seed", 5) == everyone
     assert changed_stamps(cfg, "train.lr", 0.5) == everyone - {"cmsa"}  # cmsa sets its own
@@ -50,24 +59,44 @@ def test_a_stamp_changes_with_what_its_training_reads_only(cfg):
     assert changed_stamps(cfg, "model.visual.embed_dim", 16) == everyone
     assert changed_stamps(cfg, "methods.mattnet_erase.config.erase.rate", 0.5) == mattnets
     assert changed_stamps(cfg, "methods.cmsa.config.num_layers", 2) == {"cmsa"}
-    assert changed_stamps(cfg, "teacher.projection_dim", 32) == {"epmvg"}  # the student projects into it
+    assert changed_stamps(cfg, "teacher.projection_dim", 32) == {
+        "epmvg"
+    }  # the student projects into it
     assert changed_stamps(cfg, "methods.cmsa.overrides", {"train": {"epochs": 9}}) == {"cmsa"}
 
 
 def test_training_sources_are_the_model_and_what_training_imports():
     cmsa, mattnet = training_sources("cmsa"), training_sources("mattnet")
-    shared = {"refvg/engine/trainer.py", "refvg/stages/train.py", "refvg/data/dataset.py", "refvg/models/backbones.py",
-              "refvg/config.py", "refvg/engine/evaluator.py"}
+    shared = {
+        "refvg/engine/trainer.py",
+        "refvg/stages/train.py",
+        "refvg/data/dataset.py",
+        "refvg/models/backbones.py",
+        "refvg/config.py",
+        "refvg/engine/evaluator.py",
+    }
     assert shared <= set(cmsa) & set(mattnet)
     assert "refvg/models/cmsa.py" in cmsa and "refvg/models/cmsa.py" not in mattnet
     assert "refvg/models/mattnet.py" in mattnet and "refvg/models/mattnet.py" not in cmsa
-    assert "refvg/models/cmsa.py" not in training_sources("weak_cam")  # shared helpers live in layers.py
+    assert "refvg/models/cmsa.py" not in training_sources(
+        "weak_cam"
+    )  # shared helpers live in layers.py
     assert "refvg/models/layers.py" in training_sources("weak_cam")
-    # Not run by training: the other stages' code, the package that imports every model to register it.
-    for other in ("refvg/visualize.py", "refvg/reporting.py", "refvg/models/clip_teacher.py",
-                  "refvg/data/synthetic.py", "refvg/models/__init__.py", "refvg/tracking.py"):
+    # Not run by training: the other stages' code, the package that imports every model to register
+    # it.
+    for other in (
+        "refvg/visualize.py",
+        "refvg/reporting.py",
+        "refvg/models/clip_teacher.py",
+        "refvg/data/synthetic.py",
+        "refvg/models/__init__.py",
+        "refvg/tracking.py",
+    ):
         assert other not in cmsa, other
-    assert cmsa["refvg/models/cmsa.py"] == hashlib.sha256((ROOT / "refvg/models/cmsa.py").read_bytes()).hexdigest()[:16]
+    assert (
+        cmsa["refvg/models/cmsa.py"]
+        == hashlib.sha256((ROOT / "refvg/models/cmsa.py").read_bytes()).hexdigest()[:16]
+    )
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         training_sources("nope")
 

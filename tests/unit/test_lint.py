@@ -1,4 +1,6 @@
-"""The code passes the linter configured in pyproject.toml ([tool.ruff]): the suite fails on a lint error."""
+"""The code passes the linter configured in pyproject.toml ([tool.ruff]): the suite fails on a lint
+error."""
+
 import subprocess
 import sys
 
@@ -6,6 +8,10 @@ from tests.helpers import ROOT
 
 
 def test_ruff_finds_nothing():
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -21,7 +21,9 @@ def test_iou_and_giou_hand_values(as_tensor):
     giou = generalized_box_iou(conv(a), conv(b))
     assert isinstance(iou, torch.Tensor) == as_tensor
     np.testing.assert_allclose(np.asarray(iou), [1.0, 0.0, 1 / 7], atol=1e-9)
-    np.testing.assert_allclose(np.asarray(giou), [1.0, 0.0 - (8 - 5) / 8, 1 / 7 - (9 - 7) / 9], atol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(giou), [1.0, 0.0 - (8 - 5) / 8, 1 / 7 - (9 - 7) / 9], atol=1e-9
+    )
 
 
 def test_degenerate_boxes_do_not_give_nan():
@@ -48,7 +50,9 @@ def test_losses_zero_for_identical_and_positive_otherwise():
     out = grounding_box_loss(t, t, 5.0, 2.0)
     assert out["loss"].item() == pytest.approx(0.0, abs=1e-6)
     p = t + torch.tensor([0.05, 0.0, 0.0, 0.0])
-    assert box_l1_loss(p, t).item() == pytest.approx(0.05, abs=1e-6)  # summed over coords, mean over boxes
+    assert box_l1_loss(p, t).item() == pytest.approx(
+        0.05, abs=1e-6
+    )  # summed over coords, mean over boxes
     assert giou_loss(p, t).item() > 0
     out = grounding_box_loss(p, t, 5.0, 2.0)
     assert out["loss"].item() == pytest.approx(5 * out["l1"].item() + 2 * out["giou"].item())
@@ -73,7 +77,13 @@ def test_mask_metrics_hand_example():
     s = summarize_mask_metrics([1, 6, 4], [7, 6, 5])
     assert s["oIoU"] == pytest.approx(11 / 18)  # cumulative: (1 + 6 + 4) / (7 + 6 + 5)
     assert s["mIoU"] == pytest.approx((1 / 7 + 1 + 0.8) / 3)
-    assert [s[f"prec@{t}"] for t in (0.5, 0.6, 0.7, 0.8, 0.9)] == [2 / 3, 2 / 3, 2 / 3, 2 / 3, 1 / 3]
+    assert [s[f"prec@{t}"] for t in (0.5, 0.6, 0.7, 0.8, 0.9)] == [
+        2 / 3,
+        2 / 3,
+        2 / 3,
+        2 / 3,
+        1 / 3,
+    ]
     assert s["n"] == 3
     # oIoU weighs big objects more: one perfect big mask and one missed small one.
     s = summarize_mask_metrics([100, 0], [100, 10])
@@ -87,11 +97,14 @@ def test_mask_metrics_hand_example():
 
 
 def test_mask_scored_at_original_resolution():
-    """Logits over the letterboxed square come back to the original image: padding cropped, resized."""
+    """Logits over the letterboxed square come back to the original image: padding cropped,
+    resized."""
     from refvg.data.transforms import Letterbox
     from refvg.metrics import mask_intersection_union
 
-    lb = Letterbox(8, 4, 4)  # 8x4 image -> 4x2 content in a 4x4 square (scale 0.5), rows 2-3 are padding
+    lb = Letterbox(
+        8, 4, 4
+    )  # 8x4 image -> 4x2 content in a 4x4 square (scale 0.5), rows 2-3 are padding
     logits = -torch.ones(4, 4)
     logits[0, 1] = 1.0  # one square pixel = original rows 0-1, cols 2-3
     logits[2:, :] = 5.0  # confident nonsense on the padding must not leak into the image
@@ -122,7 +135,10 @@ def test_mask_loss_ignores_padding_and_rewards_the_right_mask():
     assert mask_loss(bad, target, valid, 1.0, 1.0)["loss"] > 5
     noisy_padding = good.clone()
     noisy_padding[:, :, 6:] = 10.0  # wrong, but on padding only
-    assert torch.allclose(mask_loss(noisy_padding, target, valid, 1.0, 0.5)["loss"], mask_loss(good, target, valid, 1.0, 0.5)["loss"])
+    assert torch.allclose(
+        mask_loss(noisy_padding, target, valid, 1.0, 0.5)["loss"],
+        mask_loss(good, target, valid, 1.0, 0.5)["loss"],
+    )
     logits = torch.zeros(2, 8, 8, requires_grad=True)
     mask_loss(logits, target, valid, 1.0, 1.0)["loss"].backward()
     assert logits.grad[:, :, :6].abs().sum() > 0 and logits.grad[:, :, 6:].abs().sum() == 0

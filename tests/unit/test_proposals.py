@@ -1,4 +1,6 @@
-"""Candidate boxes: what `prepare` writes, how a split hands them to a ranking model, which one is the target."""
+"""Candidate boxes: what `prepare` writes, how a split hands them to a ranking model, which one is
+the target."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +13,11 @@ from refvg.config import load_config
 from refvg.data.dataset import PreparedSplit, collate
 from refvg.data.prepare import prepared_path
 from refvg.data.proposals import (
-    CANDIDATES, ImageCandidates, candidates_from_detections, match_target, read_gt_candidates,
+    CANDIDATES,
+    ImageCandidates,
+    candidates_from_detections,
+    match_target,
+    read_gt_candidates,
 )
 from refvg.data.refer import ReferDataset
 from refvg.data.transforms import cxcywh_to_xyxy
@@ -43,9 +49,10 @@ def test_split_items_carry_padded_candidates_and_the_target(in_tiny):
         n = len(per_image[split.records[b]["image_index"]])
         assert batch["cand_valid"][b].sum() == min(n, 6)
         t = int(batch["cand_target"][b])
-        # The target's candidate is the target box (gt proposals), in the same square frame as "box".
+        # The target's candidate is the target box (gt proposals), in the same square frame as
+        # "box".
         torch.testing.assert_close(batch["cand_boxes"][b, t], batch["box"][b], atol=1e-5, rtol=0)
-        assert (cxcywh_to_xyxy(batch["cand_boxes"][b, : n]) >= -1e-6).all()
+        assert (cxcywh_to_xyxy(batch["cand_boxes"][b, :n]) >= -1e-6).all()
 
 
 def test_target_outside_the_kept_candidates_is_minus_one(in_tiny):
@@ -54,7 +61,9 @@ def test_target_outside_the_kept_candidates_is_minus_one(in_tiny):
     split = PreparedSplit(prepared, "val")
     rec = split.records[0]
     # One image's list holds only a far-away box: the target cannot be ranked first, and says so.
-    far = ImageCandidates(np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([1]), np.array([1.0]), np.array([-1]))
+    far = ImageCandidates(
+        np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([1]), np.array([1.0]), np.array([-1])
+    )
     lists = [far] * split.images.shape[0]
     split = PreparedSplit(prepared, "val", candidates=lists, max_candidates=3)
     assert int(split[0]["cand_target"]) == -1 and int(split[0]["cand_valid"].sum()) == 1
@@ -80,10 +89,17 @@ def test_malformed_candidate_file_names_the_row(in_tiny, tmp_path):
 
 
 def test_detections_in_coco_results_format():
-    dets = [{"bbox": [10, 20, 30, 40], "category_id": 3, "score": 0.9}, {"bbox": [0, 0, 5, 5], "category_id": 1, "score": 0.2}]
+    dets = [
+        {"bbox": [10, 20, 30, 40], "category_id": 3, "score": 0.9},
+        {"bbox": [0, 0, 5, 5], "category_id": 1, "score": 0.2},
+    ]
     c = candidates_from_detections(dets, "dets.json")
     np.testing.assert_allclose(c.boxes_xyxy, [[10, 20, 40, 60], [0, 0, 5, 5]])
-    assert c.category_ids.tolist() == [3, 1] and c.scores.tolist() == [0.9, 0.2] and (c.ann_ids == -1).all()
+    assert (
+        c.category_ids.tolist() == [3, 1]
+        and c.scores.tolist() == [0.9, 0.2]
+        and (c.ann_ids == -1).all()
+    )
     with pytest.raises(ValueError, match=r"dets.json: detection 1 has a box of zero"):
         candidates_from_detections([dets[0], {"bbox": [0, 0, 0, 5]}], "dets.json")
     with pytest.raises(ValueError, match=r"dets.json: not a list of COCO detections"):

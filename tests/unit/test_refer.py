@@ -10,7 +10,13 @@ import torch
 
 from refvg.config import SyntheticConfig
 from refvg.data.refer import (
-    BadRecordError, RefSample, ReferDataset, SkipLog, find_refs_file, load_refs, load_transvg_split,
+    BadRecordError,
+    RefSample,
+    ReferDataset,
+    SkipLog,
+    find_refs_file,
+    load_refs,
+    load_transvg_split,
 )
 from refvg.data.synthetic import generate_refshapes
 
@@ -28,7 +34,8 @@ def raw(tmp_path_factory):
 
 
 def _write(tmp_path, refs, instances, fmt="json"):
-    """A dataset dir with the given (possibly corrupted) records; images stay in the generated set."""
+    """A dataset dir with the given (possibly corrupted) records; images stay in the generated
+    set."""
     d = tmp_path / "ds"
     d.mkdir(exist_ok=True)
     (d / "instances.json").write_text(json.dumps(instances))
@@ -53,7 +60,14 @@ def test_reads_generated_set(raw):
     s = ds.samples("val")[0]
     assert isinstance(s, RefSample) and s.sample_id == f"{s.ref_id}:{s.sent_id}"
     assert ds.image_path(s).is_file() and s.sentence == s.sentence.strip()
-    assert ds.category_names[s.category_id] in ("circle", "square", "triangle", "diamond", "cross", "star")
+    assert ds.category_names[s.category_id] in (
+        "circle",
+        "square",
+        "triangle",
+        "diamond",
+        "cross",
+        "star",
+    )
     with pytest.raises(ValueError, match="testA"):
         ds.samples("test")
 
@@ -174,7 +188,9 @@ def test_bad_records(reason, raw, tmp_path):
     images = root / "refshapes" / "images"
     total = sum(len(r["sentences"]) for r in refs)
 
-    ds = ReferDataset(tmp_path, "ds", image_dir=images, on_bad_record="skip", max_expression_chars=100)
+    ds = ReferDataset(
+        tmp_path, "ds", image_dir=images, on_bad_record="skip", max_expression_chars=100
+    )
     got = ds.all_samples()
     assert ds.skips.counts.get(reason, 0) >= 1 and set(ds.skips.counts) == {reason}
     assert ds.skips.examples and f"ref_id={bad['ref_id']}" in ds.skips.examples[0]
@@ -182,13 +198,16 @@ def test_bad_records(reason, raw, tmp_path):
     if reason in SENTENCE_LEVEL:
         assert kept == total - 1
     else:
-        # A whole ref goes (every ref on the image, for a missing image file); all refs have equal sentences.
+        # A whole ref goes (every ref on the image, for a missing image file); all refs have equal
+        # sentences.
         assert kept == total - ds.skips.total * len(bad["sentences"])
         assert all(s.ref_id != bad["ref_id"] for split in got.values() for s in split)
     ds.all_samples()
     assert ds.skips.total == sum(ds.skips.counts.values())  # counted once, not per call
 
-    strict = ReferDataset(tmp_path, "ds", image_dir=images, on_bad_record="error", max_expression_chars=100)
+    strict = ReferDataset(
+        tmp_path, "ds", image_dir=images, on_bad_record="error", max_expression_chars=100
+    )
     with pytest.raises(BadRecordError) as err:
         strict.all_samples()
     msg = str(err.value)
@@ -199,14 +218,18 @@ def test_bad_records(reason, raw, tmp_path):
 
 @pytest.mark.parametrize("on_bad_record", ["skip", "error"])
 @pytest.mark.parametrize("stored", ["test", "trainval", "testC"])
-def test_a_split_the_dataset_does_not_have_is_an_error_never_a_skip(raw, tmp_path, on_bad_record, stored):
-    # RefShapes is read with unc's vocabulary (train, val, testA, testB): "test" is RefCOCOg umd's, "testC"
-    # RefClef's. Skipping such refs would drop a whole split unseen.
+def test_a_split_the_dataset_does_not_have_is_an_error_never_a_skip(
+    raw, tmp_path, on_bad_record, stored
+):
+    # RefShapes is read with unc's vocabulary (train, val, testA, testB): "test" is RefCOCOg umd's,
+    # "testC" RefClef's. Skipping such refs would drop a whole split unseen.
     root, refs, instances = raw
     refs = copy.deepcopy(refs)
     refs[3]["split"] = stored
     _write(tmp_path, refs, instances)
-    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record=on_bad_record)
+    ds = ReferDataset(
+        tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record=on_bad_record
+    )
     with pytest.raises(BadRecordError) as err:
         ds.samples("train")
     msg = str(err.value)
@@ -234,7 +257,9 @@ def test_mask_shape(raw):
     x, y, w, h = s.bbox
     assert m.sum() > 0.3 * w * h
     ys, xs = np.nonzero(m)
-    assert xs.min() >= x - 1 and xs.max() <= x + w + 1 and ys.min() >= y - 1 and ys.max() <= y + h + 1
+    assert (
+        xs.min() >= x - 1 and xs.max() <= x + w + 1 and ys.min() >= y - 1 and ys.max() <= y + h + 1
+    )
     with pytest.raises(KeyError):
         ds.mask(10**7)
 
@@ -249,10 +274,20 @@ def test_transvg_split_round_trip(raw, tmp_path):
     got = load_transvg_split(tmp_path / "val.pth", images, "val", "unc")
     assert len(got) == len(entries)
     for s, g in zip(ref, got):
-        assert (g.file_name, g.ann_id, g.bbox, g.sentence, g.split) == (s.file_name, s.ann_id, s.bbox, s.sentence, "val")
+        assert (g.file_name, g.ann_id, g.bbox, g.sentence, g.split) == (
+            s.file_name,
+            s.ann_id,
+            s.bbox,
+            s.sentence,
+            "val",
+        )
         assert (g.image_width, g.image_height) == (s.image_width, s.image_height)
         assert g.category_id == -1 and g.sample_id == f"{g.ref_id}:{g.sent_id}"
-    assert got[-1].ann_id == -1 and got[-1].sentence == "the thing" and got[-1].image_id == got[0].image_id
+    assert (
+        got[-1].ann_id == -1
+        and got[-1].sentence == "the thing"
+        and got[-1].image_id == got[0].image_id
+    )
     assert [g.ref_id for g in got] == list(range(len(got)))
 
     entries.append(["missing.png", 1, [0, 0, 1, 1], "x", []])
@@ -260,7 +295,11 @@ def test_transvg_split_round_trip(raw, tmp_path):
     with pytest.raises(BadRecordError, match="missing_image_file"):
         load_transvg_split(tmp_path / "bad.pth", images, "val", "unc")
     skips = SkipLog()
-    assert len(load_transvg_split(tmp_path / "bad.pth", images, "val", "unc", on_bad_record="skip", skips=skips)) == len(got)
+    assert len(
+        load_transvg_split(
+            tmp_path / "bad.pth", images, "val", "unc", on_bad_record="skip", skips=skips
+        )
+    ) == len(got)
     assert skips.counts == {"missing_image_file": 1}
     with pytest.raises(ValueError, match="not known"):
         load_transvg_split(tmp_path / "val.pth", images, "val", "refcoco")
@@ -297,7 +336,12 @@ def test_refs_pickle_carrying_code_is_refused_and_never_runs(tmp_path, raw, prot
     payload = _payloads(marker)[gadget]
     path = tmp_path / "refs(unc).p"
     # Deep inside an otherwise plausible record, as a tampered download would hide it.
-    path.write_bytes(pickle.dumps([{"ref_id": 0, "sentences": [{"sent": "a red circle", "x": payload}]}], protocol=protocol))
+    path.write_bytes(
+        pickle.dumps(
+            [{"ref_id": 0, "sentences": [{"sent": "a red circle", "x": payload}]}],
+            protocol=protocol,
+        )
+    )
     with pytest.raises(BadRecordError, match=r"refs\(unc\)\.p: refused to unpickle global") as err:
         load_refs(path)
     assert gadget.split(".")[-1] in str(err.value)
@@ -315,7 +359,9 @@ def test_refs_pickle_with_extension_or_persistent_id_opcodes_is_refused(tmp_path
         assert b"\x82\xf0" in blob and b"system" not in blob  # EXT1 240, no GLOBAL opcode
         (tmp_path / "ext.p").write_bytes(blob)
         with pytest.raises(BadRecordError, match="ext.p: refused to unpickle global"):
-            load_refs(tmp_path / "ext.p")  # with the registry entry present at load time: the worst case
+            load_refs(
+                tmp_path / "ext.p"
+            )  # with the registry entry present at load time: the worst case
     finally:
         copyreg.remove_extension(module, "system", 0xF0)
     assert not marker.exists()
@@ -332,16 +378,33 @@ def test_prepare_stage_refuses_a_refs_pickle_carrying_code(tmp_path, raw, monkey
     d = tmp_path / "raw" / "evil"
     d.mkdir(parents=True)
     shutil.copy(raw[0] / "refshapes" / "instances.json", d / "instances.json")
-    (d / "refs(unc).p").write_bytes(pickle.dumps([{"ref_id": 0, "x": _Payload(os.system, f"touch {marker}")}]))
-    cfg = Config.model_validate({"data": {"root": str(tmp_path / "raw"), "dataset": "evil",
-                                          "prepared_dir": str(tmp_path / "prepared")}})
+    (d / "refs(unc).p").write_bytes(
+        pickle.dumps([{"ref_id": 0, "x": _Payload(os.system, f"touch {marker}")}])
+    )
+    cfg = Config.model_validate(
+        {
+            "data": {
+                "root": str(tmp_path / "raw"),
+                "dataset": "evil",
+                "prepared_dir": str(tmp_path / "prepared"),
+            }
+        }
+    )
     with pytest.raises(BadRecordError, match=r"evil/refs\(unc\)\.p: refused to unpickle global"):
         prepare_dataset(cfg)  # even with on_bad_record=skip: a file that carries code is not data
     assert not marker.exists() and not (tmp_path / "prepared").exists()
 
 
-UNSAFE_NAMES = ["../outside.png", "../../outside.png", "sub/../../outside.png", "/etc/passwd", "..\\outside.png",
-                "C:\\outside.png", "refshapes_000000.png\x00.txt", ""]
+UNSAFE_NAMES = [
+    "../outside.png",
+    "../../outside.png",
+    "sub/../../outside.png",
+    "/etc/passwd",
+    "..\\outside.png",
+    "C:\\outside.png",
+    "refshapes_000000.png\x00.txt",
+    "",
+]
 
 
 @pytest.mark.parametrize("name", UNSAFE_NAMES)
@@ -349,7 +412,8 @@ def test_image_paths_escaping_the_image_folder_are_refused(raw, tmp_path, name):
     root, refs, instances = raw
     images = tmp_path / "images"
     shutil.copytree(root / "refshapes" / "images", images)
-    # A real image where an escaping name would land, so only the check stands between it and the dataset.
+    # A real image where an escaping name would land, so only the check stands between it and the
+    # dataset.
     shutil.copy(next(images.iterdir()), tmp_path / "outside.png")
     refs, instances = copy.deepcopy(refs), copy.deepcopy(instances)
     _img(instances, refs[0]["image_id"])["file_name"] = name
@@ -367,10 +431,18 @@ def test_transvg_split_with_an_escaping_path_is_refused(raw, tmp_path):
     root, _, _ = raw
     images = root / "refshapes" / "images"
     good = next(images.iterdir()).name
-    torch.save([[good, 1, [1, 1, 5, 5], "a circle", []], ["../refshapes/images/" + good, 2, [1, 1, 5, 5], "x", []],
-                [7, 3, [1, 1, 5, 5], "not a name", []]], tmp_path / "split.pth")
+    torch.save(
+        [
+            [good, 1, [1, 1, 5, 5], "a circle", []],
+            ["../refshapes/images/" + good, 2, [1, 1, 5, 5], "x", []],
+            [7, 3, [1, 1, 5, 5], "not a name", []],
+        ],
+        tmp_path / "split.pth",
+    )
     skips = SkipLog()
-    got = load_transvg_split(tmp_path / "split.pth", images, "train", "unc", on_bad_record="skip", skips=skips)
+    got = load_transvg_split(
+        tmp_path / "split.pth", images, "train", "unc", on_bad_record="skip", skips=skips
+    )
     assert [s.file_name for s in got] == [good] and skips.counts == {"unsafe_image_path": 2}
     with pytest.raises(BadRecordError, match=r"split.pth: entry=1 .*unsafe_image_path"):
         load_transvg_split(tmp_path / "split.pth", images, "train", "unc")
@@ -396,19 +468,29 @@ def test_absurdly_long_expression_is_a_counted_skip(raw, tmp_path):
     refs = copy.deepcopy(refs)
     refs[0]["sentences"][0]["sent"] = "the red circle " * 400_000  # 6 MB
     _write(tmp_path, refs, instances)
-    ds = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", max_expression_chars=512)
+    ds = ReferDataset(
+        tmp_path, "ds", image_dir=root / "refshapes" / "images", max_expression_chars=512
+    )
     ds.all_samples()
-    assert ds.skips.counts == {"expression_too_long": 1} and f"ref_id={refs[0]['ref_id']}" in ds.skips.examples[0]
-    strict = ReferDataset(tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record="error")
+    assert (
+        ds.skips.counts == {"expression_too_long": 1}
+        and f"ref_id={refs[0]['ref_id']}" in ds.skips.examples[0]
+    )
+    strict = ReferDataset(
+        tmp_path, "ds", image_dir=root / "refshapes" / "images", on_bad_record="error"
+    )
     with pytest.raises(BadRecordError, match=r"expression_too_long \(5999999 > 512 chars\)"):
         strict.all_samples()
 
 
-@pytest.mark.parametrize("content, match", [
-    (b'{"images": [], "annotations": [], "categories": [] \xff}', "not valid UTF-8 JSON"),
-    (b"[1, 2, 3]", "not a COCO instances file"),
-    (b'{"annotations": [{"id": 1}], "images": []}', "not a COCO instances file"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b'{"images": [], "annotations": [], "categories": [] \xff}', "not valid UTF-8 JSON"),
+        (b"[1, 2, 3]", "not a COCO instances file"),
+        (b'{"annotations": [{"id": 1}], "images": []}', "not a COCO instances file"),
+    ],
+)
 def test_broken_instances_file_is_named(raw, tmp_path, content, match):
     root, refs, _ = raw
     d = tmp_path / "ds"

@@ -11,8 +11,15 @@ from pycocotools.coco import COCO
 
 from refvg.config import SyntheticConfig
 from refvg.data.synthetic import (
-    CATEGORIES, COLOURS, TEST_A_CATEGORIES, dominant_test_split, generate_refshapes, objects_from_annotations, parse_expression,
-    referents, MARGIN,
+    CATEGORIES,
+    COLOURS,
+    TEST_A_CATEGORIES,
+    dominant_test_split,
+    generate_refshapes,
+    objects_from_annotations,
+    parse_expression,
+    referents,
+    MARGIN,
 )
 
 CFG = SyntheticConfig(num_images=40, image_size=96, val_fraction=0.2, test_fraction=0.25, seed=3)
@@ -40,7 +47,16 @@ def test_layout_written(generated):
             assert im.size == (img["width"], img["height"])
         widths.add(img["width"])
     assert len(widths) > 1  # non-square images exist, so letterboxing gets exercised
-    ref_keys = {"ref_id", "ann_id", "image_id", "category_id", "split", "file_name", "sent_ids", "sentences"}
+    ref_keys = {
+        "ref_id",
+        "ann_id",
+        "image_id",
+        "category_id",
+        "split",
+        "file_name",
+        "sent_ids",
+        "sentences",
+    }
     for r in refs:
         assert set(r) == ref_keys
         assert r["sent_ids"] == [s["sent_id"] for s in r["sentences"]]
@@ -55,14 +71,21 @@ def test_polygon_masks_match_drawn_shapes(generated):
     out, _, coco, _ = generated
     for img_id in list(coco.imgs)[:10]:
         img = coco.imgs[img_id]
-        pixels = np.asarray(Image.open(out / "images" / img["file_name"]).convert("RGB"), dtype=np.float64)
+        pixels = np.asarray(
+            Image.open(out / "images" / img["file_name"]).convert("RGB"), dtype=np.float64
+        )
         for ann in coco.imgToAnns[img_id]:
             m = coco.annToMask(ann)
             assert m.shape == (img["height"], img["width"])
             assert abs(m.sum() - ann["area"]) < 0.15 * ann["area"] + 10
             ys, xs = np.nonzero(m)
             x, y, w, h = ann["bbox"]
-            assert xs.min() >= x - 1 and xs.max() <= x + w + 1 and ys.min() >= y - 1 and ys.max() <= y + h + 1
+            assert (
+                xs.min() >= x - 1
+                and xs.max() <= x + w + 1
+                and ys.min() >= y - 1
+                and ys.max() <= y + h + 1
+            )
             # The drawn pixels under the polygon are the object's colour (noise and jitter aside).
             mean = pixels[m.astype(bool)].mean(axis=0)
             assert np.abs(mean - np.array(COLOURS[ann["attributes"]["colour"]])).max() < 30
@@ -73,7 +96,9 @@ def test_deterministic(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     generate_refshapes(a, cfg)
     generate_refshapes(b, cfg)
-    for name in ["instances.json", "refs(unc).p"] + [f"images/{p.name}" for p in (a / "images").iterdir()]:
+    for name in ["instances.json", "refs(unc).p"] + [
+        f"images/{p.name}" for p in (a / "images").iterdir()
+    ]:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     c = tmp_path / "c"
     generate_refshapes(c, cfg.model_copy(update={"seed": cfg.seed + 1}))
@@ -94,7 +119,9 @@ def test_every_expression_is_unique_in_its_scene(generated):
         for text in texts:
             expr = parse_expression(text)
             kinds[expr.kind] += 1
-            assert referents(expr, objs, MARGIN * min(img["width"], img["height"])) == [target], text
+            assert referents(expr, objs, MARGIN * min(img["width"], img["height"])) == [target], (
+                text
+            )
     assert set(kinds) == {"attr", "extreme", "relation"}
 
 
@@ -113,7 +140,10 @@ def test_splits_like_refcoco_unc(generated):
     _, summary, coco, refs = generated
     names = {c["id"]: c["name"] for c in coco.cats.values()}
     assert {r["split"] for r in refs} == {"train", "val", "testA", "testB"}
-    images_of = {s: {r["image_id"] for r in refs if r["split"] == s} for s in ("train", "val", "testA", "testB")}
+    images_of = {
+        s: {r["image_id"] for r in refs if r["split"] == s}
+        for s in ("train", "val", "testA", "testB")
+    }
     test_images = images_of["testA"] | images_of["testB"]
     assert not (images_of["train"] & images_of["val"]) and not (images_of["train"] & test_images)
     assert not (images_of["val"] & test_images)
