@@ -1,7 +1,7 @@
-"""kill -9 at the points tests/test_crash_safety.py does not reach: between the two checkpoint
-writes of an epoch's end, inside validation, in a `dvc repro` stage (a stage worker's child), and of
-both ranks of a 2-process torchrun. Each time the same command again must end bitwise where an
-uninterrupted run ends. The faults enter through tests/faults.py's `inject` only."""
+"""kill -9 at the points tests/integration/test_crash_safety.py does not reach: between the two
+checkpoint writes of an epoch's end, inside validation, in a `dvc repro` stage (a stage worker's
+child), and of both ranks of a 2-process torchrun. Each time the same command again must end bitwise
+where an uninterrupted run ends. The faults enter through tests/faults.py's `inject` only."""
 
 from __future__ import annotations
 

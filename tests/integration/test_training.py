@@ -247,7 +247,7 @@ def test_an_auxiliary_loss_never_rescales_the_main_terms_step(aux_weight):
 
 def test_each_methods_auxiliary_term_is_exactly_what_its_ablation_lacks():
     """What the trainer clips apart: CM-Erase's erased copies and the attention mining, and nothing
-    of the loss the ablation also has (EpmVG's distillation: tests/test_epmvg.py)."""
+    of the loss the ablation also has (EpmVG's distillation: tests/models/test_epmvg.py)."""
     from refvg.models import build_model
     from tests.test_mattnet import _batch as mattnet_batch, _model as mattnet_model
     from tests.test_weak_cam import _grads, _tiny_cfg as weak_cfg

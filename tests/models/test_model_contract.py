@@ -1,8 +1,8 @@
-"""One contract for every registered model (as timm's tests/test_models.py does over list_models()):
-built from a small config, a forward on a tiny batch with what the model needs from the data, a
-finite loss whose backward reaches the backbones and the head, optimizer groups that hold every
-trainable parameter once, a state-dict round trip into a fresh model, and a config class that
-round-trips."""
+"""One contract for every registered model (as timm's tests/models/test_models.py does over
+list_models()): built from a small config, a forward on a tiny batch with what the model needs from
+the data, a finite loss whose backward reaches the backbones and the head, optimizer groups that
+hold every trainable parameter once, a state-dict round trip into a fresh model, and a config class
+that round-trips."""
 
 import pytest
 import torch

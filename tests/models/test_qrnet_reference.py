@@ -5,7 +5,7 @@ gradient, for the same weights and input, against a reference stored from the ea
 `from_pretrained` Swin weights still load).
 
 Regenerate the reference (only for an intended change of the model's math) from the code to compare
-against:  PYTHONPATH=<that checkout> python tests/test_qrnet_reference.py --write
+against:  PYTHONPATH=<that checkout> python tests/models/test_qrnet_reference.py --write
 """
 
 import sys
