@@ -272,3 +272,35 @@ def test_instances_json_is_plain_coco(generated):
     ann = data["annotations"][0]
     assert ann["iscrowd"] == 0 and len(ann["bbox"]) == 4
     assert isinstance(ann["segmentation"], list) and len(ann["segmentation"][0]) >= 6
+
+
+def test_meaning_on_hand_built_scenes():
+    """What the words mean, on scenes placed by hand (margin 8 px): the generator and the checker share
+    these readings, so they are pinned here on their own."""
+    def obj(shape, colour, cx, cy, size="small"):
+        return lang.Obj(shape, colour, size, (cx - 5.0, cy - 5.0, 10.0, 10.0))
+
+    def named(text, objs):
+        return lang.resolve(parse_expression(text), objs, 8.0)
+
+    square = obj("square", "blue", 50, 50)
+    near_and_far = [obj("circle", "red", 30, 50), obj("circle", "red", 50, 110), square]
+    assert named("the circle next to the square", near_and_far) == 0
+    too_close_to_call = [obj("circle", "red", 30, 50), obj("circle", "red", 50, 74), square]
+    assert named("the circle next to the square", too_close_to_call) is None  # 20 px vs 24 px
+    far = [obj("circle", "red", 0, 0), obj("circle", "red", 100, 100), obj("square", "blue", 200, 200)]
+    assert named("the disc beside the box", far) is None  # the nearer one is 141 px (> 6 margins) away
+    diagonal = [obj("circle", "red", 10, 10), obj("circle", "red", 50, 50)]
+    assert named("the top left circle", diagonal) == 0 and named("the round shape in the bottom right", diagonal) == 1
+    crossed = [obj("circle", "red", 10, 50), obj("circle", "red", 50, 10)]
+    assert named("the top left circle", crossed) is None  # neither beats the other on both axes
+    assert named("the top circle", crossed) == 1 and named("the leftmost circle", crossed) == 0
+    side_by_side = [obj("circle", "red", 10, 10), obj("circle", "red", 16, 40)]
+    assert named("the left circle", side_by_side) is None  # 6 px apart: within the margin
+    two_squares = [obj("circle", "red", 10, 50), obj("circle", "red", 90, 50), obj("square", "blue", 50, 50),
+                   obj("square", "green", 50, 90)]
+    assert named("the circle left of the square", two_squares) is None  # which square?
+    assert named("the circle left of the blue square", two_squares) == 0
+    coloured = [obj("circle", "red", 10, 50), obj("circle", "blue", 90, 50)]
+    over = parse_expression("the red circle on the left")
+    assert lang.is_overspecified(over, coloured, 8.0) and not lang.is_overspecified(over, diagonal, 8.0)
