@@ -85,6 +85,7 @@ def table(folder: Path, split_by: str, kinds: bool = True) -> str:
         for kind in ("attribute", "location", "relation"):
             ours[f"{kind} expressions"] = f"{report.kinds[kind] / n:.0%}"
         ours["over-specified (two cues, either erasable)"] = f"{report.overspecified / n:.0%}"
+        ours["refs whose expressions differ in kind"] = f"{report.refs_of_mixed_kinds / max(report.refs, 1):.0%}"
     lines = ["| statistic | RefShapes | RefCOCO | RefCOCO+ | RefCOCOg |", "|---|---:|---:|---:|---:|"]
     for name, value in ours.items():
         published = PUBLISHED.get(name, (("-", ""),) * 3)

@@ -93,6 +93,7 @@ def test_every_expression_is_true_and_unique(generated):
     assert report.sentences == sum(len(r["sentences"]) for r in refs) == CFG.expressions_per_ref * len(refs)
     assert set(report.kinds) == {"attribute", "location", "relation"}
     assert 0 < report.overspecified < report.sentences
+    assert report.refs == len(refs) and report.refs_of_mixed_kinds > len(refs) / 2
 
 
 def test_checker_finds_what_is_wrong(generated, tmp_path):

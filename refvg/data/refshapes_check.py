@@ -25,6 +25,8 @@ class CheckReport:
     sentences: int = 0
     kinds: Counter = field(default_factory=Counter)  # attribute / location / relation
     overspecified: int = 0
+    refs: int = 0
+    refs_of_mixed_kinds: int = 0  # refs whose expressions are not all of one kind (over-specified counts as one)
     problems: list[str] = field(default_factory=list)  # each names the ref, the text and what is wrong
 
 
@@ -59,15 +61,19 @@ def check_refshapes(folder: Path, split_by: str = "unc") -> CheckReport:
         texts = [s["sent"] for s in r["sentences"]]
         if not texts or len(set(texts)) != len(texts):
             report.problems.append(f"{where}: no expression, or one twice: {texts}")
+        report.refs += 1
+        styles = set()
         for text in texts:
             report.sentences += 1
-            problem = _check_expression(text, t, objs, margin, report)
+            problem = _check_expression(text, t, objs, margin, report, styles)
             if problem:
                 report.problems.append(f"{where}: {text!r}: {problem}")
+        report.refs_of_mixed_kinds += len(styles) > 1
     return report
 
 
-def _check_expression(text: str, t: int, objs: list[Obj], margin: float, report: CheckReport) -> str | None:
+def _check_expression(text: str, t: int, objs: list[Obj], margin: float, report: CheckReport,
+                      styles: set) -> str | None:
     try:
         expr = parse_expression(text)
     except ValueError as err:
@@ -78,6 +84,7 @@ def _check_expression(text: str, t: int, objs: list[Obj], margin: float, report:
         return "names no object, or several" if named is None else f"names object {named}, not the target {t}"
     over = is_overspecified(expr, objs, margin)
     report.overspecified += over
+    styles.add("overspecified" if over else expr.kind)
     if expr.kind != "attribute" and not over and not needs_its_cue(expr, objs):
         return f"its {expr.kind} is not needed (the description alone names the target) and not a second cue"
     return None
