@@ -84,7 +84,8 @@ def _minimal_unique(o: Obj, objs: list[Obj]) -> Optional[Desc]:
 
 class _Choices:
     """Draws expressions of a style that name objs[t]: the style's candidates in a random order, the first
-    that is true and unique (testing every candidate of every style would triple the generation time)."""
+    that is true and unique. That is a uniform draw among the ones that fit, without testing them all for
+    the styles a ref never uses."""
 
     def __init__(self, t: int, objs: list[Obj], margin: float, anchor_descs: list[Optional[Desc]]):
         self.t, self.objs, self.margin = t, objs, margin
