@@ -239,7 +239,7 @@ def _desc_text(d: Desc, rng: np.random.Generator) -> str:
 
 
 def _alternatives(phrases) -> str:
-    return "|".join(re.escape(p) for p in sorted(set(phrases), key=len, reverse=True))
+    return "|".join(re.escape(p) for p in sorted(set(phrases), key=lambda p: (-len(p), p)))  # longest first
 
 
 def _inverse(table: dict) -> dict[str, str]:
