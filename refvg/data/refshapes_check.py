@@ -16,7 +16,7 @@ from pathlib import Path
 
 from refvg.data.refer import find_refs_file, load_refs
 from refvg.data.refshapes_language import (
-    MARGIN, Obj, is_overspecified, needs_its_cue, parse_expression, resolve,
+    MARGIN, Obj, is_overspecified, needs_its_cue, objects_from_annotations, parse_expression, resolve,
 )
 
 
@@ -28,12 +28,6 @@ class CheckReport:
     refs: int = 0
     refs_of_mixed_kinds: int = 0  # refs whose expressions are not all of one kind (over-specified counts as one)
     problems: list[str] = field(default_factory=list)  # each names the ref, the text and what is wrong
-
-
-def objects_from_annotations(anns: list[dict], categories: dict[int, str]) -> list[Obj]:
-    """A scene's objects from its COCO annotations (RefShapes keeps colour and size under `attributes`)."""
-    return [Obj(categories[a["category_id"]], a["attributes"]["colour"], a["attributes"]["size"],
-                tuple(a["bbox"])) for a in anns]
 
 
 def check_refshapes(folder: Path, split_by: str = "unc") -> CheckReport:

@@ -118,6 +118,12 @@ class Expr:
         return out
 
 
+def objects_from_annotations(anns: list[dict], categories: dict[int, str]) -> list[Obj]:
+    """A scene's objects from its COCO annotations (RefShapes keeps colour and size under `attributes`)."""
+    return [Obj(categories[a["category_id"]], a["attributes"]["colour"], a["attributes"]["size"],
+                tuple(a["bbox"])) for a in anns]
+
+
 # ---------------------------------------------------------------- meaning
 
 

@@ -43,9 +43,8 @@ from PIL import Image, ImageDraw
 from refvg.config import SyntheticConfig
 from refvg.data.refshapes_language import (  # noqa: F401 - re-exported: the generator's public names
     CATEGORIES, LOCATIONS, MARGIN, RELATIONS, SIZE_WORDS, SIZES, Desc, Expr, Obj, is_overspecified,
-    parse_expression, referents, render, resolve, strictly,
+    objects_from_annotations, parse_expression, referents, render, resolve, strictly,
 )
-from refvg.data.refshapes_check import objects_from_annotations  # noqa: F401 - re-exported
 
 TEST_A_CATEGORIES = CATEGORIES[: len(CATEGORIES) // 2]
 COLOURS = {
