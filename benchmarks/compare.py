@@ -1,10 +1,9 @@
 """Paired comparisons: each method against its ablation or control, on the same data, budget and
 seeds.
 
-    python benchmarks/compare.py                                   # every pair params.yaml
-    declares, 3 seeds python benchmarks/compare.py --seeds 5 --pairs "qrnet vs qrnet_no_qdatt"
-    python benchmarks/compare.py --work /tmp/cmp --keep            # keep every run's checkpoints
-    and metrics
+    python benchmarks/compare.py                         # every pair params.yaml declares, 3 seeds
+    python benchmarks/compare.py --seeds 5 --pairs "qrnet vs qrnet_no_qdatt"
+    python benchmarks/compare.py --work /tmp/cmp --keep  # keep every run's checkpoints and metrics
 
 Run it in the repository after `dvc repro` (it reuses the prepared data, the detections file and the
 teacher; what is missing it makes first). For each seed s both methods of a pair train with

@@ -1,10 +1,9 @@
 """Print RefShapes' statistics beside RefCOCO's, RefCOCO+'s and RefCOCOg's published ones
 (markdown).
 
-    python benchmarks/dataset_stats.py                      # generates RefShapes from params.yaml's
-    `synthetic:` python benchmarks/dataset_stats.py --folder data/raw/refshapes     # an existing
-    dataset, no generation python benchmarks/dataset_stats.py --folder data/raw/refcoco --split-by
-    unc --no-kinds   # real RefCOCO
+    python benchmarks/dataset_stats.py                  # RefShapes from params.yaml's `synthetic:`
+    python benchmarks/dataset_stats.py --folder data/raw/refshapes          # an existing dataset
+    python benchmarks/dataset_stats.py --folder data/raw/refcoco --split-by unc --no-kinds
 
 The published columns are figures from the sources named under the table (a dash: none found there);
 RefShapes' column is measured from the files with refvg.data.statistics, its expression kinds with

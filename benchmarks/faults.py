@@ -2,8 +2,7 @@
 happened: injected, recovered (the run ended in its designed safe state: resumed or completed, or
 stopped / refused with the input named), and data lost (must be 0).
 
-    python benchmarks/faults.py            # ~5-8 min on 2 CPU cores (several small trainings, 2
-    MLflow server starts)
+    python benchmarks/faults.py            # ~5-8 min on 2 cores (small trainings, 2 MLflow servers)
 
 Data lost, per fault: training — tensors and per-epoch results that differ from an uninterrupted run
 with the same seed (bitwise), plus 1 if a kill between the epoch end's two writes left last.pt

@@ -1,10 +1,9 @@
 """Times the default pipeline and what the orchestration (Prefect + MLflow + DVC) costs on top of
 it.
 
-    python benchmarks/pipeline.py               # cold dvc repro -f, no-op dvc repro, itemised
-    overhead python benchmarks/pipeline.py --bare        # first the same stages bare, for a direct
-    comparison python benchmarks/pipeline.py --in-process  # every stage in its own process
-    (REFVG_STAGE_WORKER=0)
+    python benchmarks/pipeline.py               # cold dvc repro -f, no-op dvc repro, overhead
+    python benchmarks/pipeline.py --bare        # first the same stages bare, for a comparison
+    python benchmarks/pipeline.py --in-process  # each stage in its own process (no stage worker)
 
 1. Orchestrated, cold: `dvc repro -f` with a Prefect server that is not running yet and has no state
 (a

@@ -2,7 +2,7 @@
 larger than the default.
 
     python benchmarks/prepare_parallel.py [--images 2000] [--image-size 320] [--letterbox 128]
-    [--shards 8] [--workers 2]
+                                          [--shards 8] [--workers 2]
 
 Generates RefShapes (not timed) in a temporary folder, then runs the `prepare` flow (Prefect flow +
 MLflow run, as `dvc repro` does) against one local Prefect server, in rounds that alternate the

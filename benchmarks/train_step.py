@@ -2,8 +2,8 @@
 repeats.
 
     python benchmarks/train_step.py [--models transvg qrnet] [--image-size 64] [--batch 64]
-                                    [--real-size] [--device auto] [--variants fp32-eager bf16-eager
-                                    ...] [--compare-with GIT_REF] [--json rows.json]
+                                    [--real-size] [--device auto] [--variants fp32-eager ...]
+                                    [--compare-with GIT_REF] [--json rows.json]
     python benchmarks/train_step.py --ab GIT_REF [--models qrnet] [--pairs 8]
 
 Prints samples/s and peak memory for fp32 vs bf16 autocast and eager vs `torch.compile`, and each

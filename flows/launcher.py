@@ -21,9 +21,9 @@ pipeline starts the worker (it pays the imports once) and, as the in-process pat
 Prefect server, which boots meanwhile.
 
     REFVG_STAGE_WORKER=0              run stages in-process, exactly as without the worker
-    REFVG_STAGE_WORKER_DIR=PATH       where sockets and worker logs live (default: a per-user
-    runtime dir) python -m flows.launcher list     the workers of this user: socket, pid, idle
-    seconds python -m flows.launcher stop     stop them (a running stage is terminated)
+    REFVG_STAGE_WORKER_DIR=PATH       where sockets and worker logs live (default: per-user dir)
+    python -m flows.launcher list     the workers of this user: socket, pid, idle seconds
+    python -m flows.launcher stop     stop them (a running stage is terminated)
 
 Platforms without fork, unix sockets or fd passing run the stages in-process.
 """

@@ -12,6 +12,7 @@ Captions use only words of the RefShapes grammar ("the big red circle top left t
 right"), so the prepared tokenizer (built from the grounding train expressions) has them all as
 whole words.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,8 @@ CORPUS_STREAM = 0xCA9710
 class CaptionCorpus:
     """Letterboxed scenes and their captions; nothing else (no box, no object list)."""
 
-    images: np.ndarray          # uint8 [N, S, S, 3], content top-left, zero padding
-    captions: list[list[str]]   # per image, `captions_per_image` different texts of the whole scene
+    images: np.ndarray  # uint8 [N, S, S, 3], content top-left, zero padding
+    captions: list[list[str]]  # per image, `captions_per_image` different texts of the whole scene
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -65,8 +66,9 @@ def scene_caption(objs: list[Obj], w: int, h: int, rng: np.random.Generator) -> 
     return " ".join(parts)
 
 
-def build_corpus(cfg: SyntheticConfig, num_images: int, captions_per_image: int, image_size: int,
-                 seed: int) -> CaptionCorpus:
+def build_corpus(
+    cfg: SyntheticConfig, num_images: int, captions_per_image: int, image_size: int, seed: int
+) -> CaptionCorpus:
     """`num_images` scenes of the RefShapes kind (`cfg`: image size, objects per scene) from the
     corpus's own stream of `seed`, letterboxed to `image_size`, with `captions_per_image` captions
     each."""
@@ -94,8 +96,10 @@ def subset(corpus: CaptionCorpus, start: int, stop: int | None = None) -> Captio
 
 def image_digests(images: np.ndarray) -> set[str]:
     """sha256 of each image's pixels (uint8 [N, S, S, 3]): identical content, identical digest."""
-    return {hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest()
-            for i in range(len(images))}
+    return {
+        hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest()
+        for i in range(len(images))
+    }
 
 
 def shared_with_prepared(corpus: CaptionCorpus, prepared: Path) -> int:
@@ -120,13 +124,17 @@ class CorpusPairs:
 
         longest = caption_tokens(tokenizer, corpus)
         if longest > max_tokens:
-            raise ValueError(f"caption corpus: its longest caption takes {longest} tokens, the "
-                             f"teacher reads {max_tokens}: build it with caption_tokens() "
-                             f"positions")
+            raise ValueError(
+                f"caption corpus: its longest caption takes {longest} tokens, the "
+                f"teacher reads {max_tokens}: build it with caption_tokens() "
+                f"positions"
+            )
         per_image = {len(caps) for caps in corpus.captions}
         if len(per_image) != 1:
-            raise ValueError(f"caption corpus: images have {sorted(per_image)} captions; every "
-                             f"image needs as many")
+            raise ValueError(
+                f"caption corpus: images have {sorted(per_image)} captions; every "
+                f"image needs as many"
+            )
         self.images = torch.from_numpy(corpus.images)
         ids, mask = encode(tokenizer, [t for caps in corpus.captions for t in caps], max_tokens)
         shape = (len(corpus), per_image.pop(), max_tokens)
@@ -136,19 +144,24 @@ class CorpusPairs:
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(self, rows: torch.Tensor,
-              caption: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def batch(
+        self, rows: torch.Tensor, caption: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Images `rows`, each with its caption number `caption` (default: each one's first)."""
         caption = torch.zeros_like(rows) if caption is None else caption
-        return {"image": self.images[rows], "input_ids": self.input_ids[rows, caption],
-                "attention_mask": self.attention_mask[rows, caption], "image_index": rows}
+        return {
+            "image": self.images[rows],
+            "input_ids": self.input_ids[rows, caption],
+            "attention_mask": self.attention_mask[rows, caption],
+            "image_index": rows,
+        }
 
     def batches(self, batch_size: int, generator: torch.Generator):
         """One epoch: the images shuffled, each with a caption drawn at random."""
         order = torch.randperm(len(self), generator=generator)
         caption = torch.randint(self.input_ids.shape[1], (len(self),), generator=generator)
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             yield self.batch(rows, caption[rows])
 
 

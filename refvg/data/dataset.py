@@ -9,6 +9,7 @@ refvg.data.proposals) also "cand_boxes" float [B, K, 4] cxcywh normalised to the
 "cand_valid" bool [B, K] (False = padding), "cand_category" long [B, K] and "cand_target" long [B],
 the target's candidate (-1: not among them), with K = `max_candidates`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,9 @@ MASKS_RLE = "masks_rle.json"  # the same masks at original resolution, COCO RLE
 def read_manifest(prepared: Path) -> dict:
     path = Path(prepared) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no prepared dataset here; run the `prepare` stage " f"first (dvc repro prepare)")
+        raise FileNotFoundError(
+            f"{path}: no prepared dataset here; run the `prepare` stage first (dvc repro prepare)"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -56,14 +59,26 @@ class PreparedSplit(Dataset):
     mask methods train on); `gt_mask(i)` gives the original-resolution mask (what mask metrics score
     against)."""
 
-    def __init__(self, prepared_dir: Path, split: str, language_blind: bool = False, masks: bool = False,
-                 candidates: list[ImageCandidates] | None = None, max_candidates: int = 16, match_iou: float = 0.5):
+    def __init__(
+        self,
+        prepared_dir: Path,
+        split: str,
+        language_blind: bool = False,
+        masks: bool = False,
+        candidates: list[ImageCandidates] | None = None,
+        max_candidates: int = 16,
+        match_iou: float = 0.5,
+    ):
         split_dir = Path(prepared_dir) / split
         if not (split_dir / "samples.json").exists():
-            raise FileNotFoundError(f"{split_dir}: split {split!r} was not prepared (see " f"manifest.json)")
+            raise FileNotFoundError(
+                f"{split_dir}: split {split!r} was not prepared (see manifest.json)"
+            )
         self.split = split
         self.split_dir = split_dir
-        self.records: list[dict] = json.loads((split_dir / "samples.json").read_text(encoding="utf-8"))
+        self.records: list[dict] = json.loads(
+            (split_dir / "samples.json").read_text(encoding="utf-8")
+        )
         self.images = np.load(split_dir / "images.npy", mmap_mode="r", allow_pickle=False)
         tokens = np.load(split_dir / "tokens.npy", allow_pickle=False)
         self.pad_token_id = int(read_manifest(prepared_dir)["pad_token_id"])
@@ -72,41 +87,73 @@ class PreparedSplit(Dataset):
         if language_blind:
             self._blind()
         self.size = self.images.shape[1]
-        self.letterboxes = [Letterbox(r["image_width"], r["image_height"], self.size) for r in self.records]
-        boxes = np.stack([lb.box_to_square(r["bbox_xyxy"]) for lb, r in zip(self.letterboxes, self.records)]) \
-            if self.records else np.zeros((0, 4))
+        self.letterboxes = [
+            Letterbox(r["image_width"], r["image_height"], self.size) for r in self.records
+        ]
+        boxes = (
+            np.stack(
+                [lb.box_to_square(r["bbox_xyxy"]) for lb, r in zip(self.letterboxes, self.records)]
+            )
+            if self.records
+            else np.zeros((0, 4))
+        )
         self.boxes = torch.from_numpy(xyxy_to_cxcywh(boxes)).float()
         self._pad_masks: dict[tuple[int, int], torch.Tensor] = {}
         self.masks = self._load_masks() if masks else None
         self._rles: list[dict] | None = None
-        self.candidates = self._candidate_tensors(candidates, max_candidates, match_iou) \
-            if candidates is not None else None
+        self.candidates = (
+            self._candidate_tensors(candidates, max_candidates, match_iou)
+            if candidates is not None
+            else None
+        )
 
-    def _candidate_tensors(self, per_image: list[ImageCandidates], k: int, match_iou: float) -> dict[str, torch.Tensor]:
+    def _candidate_tensors(
+        self, per_image: list[ImageCandidates], k: int, match_iou: float
+    ) -> dict[str, torch.Tensor]:
         """Each sample's candidates as fixed-size tensors: the `k` highest-scoring of its image,
         letterboxed."""
         n_images = self.images.shape[0]
         if len(per_image) != n_images:
-            raise ValueError(f"{self.split_dir}: {len(per_image)} candidate lists for " f"{n_images} images")
-        rows = [candidate_tensors(per_image[rec["image_index"]], lb, k, np.asarray(rec["bbox_xyxy"], np.float64),
-                                  match_iou) for rec, lb in zip(self.records, self.letterboxes)]
+            raise ValueError(
+                f"{self.split_dir}: {len(per_image)} candidate lists for {n_images} images"
+            )
+        rows = [
+            candidate_tensors(
+                per_image[rec["image_index"]],
+                lb,
+                k,
+                np.asarray(rec["bbox_xyxy"], np.float64),
+                match_iou,
+            )
+            for rec, lb in zip(self.records, self.letterboxes)
+        ]
         names = ("cand_boxes", "cand_valid", "cand_category", "cand_target")
         if not rows:
-            return {"cand_boxes": torch.zeros(0, k, 4), "cand_valid": torch.zeros(0, k, dtype=torch.bool),
-                    "cand_category": torch.zeros(0, k, dtype=torch.long), "cand_target": torch.zeros(0, dtype=torch.long)}
+            return {
+                "cand_boxes": torch.zeros(0, k, 4),
+                "cand_valid": torch.zeros(0, k, dtype=torch.bool),
+                "cand_category": torch.zeros(0, k, dtype=torch.long),
+                "cand_target": torch.zeros(0, dtype=torch.long),
+            }
         return {name: torch.stack([r[name] for r in rows]) for name in names}
 
     def _mask_rows(self) -> np.ndarray:
         """Each sample's row in the mask files; raises when the split was prepared without masks or
         a sample's annotation has no segmentation (mask methods cannot train or be scored on it)."""
         if self.records and "mask_index" not in self.records[0]:
-            raise FileNotFoundError(f"{self.split_dir}: prepared without masks; re-run the " f"`prepare` stage")
+            raise FileNotFoundError(
+                f"{self.split_dir}: prepared without masks; re-run the `prepare` stage"
+            )
         rows = np.asarray([r["mask_index"] for r in self.records], dtype=np.int64)
         missing = np.flatnonzero(rows < 0)
         if missing.size:
-            raise ValueError(f"{self.split_dir / 'samples.json'}: {missing.size} of " f"{len(rows)} samples have no "
-                             f"target mask (their annotation carries no segmentation), e.g. sample "
-                             f"{self.records[missing[0]]['sample_id']}; a mask method " f"needs one for every sample")
+            raise ValueError(
+                f"{self.split_dir / 'samples.json'}: {missing.size} of "
+                f"{len(rows)} samples have no "
+                f"target mask (their annotation carries no segmentation), e.g. sample "
+                f"{self.records[missing[0]]['sample_id']}; a mask method "
+                f"needs one for every sample"
+            )
         return rows
 
     def _load_masks(self) -> np.ndarray:
@@ -116,9 +163,15 @@ class PreparedSplit(Dataset):
         self._mask_index = self._mask_rows()
         packed = np.load(path, mmap_mode="r", allow_pickle=False)
         if packed.ndim != 2 or packed.shape[1] != (self.size * self.size + 7) // 8:
-            raise ValueError(f"{path}: shape {packed.shape} does not hold " f"{self.size}x{self.size} bit-packed masks")
+            raise ValueError(
+                f"{path}: shape {packed.shape} does not hold "
+                f"{self.size}x{self.size} bit-packed masks"
+            )
         if self._mask_index.size and self._mask_index.max() >= len(packed):
-            raise ValueError(f"{path}: {len(packed)} masks, but samples.json refers to row " f"{self._mask_index.max()}")
+            raise ValueError(
+                f"{path}: {len(packed)} masks, but samples.json refers to row "
+                f"{self._mask_index.max()}"
+            )
         return packed
 
     def square_mask(self, i: int) -> np.ndarray:
@@ -137,7 +190,9 @@ class PreparedSplit(Dataset):
                 raise FileNotFoundError(f"{path}: no target masks here; re-run the `prepare` stage")
             self._rles = json.loads(path.read_text(encoding="utf-8"))
         rle = self._rles[self._mask_index[i]]
-        return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
+        return mask_utils.decode(
+            {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+        ).astype(bool)
 
     def _blind(self) -> None:
         """The language-blind control: every expression becomes the empty one ([CLS] [SEP])."""
@@ -158,16 +213,19 @@ class PreparedSplit(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        return {
-            # a copy: the map is read-only
-            "image": torch.from_numpy(np.array(self.images[rec["image_index"]])),
-            "pixel_mask": self._pad_mask(self.letterboxes[i]),
-            "input_ids": self.input_ids[i],
-            "attention_mask": self.attention_mask[i],
-            "box": self.boxes[i],
-            "index": torch.tensor(i),
-        } | ({"mask": torch.from_numpy(self.square_mask(i))} if self.masks is not None else {}) \
-          | ({k: v[i] for k, v in self.candidates.items()} if self.candidates is not None else {})
+        return (
+            {
+                # a copy: the map is read-only
+                "image": torch.from_numpy(np.array(self.images[rec["image_index"]])),
+                "pixel_mask": self._pad_mask(self.letterboxes[i]),
+                "input_ids": self.input_ids[i],
+                "attention_mask": self.attention_mask[i],
+                "box": self.boxes[i],
+                "index": torch.tensor(i),
+            }
+            | ({"mask": torch.from_numpy(self.square_mask(i))} if self.masks is not None else {})
+            | ({k: v[i] for k, v in self.candidates.items()} if self.candidates is not None else {})
+        )
 
 
 def collate(items: list[dict]) -> dict:

@@ -13,6 +13,7 @@ uniformly; a real detector confuses similar classes more). For real use, point
 `proposals.detections_file` at a detector's results file for the dataset's images instead (e.g. Mask
 R-CNN's, as MAttNet does).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,14 @@ def stand_in_detections(instances_path: Path, dcfg: DetectionsConfig) -> list[di
             x, y = rng.uniform(0, max(w - bw, 1.0)), rng.uniform(0, max(h - bh, 1.0))
             box = _clip([x, y, x + bw, y + bh], w, h)
             if box is not None:
-                rows.append(_row(image_id, int(rng.choice(cat_ids)), box, rng.uniform(0.05, dcfg.true_score_min)))
+                rows.append(
+                    _row(
+                        image_id,
+                        int(rng.choice(cat_ids)),
+                        box,
+                        rng.uniform(0.05, dcfg.true_score_min),
+                    )
+                )
     return rows
 
 
@@ -71,8 +79,12 @@ def _clip(xyxy: list[float], w: float, h: float) -> list[float] | None:
 
 def _row(image_id: int, category_id: int, xyxy: list[float], score: float) -> dict:
     x0, y0, x1, y1 = xyxy
-    return {"image_id": image_id, "category_id": category_id,
-            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(float(score), 4)}
+    return {
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+        "score": round(float(score), 4),
+    }
 
 
 def write_detections(rows: list[dict], path: Path) -> Path:
@@ -100,12 +112,24 @@ def detection_recall(instances_path: Path, rows: list[dict], iou: float = 0.5) -
         dets.setdefault(r["image_id"], []).append([x, y, x + w, y + h])
     found = total = 0
     for image_id, anns in coco.imgToAnns.items():
-        gt = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                         for a in anns], dtype=np.float64).reshape(-1, 4)
+        gt = np.asarray(
+            [
+                [
+                    a["bbox"][0],
+                    a["bbox"][1],
+                    a["bbox"][0] + a["bbox"][2],
+                    a["bbox"][1] + a["bbox"][3],
+                ]
+                for a in anns
+            ],
+            dtype=np.float64,
+        ).reshape(-1, 4)
         d = np.asarray(dets.get(image_id, []), dtype=np.float64).reshape(-1, 4)
         total += len(gt)
         if len(d) and len(gt):  # every (object, detection) pair at once
-            ious = np.asarray(box_iou(np.repeat(gt, len(d), 0), np.tile(d, (len(gt), 1)))).reshape(len(gt), len(d))
+            ious = np.asarray(box_iou(np.repeat(gt, len(d), 0), np.tile(d, (len(gt), 1)))).reshape(
+                len(gt), len(d)
+            )
             found += int((ious.max(1) >= iou).sum())
     images = max(len(coco.getImgIds()), 1)
     return {"object_recall": found / max(total, 1), "per_image": len(rows) / images}

@@ -14,6 +14,7 @@ colour under a fully transparent pixel is whatever the encoder left there). Both
 decompression bomb: an image over PIL's `Image.MAX_IMAGE_PIXELS` (89.5 M pixels by default) is an
 error, not a warning, naming the file.
 """
+
 from __future__ import annotations
 
 import io
@@ -95,7 +96,8 @@ def _decoded(source: Source, name: str | None, upright: bool) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageReadError(
             f"{label}: refused as a possible decompression bomb ({err}); the limit is "
-            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels") from None
+            f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels"
+        ) from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{label}: not an image (no image format PIL can read)") from None
     except FileNotFoundError:

@@ -20,6 +20,7 @@ against;
 skipped records with their reasons, and the settings they were prepared with. All files are plain
 arrays and JSON: nothing here is unpickled later.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,14 @@ from refvg.config import Config
 from refvg.data.dataset import MANIFEST, MASKS, MASKS_RLE
 from refvg.data.images import UnsafeImagePath, open_dataset_image
 from refvg.data.proposals import write_gt_candidates
-from refvg.data.refer import BadRecordError, ReferDataset, RefSample, SkipLog, open_source, select_splits
+from refvg.data.refer import (
+    BadRecordError,
+    ReferDataset,
+    RefSample,
+    SkipLog,
+    open_source,
+    select_splits,
+)
 from refvg.data.text import TOKENIZER_DIR, encode, get_tokenizer
 from refvg.data.transforms import Letterbox, xywh_to_xyxy
 
@@ -96,21 +104,39 @@ def image_jobs(refer: ReferDataset, samples: list[RefSample]) -> list[ImageJob]:
     seen: dict[int, ImageJob] = {}
     for s in samples:
         if s.image_id not in seen:
-            seen[s.image_id] = ImageJob(s.image_id, str(refer.image_path(s)), s.image_width,
-                                        s.image_height, str(refer.image_dir))
+            seen[s.image_id] = ImageJob(
+                s.image_id,
+                str(refer.image_path(s)),
+                s.image_width,
+                s.image_height,
+                str(refer.image_dir),
+            )
     return list(seen.values())
 
 
-def plan_shards(jobs_by_split: dict[str, list[ImageJob]], size: int, out_dir: Path, num_shards: int,
-                strict: bool) -> list[Shard]:
+def plan_shards(
+    jobs_by_split: dict[str, list[ImageJob]],
+    size: int,
+    out_dir: Path,
+    num_shards: int,
+    strict: bool,
+) -> list[Shard]:
     """Cut every split into shards of about total/num_shards images (1: one shard per split)."""
     total = sum(len(j) for j in jobs_by_split.values())
     per_shard = max(1, -(-total // num_shards))
     shards = []
     for split, jobs in jobs_by_split.items():
         for k, start in enumerate(range(0, max(len(jobs), 1), per_shard)):
-            shards.append(Shard(split, k, tuple(jobs[start:start + per_shard]), size,
-                                str(out_dir / split / f".shard-{k:04d}.npy"), strict))
+            shards.append(
+                Shard(
+                    split,
+                    k,
+                    tuple(jobs[start : start + per_shard]),
+                    size,
+                    str(out_dir / split / f".shard-{k:04d}.npy"),
+                    strict,
+                )
+            )
     return shards
 
 
@@ -127,12 +153,16 @@ def letterbox_shard(shard: Shard) -> ShardResult:
             continue
         except (OSError, UnidentifiedImageError, ValueError) as err:
             if shard.strict:
-                raise BadRecordError(f"{job.path}: image {job.image_id} cannot be decoded: {err}") from None
+                raise BadRecordError(
+                    f"{job.path}: image {job.image_id} cannot be decoded: {err}"
+                ) from None
             bad[job.image_id] = ("corrupt_image", str(err))
             continue
         if img.size != (job.width, job.height):
             # Boxes are in the annotated size; a silently different file would shift every box.
-            reason = f"image is {img.size[0]}x{img.size[1]}, annotation says " f"{job.width}x{job.height}"
+            reason = (
+                f"image is {img.size[0]}x{img.size[1]}, annotation says {job.width}x{job.height}"
+            )
             if shard.strict:
                 raise BadRecordError(f"{job.path}: image {job.image_id}: {reason}")
             bad[job.image_id] = ("image_size_mismatch", reason)
@@ -140,7 +170,10 @@ def letterbox_shard(shard: Shard) -> ShardResult:
         ids.append(job.image_id)
         frames.append(Letterbox(job.width, job.height, shard.size).image(img))
     Path(shard.out_path).parent.mkdir(parents=True, exist_ok=True)
-    np.save(shard.out_path, np.stack(frames) if frames else np.zeros((0, shard.size, shard.size, 3), np.uint8))
+    np.save(
+        shard.out_path,
+        np.stack(frames) if frames else np.zeros((0, shard.size, shard.size, 3), np.uint8),
+    )
     return ShardResult(shard.split, shard.index, shard.out_path, ids, bad)
 
 
@@ -148,8 +181,15 @@ def run_sequentially(fn: Callable[[Shard], ShardResult], shards: list[Shard]) ->
     return [fn(s) for s in shards]
 
 
-def assemble_split(samples: list[RefSample], results: list[ShardResult], split_dir: Path, skips: SkipLog,
-                   refer: ReferDataset, strict: bool, size: int) -> tuple[list[RefSample], int]:
+def assemble_split(
+    samples: list[RefSample],
+    results: list[ShardResult],
+    split_dir: Path,
+    skips: SkipLog,
+    refer: ReferDataset,
+    strict: bool,
+    size: int,
+) -> tuple[list[RefSample], int]:
     """Join a split's shards into `images.npy`, write its candidates, target masks and
     `samples.json`; returns the samples whose image and segmentation were kept (the others are
     counted in `skips` with their reason), and the number of masks written."""
@@ -184,8 +224,14 @@ def assemble_split(samples: list[RefSample], results: list[ShardResult], split_d
     return kept, n_masks
 
 
-def _write_masks(samples: list[RefSample], split_dir: Path, skips: SkipLog, refer: ReferDataset, strict: bool,
-                 size: int) -> tuple[list[RefSample], dict[int, int], int]:
+def _write_masks(
+    samples: list[RefSample],
+    split_dir: Path,
+    skips: SkipLog,
+    refer: ReferDataset,
+    strict: bool,
+    size: int,
+) -> tuple[list[RefSample], dict[int, int], int]:
     """Each target's mask once per annotation: letterboxed and bit-packed (MASKS) and as RLE at
     original resolution (MASKS_RLE). Returns the samples kept, ann id -> mask row (-1: no
     segmentation), mask count."""
@@ -198,7 +244,10 @@ def _write_masks(samples: list[RefSample], split_dir: Path, skips: SkipLog, refe
     bad_anns: set[int] = set()
     for s in samples:
         if s.ann_id in bad_anns:
-            skips.add("bad_segmentation", f"{refer.instances_path.name}: ann {s.ann_id}: ref {s.ref_id} " f"sent {s.sent_id}")
+            skips.add(
+                "bad_segmentation",
+                f"{refer.instances_path.name}: ann {s.ann_id}: ref {s.ref_id} sent {s.sent_id}",
+            )
             continue
         if s.ann_id not in mask_index:
             try:
@@ -229,10 +278,12 @@ def _concat_frames(parts: list[Path], out: Path) -> None:
         return
     arrays = [np.load(p, mmap_mode="r") for p in parts]
     n = sum(a.shape[0] for a in arrays)
-    merged = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n, *arrays[0].shape[1:]))
+    merged = np.lib.format.open_memmap(
+        out, mode="w+", dtype=np.uint8, shape=(n, *arrays[0].shape[1:])
+    )
     at = 0
     for a in arrays:
-        merged[at:at + a.shape[0]] = a
+        merged[at : at + a.shape[0]] = a
         at += a.shape[0]
     merged.flush()
     del merged, arrays
@@ -240,7 +291,9 @@ def _concat_frames(parts: list[Path], out: Path) -> None:
         p.unlink()
 
 
-def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardRunner = run_sequentially) -> dict:
+def prepare_dataset(
+    cfg: Config, out_dir: Path | None = None, run_shards: ShardRunner = run_sequentially
+) -> dict:
     """Validate, letterbox and tokenize every split; returns the manifest (also written to disk).
 
     The image work is cut into `cfg.parallel.prepare_shards` shards and handed to
@@ -260,7 +313,10 @@ def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardR
         splits = select_splits(d, refer, by_split)
 
         tokenizer = get_tokenizer(
-            tmp_dir / TOKENIZER_DIR, cfg.model.text.pretrained, (s.sentence for s in by_split["train"]), cfg.model.text.vocab_size
+            tmp_dir / TOKENIZER_DIR,
+            cfg.model.text.pretrained,
+            (s.sentence for s in by_split["train"]),
+            cfg.model.text.vocab_size,
         )
         present = list(splits)
         jobs = {split: image_jobs(refer, by_split[split]) for split in present}
@@ -268,11 +324,22 @@ def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardR
         results = run_shards(letterbox_shard, shards)
         counts = {}
         for split in present:
-            kept, n_masks = assemble_split(by_split[split], [r for r in results if r.split == split],
-                                           tmp_dir / split, refer.skips, refer, strict, d.image_size)
+            kept, n_masks = assemble_split(
+                by_split[split],
+                [r for r in results if r.split == split],
+                tmp_dir / split,
+                refer.skips,
+                refer,
+                strict,
+                d.image_size,
+            )
             ids, mask = encode(tokenizer, [s.sentence for s in kept], d.max_tokens)
             np.save(tmp_dir / split / "tokens.npy", np.stack([ids, mask], axis=1))
-            counts[split] = {"samples": len(kept), "images": len({s.image_id for s in kept}), "masks": n_masks}
+            counts[split] = {
+                "samples": len(kept),
+                "images": len({s.image_id for s in kept}),
+                "masks": n_masks,
+            }
 
         manifest = {
             "dataset": d.dataset,
@@ -295,4 +362,3 @@ def prepare_dataset(cfg: Config, out_dir: Path | None = None, run_shards: ShardR
         shutil.rmtree(out_dir)
     os.replace(tmp_dir, out_dir)
     return manifest
-

@@ -18,6 +18,7 @@ bad ones are dropped and counted per reason in :class:`SkipLog` (the prepare man
 with `"error"` the first one raises :class:`BadRecordError` naming the file, the record and the
 reason.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,11 @@ class SkipLog:
         return sum(self.counts.values())
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "counts": dict(sorted(self.counts.items())), "examples": list(self.examples)}
+        return {
+            "total": self.total,
+            "counts": dict(sorted(self.counts.items())),
+            "examples": list(self.examples),
+        }
 
 
 class _Reject(Exception):
@@ -94,8 +99,10 @@ class _SafeUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str):
-        raise BadRecordError(f"{self._path}: refused to unpickle global {module}.{name}; "
-                             "a refs file may hold only plain dicts, lists, strings and numbers")
+        raise BadRecordError(
+            f"{self._path}: refused to unpickle global {module}.{name}; "
+            "a refs file may hold only plain dicts, lists, strings and numbers"
+        )
 
 
 def load_refs(path: Path) -> list[dict]:
@@ -109,7 +116,9 @@ def load_refs(path: Path) -> list[dict]:
         except BadRecordError:
             raise
         except Exception as err:  # truncated or garbage pickles raise a zoo of exception types
-            raise BadRecordError(f"{path}: not a readable pickle: {type(err).__name__}: {err}") from None
+            raise BadRecordError(
+                f"{path}: not a readable pickle: {type(err).__name__}: {err}"
+            ) from None
     elif path.suffix == ".json":
         try:
             # surrogateescape: a stray non-UTF-8 byte costs its one expression (a counted skip), not
@@ -118,7 +127,9 @@ def load_refs(path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise BadRecordError(f"{path}: not valid JSON: {err}") from None
     else:
-        raise BadRecordError(f"{path}: unsupported refs format {path.suffix!r} (expected " f".p or .json)")
+        raise BadRecordError(
+            f"{path}: unsupported refs format {path.suffix!r} (expected .p or .json)"
+        )
     if not isinstance(refs, list):
         raise BadRecordError(f"{path}: expected a list of ref records, got {type(refs).__name__}")
     for i, r in enumerate(refs):
@@ -134,8 +145,10 @@ def find_refs_file(dataset_dir: Path, split_by: str) -> Path:
         if p.is_file():
             return p
     present = sorted(p.name for p in dataset_dir.glob("refs(*)*")) if dataset_dir.is_dir() else []
-    raise FileNotFoundError(f"no refs file for split_by={split_by!r}: looked for "
-                            f"{', '.join(str(p) for p in tried)}; present: {present or 'none'}")
+    raise FileNotFoundError(
+        f"no refs file for split_by={split_by!r}: looked for "
+        f"{', '.join(str(p) for p in tried)}; present: {present or 'none'}"
+    )
 
 
 # ---------------------------------------------------------------- shared record checks
@@ -148,7 +161,9 @@ def check_expression(value: Any, max_chars: int) -> str:
     try:
         return _expression(value, max_chars)
     except _Reject as reject:
-        raise BadRecordError(reject.reason + (f" ({reject.detail})" if reject.detail else "")) from None
+        raise BadRecordError(
+            reject.reason + (f" ({reject.detail})" if reject.detail else "")
+        ) from None
 
 
 def _image_file_name(value: Any) -> str:
@@ -224,12 +239,19 @@ def segmentation_rle(segm: Any, height: int, width: int) -> dict:
         for p in parts:
             size = [int(v) for v in p["size"]]
             if size != [height, width]:
-                raise BadRecordError(f"segmentation is {size[1]}x{size[0]}, image is " f"{width}x{height}")
+                raise BadRecordError(
+                    f"segmentation is {size[1]}x{size[0]}, image is {width}x{height}"
+                )
             counts = p["counts"]
             if isinstance(counts, list):  # uncompressed
                 rles.append(mask_utils.frPyObjects({"size": size, "counts": counts}, height, width))
             else:
-                rles.append({"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+                rles.append(
+                    {
+                        "size": size,
+                        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+                    }
+                )
     else:
         rles = mask_utils.frPyObjects(parts, height, width)  # polygons
     return mask_utils.merge(rles) if len(rles) > 1 else rles[0]
@@ -239,9 +261,17 @@ def segmentation_rle(segm: Any, height: int, width: int) -> dict:
 
 
 class ReferDataset:
-    def __init__(self, root, dataset: str, split_by: str = "unc", image_dir=None,
-                 on_bad_record: str = "skip", max_expression_chars: int = 512, check_image_files: bool = True,
-                 custom_splits: Optional[tuple[str, ...]] = None):
+    def __init__(
+        self,
+        root,
+        dataset: str,
+        split_by: str = "unc",
+        image_dir=None,
+        on_bad_record: str = "skip",
+        max_expression_chars: int = 512,
+        check_image_files: bool = True,
+        custom_splits: Optional[tuple[str, ...]] = None,
+    ):
         if on_bad_record not in ("skip", "error"):
             raise ValueError(f"on_bad_record must be 'skip' or 'error', got {on_bad_record!r}")
         from pycocotools.coco import COCO  # imported here: pycocotools is only needed for real data
@@ -264,8 +294,9 @@ class ReferDataset:
             raise BadRecordError(f"{self.instances_path}: not valid UTF-8 JSON: {err}") from None
         # pycocotools' own checks
         except (AssertionError, KeyError, TypeError, AttributeError) as err:
-            raise BadRecordError(f"{self.instances_path}: not a COCO instances file "
-                                 f"({type(err).__name__}: {err})") from None
+            raise BadRecordError(
+                f"{self.instances_path}: not a COCO instances file ({type(err).__name__}: {err})"
+            ) from None
         self.category_names: dict[int, str] = {c["id"]: c["name"] for c in self.coco.cats.values()}
         self.skips = SkipLog()
         self._by_split: Optional[dict[str, list[RefSample]]] = None
@@ -273,8 +304,10 @@ class ReferDataset:
 
     def samples(self, split: str) -> list[RefSample]:
         if split not in self.vocabulary.splits:
-            raise ValueError(f"unknown split {split!r} for {self.refs_path}; its splits: "
-                             f"{', '.join(self.vocabulary.splits)}")
+            raise ValueError(
+                f"unknown split {split!r} for {self.refs_path}; its splits: "
+                f"{', '.join(self.vocabulary.splits)}"
+            )
         return list(self.all_samples().get(split, []))
 
     def all_samples(self) -> dict[str, list[RefSample]]:
@@ -287,7 +320,9 @@ class ReferDataset:
                 splits = self._splits_of(ref, i)
                 for s in self._ref_samples(ref, splits[0]):
                     for split in splits:
-                        by_split.setdefault(split, []).append(s if split == s.split else replace(s, split=split))
+                        by_split.setdefault(split, []).append(
+                            s if split == s.split else replace(s, split=split)
+                        )
             self._by_split = by_split
         return {k: list(v) for k, v in self._by_split.items()}
 
@@ -307,9 +342,11 @@ class ReferDataset:
             # Not a counted skip: a wrong split_by, or a split this reader does not know, would
             # silently drop a whole split (RefCOCOg umd's "test" once went that way).
             raise BadRecordError(
-                f"{self.refs_path}: ref #{index} " f"(ref_id={ref.get('ref_id')}): split {stored!r} is not a " f"split of "
-                f"this dataset (known: {', '.join(self.vocabulary.stored_names)}); check data.dataset / "
-                "data.split_by, or set data.split_vocabulary for a dataset " "with its own split names")
+                f"{self.refs_path}: ref #{index} (ref_id={ref.get('ref_id')}): split {stored!r} "
+                f"is not a split of this dataset (known: "
+                f"{', '.join(self.vocabulary.stored_names)}); check data.dataset / data.split_by, "
+                "or set data.split_vocabulary for a dataset with its own split names"
+            )
         return members
 
     def mask(self, ann_id: int) -> np.ndarray:
@@ -341,12 +378,16 @@ class ReferDataset:
             raise BadRecordError(f"{where}: {err}") from None
         # pycocotools raises TypeError/ValueError/IndexError/... on malformed input
         except Exception as err:
-            raise BadRecordError(f"{where}: segmentation cannot be decoded: " f"{type(err).__name__}: {err}") from None
+            raise BadRecordError(
+                f"{where}: segmentation cannot be decoded: {type(err).__name__}: {err}"
+            ) from None
         if pixels == 0:
             raise BadRecordError(f"{where}: segmentation covers no pixel")
         counts = rle["counts"]
-        return {"size": [int(v) for v in rle["size"]],
-                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        return {
+            "size": [int(v) for v in rle["size"]],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+        }
 
     def image_path(self, sample) -> Path:
         return self.image_dir / sample.file_name
@@ -358,22 +399,31 @@ class ReferDataset:
         return gt_candidates(self, image_id, skips)
 
     def _bad(self, reject: _Reject, where: str) -> None:
-        msg = f"{self.refs_path}: {where}: {reject.reason}" + (f" ({reject.detail})" if reject.detail else "")
+        msg = f"{self.refs_path}: {where}: {reject.reason}" + (
+            f" ({reject.detail})" if reject.detail else ""
+        )
         if self.on_bad_record == "error":
             raise BadRecordError(msg)
         self.skips.add(reject.reason, f"{self.refs_path.name}: {where}")
 
     def _ref_samples(self, ref: dict, split: str) -> list[RefSample]:
-        where = (f"ref_id={ref.get('ref_id')} ann_id={ref.get('ann_id')} " f"image_id={ref.get('image_id')}")
+        where = (
+            f"ref_id={ref.get('ref_id')} ann_id={ref.get('ann_id')} image_id={ref.get('image_id')}"
+        )
         try:
             ref_id, ann_id = ref["ref_id"], ref["ann_id"]
             sentences = ref["sentences"]
             ann = self.coco.anns.get(ann_id)
             if ann is None:
-                raise _Reject("missing_annotation", f"ann_id {ann_id} not in {self.instances_path.name}")
+                raise _Reject(
+                    "missing_annotation", f"ann_id {ann_id} not in {self.instances_path.name}"
+                )
             img = self.coco.imgs.get(ann["image_id"])
             if img is None:
-                raise _Reject("missing_image_record", f"image_id {ann['image_id']} not in {self.instances_path.name}")
+                raise _Reject(
+                    "missing_image_record",
+                    f"image_id {ann['image_id']} not in {self.instances_path.name}",
+                )
             if ref.get("image_id", img["id"]) != img["id"]:
                 raise _Reject("inconsistent_image_id", f"annotation is on image {img['id']}")
             width, height = int(img["width"]), int(img["height"])
@@ -408,11 +458,22 @@ class ReferDataset:
             except _Reject as reject:
                 self._bad(reject, f"{where} sent_id={sent_id}")
                 continue
-            out.append(RefSample(
-                sample_id=f"{ref_id}:{sent_id}", ref_id=int(ref_id), sent_id=int(sent_id), ann_id=int(ann_id),
-                image_id=int(img["id"]), category_id=int(ref.get("category_id", ann["category_id"])),
-                split=split, file_name=img["file_name"], image_width=width, image_height=height,
-                bbox=bbox, sentence=text))
+            out.append(
+                RefSample(
+                    sample_id=f"{ref_id}:{sent_id}",
+                    ref_id=int(ref_id),
+                    sent_id=int(sent_id),
+                    ann_id=int(ann_id),
+                    image_id=int(img["id"]),
+                    category_id=int(ref.get("category_id", ann["category_id"])),
+                    split=split,
+                    file_name=img["file_name"],
+                    image_width=width,
+                    image_height=height,
+                    bbox=bbox,
+                    sentence=text,
+                )
+            )
         return out
 
     def _exists(self, file_name: str) -> bool:
@@ -424,9 +485,17 @@ class ReferDataset:
 # ---------------------------------------------------------------- TransVG split files
 
 
-def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on_bad_record: str = "error",
-                       skips: Optional[SkipLog] = None, max_expression_chars: int = 512,
-                       image_ids: Optional[dict[str, int]] = None, first_ref_id: int = 0) -> list[RefSample]:
+def load_transvg_split(
+    path: Path,
+    image_dir: Path,
+    split: str,
+    dataset: str,
+    on_bad_record: str = "error",
+    skips: Optional[SkipLog] = None,
+    max_expression_chars: int = 512,
+    image_ids: Optional[dict[str, int]] = None,
+    first_ref_id: int = 0,
+) -> list[RefSample]:
     """Samples from one TransVG / QRNet split file (`torch.save`d list, read with
     weights_only=True), whose entry shape and box convention depend on `dataset` (as in TransVG's
     data_loader): unc, unc+, gref, gref_umd: [file, ann_id, box xywh, phrase, attributes]; referit:
@@ -439,14 +508,19 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on
     from PIL import Image
 
     if dataset not in SPLIT_FILE_DATASETS:
-        raise ValueError(f"split files of dataset {dataset!r} are not known; TransVG's " f"datasets are "
-                         f"{', '.join(SPLIT_FILE_DATASETS)}")
+        raise ValueError(
+            f"split files of dataset {dataset!r} are not known; TransVG's "
+            f"datasets are "
+            f"{', '.join(SPLIT_FILE_DATASETS)}"
+        )
     fmt = SPLIT_FILE_DATASETS[dataset]
     path, image_dir = Path(path), Path(image_dir)
     try:
         entries = torch.load(path, weights_only=True)
     except Exception as err:  # weights_only refuses anything but tensors and plain containers
-        raise BadRecordError(f"{path}: not a readable TransVG split file: " f"{type(err).__name__}: {err}") from None
+        raise BadRecordError(
+            f"{path}: not a readable TransVG split file: {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(entries, (list, tuple)):
         raise BadRecordError(f"{path}: expected a list of entries, got {type(entries).__name__}")
     image_ids = {} if image_ids is None else image_ids
@@ -456,7 +530,10 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on
         where = f"entry={i}"
         try:
             if not isinstance(entry, (list, tuple)) or len(entry) != fmt.fields:
-                raise _Reject("malformed_record", f"a {dataset} entry has {fmt.fields} fields, got " f"{entry!r:.120}")
+                raise _Reject(
+                    "malformed_record",
+                    f"a {dataset} entry has {fmt.fields} fields, got {entry!r:.120}",
+                )
             if fmt.fields == 3:
                 file_name, ann, bbox, phrase = entry[0], None, entry[1], entry[2]
             else:
@@ -477,7 +554,9 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on
             box = _bbox(_xyxy_to_xywh(bbox) if fmt.box == "xyxy" else bbox, width, height)
             text = _expression(phrase, max_expression_chars)
         except _Reject as reject:
-            msg = f"{path}: {where}: {reject.reason}" + (f" ({reject.detail})" if reject.detail else "")
+            msg = f"{path}: {where}: {reject.reason}" + (
+                f" ({reject.detail})" if reject.detail else ""
+            )
             if on_bad_record == "error":
                 raise BadRecordError(msg) from None
             if skips is not None:
@@ -486,10 +565,22 @@ def load_transvg_split(path: Path, image_dir: Path, split: str, dataset: str, on
         image_id = image_ids.setdefault(file_name, len(image_ids))
         ann_id = int(ann) if isinstance(ann, int) and not isinstance(ann, bool) else -1
         ref_id = first_ref_id + i
-        out.append(RefSample(
-            sample_id=f"{ref_id}:{ref_id}", ref_id=ref_id, sent_id=ref_id, ann_id=ann_id, image_id=image_id,
-            category_id=-1, split=split, file_name=str(file_name), image_width=int(width),
-            image_height=int(height), bbox=box, sentence=text))
+        out.append(
+            RefSample(
+                sample_id=f"{ref_id}:{ref_id}",
+                ref_id=ref_id,
+                sent_id=ref_id,
+                ann_id=ann_id,
+                image_id=image_id,
+                category_id=-1,
+                split=split,
+                file_name=str(file_name),
+                image_width=int(width),
+                image_height=int(height),
+                bbox=box,
+                sentence=text,
+            )
+        )
     return out
 
 
@@ -508,12 +599,21 @@ class SplitFiles:
     when asked for. The candidates of an image are the distinct boxes the files refer to on it (the
     format lists no others)."""
 
-    def __init__(self, root, dataset: str, image_dir, on_bad_record: str = "skip", max_expression_chars: int = 512,
-                 custom_splits: Optional[tuple[str, ...]] = None):
+    def __init__(
+        self,
+        root,
+        dataset: str,
+        image_dir,
+        on_bad_record: str = "skip",
+        max_expression_chars: int = 512,
+        custom_splits: Optional[tuple[str, ...]] = None,
+    ):
         if on_bad_record not in ("skip", "error"):
             raise ValueError(f"on_bad_record must be 'skip' or 'error', got {on_bad_record!r}")
         self.dataset = dataset
-        self.vocabulary: SplitVocabulary = split_vocabulary(dataset, "unc", "transvg", custom_splits)
+        self.vocabulary: SplitVocabulary = split_vocabulary(
+            dataset, "unc", "transvg", custom_splits
+        )
         self.dataset_dir = Path(root) / dataset
         self.image_dir = Path(image_dir)
         self.instances_path = self.dataset_dir  # what messages name as the annotation source
@@ -522,10 +622,12 @@ class SplitFiles:
             raise FileNotFoundError(f"{self.dataset_dir}: no such folder of split files")
         self.files: dict[str, Path] = {}
         for path in sorted(self.dataset_dir.glob(f"{glob.escape(dataset)}_*.pth")):
-            split = path.stem[len(dataset) + 1:]
+            split = path.stem[len(dataset) + 1 :]
             if split not in self.vocabulary.splits:
-                raise BadRecordError(f"{path}: split {split!r} is not a split of {dataset} "
-                                     f"(known: {', '.join(self.vocabulary.splits)})")
+                raise BadRecordError(
+                    f"{path}: split {split!r} is not a split of {dataset} "
+                    f"(known: {', '.join(self.vocabulary.splits)})"
+                )
             self.files[split] = path
         if not self.files:
             raise FileNotFoundError(f"{self.dataset_dir}: no {dataset}_<split>.pth files")
@@ -546,12 +648,23 @@ class SplitFiles:
             for split in self.vocabulary.splits:
                 if split not in self.files:
                     continue
-                got = load_transvg_split(self.files[split], self.image_dir, split, self.dataset,
-                                         self._on_bad_record, self.skips, self._max_chars, image_ids, next_id)
+                got = load_transvg_split(
+                    self.files[split],
+                    self.image_dir,
+                    split,
+                    self.dataset,
+                    self._on_bad_record,
+                    self.skips,
+                    self._max_chars,
+                    image_ids,
+                    next_id,
+                )
                 by_split[split] = got
                 next_id = max([s.ref_id for s in got], default=next_id - 1) + 1
             if "trainval" not in by_split and "train" in by_split and "val" in by_split:
-                by_split["trainval"] = [replace(s, split="trainval") for s in by_split["train"] + by_split["val"]]
+                by_split["trainval"] = [
+                    replace(s, split="trainval") for s in by_split["train"] + by_split["val"]
+                ]
             for samples in by_split.values():
                 for s in samples:
                     boxes = self._boxes.setdefault(s.image_id, {})
@@ -569,21 +682,39 @@ class SplitFiles:
         from refvg.data.proposals import ImageCandidates
 
         self.all_samples()
-        boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in self._boxes.get(image_id, {})],
-                           dtype=np.float64).reshape(-1, 4)
+        boxes = np.asarray(
+            [[x, y, x + w, y + h] for x, y, w, h in self._boxes.get(image_id, {})], dtype=np.float64
+        ).reshape(-1, 4)
         n = len(boxes)
-        return ImageCandidates(boxes, np.full(n, -1, dtype=np.int64), np.ones(n),
-                               np.asarray(list(self._boxes.get(image_id, {}).values()), dtype=np.int64))
+        return ImageCandidates(
+            boxes,
+            np.full(n, -1, dtype=np.int64),
+            np.ones(n),
+            np.asarray(list(self._boxes.get(image_id, {}).values()), dtype=np.int64),
+        )
 
 
 def open_source(data, check_image_files: bool = True):
     """The reader `data` (a `DataConfig`) describes: REFER files or TransVG split files."""
     if data.format == "transvg":
-        return SplitFiles(data.root, data.dataset, data.image_dir, on_bad_record=data.on_bad_record,
-                          max_expression_chars=data.max_expression_chars, custom_splits=data.split_vocabulary)
-    return ReferDataset(data.root, data.dataset, split_by=data.split_by, image_dir=data.image_dir,
-                        on_bad_record=data.on_bad_record, max_expression_chars=data.max_expression_chars,
-                        check_image_files=check_image_files, custom_splits=data.split_vocabulary)
+        return SplitFiles(
+            data.root,
+            data.dataset,
+            data.image_dir,
+            on_bad_record=data.on_bad_record,
+            max_expression_chars=data.max_expression_chars,
+            custom_splits=data.split_vocabulary,
+        )
+    return ReferDataset(
+        data.root,
+        data.dataset,
+        split_by=data.split_by,
+        image_dir=data.image_dir,
+        on_bad_record=data.on_bad_record,
+        max_expression_chars=data.max_expression_chars,
+        check_image_files=check_image_files,
+        custom_splits=data.split_vocabulary,
+    )
 
 
 def select_splits(data, source, by_split: dict[str, list[RefSample]]) -> tuple[str, ...]:
@@ -596,6 +727,9 @@ def select_splits(data, source, by_split: dict[str, list[RefSample]]) -> tuple[s
     if empty:
         how = "data.splits" if data.splits is not None else f"the default splits of {data.dataset}"
         raise BadRecordError(
-            f"{where}: no usable samples for split(s) {', '.join(empty)} " f"({how}: {', '.join(asked)}); the files "
-            f"hold {source.stored_split_counts()} refs per split, " f"skipped: {source.skips.to_dict()['counts']}")
+            f"{where}: no usable samples for split(s) {', '.join(empty)} "
+            f"({how}: {', '.join(asked)}); the files "
+            f"hold {source.stored_split_counts()} refs per split, "
+            f"skipped: {source.skips.to_dict()['counts']}"
+        )
     return tuple(asked)

@@ -6,6 +6,7 @@ data order is a function of (seed, epoch) only, and the pair (generator state at
 epoch, indices already consumed) is an exact position: restored, the run sees the very batches it
 would have seen uninterrupted.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -49,7 +50,9 @@ class ResumableShuffle(Sampler[int]):
 
     def restore(self, position: dict) -> None:
         if not 0 <= position["consumed"] <= len(self.epoch_share):
-            raise ValueError(f"checkpointed position {position['consumed']} is outside an epoch of "
-                             f"{len(self.epoch_share)} samples")
+            raise ValueError(
+                f"checkpointed position {position['consumed']} is outside an epoch of "
+                f"{len(self.epoch_share)} samples"
+            )
         self.generator.set_state(position["generator"])
         self._skip = position["consumed"]

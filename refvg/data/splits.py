@@ -21,6 +21,7 @@ The TransVG / QRNet split files (`<dataset>_<split>.pth`) have their own dataset
 A split name a file holds that is not in its dataset's vocabulary is an error, never a quiet skip: a
 typo or a dataset read with the wrong split_by would otherwise lose part of the data unseen.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,7 +62,11 @@ UNC = SplitVocabulary(("train", "val", "testA", "testB"))
 TRAIN_VAL_TEST = SplitVocabulary(("train", "val", "test"))
 REFCLEF_UNC = SplitVocabulary(
     ("train", "val", "testA", "testB", "testC"),
-    combined=(("testAB", ("testA", "testB")), ("testBC", ("testB", "testC")), ("testAC", ("testA", "testC"))),
+    combined=(
+        ("testAB", ("testA", "testB")),
+        ("testBC", ("testB", "testC")),
+        ("testAC", ("testA", "testC")),
+    ),
 )
 # REFER: "test split not released yet"
 GOOGLE = SplitVocabulary(("train", "val"), optional=("test",))
@@ -78,7 +83,10 @@ REFER_SPLITS: dict[tuple[str, str], SplitVocabulary] = {
 # A REFER-layout dataset of another name (RefShapes, a user's own) is read with its split_by's
 # convention.
 SPLIT_BY_SPLITS: dict[str, SplitVocabulary] = {
-    "unc": UNC, "umd": TRAIN_VAL_TEST, "google": GOOGLE, "berkeley": TRAIN_VAL_TEST,
+    "unc": UNC,
+    "umd": TRAIN_VAL_TEST,
+    "google": GOOGLE,
+    "berkeley": TRAIN_VAL_TEST,
 }
 
 
@@ -101,13 +109,16 @@ SPLIT_FILE_DATASETS: dict[str, SplitFileFormat] = {
     "unc+": SplitFileFormat(SplitVocabulary(UNC.required, on_request=_TRAINVAL), "xywh", 5),
     "gref": SplitFileFormat(SplitVocabulary(("train", "val")), "xywh", 5),
     "gref_umd": SplitFileFormat(TRAIN_VAL_TEST, "xywh", 5),
-    "referit": SplitFileFormat(SplitVocabulary(TRAIN_VAL_TEST.required, on_request=_TRAINVAL), "xyxy", 5),
+    "referit": SplitFileFormat(
+        SplitVocabulary(TRAIN_VAL_TEST.required, on_request=_TRAINVAL), "xyxy", 5
+    ),
     "flickr": SplitFileFormat(TRAIN_VAL_TEST, "xyxy", 3),
 }
 
 
-def split_vocabulary(dataset: str, split_by: str, data_format: str = "refer",
-                     custom: Optional[Iterable[str]] = None) -> SplitVocabulary:
+def split_vocabulary(
+    dataset: str, split_by: str, data_format: str = "refer", custom: Optional[Iterable[str]] = None
+) -> SplitVocabulary:
     """The splits of `dataset` read with `split_by` (REFER) or of its split files
     (`data_format="transvg"`); `custom` (params `data.split_vocabulary`) replaces it for a dataset
     whose files use other names."""
@@ -115,10 +126,16 @@ def split_vocabulary(dataset: str, split_by: str, data_format: str = "refer",
         return SplitVocabulary(tuple(custom))
     if data_format == "transvg":
         if dataset not in SPLIT_FILE_DATASETS:
-            raise ValueError(f"split files of dataset {dataset!r} are not known; TransVG's " f"datasets are "
-                             f"{', '.join(SPLIT_FILE_DATASETS)} (their box format differs " f"per dataset)")
+            raise ValueError(
+                f"split files of dataset {dataset!r} are not known; TransVG's "
+                f"datasets are "
+                f"{', '.join(SPLIT_FILE_DATASETS)} (their box format differs "
+                f"per dataset)"
+            )
         return SPLIT_FILE_DATASETS[dataset].vocabulary
     vocab = REFER_SPLITS.get((dataset, split_by)) or SPLIT_BY_SPLITS.get(split_by)
     if vocab is None:
-        raise ValueError(f"split_by {split_by!r} is not known; REFER's are {', '.join(SPLIT_BY_SPLITS)}")
+        raise ValueError(
+            f"split_by {split_by!r} is not known; REFER's are {', '.join(SPLIT_BY_SPLITS)}"
+        )
     return vocab

@@ -11,6 +11,7 @@ and `manifest.json`: the fingerprint of the prepared data they were computed fro
 width, and the teacher they came from. Features made from other prepared data are refused, never
 silently misaligned.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,11 +40,17 @@ def data_fingerprint(prepared: Path) -> str:
     hashing the pixels themselves would cost minutes at RefCOCO scale."""
     prepared = Path(prepared)
     digest = hashlib.sha256()
-    for path in [prepared / MANIFEST, *sorted(prepared.glob("*/samples.json")), *sorted(prepared.glob("*/tokens.npy"))]:
+    for path in [
+        prepared / MANIFEST,
+        *sorted(prepared.glob("*/samples.json")),
+        *sorted(prepared.glob("*/tokens.npy")),
+    ]:
         digest.update(path.relative_to(prepared).as_posix().encode())
         digest.update(path.read_bytes())
     for path in sorted(prepared.glob("*/images.npy")):
-        digest.update(f"{path.relative_to(prepared).as_posix()}:{np.load(path, mmap_mode='r').shape}".encode())
+        digest.update(
+            f"{path.relative_to(prepared).as_posix()}:{np.load(path, mmap_mode='r').shape}".encode()
+        )
     return digest.hexdigest()[:16]
 
 
@@ -61,8 +68,11 @@ def write_manifest(folder: Path, meta: dict) -> None:
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.exists():
-        raise TeacherFeaturesError(f"{path}: no teacher features here; run the `teacher` stage " f"first "
-                                   f"(dvc repro teacher, or python -m flows.teacher)")
+        raise TeacherFeaturesError(
+            f"{path}: no teacher features here; run the `teacher` stage "
+            f"first "
+            f"(dvc repro teacher, or python -m flows.teacher)"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -75,32 +85,52 @@ class WithTeacherFeatures(Dataset):
         folder = Path(folder)
         meta = read_manifest(folder)
         if "skipped" in meta:
-            raise TeacherFeaturesError(f"{folder / MANIFEST}: {meta['skipped']}; run the `teacher` " f"stage with this "
-                                       f"method in distill_methods (dvc repro teacher)")
+            raise TeacherFeaturesError(
+                f"{folder / MANIFEST}: {meta['skipped']}; run the `teacher` "
+                f"stage with this "
+                f"method in distill_methods (dvc repro teacher)"
+            )
         want = data_fingerprint(prepared)
         if meta.get("data_fingerprint") != want:
             raise TeacherFeaturesError(
-                f"{folder / MANIFEST}: the teacher features were computed " f"from other prepared data (fingerprint "
-                f"{meta.get('data_fingerprint')}, {prepared} is {want}); " f"re-run the `teacher` stage (dvc repro teacher)")
+                f"{folder / MANIFEST}: the teacher features were computed "
+                f"from other prepared data (fingerprint "
+                f"{meta.get('data_fingerprint')}, {prepared} is {want}); "
+                f"re-run the `teacher` stage (dvc repro teacher)"
+            )
         split = base.split
         if split not in meta.get("splits", {}):
-            raise TeacherFeaturesError(f"{folder / MANIFEST}: no teacher features for split " f"{split!r} "
-                                       f"(has {sorted(meta.get('splits', {}))}); re-run the " f"`teacher` stage")
+            raise TeacherFeaturesError(
+                f"{folder / MANIFEST}: no teacher features for split "
+                f"{split!r} "
+                f"(has {sorted(meta.get('splits', {}))}); re-run the "
+                f"`teacher` stage"
+            )
         paths = [folder / f"{split}_patch.npy", folder / f"{split}_sentence.npy"]
         for path in paths:
             if not path.exists():
-                raise TeacherFeaturesError(f"{path}: missing; re-run the `teacher` stage (dvc repro " f"teacher)")
+                raise TeacherFeaturesError(
+                    f"{path}: missing; re-run the `teacher` stage (dvc repro teacher)"
+                )
         self.patch = np.load(paths[0], mmap_mode="r", allow_pickle=False)
         self.sentence = np.load(paths[1], allow_pickle=False)
         n_images = base.images.shape[0]
-        if self.patch.ndim != 3 or self.patch.shape[0] != n_images or self.sentence.shape != (len(base), self.patch.shape[2]):
+        if (
+            self.patch.ndim != 3
+            or self.patch.shape[0] != n_images
+            or self.sentence.shape != (len(base), self.patch.shape[2])
+        ):
             raise TeacherFeaturesError(
-                f"{folder}: {split} features of shapes {self.patch.shape} / " f"{self.sentence.shape} do not fit the split "
-                f"({n_images} images, {len(base)} samples); re-run the `teacher` stage")
+                f"{folder}: {split} features of shapes {self.patch.shape} / "
+                f"{self.sentence.shape} do not fit the split "
+                f"({n_images} images, {len(base)} samples); re-run the `teacher` stage"
+            )
         if dim is not None and self.patch.shape[2] != dim:
             raise TeacherFeaturesError(
-                f"{folder}: teacher features are {self.patch.shape[2]}-d but " f"the student projects to teacher.projection_dim "
-                f"= {dim}; set teacher.projection_dim to the teacher's width")
+                f"{folder}: teacher features are {self.patch.shape[2]}-d but "
+                f"the student projects to teacher.projection_dim "
+                f"= {dim}; set teacher.projection_dim to the teacher's width"
+            )
         self.base = base
         self.meta = meta
 

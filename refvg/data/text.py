@@ -1,6 +1,7 @@
 """Tokenisation: a pretrained `transformers` tokenizer, or a WordPiece one built offline from the
 training expressions (the default, since nothing can be downloaded). Both end up as a
 `PreTrainedTokenizerFast` saved with `save_pretrained`, so later stages load either the same way."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -30,14 +31,23 @@ def build_wordpiece_tokenizer(expressions: Iterable[str], vocab_size: int) -> Be
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    counts = Counter(word for e in expressions
-                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(e)))
+    normalizer, pre_tokenizer = (
+        normalizers.BertNormalizer(lowercase=True),
+        pre_tokenizers.BertPreTokenizer(),
+    )
+    counts = Counter(
+        word
+        for e in expressions
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(e))
+    )
     chars = sorted({c for word in counts for c in word})
     base = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
     if len(base) > vocab_size:
-        raise ValueError(f"model.text.vocab_size {vocab_size} cannot hold the " f"{len(base)} special tokens and "
-                         f"characters of the training expressions")
+        raise ValueError(
+            f"model.text.vocab_size {vocab_size} cannot hold the "
+            f"{len(base)} special tokens and "
+            f"characters of the training expressions"
+        )
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
     vocab = base + words[: vocab_size - len(base)]
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
@@ -46,7 +56,9 @@ def build_wordpiece_tokenizer(expressions: Iterable[str], vocab_size: int) -> Be
     tok.decoder = decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
 
@@ -71,9 +83,15 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, expressions: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, expressions: list[str], max_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
     """-> (input_ids, attention_mask), int32 [N, max_tokens], padded and truncated."""
     enc = tokenizer(
-        expressions, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np"
+        expressions,
+        padding="max_length",
+        truncation=True,
+        max_length=max_tokens,
+        return_tensors="np",
     )
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)

@@ -7,6 +7,7 @@ Conventions used across refvg:
 A letterbox scales the longer side to `size` and pads the bottom/right, so a point maps by
 `p * scale` and the padding never sits between image content and the origin.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,7 +95,9 @@ class Letterbox:
         """Binary [H, W] mask -> uint8 [size, size], placed exactly as the image is. A pixel is set
         when the object covers at least half of its area (box filter); nearest-neighbour sampling
         would shift edges by up to a pixel depending on where the samples fall."""
-        resized = Image.fromarray(mask.astype(np.float32)).resize((self.content_w, self.content_h), Image.BOX)
+        resized = Image.fromarray(mask.astype(np.float32)).resize(
+            (self.content_w, self.content_h), Image.BOX
+        )
         out = np.zeros((self.size, self.size), dtype=np.uint8)
         out[: self.content_h, : self.content_w] = (np.asarray(resized) >= 0.5).astype(np.uint8)
         return out
@@ -106,10 +109,13 @@ class Letterbox:
         scored)."""
         x = logits.float()[None, None]
         if x.shape[-2:] != (self.size, self.size):
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False
+            )
         x = x[..., : self.content_h, : self.content_w]
-        return torch.nn.functional.interpolate(x, size=(self.orig_h, self.orig_w), mode="bilinear",
-                                               align_corners=False)[0, 0]
+        return torch.nn.functional.interpolate(
+            x, size=(self.orig_h, self.orig_w), mode="bilinear", align_corners=False
+        )[0, 0]
 
     def padding_mask(self) -> np.ndarray:
         """bool [size, size], True on padding."""

@@ -8,6 +8,7 @@ the rows of a skipped batch with it). It keeps no reference to the split's recor
 annotation ids or candidates, so nothing downstream of it can reach the target, by accident or
 otherwise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +26,9 @@ class WeakSplit(Dataset):
         self.images = split.images  # letterboxed pixels, one row per image (a memory map)
         self.input_ids = split.input_ids.clone()
         self.attention_mask = split.attention_mask.clone()
-        self.image_index = torch.tensor([int(r["image_index"]) for r in split.records], dtype=torch.long)
+        self.image_index = torch.tensor(
+            [int(r["image_index"]) for r in split.records], dtype=torch.long
+        )
         # few distinct image sizes: one padding mask each
         pads: dict[tuple[int, int], torch.Tensor] = {}
         self.pixel_masks = []
