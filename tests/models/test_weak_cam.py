@@ -251,7 +251,8 @@ def test_mining_on_the_image_reaches_the_cam_through_the_backbone():
 def test_the_matcher_learns_on_real_pairs(tiny_workdir, monkeypatch):
     """The fusion's matching loss leaves ln 2 under the default objective (random negative images,
     the contrastive loss at 0.1): a fixed batch of the tiny RefShapes pairs, seeded, full-batch
-    steps."""
+    steps. On RefShapes with same-category look-alikes it stays near ln 2 for ~50 steps, then falls
+    (last 10 of 100: mean 0.28)."""
     import math
 
     from refvg import stages
@@ -273,7 +274,7 @@ def test_the_matcher_learns_on_real_pairs(tiny_workdir, monkeypatch):
     model = build_model("weak_cam", cfg, manifest["vocab_size"], manifest["pad_token_id"]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     itm = []
-    for _ in range(40):
+    for _ in range(100):
         losses = model.compute_loss(model(batch), batch)
         opt.zero_grad()
         losses["loss"].backward()
@@ -281,7 +282,7 @@ def test_the_matcher_learns_on_real_pairs(tiny_workdir, monkeypatch):
         opt.step()
         itm.append(float(losses["itm"].detach()))
     assert abs(itm[0] - math.log(2)) < 0.05  # starts at chance
-    assert sum(itm[-5:]) / 5 < 0.5, itm  # and learns: clearly below ln 2
+    assert sum(itm[-10:]) / 10 < 0.5, itm  # and learns: clearly below ln 2
 
 
 def test_match_scores_pair_each_expression_with_another_image():
