@@ -249,8 +249,8 @@ def test_each_methods_auxiliary_term_is_exactly_what_its_ablation_lacks():
     """What the trainer clips apart: CM-Erase's erased copies and the attention mining, and nothing
     of the loss the ablation also has (EpmVG's distillation: tests/models/test_epmvg.py)."""
     from refvg.models import build_model
-    from tests.test_mattnet import _batch as mattnet_batch, _model as mattnet_model
-    from tests.test_weak_cam import _grads, _tiny_cfg as weak_cfg
+    from tests.models.test_mattnet import _batch as mattnet_batch, _model as mattnet_model
+    from tests.models.test_weak_cam import _grads, _tiny_cfg as weak_cfg
 
     erase = mattnet_model(erase={"type": "both", "rate": 1.0})
     plain = mattnet_model(erase={"type": "none"})
