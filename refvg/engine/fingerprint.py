@@ -36,10 +36,10 @@ TRAINING_ENTRY_POINTS = (
 RESUME_NEUTRAL = {"train": ("checkpoint_every_steps", "max_bad_steps"), "tracking": None}
 # Sections of a run config that training does not read: generating, evaluating, storing and sharding
 # the data, the stand-in detector (its output is the train stage's detections stamp), the teacher's
-# own training (its outputs are a dependency of the distilling methods), and the method tables (a
-# method's own entry and its bases are stamped apart). The per-epoch validation reads
-# eval.batch_size and eval.iou_thresholds, but they decide neither the weights nor the best epoch
-# (Acc@0.5), so a new evaluation setting re-scores without retraining.
+# own training (its outputs are a dependency of the distilling methods), and the method tables (the
+# run config carries the method's own entry, its bases already merged in). The per-epoch validation
+# reads eval.batch_size and eval.iou_thresholds, but they decide neither the weights nor the best
+# epoch (Acc@0.5), so a new evaluation setting re-scores without retraining.
 NOT_READ_BY_TRAINING = (
     "synthetic",
     "eval",
@@ -54,40 +54,17 @@ DIGEST_CHARS = 16
 
 
 def method_stamp(cfg: Config, method: str) -> dict:
-    """What `method`'s training reads: its method entry and those of its bases, its effective
-    configuration (`Config.for_method`) without what training does not read, and the digest of every
-    source file it runs."""
-    entries = method_entries(cfg, method)
-    model = entries[method]["model"]
+    """What `method`'s training reads: its effective configuration (`Config.for_method`, whose
+    `method` entry has its bases merged in) without what training does not read, and the digest of
+    every source file it runs."""
+    config = training_config(cfg, method)  # raises for a method params.yaml does not declare
+    model = config["method"]["model"]
     return {
         "method": method,
         "model": model,
-        "entries": entries,
-        "config": training_config(cfg, method),
+        "config": config,
         "code": training_sources(model),
     }
-
-
-def method_entries(cfg: Config, method: str) -> dict[str, dict]:
-    """The method's entry and, following `base:`, each entry it inherits from (name -> entry as
-    written)."""
-    if method not in cfg.all_methods:
-        raise ConfigError(
-            f"unknown method {method!r}; params.yaml declares {sorted(cfg.all_methods)}"
-        )
-    entries: dict[str, dict] = {}
-    name = method
-    while name is not None:
-        if name in entries:
-            raise ConfigError(
-                f"methods.{method}: its bases form a cycle ({' -> '.join([*entries, name])})"
-            )
-        if name not in cfg.all_methods:
-            raise ConfigError(f"methods.{method}: base {name!r} is not a declared method")
-        entry = cfg.all_methods[name]
-        entries[name] = entry.model_dump(mode="json")
-        name = getattr(entry, "base", None)
-    return entries
 
 
 def training_config(cfg: Config, method: str) -> dict:
