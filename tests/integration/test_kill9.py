@@ -185,7 +185,7 @@ def test_kill_9_in_a_dvc_repro_stage_then_dvc_repro_again(tmp_path, prefect_api)
     fault = json.dumps({"kill_at_item": 6 * cfg.train.batch_size + 3})
     killed = sh("dvc", "repro", "train@transvg", fault=fault, ok=False)
     # DVC saw the stage die of the signal (the client dies as its worker's child did): -9 when the
-    # shell DVC runs the command with execs it (bash), 137 when it forks and reports the child (dash)
+    # shell DVC runs it with execs it (bash), 137 when it forks and reports the child (dash)
     died = "failed to run: python -m flows.train --method transvg, exited with "
     assert re.search(re.escape(died) + r"(-9|137)\b", killed.stderr), killed.stderr[-3000:]
     state = load_checkpoint(ckpt / LAST)
