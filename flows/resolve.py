@@ -2,7 +2,10 @@
 method, what its training reads (refvg.engine.fingerprint); each train stage depends on its own
 file, so DVC retrains only the methods whose knobs or code changed. Bookkeeping, not a pipeline step
 worth a Prefect flow or an MLflow
-run: it imports neither (nor torch) and takes well under a second."""
+run. Validating params.yaml imports every model (the family configs live beside them), so the
+stage goes through the warm stage worker like the others: in a process of its own those imports
+cost ~10-20 s, through the worker a fraction of a second (it is also the pipeline's first stage, so
+it starts the worker the next stages use)."""
 
 from __future__ import annotations
 
@@ -10,12 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from refvg.config import ConfigError, load_config
-from refvg.engine.fingerprint import write_stamps
+from flows.launcher import launch
 
 
 def resolve(params: str = "params.yaml", out: str = "data/stamps") -> dict[str, bool]:
     """Write the stamps; method -> whether its stamp changed."""
+    from refvg.config import load_config
+    from refvg.engine.fingerprint import write_stamps
+
     return write_stamps(load_config(params), Path(out))
 
 
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         "--out", default="data/stamps", help="folder of the stamps (dvc.yaml's stamps_dir)"
     )
     args = parser.parse_args(argv)
+    from refvg.config import ConfigError
+
     try:
         changed = resolve(args.params, args.out)
     except ConfigError as err:
@@ -40,4 +47,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("flows.resolve", main)  # through the warm stage worker, or in-process
