@@ -273,6 +273,10 @@ class MethodConfig(_Strict):
     model: str
     # Blind control: the expression is replaced by an empty one, so only the image can be used.
     language_blind: bool = False
+    # Its counterpart: every image is blanked (train and eval) to what letterbox padding is (zero
+    # pixels, and no padding mask, whose extent would tell the aspect ratio), so only the expression
+    # can be used; the box targets are unchanged.
+    image_blind: bool = False
     # The family's knobs: a mapping in params.yaml, an instance of the family's config class
     # (registered with the model, e.g. MAttNetConfig) once validated; missing keys take the class's
     # defaults.

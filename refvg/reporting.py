@@ -35,16 +35,19 @@ def write_summary(cfg: Config, out_dir: Path) -> Path:
         "box has IoU >= 0.5 with the target), "
         "and the mean accuracy over IoU thresholds 0.5:0.95 on val.",
         "",
-        "| method | model | language | " + " | ".join(splits) + " | val Acc@0.5:0.95 |",
-        "|---|---|---|" + "---|" * len(splits) + "---|",
+        "| method | model | language | image | " + " | ".join(splits) + " | val Acc@0.5:0.95 |",
+        "|---|---|---|---|" + "---|" * len(splits) + "---|",
     ]
     for method, r in results.items():
         accs = [f"{r['splits'][s]['acc@0.5']:.3f}" if s in r["splits"] else "-" for s in splits]
         strict = r["splits"].get("val", {}).get("acc@0.5:0.95")
         lang = "blind (control)" if r.get("language_blind") else "yes"
+        image = "blind (control)" if r.get("image_blind") else "yes"
         strict_txt = f"{strict:.3f}" if strict is not None else "-"
         lines.append(
-            f"| {method} | {r['model']} | {lang} | " + " | ".join(accs) + f" | {strict_txt} |"
+            f"| {method} | {r['model']} | {lang} | {image} | "
+            + " | ".join(accs)
+            + f" | {strict_txt} |"
         )
     lines += _weak_note(results)
     lines += _mask_table(results, splits)

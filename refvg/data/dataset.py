@@ -64,6 +64,7 @@ class PreparedSplit(Dataset):
         prepared_dir: Path,
         split: str,
         language_blind: bool = False,
+        image_blind: bool = False,
         masks: bool = False,
         candidates: list[ImageCandidates] | None = None,
         max_candidates: int = 16,
@@ -86,6 +87,7 @@ class PreparedSplit(Dataset):
         self.attention_mask = torch.from_numpy(tokens[:, 1].astype(np.int64))
         if language_blind:
             self._blind()
+        self.image_blind = image_blind
         self.size = self.images.shape[1]
         self.letterboxes = [
             Letterbox(r["image_width"], r["image_height"], self.size) for r in self.records
@@ -205,19 +207,28 @@ class PreparedSplit(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _pad_mask(self, lb: Letterbox) -> torch.Tensor:
+    def image(self, i: int) -> torch.Tensor:
+        """uint8 [S, S, 3] of sample i; the image-blind control's is all zero, what letterbox
+        padding is, so the image carries no information."""
+        if self.image_blind:
+            return torch.zeros(self.images.shape[1:], dtype=torch.uint8)
+        return torch.from_numpy(np.array(self.images[self.records[i]["image_index"]]))  # a copy
+
+    def pixel_mask(self, i: int) -> torch.Tensor:
+        """bool [S, S] of sample i, True on letterbox padding."""
+        lb = self.letterboxes[i]
+        if self.image_blind:  # no padding either: its extent would give away the aspect ratio
+            lb = Letterbox(self.size, self.size, self.size)
         key = (lb.content_w, lb.content_h)
         if key not in self._pad_masks:  # few distinct image sizes: build each padding mask once
             self._pad_masks[key] = torch.from_numpy(lb.padding_mask())
         return self._pad_masks[key]
 
     def __getitem__(self, i: int) -> dict:
-        rec = self.records[i]
         return (
             {
-                # a copy: the map is read-only
-                "image": torch.from_numpy(np.array(self.images[rec["image_index"]])),
-                "pixel_mask": self._pad_mask(self.letterboxes[i]),
+                "image": self.image(i),
+                "pixel_mask": self.pixel_mask(i),
                 "input_ids": self.input_ids[i],
                 "attention_mask": self.attention_mask[i],
                 "box": self.boxes[i],

@@ -11,7 +11,6 @@ otherwise.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -23,20 +22,12 @@ WEAK_KEYS = ("image", "pixel_mask", "input_ids", "attention_mask", "image_index"
 class WeakSplit(Dataset):
     def __init__(self, split: PreparedSplit):
         self.split = split.split
-        self.images = split.images  # letterboxed pixels, one row per image (a memory map)
+        self.source = split  # its pixels and padding masks (blanked for the image-blind control)
         self.input_ids = split.input_ids.clone()
         self.attention_mask = split.attention_mask.clone()
         self.image_index = torch.tensor(
             [int(r["image_index"]) for r in split.records], dtype=torch.long
         )
-        # few distinct image sizes: one padding mask each
-        pads: dict[tuple[int, int], torch.Tensor] = {}
-        self.pixel_masks = []
-        for lb in split.letterboxes:
-            key = (lb.content_w, lb.content_h)
-            if key not in pads:
-                pads[key] = torch.from_numpy(lb.padding_mask())
-            self.pixel_masks.append(pads[key])
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -44,9 +35,8 @@ class WeakSplit(Dataset):
     def __getitem__(self, i: int) -> dict:
         image_index = self.image_index[i]
         return {
-            # a copy: the map is read-only
-            "image": torch.from_numpy(np.array(self.images[int(image_index)])),
-            "pixel_mask": self.pixel_masks[i],
+            "image": self.source.image(i),
+            "pixel_mask": self.source.pixel_mask(i),
             "input_ids": self.input_ids[i],
             "attention_mask": self.attention_mask[i],
             "image_index": image_index,

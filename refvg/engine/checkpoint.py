@@ -105,6 +105,8 @@ TRAINED_KEYS = (
     "language_blind",
     "best_epoch",
 )
+# Keys a later version added, with what a checkpoint written before them meant.
+TRAINED_DEFAULTS = {"image_blind": False}
 
 
 def load_trained(
@@ -116,6 +118,7 @@ def load_trained(
     from refvg.models import build_model
 
     state = load_checkpoint(path, map_location=device, require=TRAINED_KEYS)
+    state = TRAINED_DEFAULTS | state
     try:
         cfg = _validate(state["config"], source="its config")
         model = build_model(

@@ -9,6 +9,9 @@ finest level, are merged by gated multi-level fusion (a memory and a reset gate 
 small decoder upsamples to mask logits at the letterbox size. Loss: per-pixel BCE + soft Dice. The
 box (`pred_boxes`, what the box tables score) is the tight box of the thresholded mask.
 
+`fusion: concat` (the method cmsa_concat) is the paper's baseline: each level's map is [v_p, tiled
+sentence feature, s_p] through a 1x1 conv instead of the self-attention; the rest is shared.
+
 An expression refers to one object, so at inference (eval mode, its config's `keep_peak_component`)
 the prediction keeps only the connected region of the thresholded mask that holds its most confident
 pixel: a stray positive blob on a distractor would otherwise stretch the box over both objects.
@@ -21,6 +24,7 @@ context.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,11 @@ class CMSAConfig(_Strict):
     # Loss: per-pixel BCE and soft Dice on the letterboxed mask logits (padding excluded).
     mask_bce_weight: float = Field(1.0, ge=0)
     mask_dice_weight: float = Field(1.0, ge=0)
+    # How each level fuses the modalities. self_attention: CMSA's cross-modal self-attention;
+    # concat: the paper's baseline, [v_p, sentence, s_p] at every pixel then a 1x1 conv (no
+    # attention, no word-level features): everything else the same, so the pair isolates the
+    # cross-modal self-attention. num_heads, ffn_dim, num_layers and dropout are unused by concat.
+    fusion: Literal["self_attention", "concat"] = "self_attention"
 
 
 @dataclass
@@ -112,6 +121,37 @@ class CrossModalSelfAttention(nn.Module):
                 x = layer(x, None, keep)
             out[rows] = self.norm(x).view(len(rows), n, h * w, -1).mean(1)  # average over the words
         return out.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class ConcatFusion(nn.Module):
+    """CMSA's baseline for one level: visual map [B,C,h,w] + word features [B,L,Ct] -> [B,d,h,w].
+    Each pixel's [v_p / |v_p|, q / |q|, s_p] (q: the sentence feature, the mean of the expression's
+    word features, tiled over the map; s_p: the cell's 8-d coordinates) through one 1x1 conv."""
+
+    def __init__(self, visual_in: int, text_in: int, cfg: CMSAConfig):
+        super().__init__()
+        self.visual = nn.Conv2d(visual_in, cfg.visual_dim, 1)
+        self.sentence = nn.Linear(text_in, cfg.word_dim)
+        # The 1x1 conv W [v; q; s] split as W_vs [v; s] + W_q q: q is one vector per sample, so
+        # it is projected once and broadcast instead of tiled and convolved at every pixel.
+        self.joint_pixel = nn.Linear(cfg.visual_dim + 8, cfg.d_model)
+        self.joint_sentence = nn.Linear(cfg.word_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self, visual: torch.Tensor, pad: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """pad is unused (a 1x1 conv reads one pixel); word_mask [B,L] (1 = a real token)."""
+        b, _, h, w = visual.shape
+        v = F.normalize(self.visual(visual).flatten(2).transpose(1, 2), dim=-1)  # [B,hw,Cv]
+        coords = cell_coords(h, w, v).expand(b, -1, -1)
+        real = word_mask.to(words.dtype).unsqueeze(-1)
+        sentence = (words * real).sum(1) / real.sum(1).clamp_min(1)  # [B,Ct]
+        q = F.normalize(self.sentence(sentence), dim=-1)  # [B,Cl]
+        out = self.joint_pixel(torch.cat([v, coords], -1)) + self.joint_sentence(q)[:, None]
+        return out.transpose(1, 2).reshape(b, -1, h, w)
+
+
+LEVEL_FUSIONS = {"self_attention": CrossModalSelfAttention, "concat": ConcatFusion}
 
 
 def _prefix_lengths(word_mask: torch.Tensor) -> torch.Tensor:
@@ -180,9 +220,9 @@ class MaskDecoder(nn.Module):
 class CMSA(GroundingModel):
     def __init__(self, config: CMSAConfig, **backbones):
         super().__init__(config, **backbones)
+        level = LEVEL_FUSIONS[config.fusion]
         self.levels = nn.ModuleList(
-            CrossModalSelfAttention(ch, self.text.hidden_size, config)
-            for ch in self.visual.out_channels
+            level(ch, self.text.hidden_size, config) for ch in self.visual.out_channels
         )
         self.fusion = GatedFusion(config.d_model, len(self.levels))
         self.decoder = MaskDecoder(config.d_model, config.decoder_channels)

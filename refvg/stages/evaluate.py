@@ -51,7 +51,13 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
     ecfg = cfg.eval
     preds, datasets, metrics = [], {}, {}
     for split in eval_splits(ecfg, manifest):
-        ds = datasets[split] = open_split(rcfg, state["model_name"], split, state["language_blind"])
+        ds = datasets[split] = open_split(
+            rcfg,
+            state["model_name"],
+            split,
+            state["language_blind"],
+            image_blind=state["image_blind"],
+        )
         evaluator = evaluators_for(state["model_name"], rcfg, ds, ecfg.iou_thresholds)
         metrics[split] = inference_on_dataset(
             model, ds, evaluator, ecfg.batch_size, device, cfg.train.amp
@@ -61,6 +67,7 @@ def evaluate_method(cfg: Config, method: str) -> EvalReport:
         "method": method,
         "model": state["model_name"],
         "language_blind": state["language_blind"],
+        "image_blind": state["image_blind"],
         "best_epoch": state["best_epoch"],
         "dataset": manifest["dataset"],
         "splits": metrics,

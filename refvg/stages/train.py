@@ -35,7 +35,8 @@ def train_method(
     mcfg = cfg.all_methods[method]
     prepared = prepared_path(rcfg)
     manifest = read_manifest(prepared)
-    train_set = open_split(rcfg, mcfg.model, "train", mcfg.language_blind, training=True)
+    blind = {"language_blind": mcfg.language_blind, "image_blind": mcfg.image_blind}
+    train_set = open_split(rcfg, mcfg.model, "train", training=True, **blind)
     data_version = prepared_fingerprint(prepared)
     if "teacher" in model_needs(mcfg.model, rcfg):
         train_set, teacher_version = with_teacher_features(cfg, method, train_set, prepared)
@@ -45,7 +46,7 @@ def train_method(
     weak = is_weakly_supervised(mcfg.model)
     # Weak end to end: a weak method validates on the val split's image-sentence pairs (a WeakSplit:
     # no box to read) and best.pt is chosen by its model's box-free criterion, never by Acc@0.5.
-    val_set = open_split(rcfg, mcfg.model, "val", mcfg.language_blind, training=weak)
+    val_set = open_split(rcfg, mcfg.model, "val", training=weak, **blind)
     seed_everything(
         rcfg.train.seed
     )  # before the model exists: its initial weights are part of the run
@@ -87,7 +88,7 @@ def train_method(
         data_version=data_version,
         extra_state={
             "model_name": mcfg.model,
-            "language_blind": mcfg.language_blind,
+            **blind,
             "vocab_size": manifest["vocab_size"],
             "pad_token_id": manifest["pad_token_id"],
         },

@@ -27,7 +27,7 @@ KNOB_USERS = {"mattnet_erase", "mattnet_no_erase", "mattnet_erase_det", "mattnet
 # A model file and the methods whose training imports it; weak_cam reads CMSA's mask read-out
 # (cmsa.peak_component).
 MODEL_FILE = "refvg/models/cmsa.py"
-MODEL_FILE_USERS = {"cmsa"}
+MODEL_FILE_USERS = {"cmsa", "cmsa_concat"}
 SHARED_FILE = "refvg/models/backbones.py"  # every model's backbones
 
 

@@ -21,6 +21,7 @@ SMALL_SHARED = {
     },
     "teacher": {"projection_dim": 16},
 }
+SWIN = {"model": {"visual": {"kind": "swin", "embed_dim": 8, "out_stages": [0, 1]}}}
 # Per family: what makes it small, or the shared sections it needs (QRNet: Swin and consecutive
 # stages).
 SMALL_FAMILY = {
@@ -29,24 +30,36 @@ SMALL_FAMILY = {
         {"model": {"visual": {"out_stages": [1, 2]}}},
     ),
     "mattnet": ({"d_model": 16}, {}),
-    "qrnet": (
-        {"qd_att_rank": 4},
-        {"model": {"visual": {"kind": "swin", "embed_dim": 8, "out_stages": [0, 1]}}},
-    ),
+    "qrnet": ({"qd_att_rank": 4}, SWIN),
     "weak_cam": ({"embed_dim": 16, "cam_channels": 4}, {}),
 }
 
 
+# Methods of params.yaml that take another code path through the same contract: case -> (model,
+# family knobs over its SMALL_FAMILY ones, shared sections instead of its SMALL_FAMILY ones).
+VARIANTS = {
+    "cmsa_concat": ("cmsa", {"fusion": "concat"}, None),
+    "transvg_swin": ("transvg", {}, SWIN),  # TransVG reading the last of qrnet's Swin stages
+}
+
+
+def model_of(case: str) -> str:
+    return VARIANTS[case][0] if case in VARIANTS else case
+
+
 def run_config(name: str) -> Config:
-    config, shared = SMALL_FAMILY.get(name, ({}, {}))
+    model, knobs, own_shared = VARIANTS.get(name, (name, {}, None))
+    config, shared = SMALL_FAMILY.get(model, ({}, {}))
+    shared = shared if own_shared is None else own_shared
     raw = {
         **SMALL_SHARED,
-        "methods": {name: {"model": name, "config": config, "overrides": shared}},
+        "methods": {name: {"model": model, "config": config | knobs, "overrides": shared}},
     }
     return _validate(raw, source="test").for_method(name)
 
 
 def tiny_batch(cfg: Config, name: str, seed: int = 0) -> dict:
+    name = model_of(name)
     g = torch.Generator().manual_seed(seed)
     pixel_mask = torch.zeros(B, SIZE, SIZE, dtype=torch.bool)
     pixel_mask[:, :, SIZE * 3 // 4 :] = True
@@ -99,13 +112,13 @@ def tiny_batch(cfg: Config, name: str, seed: int = 0) -> dict:
 def build(name: str, seed: int = 0):
     cfg = run_config(name)
     torch.manual_seed(seed)
-    model = build_model(name, cfg, VOCAB, PAD)
+    model = build_model(model_of(name), cfg, VOCAB, PAD)
     if hasattr(model, "erase_token_id"):
         model.erase_token_id = 3  # mattnet's [MASK] (from the prepared tokenizer in a real run)
     return model, cfg
 
 
-@pytest.fixture(params=list_models())
+@pytest.fixture(params=list_models() + list(VARIANTS))
 def name(request):
     return request.param
 
@@ -116,8 +129,9 @@ def test_every_family_is_registered():
 
 def test_built_from_config_with_its_family_config(name):
     model, cfg = build(name)
-    assert isinstance(model, GroundingModel) and type(model).config_class is config_class(name)
-    assert model.config is cfg.family and type(cfg.family) is config_class(name)
+    family = config_class(model_of(name))
+    assert isinstance(model, GroundingModel) and type(model).config_class is family
+    assert model.config is cfg.family and type(cfg.family) is family
 
 
 def test_forward_loss_and_backward(name):
@@ -126,7 +140,7 @@ def test_forward_loss_and_backward(name):
     model.train()
     torch.manual_seed(1)
     out = model(batch)
-    if not is_weakly_supervised(name):  # a weak model's training pass predicts no box
+    if not is_weakly_supervised(model_of(name)):  # a weak model's training pass predicts no box
         assert isinstance(out, GroundingOutput) and out.pred_boxes.shape == (B, 4)
     losses = model.compute_loss(out, batch)
     assert "loss" in losses and losses["loss"].dim() == 0 and torch.isfinite(losses["loss"])
@@ -171,7 +185,7 @@ def test_state_dict_round_trip_gives_identical_outputs(name):
 def test_config_class_round_trips(name):
     cfg = run_config(name)
     family = cfg.family
-    assert config_class(name).model_validate(family.model_dump(mode="json")) == family
+    assert config_class(model_of(name)).model_validate(family.model_dump(mode="json")) == family
     dumped = cfg.model_dump(mode="json")  # what a run's checkpoint and its DVC stamp hold
     assert dumped["method"]["config"] == family.model_dump(mode="json")
     assert _validate(dumped, source="dump").family == family
@@ -179,4 +193,7 @@ def test_config_class_round_trips(name):
 
 def test_unknown_family_key_is_rejected_with_its_path(name):
     with pytest.raises(ConfigError, match=r"methods\.m\.config\.no_such_knob"):
-        _validate({"methods": {"m": {"model": name, "config": {"no_such_knob": 1}}}}, source="test")
+        _validate(
+            {"methods": {"m": {"model": model_of(name), "config": {"no_such_knob": 1}}}},
+            source="test",
+        )

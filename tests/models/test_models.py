@@ -309,15 +309,13 @@ def test_local_readout_picks_the_peak_object_not_the_midpoint():
 # ------------------------------------------------------------------ CMSA
 
 
-def make_cmsa(out_stages=(1, 2)):
+def make_cmsa(out_stages=(1, 2), **knobs):
     torch.manual_seed(0)
+    small = {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32}
     cfg = Config.model_validate(
         {
             "model": {"visual": {"out_stages": list(out_stages)}},
-            "method": {
-                "model": "cmsa",
-                "config": {"visual_dim": 16, "word_dim": 16, "d_model": 32, "ffn_dim": 32},
-            },
+            "method": {"model": "cmsa", "config": small | knobs},
         }
     )
     return build_model("cmsa", cfg, VOCAB, PAD)
@@ -460,3 +458,92 @@ def test_cmsa_attention_ignores_text_padding():
         torch.testing.assert_close(block(visual, pad, changed, word_mask), batched)
     with pytest.raises(ValueError, match="real tokens first"):
         block(visual, pad, words, word_mask.flip(1))
+
+
+def test_cmsa_concat_is_the_baseline_without_cross_modal_attention():
+    """fusion: concat (cmsa_concat): the same levels, gated fusion and decoder, each level a 1x1
+    conv over [visual, sentence, coordinates]; no attention parameter anywhere, and the mask still
+    reads the expression."""
+    from refvg.models.cmsa import ConcatFusion, CrossModalSelfAttention, MaskDecoder
+    from refvg.models.vl import TransformerLayer
+
+    model = make_cmsa(fusion="concat")
+    reference = make_cmsa()
+    assert len(model.levels) == 2 and all(isinstance(lv, ConcatFusion) for lv in model.levels)
+    attention = (CrossModalSelfAttention, TransformerLayer, torch.nn.MultiheadAttention)
+    assert not any(isinstance(m, attention) for m in model.modules())
+    assert any(isinstance(m, attention) for m in reference.modules())  # the check can fail
+    assert {n.split(".")[1] for n, _ in model.levels.named_parameters()} == {
+        "visual",
+        "sentence",
+        "joint_pixel",
+        "joint_sentence",
+    }
+    assert isinstance(model.decoder, MaskDecoder)
+    same = ("visual.", "text.", "fusion.", "decoder.")
+    shapes = {n: p.shape for n, p in model.named_parameters() if n.startswith(same)}
+    assert shapes == {n: p.shape for n, p in reference.named_parameters() if n.startswith(same)}
+
+    batch = make_mask_batch()
+    out = model(batch)
+    assert out.pred_masks.shape == (4, 64, 64) and out.pred_boxes.shape == (4, 4)
+    assert out.mask_logits.shape == (4, 64, 64)
+    losses = model.compute_loss(out, batch)
+    assert set(losses) == {"loss", "bce", "dice"} and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    for part in (model.visual, model.text, *model.levels, model.fusion.memory, model.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
+    model.eval()
+    other = dict(batch, input_ids=batch["input_ids"].roll(1, dims=1) * batch["attention_mask"])
+    with torch.no_grad():
+        assert (model(batch).mask_logits - model(other).mask_logits).abs().max() > 1e-4
+
+
+def test_cmsa_concat_sentence_ignores_text_padding():
+    from refvg.models.cmsa import CMSAConfig, ConcatFusion
+
+    torch.manual_seed(0)
+    level = ConcatFusion(8, 12, CMSAConfig(visual_dim=4, word_dim=4, d_model=6)).eval()
+    visual, pad = torch.randn(2, 8, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool)
+    words, mask = torch.randn(2, 5, 12), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    noisy = words.clone()
+    noisy[0, 3:] = 100.0  # what lies under padding must not count
+    a, b = level(visual, pad, words, mask), level(visual, pad, noisy, mask)
+    assert a.shape == (2, 6, 4, 4)
+    torch.testing.assert_close(a, b)
+    noisy[0, 0] += 1.0  # a real token does
+    assert (level(visual, pad, noisy, mask)[0] - a[0]).abs().max() > 1e-4
+
+
+def test_transvg_swin_builds_from_params_and_trains_a_step():
+    """params.yaml's transvg_swin: TransVG (its visual transformer, no QRNet module) on qrnet's
+    Swin backbone settings, reading the last out stage; one optimizer step on the tiny config moves
+    it."""
+    from refvg.config import load_config
+    from refvg.models.vl import VisualEncoder
+    from tests.helpers import tiny_params
+
+    params = load_config(ROOT / "params.yaml")
+    swin, qrnet = params.all_methods["transvg_swin"], params.all_methods["qrnet"]
+    assert swin.model == "transvg" and not swin.image_blind and not swin.language_blind
+    assert swin.overrides["model"]["visual"] == qrnet.overrides["model"]["visual"]
+    assert params.for_method("transvg_swin").train.epochs == params.for_method("qrnet").train.epochs
+
+    raw = tiny_params(methods={"transvg_swin": swin.model_dump(mode="json")})
+    cfg = Config.model_validate(raw).for_method("transvg_swin")
+    assert cfg.model.visual.kind == "swin" and cfg.model.visual.out_stages == (0, 1)
+    torch.manual_seed(0)
+    model = build_model("transvg", cfg, VOCAB, PAD)
+    assert type(model) is TransVG and isinstance(model.visual_encoder, VisualEncoder)
+    assert not any("qd_att" in n or "multiscale" in n for n, _ in model.named_parameters())
+    assert model.visual_grids() == [(8, 8)]  # stage 1 at stride 8 of the 64-px letterbox
+    batch = make_batch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.param_groups(1e-3, 1e-3, 0.0))
+    losses = model.compute_loss(model(batch), batch)
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    for prefix in ("visual.", "visual_encoder.", "text.", "vl.", "head."):
+        assert any(n.startswith(prefix) for n in moved), prefix

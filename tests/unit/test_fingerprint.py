@@ -54,15 +54,24 @@ def test_a_stamp_changes_with_what_its_training_reads_only(cfg):
     ]:
         assert changed_stamps(cfg, dotted, value) == set(), dotted
     assert changed_stamps(cfg, "train.seed", 5) == everyone
-    assert changed_stamps(cfg, "train.lr", 0.5) == everyone - {"cmsa"}  # cmsa sets its own
+    own_lr = {m for m, e in cfg.all_methods.items() if "lr" in e.overrides.get("train", {})}
+    assert own_lr == {"cmsa", "cmsa_concat"}  # cmsa sets its own, cmsa_concat inherits it
+    assert changed_stamps(cfg, "train.lr", 0.5) == everyone - own_lr
     assert changed_stamps(cfg, "data.max_tokens", 7) == everyone
+    image_blind = {m for m, e in cfg.all_methods.items() if e.image_blind}
+    assert image_blind == {"transvg_image_blind"}
+    assert changed_stamps(cfg, "methods.transvg_image_blind.image_blind", False) == image_blind
     assert changed_stamps(cfg, "model.visual.embed_dim", 16) == everyone
     assert changed_stamps(cfg, "methods.mattnet_erase.config.erase.rate", 0.5) == mattnets
-    assert changed_stamps(cfg, "methods.cmsa.config.num_layers", 2) == {"cmsa"}
+    cmsas = {"cmsa", "cmsa_concat"}  # cmsa_concat: `base: cmsa`, so it inherits the edit
+    assert changed_stamps(cfg, "methods.cmsa.config.num_layers", 2) == cmsas
+    assert changed_stamps(cfg, "methods.cmsa_concat.config.fusion", "self_attention") == {
+        "cmsa_concat"
+    }
     assert changed_stamps(cfg, "teacher.projection_dim", 32) == {
         "epmvg"
     }  # the student projects into it
-    assert changed_stamps(cfg, "methods.cmsa.overrides", {"train": {"epochs": 9}}) == {"cmsa"}
+    assert changed_stamps(cfg, "methods.cmsa.overrides", {"train": {"epochs": 9}}) == cmsas
 
 
 def test_training_sources_are_the_model_and_what_training_imports():
@@ -111,6 +120,7 @@ def test_stamps_are_rewritten_only_when_they_change(cfg, tmp_path):
     (tmp_path / "gone.json").write_text("{}")  # a method no longer declared
 
     again = write_stamps(edited(cfg, "methods.cmsa.config.num_layers", 2), tmp_path)
-    assert {m for m, changed in again.items() if changed} == {"cmsa"}
+    cmsas = {"cmsa", "cmsa_concat"}  # cmsa_concat inherits the edit (`base: cmsa`)
+    assert {m for m, changed in again.items() if changed} == cmsas
     touched = {p.stem for p in tmp_path.glob("*.json") if p.stat().st_mtime_ns != 0}
-    assert touched == {"cmsa"} and not (tmp_path / "gone.json").exists()
+    assert touched == cmsas and not (tmp_path / "gone.json").exists()
