@@ -347,9 +347,10 @@ def markdown(records: list[dict]) -> str:
         if r["split"] != "val":
             continue
         claim = r["claim"] + ("" if r["metric"] == "acc@0.5" else f" ({r['metric']})")
+        plural = "s" if r["seeds"] != 1 else ""
         lines.append(
             f"| {claim} | {r['pair']} | {r['mean_diff']:+.3f} [{_f(r['ci_low'], '+.3f')}, "
-            f"{_f(r['ci_high'], '+.3f')}] | {r['verdict']} ({r['seeds']} seeds) |"
+            f"{_f(r['ci_high'], '+.3f')}] | {r['verdict']} ({r['seeds']} seed{plural}) |"
         )
     # method -> split -> per-seed acc@0.5, from either side of any pair
     per: dict[str, dict] = {}
@@ -399,8 +400,13 @@ def markdown(records: list[dict]) -> str:
 
 
 def write_outputs(records: list[dict], out: Path) -> None:
-    """pairs.json (records) and pairs.md beside it."""
-    out.write_text(json.dumps(records, indent=1) + "\n")
+    """pairs.json (records; an undefined sd or interval, one seed's, as null: strict JSON) and
+    pairs.md beside it."""
+    strict = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+        for r in records
+    ]
+    out.write_text(json.dumps(strict, indent=1, allow_nan=False) + "\n")
     out.with_suffix(".md").write_text(markdown(records))
 
 

@@ -161,3 +161,13 @@ def test_unequal_budgets_are_refused_and_undeclared_pairs_skipped(tmp_path, monk
     assert "skipping transvg vs transvg_image_blind: params.yaml does not declare" in (
         capsys.readouterr().out
     )
+
+
+def test_one_seed_is_written_as_strict_json(tmp_path):
+    runs = {("transvg", 0): _run({"val": 0.5}), ("transvg_blind", 0): _run({"val": 0.3})}
+    records = compare.records_from(runs, [("transvg", "transvg_blind")], [0])
+    compare.write_outputs(records, tmp_path / "pairs.json")
+    (saved,) = json.loads((tmp_path / "pairs.json").read_text())
+    assert saved["verdict"] == "one seed" and saved["ci_low"] is None and saved["a_sd"] is None
+    assert saved["mean_diff"] == pytest.approx(0.2)
+    assert "+0.200 [n/a, n/a] | one seed (1 seed)" in (tmp_path / "pairs.md").read_text()
