@@ -340,8 +340,9 @@ class PretrainConfig(_Strict):
     no hub can be reached. The small models of `model.visual` / `model.text` (their sizes are
     defined there, once) learn from RefShapes scenes of a random stream of their own, never the
     grounding splits: the visual backbones by multi-label classification of what is where in the
-    scene, the text encoder by masked language modelling on RefShapes expressions and scene captions. Written
-    with save_pretrained, so they load exactly as microsoft/resnet-50 or bert-base-uncased would."""
+    scene, the text encoder by masked language modelling on RefShapes expressions and scene
+    captions. Written with save_pretrained, so they load exactly as microsoft/resnet-50 or
+    bert-base-uncased would."""
 
     out_dir: str = "data/pretrained"  # <out_dir>/resnet, swin, text (+ metrics.json)
     models: tuple[Literal["resnet", "swin", "text"], ...] = ("resnet", "swin", "text")
