@@ -354,7 +354,7 @@ class PretrainConfig(_Strict):
     expressions_per_object: int = Field(
         1, ge=1
     )  # MLM corpus: up to this many per object, all styles
-    epochs: int = Field(3, gt=0)
+    epochs: int = Field(6, gt=0)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
