@@ -20,6 +20,7 @@ from flows.stages import (
     evaluate_flow,
     generate_flow,
     prepare_flow,
+    pretrain_flow,
     report_flow,
     teacher_flow,
     train_flow,
@@ -32,6 +33,7 @@ DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
 STAGE_FUNCTIONS = {
     "flows.resolve": resolve,
     "flows.generate": generate_flow,
+    "flows.pretrain": pretrain_flow,
     "flows.prepare": prepare_flow,
     "flows.detections": detections_flow,
     "flows.teacher": teacher_flow,

@@ -218,6 +218,33 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
     }
 
 
+@flow(name="pretrain")
+def pretrain_flow(params: str = "params.yaml") -> dict:
+    """The pretrained backbones and text encoder every method starts from: its own MLflow run
+    (per-epoch training losses, the held-out figures of each model against its trivial baseline),
+    metrics.json as an artifact."""
+    cfg = load_config(params)
+    with stage_run(
+        cfg, "pretrain", params={"pretrain": cfg.pretrain.model_dump(mode="json")}
+    ) as tracker:
+        result = work.with_options(name="pretrain")(
+            stages.pretrain, cfg, on_epoch_end=lambda m, epoch: tracker.log_metrics(m, step=epoch)
+        )
+        tracker.log_metrics(
+            {
+                **{
+                    f"final/{model}/{k}": v
+                    for model, figures in result.items()
+                    if isinstance(figures, dict)
+                    for k, v in figures.items()
+                },
+                "pretrain_seconds": result["seconds"],
+            }
+        )
+        log_files(tracker, [Path(result["out_dir"]) / "metrics.json"])
+    return {**result, "work_seconds": result["seconds"]}
+
+
 @flow(name="teacher")
 def teacher_flow(params: str = "params.yaml") -> dict:
     """The CLIP teacher the distilling methods learn from: its own MLflow run (per-epoch contrastive

@@ -1,6 +1,6 @@
 """`refvg`: the stages without the orchestration (no Prefect, no MLflow runs), for quick local work.
 
-refvg generate | prepare | detections | teacher | report   [--params params.yaml]
+refvg generate | pretrain | prepare | detections | teacher | report   [--params params.yaml]
 refvg train --method transvg                 [--params params.yaml]
 refvg evaluate --method transvg              [--params params.yaml] refvg predict IMAGE "expression"
 --model checkpoints/transvg/best.pt | models:/refvg-transvg/1 [--out drawn.png]
@@ -121,7 +121,16 @@ def main(argv: list[str] | None = None) -> None:
         prog="refvg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("generate", "prepare", "detections", "teacher", "report", "train", "evaluate"):
+    for name in (
+        "generate",
+        "pretrain",
+        "prepare",
+        "detections",
+        "teacher",
+        "report",
+        "train",
+        "evaluate",
+    ):
         p = sub.add_parser(name)
         p.add_argument("--params", default="params.yaml")
         if name in ("train", "evaluate"):

@@ -339,6 +339,41 @@ class TeacherConfig(_Strict):
         return self
 
 
+class PretrainConfig(_Strict):
+    """Stage `pretrain`: what every method's `pretrained:` backbone and text encoder start from when
+    no hub can be reached. The small models of `model.visual` / `model.text` (their sizes are
+    defined there, once) learn from RefShapes scenes of a random stream of their own, never the
+    grounding splits: the visual backbones by multi-label classification of what is where in the
+    scene, the text encoder by masked language modelling on RefShapes expressions and scene
+    captions. Written with save_pretrained, so they load exactly as microsoft/resnet-50 or
+    bert-base-uncased would."""
+
+    out_dir: str = "data/pretrained"  # <out_dir>/resnet, swin, text (+ metrics.json)
+    models: tuple[Literal["resnet", "swin", "text"], ...] = ("resnet", "swin", "text")
+    # The corpus: scenes like `synthetic`'s, from SeedSequence([seed, PRETRAIN_STREAM])
+    # (refvg.data.pretrain_corpus);
+    # the last `held_out` images (and their texts) score the models.
+    corpus_images: int = Field(1000, ge=2)
+    held_out: int = Field(200, ge=1)
+    expressions_per_object: int = Field(
+        1, ge=1
+    )  # MLM corpus: up to this many per object, all styles
+    epochs: int = Field(6, gt=0)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+    mask_probability: float = Field(0.15, gt=0, lt=1)  # MLM: share of tokens chosen (80/10/10)
+
+    @model_validator(mode="after")
+    def _held_out_leaves_training(self) -> "PretrainConfig":
+        if self.held_out >= self.corpus_images:
+            raise ValueError(
+                f"pretrain.held_out ({self.held_out}) must be below corpus_images "
+                f"({self.corpus_images}): the rest is what the models train on"
+            )
+        return self
+
+
 class TrackingConfig(_Strict):
     # Default store: an sqlite database in the repo; MLFLOW_TRACKING_URI overrides it.
     tracking_uri: str = "sqlite:///mlruns.db"
@@ -421,6 +456,7 @@ class Config(_Strict):
     proposals: ProposalsConfig = ProposalsConfig()
     detections: DetectionsConfig = DetectionsConfig()
     teacher: TeacherConfig = TeacherConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     # Methods that distil from the teacher: a table of their own so that only their DVC stages
     # depend on the teacher's outputs (dvc.yaml `train_distill` / `evaluate_distill`); otherwise
     # like `methods`.

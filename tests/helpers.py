@@ -29,6 +29,9 @@ TINY = {
     },
     "train": {"epochs": 2, "batch_size": 16, "warmup_steps": 2},
     "eval": {"num_qualitative": 4},
+    # Every DVC test runs the pretrain stage (prepare depends on it): a few dozen scenes, ~2 s. The
+    # tiny models still start from scratch (model.*.pretrained null) unless a test points at it.
+    "pretrain": {"corpus_images": 32, "held_out": 8, "epochs": 1, "batch_size": 16},
     "methods": {
         "transvg": {"model": "transvg"},
         "transvg_blind": {"model": "transvg", "language_blind": True},

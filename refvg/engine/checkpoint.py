@@ -114,19 +114,27 @@ def load_trained(
 ) -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild a model from one of our training checkpoints (its own config, not today's
     params.yaml), in eval mode on `device`; also returns that config and the checkpoint's state."""
+    from contextlib import nullcontext
+
     from refvg.config import _validate
     from refvg.models import build_model
+    from refvg.models.backbones import from_stored_configs
 
     state = load_checkpoint(path, map_location=device, require=TRAINED_KEYS)
     state = TRAINED_DEFAULTS | state
     try:
         cfg = _validate(state["config"], source="its config")
-        model = build_model(
-            state["model_name"],
-            cfg,
-            vocab_size=state["vocab_size"],
-            pad_token_id=state["pad_token_id"],
-        )
+        # Its pretrained encoders' architectures travel in the checkpoint (train_method stores
+        # them): it loads without the pretrained folder, from another cwd, offline. Older
+        # checkpoints have none and load them from `pretrained` as before.
+        stored = state.get("pretrained_configs")
+        with from_stored_configs(stored) if stored else nullcontext():
+            model = build_model(
+                state["model_name"],
+                cfg,
+                vocab_size=state["vocab_size"],
+                pad_token_id=state["pad_token_id"],
+            )
         model.load_state_dict(state["model"])
     except (
         ValueError,

@@ -7,6 +7,10 @@ features.
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 from transformers import (
@@ -23,12 +27,57 @@ from refvg.config import TextConfig, VisualConfig
 
 SWIN_PATCH = 4
 
+# While a trained checkpoint is rebuilt (refvg.engine.checkpoint.load_trained): `pretrained` name ->
+# the config.to_dict() its training loaded. The architecture is built from that (no download, no
+# folder needed); the checkpoint's state dict then brings every weight.
+_STORED_CONFIGS: ContextVar[dict | None] = ContextVar("stored_pretrained_configs", default=None)
+
+
+@contextmanager
+def from_stored_configs(configs: dict):
+    """Build pretrained encoders from `configs` (what `pretrained_configs` returned at training)
+    instead of from_pretrained."""
+    token = _STORED_CONFIGS.set(configs)
+    try:
+        yield
+    finally:
+        _STORED_CONFIGS.reset(token)
+
+
+def pretrained_configs(model: nn.Module) -> dict:
+    """{pretrained name: its config as a plain dict} of every encoder of `model` that loaded one:
+    stored in a training checkpoint, so the model rebuilds without the pretrained folder/hub."""
+    return {
+        m.source: json.loads(m.body.config.to_json_string(use_diff=False))
+        for m in model.modules()
+        if isinstance(m, _Frozen) and m.source is not None
+    }
+
+
+def _load(auto_class, name: str, **kwargs):
+    """`auto_class.from_pretrained(name)`, or, while rebuilding a trained checkpoint, the same
+    architecture from its stored config with untrained weights (the checkpoint overwrites them)."""
+    stored = _STORED_CONFIGS.get()
+    if stored is None:
+        return auto_class.from_pretrained(name, **kwargs)
+    if name not in stored:
+        raise ValueError(f"the checkpoint stores no config of its pretrained {name!r}")
+    from transformers import AutoConfig
+
+    raw = dict(stored[name])
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    build = (
+        getattr(auto_class, "from_config", None) or auto_class._from_config
+    )  # Auto* | a model class
+    return build(config, **kwargs)
+
 
 class _Frozen(nn.Module):
     """Base for encoders that may be frozen: frozen weights also keep BatchNorm/dropout in eval
     mode, otherwise running statistics would still drift while 'frozen'."""
 
     frozen: bool = False
+    source: str | None = None  # the `pretrained` it loaded (None: a small config, from scratch)
 
     def _freeze(self, module: nn.Module) -> None:
         self.frozen = True
@@ -52,6 +101,7 @@ class VisualBackbone(_Frozen):
     def __init__(self, cfg: VisualConfig, image_size: int = 128):
         super().__init__()
         self.kind = cfg.kind
+        self.source = cfg.pretrained
         self.out_stages = tuple(cfg.out_stages)
         if cfg.kind == "resnet":
             self.body = _resnet(cfg)
@@ -128,7 +178,7 @@ class VisualBackbone(_Frozen):
 
 def _resnet(cfg: VisualConfig) -> ResNetModel:
     if cfg.pretrained is not None:
-        return ResNetModel.from_pretrained(cfg.pretrained)
+        return _load(ResNetModel, cfg.pretrained)
     config = ResNetConfig(
         embedding_size=cfg.hidden_sizes[0],
         hidden_sizes=list(cfg.hidden_sizes),
@@ -140,9 +190,7 @@ def _resnet(cfg: VisualConfig) -> ResNetModel:
 
 def _swin(cfg: VisualConfig, image_size: int) -> SwinModel:
     if cfg.pretrained is not None:
-        return SwinModel.from_pretrained(
-            cfg.pretrained, attn_implementation="sdpa", add_pooling_layer=False
-        )
+        return _load(SwinModel, cfg.pretrained, attn_implementation="sdpa", add_pooling_layer=False)
     if len(cfg.num_heads) != len(cfg.depths):
         raise ValueError(
             f"swin needs one num_heads entry per stage: {cfg.num_heads} vs depths {cfg.depths}"
@@ -176,8 +224,9 @@ class TextEncoder(_Frozen):
         self, cfg: TextConfig, vocab_size: int, pad_token_id: int, max_positions: int = 64
     ):
         super().__init__()
+        self.source = cfg.pretrained
         if cfg.pretrained is not None:
-            self.body = AutoModel.from_pretrained(cfg.pretrained, attn_implementation="sdpa")
+            self.body = _load(AutoModel, cfg.pretrained, attn_implementation="sdpa")
             if getattr(self.body, "pooler", None) is not None:
                 self.body.pooler = None  # unused; would leave grad-less parameters under DDP
             rows = self.body.get_input_embeddings().num_embeddings

@@ -1,12 +1,12 @@
 """The pipeline's stages as plain library functions, one module per stage: generate, prepare,
-detections, teacher, train, evaluate, report.
+pretrain, detections, teacher, train, evaluate, report.
 
 The CLI, the Prefect flows and the tests all call these; none of them imports MLflow or Prefect.
 Each returns what it produced (paths, metrics) so the caller decides what to log. torch and
 transformers are imported by the stages that use them: `generate` and `report` start in a fraction
 of the time without them. `refvg.stages.<stage>` is the stage's function (generate, prepare,
-detections, teacher, report share their module's name); its module's other names are imported from
-the module, e.g. `from refvg.stages.teacher import _no_teacher`.
+pretrain, detections, teacher, report share their module's name); its module's other names are
+imported from the module, e.g. `from refvg.stages.teacher import _no_teacher`.
 """
 
 from refvg.stages.detections import detections
@@ -14,6 +14,7 @@ from refvg.stages.evaluate import EvalReport, eval_splits, evaluate_method
 from refvg.stages.generate import generate
 from refvg.stages.paths import checkpoint_dir, instances_path, synthetic_dir, teacher_dir
 from refvg.stages.prepare import prepare, prepared_manifest
+from refvg.stages.pretrain import pretrain
 from refvg.stages.report import report
 from refvg.stages.splits import open_split
 from refvg.stages.teacher import teacher
@@ -30,6 +31,7 @@ __all__ = [
     "open_split",
     "prepare",
     "prepared_manifest",
+    "pretrain",
     "report",
     "synthetic_dir",
     "teacher",

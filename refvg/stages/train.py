@@ -29,6 +29,7 @@ def train_method(
     from refvg.engine.trainer import train
     from refvg.evaluation import evaluators_for, flatten
     from refvg.models import build_model, model_needs
+    from refvg.models.backbones import pretrained_configs
     from refvg.models.registry import is_weakly_supervised
 
     rcfg = cfg.for_method(method)  # raises for a method params.yaml does not declare
@@ -91,6 +92,8 @@ def train_method(
             **blind,
             "vocab_size": manifest["vocab_size"],
             "pad_token_id": manifest["pad_token_id"],
+            # the pretrained encoders' configs: load_trained rebuilds them without their folders
+            "pretrained_configs": pretrained_configs(model),
         },
     )
 

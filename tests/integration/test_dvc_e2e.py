@@ -57,11 +57,12 @@ def test_dvc_repro_noop_and_experiment(dvc_repo, tmp_path):
     timings = [
         json.loads(line) for line in (repo / ".refvg/timings.jsonl").read_text().splitlines()
     ]
-    assert len(timings) == 9 and all(t["via_worker"] for t in timings), (
+    assert len(timings) == 10 and all(t["via_worker"] for t in timings), (
         "every stage ran in a stage worker's child"
     )
     for stage in (
         "generate",
+        "pretrain",
         "prepare",
         "detections",
         "teacher",
@@ -95,7 +96,7 @@ def test_dvc_repro_noop_and_experiment(dvc_repo, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("refvg").experiment_id])
     parents = [r for r in runs if r.data.tags.get("refvg.kind") == "pipeline"]
     assert len(parents) == 1  # one process per stage, still one parent run
-    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 9
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 10
 
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "pipeline ran"], repo, env)
@@ -114,7 +115,7 @@ def test_dvc_repro_noop_and_experiment(dvc_repo, tmp_path):
     }  # resolve: params changed; its stamps of both methods changed, so both retrain
     for stage in ran:
         assert f"Running stage '{stage}'" in exp.stdout, f"{stage} did not rerun:\n{exp.stdout}"
-    for stage in ("generate", "prepare", "detections", "teacher"):  # no dependency on train.*
+    for stage in ("generate", "pretrain", "prepare", "detections", "teacher"):  # not on train.*
         assert f"Stage '{stage}' didn't change, skipping" in exp.stdout, (
             f"{stage} reran:\n{exp.stdout}"
         )

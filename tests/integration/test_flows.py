@@ -37,6 +37,7 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
         if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
     assert set(children) == {
+        "pretrain",
         "prepare",
         "detections",
         "train@transvg",
@@ -46,6 +47,8 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
         "report",
     }
     assert all(r.info.status == "FINISHED" for r in children.values())
+    pretrain = children["pretrain"].data.metrics
+    assert 0 <= pretrain["final/resnet/mAP"] <= 1 and 0 <= pretrain["final/text/masked_acc"] <= 1
 
     train = children["train@transvg"]
     assert (
@@ -89,6 +92,7 @@ def test_pipeline_flow_logs_everything_to_mlflow(in_tiny, prefect_api, mlflow_ur
     assert sorted(names) == sorted(
         [
             "refvg-pipeline",
+            "pretrain",
             "prepare",
             "detections",
             "train",
@@ -174,6 +178,8 @@ def test_pipeline_runs_the_stages_of_dvc_yaml_in_dvc_repro_order(tmp_path):
     assert set(plan) == {g for g, s in stages.items() if "foreach" not in s} | expanded
     for before, after in [
         ("generate", "prepare"),
+        ("pretrain", "prepare"),  # the text model's tokenizer
+        ("pretrain", "train@a"),
         ("prepare", "train@a"),
         ("resolve", "train@b"),
         ("detections", "train@a"),

@@ -66,13 +66,19 @@ def test_default_transvg_is_the_papers():
     torch.testing.assert_close(losses["loss"], losses["l1"] + losses["giou"])
 
 
-def test_transvg_attn_is_the_same_class_configured():
+def test_transvg_attn_is_the_same_class_configured(tmp_path):
     """params.yaml's transvg_attn: no visual encoder, cell coordinates, positions in the tokens,
     attention box head and its attention-in-box loss, DETR's 5:2 box loss weights."""
+    import yaml
+
     from refvg.config import load_config
     from refvg.models.vl import AttentionBoxHead
 
-    cfg = load_config(ROOT / "params.yaml").for_method("transvg_attn")
+    # its configuration, not the pretrain stage's weights: the small configs from scratch
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["visual"]["pretrained"] = raw["model"]["text"]["pretrained"] = None
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(tmp_path / "params.yaml").for_method("transvg_attn")
     torch.manual_seed(0)
     model = build_model("transvg", cfg, VOCAB, PAD)
     assert model.visual_encoder is None and isinstance(model.head, AttentionBoxHead)

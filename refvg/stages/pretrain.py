@@ -1,0 +1,214 @@
+"""The `pretrain` stage: the small backbones and text encoder every method's `pretrained:` points
+at.
+
+Stands in for microsoft/resnet-50, a Swin or bert-base-uncased where no hub can be reached, and
+takes the same code path: folders written with save_pretrained, loaded with from_pretrained (and the
+text folder's tokenizer is the one `prepare` tokenises with). What each learns from:
+refvg.data.pretrain_corpus (scenes of their own random stream, never the grounding splits).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from refvg.config import Config
+
+METRICS_FILE = "metrics.json"
+
+
+def pretrain(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> dict:
+    """Train `pretrain.models` on the pretrain corpus, score each on its held-out images ("mAP" of
+    the backbones' labels vs a constant prior, "masked_acc" of the text encoder vs the most frequent
+    word) and save them to <out_dir>/<model>. Written to a temporary sibling and renamed at the end:
+    an interrupted run leaves no half-written folder."""
+    from refvg.data.pretrain_corpus import build_pretrain_corpus
+
+    t0 = time.perf_counter()
+    pcfg = cfg.pretrain
+    out = Path(pcfg.out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    corpus = build_pretrain_corpus(
+        cfg.synthetic,
+        pcfg.corpus_images,
+        cfg.data.image_size,
+        pcfg.seed,
+        pcfg.expressions_per_object,
+    )
+    train_part, held_out = corpus.split(pcfg.held_out)
+    metrics: dict = {"corpus_seconds": time.perf_counter() - t0}
+    for kind in ("resnet", "swin"):
+        if kind in pcfg.models:
+            metrics[kind] = _pretrain_visual(cfg, kind, train_part, held_out, tmp, on_epoch_end)
+    if "text" in pcfg.models:
+        metrics["text"] = _pretrain_text(cfg, train_part, held_out, tmp, on_epoch_end)
+    metrics["seconds"] = time.perf_counter() - t0
+    (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return {**metrics, "out_dir": str(out)}
+
+
+def _batches(n: int, batch_size: int, generator):
+    import torch
+
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _pretrain_visual(cfg: Config, kind: str, train_part, held_out, out: Path, on_epoch_end) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from refvg.data.pretrain_corpus import LABELS
+    from refvg.data.transforms import normalize_images
+    from refvg.models.backbones import _resnet, _swin
+    from refvg.models.pretrain_heads import SceneClassifier
+
+    pcfg = cfg.pretrain
+    torch.manual_seed(pcfg.seed)  # per model: choosing fewer models changes none of the others
+    vcfg = cfg.model.visual.model_copy(update={"kind": kind, "pretrained": None})
+    body = _resnet(vcfg) if kind == "resnet" else _swin(vcfg, cfg.data.image_size)
+    model = SceneClassifier(body, len(LABELS))
+    opt = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=1e-4)
+    images, labels = torch.from_numpy(train_part.images), torch.from_numpy(train_part.labels)
+    generator = torch.Generator().manual_seed(pcfg.seed)
+    for epoch in range(pcfg.epochs):
+        model.train()
+        total, steps = 0.0, 0
+        for rows in _batches(len(images), pcfg.batch_size, generator):
+            loss = F.binary_cross_entropy_with_logits(
+                model(normalize_images(images[rows])), labels[rows]
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        on_epoch_end({f"{kind}/train_bce": total / steps}, epoch)
+    model.eval()
+    with torch.no_grad():
+        scores = torch.cat(
+            [
+                model(normalize_images(torch.from_numpy(held_out.images[i : i + 256])))
+                for i in range(0, len(held_out), 256)
+            ]
+        ).numpy()
+    prior = np.broadcast_to(train_part.labels.mean(0), held_out.labels.shape)
+    body.save_pretrained(str(out / kind))
+    return {
+        "mAP": mean_average_precision(scores, held_out.labels),
+        "mAP_prior": mean_average_precision(prior, held_out.labels),
+        "held_out_images": len(held_out),
+    }
+
+
+def _pretrain_text(cfg: Config, train_part, held_out, out: Path, on_epoch_end) -> dict:
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from refvg.data.pretrain_corpus import mask_tokens
+    from refvg.data.refshapes_language import vocabulary
+    from refvg.data.text import SPECIAL_TOKENS, build_wordpiece_tokenizer, encode
+
+    pcfg, tcfg = cfg.pretrain, cfg.model.text
+    train_texts = [t for texts in train_part.texts for t in texts]
+    held_texts = [t for texts in held_out.texts for t in texts]
+    # Every word of the grammar is a whole word of the vocabulary, drawn in the corpus or not (the
+    # size cap is the whole list: model.text.vocab_size is the small from-scratch tokenizer's).
+    tokenizer = build_wordpiece_tokenizer(train_texts + sorted(vocabulary()), vocab_size=1 << 20)
+    length = max(len(tokenizer(t)["input_ids"]) for t in train_texts + held_texts)
+    torch.manual_seed(pcfg.seed)
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tcfg.hidden_size,
+            num_hidden_layers=tcfg.num_layers,
+            num_attention_heads=tcfg.num_heads,
+            intermediate_size=tcfg.intermediate_size,
+            max_position_embeddings=max(64, cfg.data.max_tokens, length),  # as TextEncoder's
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_dropout_prob=tcfg.dropout,
+            attention_probs_dropout_prob=tcfg.dropout,
+            attn_implementation="sdpa",
+        )
+    )
+    special = torch.tensor(tokenizer.all_special_ids)
+    words = (len(SPECIAL_TOKENS), len(tokenizer))  # what a "random word" is drawn from
+
+    def tensors(texts):
+        ids, mask = encode(tokenizer, texts, length)
+        ids, mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+        return ids, mask, (mask > 0) & ~torch.isin(ids, special)
+
+    ids, mask, maskable = tensors(train_texts)
+    opt = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(pcfg.seed)
+    for epoch in range(pcfg.epochs):
+        model.train()
+        total, steps = 0.0, 0
+        for rows in _batches(len(ids), pcfg.batch_size, generator):
+            inputs, labels = mask_tokens(
+                ids[rows],
+                maskable[rows],
+                tokenizer.mask_token_id,
+                words,
+                pcfg.mask_probability,
+                generator,
+            )
+            loss = model(input_ids=inputs, attention_mask=mask[rows], labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        on_epoch_end({"text/train_mlm_loss": total / steps}, epoch)
+    # Held out: one fixed masking of its texts; the baseline always answers the commonest word.
+    h_ids, h_mask, h_maskable = tensors(held_texts)
+    fixed = torch.Generator().manual_seed(pcfg.seed + 1)
+    inputs, labels = mask_tokens(
+        h_ids, h_maskable, tokenizer.mask_token_id, words, pcfg.mask_probability, fixed
+    )
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat(
+            [
+                model(
+                    input_ids=inputs[i : i + 256], attention_mask=h_mask[i : i + 256]
+                ).logits.argmax(-1)
+                for i in range(0, len(inputs), 256)
+            ]
+        )
+    chosen = labels != -100
+    commonest = torch.bincount(ids[maskable], minlength=len(tokenizer)).argmax()
+    model.save_pretrained(str(out / "text"))
+    tokenizer.save_pretrained(str(out / "text"))
+    return {
+        "masked_acc": (predicted[chosen] == labels[chosen]).float().mean().item(),
+        "masked_acc_unigram": (labels[chosen] == commonest).float().mean().item(),
+        "masked_tokens": int(chosen.sum()),
+        "vocab_size": len(tokenizer),
+    }
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over labels with a positive of the average precision of ranking the images by score
+    (ties in image order: a constant score gets about its label's positive rate)."""
+    aps = []
+    for s, y in zip(np.asarray(scores).T, np.asarray(labels).T):
+        if y.sum() == 0:
+            continue
+        hits = y[np.argsort(-s, kind="stable")]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float((precision * hits).sum() / hits.sum()))
+    return float(np.mean(aps))
