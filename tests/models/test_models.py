@@ -535,7 +535,9 @@ def test_transvg_swin_builds_from_params_and_trains_a_step():
     assert swin.overrides["model"]["visual"] == qrnet.overrides["model"]["visual"]
     assert params.for_method("transvg_swin").train.epochs == params.for_method("qrnet").train.epochs
 
-    raw = tiny_params(methods={"transvg_swin": swin.model_dump(mode="json")})
+    entry = swin.model_dump(mode="json")
+    entry["overrides"]["model"]["visual"]["pretrained"] = None  # the tiny sizes, from scratch
+    raw = tiny_params(methods={"transvg_swin": entry})
     cfg = Config.model_validate(raw).for_method("transvg_swin")
     assert cfg.model.visual.kind == "swin" and cfg.model.visual.out_stages == (0, 1)
     torch.manual_seed(0)
