@@ -236,18 +236,7 @@ class TextEncoder(_Frozen):
                     "use the tokenizer that belongs to the pretrained text model"
                 )
         else:
-            config = BertConfig(
-                vocab_size=vocab_size,
-                hidden_size=cfg.hidden_size,
-                num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads,
-                intermediate_size=cfg.intermediate_size,
-                max_position_embeddings=max(64, max_positions),
-                pad_token_id=pad_token_id,
-                hidden_dropout_prob=cfg.dropout,
-                attention_probs_dropout_prob=cfg.dropout,
-                attn_implementation="sdpa",
-            )
+            config = bert_config(cfg, vocab_size, pad_token_id, max_positions)
             self.body = BertModel(config, add_pooling_layer=False)
         self.hidden_size = self.body.config.hidden_size
         if cfg.freeze:
@@ -255,6 +244,24 @@ class TextEncoder(_Frozen):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def bert_config(
+    cfg: TextConfig, vocab_size: int, pad_token_id: int, max_positions: int = 64
+) -> BertConfig:
+    """The small BERT of `model.text` (from scratch, or what the `pretrain` stage trains)."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max(64, max_positions),
+        pad_token_id=pad_token_id,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        attn_implementation="sdpa",
+    )
 
 
 def build_text_encoder(

@@ -116,10 +116,11 @@ def _pretrain_visual(cfg: Config, kind: str, train_part, held_out, out: Path, on
 
 def _pretrain_text(cfg: Config, train_part, held_out, out: Path, on_epoch_end) -> dict:
     import torch
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     from refvg.data.pretrain_corpus import mask_tokens
     from refvg.data.refshapes_language import vocabulary
+    from refvg.models.backbones import bert_config
     from refvg.data.text import SPECIAL_TOKENS, build_wordpiece_tokenizer, encode
 
     pcfg, tcfg = cfg.pretrain, cfg.model.text
@@ -131,18 +132,7 @@ def _pretrain_text(cfg: Config, train_part, held_out, out: Path, on_epoch_end) -
     length = max(len(tokenizer(t)["input_ids"]) for t in train_texts + held_texts)
     torch.manual_seed(pcfg.seed)
     model = BertForMaskedLM(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=tcfg.hidden_size,
-            num_hidden_layers=tcfg.num_layers,
-            num_attention_heads=tcfg.num_heads,
-            intermediate_size=tcfg.intermediate_size,
-            max_position_embeddings=max(64, cfg.data.max_tokens, length),  # as TextEncoder's
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_dropout_prob=tcfg.dropout,
-            attention_probs_dropout_prob=tcfg.dropout,
-            attn_implementation="sdpa",
-        )
+        bert_config(tcfg, len(tokenizer), tokenizer.pad_token_id, max(cfg.data.max_tokens, length))
     )
     special = torch.tensor(tokenizer.all_special_ids)
     words = (len(SPECIAL_TOKENS), len(tokenizer))  # what a "random word" is drawn from
