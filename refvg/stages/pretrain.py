@@ -60,12 +60,25 @@ def pretrain(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, 
     return {**metrics, "out_dir": str(out)}
 
 
-def _batches(n: int, batch_size: int, generator):
+def _fit(model, n: int, loss_of, pcfg, report) -> None:
+    """`pcfg.epochs` epochs of AdamW over `n` samples in seeded random batches; `loss_of(rows,
+    generator)` is a batch's loss (the generator also draws a batch's MLM masking); `report(mean
+    loss, epoch)` after each epoch."""
     import torch
 
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+    opt = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(pcfg.seed)
+    for epoch in range(pcfg.epochs):
+        model.train()
+        total, steps = 0.0, 0
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, pcfg.batch_size):
+            loss = loss_of(order[start : start + pcfg.batch_size], generator)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        report(total / steps, epoch)
 
 
 def _pretrain_visual(cfg: Config, kind: str, train_part, held_out, out: Path, on_epoch_end) -> dict:
@@ -82,21 +95,16 @@ def _pretrain_visual(cfg: Config, kind: str, train_part, held_out, out: Path, on
     vcfg = cfg.model.visual.model_copy(update={"kind": kind, "pretrained": None})
     body = _resnet(vcfg) if kind == "resnet" else _swin(vcfg, cfg.data.image_size)
     model = SceneClassifier(body, len(LABELS))
-    opt = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=1e-4)
     images, labels = torch.from_numpy(train_part.images), torch.from_numpy(train_part.labels)
-    generator = torch.Generator().manual_seed(pcfg.seed)
-    for epoch in range(pcfg.epochs):
-        model.train()
-        total, steps = 0.0, 0
-        for rows in _batches(len(images), pcfg.batch_size, generator):
-            loss = F.binary_cross_entropy_with_logits(
-                model(normalize_images(images[rows])), labels[rows]
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.item(), steps + 1
-        on_epoch_end({f"{kind}/train_bce": total / steps}, epoch)
+    _fit(
+        model,
+        len(images),
+        lambda rows, _: F.binary_cross_entropy_with_logits(
+            model(normalize_images(images[rows])), labels[rows]
+        ),
+        pcfg,
+        lambda loss, epoch: on_epoch_end({f"{kind}/train_bce": loss}, epoch),
+    )
     model.eval()
     with torch.no_grad():
         scores = torch.cat(
@@ -143,26 +151,25 @@ def _pretrain_text(cfg: Config, train_part, held_out, out: Path, on_epoch_end) -
         return ids, mask, (mask > 0) & ~torch.isin(ids, special)
 
     ids, mask, maskable = tensors(train_texts)
-    opt = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(pcfg.seed)
-    for epoch in range(pcfg.epochs):
-        model.train()
-        total, steps = 0.0, 0
-        for rows in _batches(len(ids), pcfg.batch_size, generator):
-            inputs, labels = mask_tokens(
-                ids[rows],
-                maskable[rows],
-                tokenizer.mask_token_id,
-                words,
-                pcfg.mask_probability,
-                generator,
-            )
-            loss = model(input_ids=inputs, attention_mask=mask[rows], labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.item(), steps + 1
-        on_epoch_end({"text/train_mlm_loss": total / steps}, epoch)
+
+    def mlm_loss(rows, generator):
+        inputs, labels = mask_tokens(
+            ids[rows],
+            maskable[rows],
+            tokenizer.mask_token_id,
+            words,
+            pcfg.mask_probability,
+            generator,
+        )
+        return model(input_ids=inputs, attention_mask=mask[rows], labels=labels).loss
+
+    _fit(
+        model,
+        len(ids),
+        mlm_loss,
+        pcfg,
+        lambda loss, epoch: on_epoch_end({"text/train_mlm_loss": loss}, epoch),
+    )
     # Held out: one fixed masking of its texts; the baseline always answers the commonest word.
     h_ids, h_mask, h_maskable = tensors(held_texts)
     fixed = torch.Generator().manual_seed(pcfg.seed + 1)
