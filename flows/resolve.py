@@ -2,10 +2,9 @@
 method, what its training reads (refvg.engine.fingerprint); each train stage depends on its own
 file, so DVC retrains only the methods whose knobs or code changed. Bookkeeping, not a pipeline step
 worth a Prefect flow or an MLflow
-run. Validating params.yaml imports every model (the family configs live beside them), so the
-stage goes through the warm stage worker like the others: in a process of its own those imports
-cost ~10-20 s, through the worker a fraction of a second (it is also the pipeline's first stage, so
-it starts the worker the next stages use)."""
+run. Validating params.yaml imports no model (the family configs are torch-free), so the stage is
+cheap on its own; it still goes through the stage worker like the others because it is the
+pipeline's first stage: it starts the worker the next stages use."""
 
 from __future__ import annotations
 

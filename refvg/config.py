@@ -482,8 +482,8 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _family_configs(self) -> "Config":
         # `config`'s class depends on the entry's `model`, which only the model registry knows
-        # (refvg.models imports this module, so it is looked up at validation time); each entry's
-        # mapping is replaced by its validated instance here, errors named by their full key path.
+        # (the family config modules import this one, so it is looked up at validation time);
+        # each entry's mapping is replaced by its validated instance, errors named by key path.
         problems = []
         tables = [("methods", self.methods), ("distill_methods", self.distill_methods)]
         entries = [
@@ -538,8 +538,6 @@ def _family_config(entry: MethodConfig):
     """The entry's `config` as its model's family config class (validated; already one: returned as
     is)."""
     from refvg.models.registry import config_class
-
-    import refvg.models  # noqa: F401  (registers every model)
 
     family = config_class(entry.model)
     if isinstance(entry.config, family) and type(entry.config) is family:

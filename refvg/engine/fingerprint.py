@@ -24,7 +24,7 @@ SOURCE_ROOT = PACKAGE_DIR.parent  # stamps name files as refvg/..., relative to 
 MODELS_PACKAGE = "refvg.models"  # where register_model("<name>") decorates each model's class
 # Where every method's training starts, besides its model's module: the driver's training functions
 # (a "module:function" follows only that function's imports, so the driver's other stages, which
-# import every model, stay out) and the training loop.
+# import other families, stay out) and the training loop.
 TRAINING_ENTRY_POINTS = (
     "refvg.stages.train:train_method",
     "refvg.stages.train:with_teacher_features",

@@ -24,39 +24,19 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from refvg.losses import distillation_losses
 from refvg.models.layers import masked_mean
 from refvg.models.registry import register_model
-from refvg.models.transvg import TransVG, TransVGConfig, TransVGOutput
+from refvg.models.epmvg_config import EpmVGConfig
+from refvg.models.transvg import TransVG, TransVGOutput
 from refvg.models.vl import downsample_mask
 
 TEACHER_KEYS = (
     "teacher_patch",
     "teacher_sentence",
 )  # what refvg.data.teacher_features adds to a batch
-
-
-class EpmVGConfig(TransVGConfig):
-    """EpmVG's cross-modal distillation from the CLIP teacher (section `teacher`), on top of
-    TransVG's grounding loss. Every weight 0: no distillation (the same student, trained without the
-    teacher)."""
-
-    # Feature consistency: 1 - cosine between the student's projected visual tokens (resampled to
-    # the teacher's patch grid) and the teacher's patch features, over real (non-padding) cells ...
-    image_weight: float = Field(0.1, ge=0)
-    # ... and between the student's projected sentence feature and the teacher's.
-    text_weight: float = Field(0.1, ge=0)
-    # Similarity structure: KL between the teacher's and the student's row-softmaxed in-batch
-    # image-text similarity matrices (both directions).
-    similarity_weight: float = Field(0.1, ge=0)
-    temperature: float = Field(0.1, gt=0)  # of those softmaxes (cosine similarities / temperature)
-
-    @property
-    def distills(self) -> bool:
-        return max(self.image_weight, self.text_weight, self.similarity_weight) > 0
 
 
 @dataclass

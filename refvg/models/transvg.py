@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-from pydantic import Field
 
-from refvg.config import FusionConfig, _Strict
+from refvg.config import FusionConfig
 from refvg.losses import grounding_box_loss
 from refvg.models.base import GroundingModel, GroundingOutput
 from refvg.models.registry import register_model
+from refvg.models.transvg_config import TransVGConfig
 from refvg.models.vl import (
     AttentionBoxHead,
     VisualEncoder,
@@ -32,17 +32,6 @@ from refvg.models.vl import (
     build_box_head,
     downsample_mask,
 )
-
-
-class TransVGConfig(_Strict):
-    """The TransVG family's loss (TransVG, QRNet, EpmVG); its transformers are the shared
-    `model.fusion`."""
-
-    l1_weight: float = 1.0  # L1 + GIoU, unweighted as in TransVG and QRNet (DETR: 5 and 2)
-    giou_weight: float = 1.0
-    # Weight of -log(read-out attention mass inside the target box); only with fusion.box_head
-    # "attention".
-    attention_weight: float = Field(1.0, ge=0)
 
 
 @dataclass

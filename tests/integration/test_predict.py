@@ -19,7 +19,8 @@ from refvg.data.prepare import prepared_path
 from refvg.data.transforms import Letterbox
 from refvg.engine.predict import mask_to_original
 from refvg.models.registry import register_model
-from refvg.models.transvg import TransVG, TransVGConfig
+from refvg.models.transvg import TransVG
+from refvg.models.transvg_config import TransVGConfig
 from tests.helpers import untrained_checkpoint
 
 RED = (255, 0, 0)

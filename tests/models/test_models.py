@@ -6,7 +6,8 @@ from refvg.config import Config, TextConfig, VisualConfig
 from refvg.data.transforms import cxcywh_to_xyxy
 from refvg.models import build_model, list_models, register_model
 from refvg.models.backbones import build_text_encoder, build_visual_backbone
-from refvg.models.transvg import TransVG, TransVGConfig
+from refvg.models.transvg import TransVG
+from refvg.models.transvg_config import TransVGConfig
 from tests.helpers import PAD, ROOT, VOCAB, make_batch
 
 
@@ -506,7 +507,8 @@ def test_cmsa_concat_is_the_baseline_without_cross_modal_attention():
 
 
 def test_cmsa_concat_sentence_ignores_text_padding():
-    from refvg.models.cmsa import CMSAConfig, ConcatFusion
+    from refvg.models.cmsa import ConcatFusion
+    from refvg.models.cmsa_config import CMSAConfig
 
     torch.manual_seed(0)
     level = ConcatFusion(8, 12, CMSAConfig(visual_dim=4, word_dim=4, d_model=6)).eval()

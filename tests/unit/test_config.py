@@ -47,7 +47,7 @@ def test_repo_params_parse_and_cover_every_section():
 
 
 def test_family_config_is_typed_and_dumped_per_method():
-    from refvg.models.mattnet import MAttNetConfig
+    from refvg.models.mattnet_config import MAttNetConfig
 
     cfg = load_config(ROOT / "params.yaml")
     run = cfg.for_method("mattnet_no_erase")
@@ -55,6 +55,23 @@ def test_family_config_is_typed_and_dumped_per_method():
     assert run.model_dump(mode="json")["method"]["config"]["erase"]["type"] == "none"
     assert cfg.for_method("mattnet_erase").family.erase.type == "both"
     assert "loss" not in cfg.train.model_fields and not hasattr(cfg.model, "mattnet")
+
+
+def test_reading_params_imports_no_model():
+    # every family config is validated, but from its torch-free `<family>_config.py`: a config-only
+    # tool (the resolve stage, `refvg resolve`) must not pay for importing torch and the models
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from refvg.config import load_config; "
+        f"c = load_config({str(ROOT / 'params.yaml')!r}); "
+        "assert type(c.methods['qrnet'].config).__name__ == 'QRNetConfig'; "
+        "heavy = ('torch', 'transformers', 'refvg.models.base'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_base_inherits_the_whole_entry_and_states_what_differs(tmp_path):

@@ -87,12 +87,14 @@ def test_training_sources_are_the_model_and_what_training_imports():
     assert shared <= set(cmsa) & set(mattnet)
     assert "refvg/models/cmsa.py" in cmsa and "refvg/models/cmsa.py" not in mattnet
     assert "refvg/models/mattnet.py" in mattnet and "refvg/models/mattnet.py" not in cmsa
+    # a family's config module (torch-free, registered by name) is part of what its training reads
+    assert "refvg/models/cmsa_config.py" in cmsa and "refvg/models/cmsa_config.py" not in mattnet
+    assert "refvg/models/qrnet_config.py" in training_sources("qrnet")
     assert "refvg/models/cmsa.py" not in training_sources(
         "weak_cam"
     )  # shared helpers live in layers.py
     assert "refvg/models/layers.py" in training_sources("weak_cam")
-    # Not run by training: the other stages' code, the package that imports every model to register
-    # it.
+    # Not run by training: the other stages' code, the package's lazy __init__.
     for other in (
         "refvg/visualize.py",
         "refvg/reporting.py",
