@@ -122,10 +122,10 @@ def _shared_inputs(cfg, base: Path, work: Path) -> None:
 def run_config(raw: dict, method: str, seed: int, work: Path):
     """The params with `method` at train.seed = seed, its checkpoints, metrics and plots under its
     own run folder."""
-    from refvg.config import _validate
+    from refvg.config import METHOD_TABLES, _validate
 
     raw = json.loads(json.dumps(raw))
-    table = "methods" if method in raw.get("methods", {}) else "distill_methods"
+    table = next(t for t in METHOD_TABLES if method in (raw.get(t) or {}))
     entry = raw[table][method]
     entry.setdefault("overrides", {}).setdefault("train", {})["seed"] = seed
     run_dir = work / "runs" / f"{method}-seed{seed}"
@@ -275,7 +275,7 @@ def compare(
     params, work = params.resolve(), work.resolve()
     cfg = load_config(params)
     raw = yaml.safe_load(params.read_text())
-    declared = cfg.all_methods
+    declared = cfg.declared_methods
     for a, b in pairs:
         if a not in declared or b not in declared:
             missing = ", ".join(m for m in (a, b) if m not in declared)

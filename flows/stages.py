@@ -170,7 +170,7 @@ def train_flow(method: str, params: str = "params.yaml") -> dict:
         f"train@{method}",
         run_name=f"train {method}",
         params={
-            "method": cfg.all_methods[method].model_dump(mode="json"),
+            "method": cfg.declared_methods[method].model_dump(mode="json"),
             **run_cfg.model_dump(mode="json"),
         },
     ) as tracker:

@@ -461,6 +461,10 @@ class Config(_Strict):
     # depend on the teacher's outputs (dvc.yaml `train_distill` / `evaluate_distill`); otherwise
     # like `methods`.
     distill_methods: dict[str, MethodConfig] = Field(default_factory=dict)
+    # Controls of benchmarks/compare.py's pairs that are no paper's own ablation (a blanked image,
+    # another backbone, a plain fusion): declared like `methods` and trained by compare.py (or
+    # `refvg train`), but not by the default pipeline (dvc.yaml), which keeps to its time budget.
+    controls: dict[str, MethodConfig] = Field(default_factory=dict)
     # The method this config runs, set by `for_method` (None in params.yaml): its family config is
     # `family`, and it is part of the run config's dump.
     method: Optional[MethodConfig] = None
@@ -474,9 +478,12 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _method_names_unique(self) -> "Config":
-        both = sorted(set(self.methods) & set(self.distill_methods))
-        if both:
-            raise ValueError(f"method(s) {both} declared in both methods and distill_methods")
+        seen: dict[str, str] = {}
+        for table in METHOD_TABLES:
+            for name in getattr(self, table):
+                if name in seen:
+                    raise ValueError(f"method {name!r} declared in both {seen[name]} and {table}")
+                seen[name] = table
         return self
 
     @model_validator(mode="after")
@@ -485,7 +492,7 @@ class Config(_Strict):
         # (the family config modules import this one, so it is looked up at validation time);
         # each entry's mapping is replaced by its validated instance, errors named by key path.
         problems = []
-        tables = [("methods", self.methods), ("distill_methods", self.distill_methods)]
+        tables = [(table, getattr(self, table)) for table in METHOD_TABLES]
         entries = [
             (f"{table}.{name}", entry)
             for table, methods in tables
@@ -519,16 +526,25 @@ class Config(_Strict):
         reports."""
         return {**self.methods, **self.distill_methods}
 
+    @property
+    def declared_methods(self) -> dict[str, MethodConfig]:
+        """Every method of every table, `controls` included: what `for_method` can run."""
+        return {**self.all_methods, **self.controls}
+
+    def table_of(self, name: str) -> str:
+        """The params table declaring method `name`."""
+        return next(t for t in METHOD_TABLES if name in getattr(self, t))
+
     def for_method(self, name: str) -> "Config":
         """The config a method actually runs with: its overrides merged into the shared sections,
         and its entry as `method` (so `family` is its family config, and a dump of the run config
         holds it)."""
-        if name not in self.all_methods:
+        if name not in self.declared_methods:
             raise ConfigError(
-                f"unknown method {name!r}; params.yaml declares {sorted(self.all_methods)}"
+                f"unknown method {name!r}; params.yaml declares {sorted(self.declared_methods)}"
             )
-        entry = self.all_methods[name]
-        table = "methods" if name in self.methods else "distill_methods"
+        entry = self.declared_methods[name]
+        table = self.table_of(name)
         merged = _deep_merge(self.model_dump(mode="python"), entry.overrides)
         merged["method"] = entry.model_dump(mode="python")
         return _validate(merged, source=f"{table}.{name}.overrides")
@@ -550,14 +566,14 @@ def _family_config(entry: MethodConfig):
     return family.model_validate(entry.config if entry.config is not None else {})
 
 
-METHOD_TABLES = ("methods", "distill_methods")
+METHOD_TABLES = ("methods", "distill_methods", "controls")
 
 
 def resolve_method_bases(raw: dict) -> dict:
     """`raw` (params as read) with every method entry that names a `base:` replaced by the base's
     resolved entry deep-merged with its own keys, `base` dropped: a resolved entry stands alone (a
     dump of one method, or of a table without its bases, still validates). A base may be any method
-    of either table; chains are followed. A cycle, an unknown base or a `model:` other than the
+    of any table; chains are followed. A cycle, an unknown base or a `model:` other than the
     base's raises, naming the key path."""
     entries = {}
     for table in METHOD_TABLES:

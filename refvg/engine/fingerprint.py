@@ -49,6 +49,7 @@ NOT_READ_BY_TRAINING = (
     "teacher",
     "methods",
     "distill_methods",
+    "controls",
 )
 DIGEST_CHARS = 16
 
@@ -109,7 +110,7 @@ def run_code_digest(cfg: Config, method: str) -> str:
     """The code part of a training run's identity: one digest of the method's `training_sources`, or
     of every refvg source file for a method or model refvg does not declare (a library caller's
     own)."""
-    entry = cfg.all_methods.get(method)
+    entry = cfg.declared_methods.get(method)
     if entry is not None and entry.model in registered_models():
         sources = training_sources(entry.model)
     else:

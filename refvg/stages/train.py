@@ -33,7 +33,7 @@ def train_method(
     from refvg.models.registry import is_weakly_supervised
 
     rcfg = cfg.for_method(method)  # raises for a method params.yaml does not declare
-    mcfg = cfg.all_methods[method]
+    mcfg = cfg.declared_methods[method]
     prepared = prepared_path(rcfg)
     manifest = read_manifest(prepared)
     blind = {"language_blind": mcfg.language_blind, "image_blind": mcfg.image_blind}

@@ -26,7 +26,7 @@ KNOB_USERS = {"mattnet_erase", "mattnet_no_erase", "mattnet_erase_det", "mattnet
 # A model file and the methods whose training imports it; weak_cam reads CMSA's mask read-out
 # (cmsa.peak_component).
 MODEL_FILE = "refvg/models/cmsa.py"
-MODEL_FILE_USERS = {"cmsa", "cmsa_concat"}
+MODEL_FILE_USERS = {"cmsa"}  # cmsa_concat too, but it is a control: no DVC stage
 SHARED_FILE = "refvg/models/backbones.py"  # every model's backbones
 
 

@@ -532,7 +532,7 @@ def test_transvg_swin_builds_from_params_and_trains_a_step():
     from tests.helpers import tiny_params
 
     params = load_config(ROOT / "params.yaml")
-    swin, qrnet = params.all_methods["transvg_swin"], params.all_methods["qrnet"]
+    swin, qrnet = params.declared_methods["transvg_swin"], params.declared_methods["qrnet"]
     assert swin.model == "transvg" and not swin.image_blind and not swin.language_blind
     assert swin.overrides["model"]["visual"] == qrnet.overrides["model"]["visual"]
     assert params.for_method("transvg_swin").train.epochs == params.for_method("qrnet").train.epochs

@@ -88,7 +88,7 @@ def test_image_blind_is_a_method_flag_read_from_params():
     from tests.helpers import ROOT
 
     cfg = load_config(ROOT / "params.yaml")
-    control, model = cfg.all_methods["transvg_image_blind"], cfg.all_methods["transvg"]
+    control, model = cfg.declared_methods["transvg_image_blind"], cfg.declared_methods["transvg"]
     assert control.image_blind and not control.language_blind and not model.image_blind
     assert control.model_dump(exclude={"image_blind"}) == model.model_dump(exclude={"image_blind"})
 

@@ -16,7 +16,8 @@ def write(tmp_path, data) -> Path:
 
 def test_repo_params_parse_and_cover_every_section():
     cfg = load_config(ROOT / "params.yaml")
-    assert "transvg" in cfg.methods and cfg.methods["transvg_blind"].language_blind
+    assert "transvg" in cfg.methods and cfg.controls["transvg_blind"].language_blind
+    assert not set(cfg.controls) & set(cfg.all_methods)  # dvc.yaml trains all_methods only
     # params.yaml lists every knob (DVC tracks params by key, so a missing one would go untracked)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(raw) == set(Config.model_fields) - {
@@ -33,7 +34,11 @@ def test_repo_params_parse_and_cover_every_section():
     for model in {m.model for m in cfg.all_methods.values()}:
         full = [
             name
-            for name, entry in {**raw["methods"], **raw["distill_methods"]}.items()
+            for name, entry in {
+                **raw["methods"],
+                **raw["distill_methods"],
+                **raw["controls"],
+            }.items()
             if entry.get("model") == model and "base" not in entry
         ]
         assert full, model
@@ -72,6 +77,20 @@ def test_reading_params_imports_no_model():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_controls_are_methods_the_pipeline_does_not_train(tmp_path):
+    from tests.helpers import tiny_params
+
+    raw = tiny_params()
+    raw["controls"] = {"ctl": {"base": "transvg", "image_blind": True}}
+    cfg = Config.model_validate(raw)
+    assert "ctl" not in cfg.all_methods and cfg.table_of("ctl") == "controls"
+    run = cfg.for_method("ctl")  # runnable like any method, its base from another table
+    assert run.method.image_blind and run.method.model == "transvg"
+    raw["controls"] = {"transvg": {"model": "transvg"}}
+    with pytest.raises(ValueError, match="'transvg' declared in both methods and controls"):
+        Config.model_validate(raw)
 
 
 def test_base_inherits_the_whole_entry_and_states_what_differs(tmp_path):

@@ -34,12 +34,13 @@ def edited(cfg: Config, dotted: str, value) -> Config:
 
 def changed_stamps(cfg: Config, dotted: str, value) -> set[str]:
     after = edited(cfg, dotted, value)
-    return {m for m in cfg.all_methods if method_stamp(after, m) != method_stamp(cfg, m)}
+    # every declared method, the controls too (compare.py's resume key holds their stamps)
+    return {m for m in cfg.declared_methods if method_stamp(after, m) != method_stamp(cfg, m)}
 
 
 def test_a_stamp_changes_with_what_its_training_reads_only(cfg):
-    everyone = set(cfg.all_methods)
-    mattnets = {m for m, e in cfg.all_methods.items() if e.model == "mattnet"}
+    everyone = set(cfg.declared_methods)
+    mattnets = {m for m, e in cfg.declared_methods.items() if e.model == "mattnet"}
     assert len(mattnets) == 4 and set(cfg.distill_methods) == {"epmvg"}
     for dotted, value in [
         ("eval.num_qualitative", 3),
@@ -54,18 +55,18 @@ def test_a_stamp_changes_with_what_its_training_reads_only(cfg):
     ]:
         assert changed_stamps(cfg, dotted, value) == set(), dotted
     assert changed_stamps(cfg, "train.seed", 5) == everyone
-    own_lr = {m for m, e in cfg.all_methods.items() if "lr" in e.overrides.get("train", {})}
+    own_lr = {m for m, e in cfg.declared_methods.items() if "lr" in e.overrides.get("train", {})}
     assert own_lr == {"cmsa", "cmsa_concat"}  # cmsa sets its own, cmsa_concat inherits it
     assert changed_stamps(cfg, "train.lr", 0.5) == everyone - own_lr
     assert changed_stamps(cfg, "data.max_tokens", 7) == everyone
-    image_blind = {m for m, e in cfg.all_methods.items() if e.image_blind}
+    image_blind = {m for m, e in cfg.declared_methods.items() if e.image_blind}
     assert image_blind == {"transvg_image_blind"}
-    assert changed_stamps(cfg, "methods.transvg_image_blind.image_blind", False) == image_blind
+    assert changed_stamps(cfg, "controls.transvg_image_blind.image_blind", False) == image_blind
     assert changed_stamps(cfg, "model.visual.embed_dim", 16) == everyone
     assert changed_stamps(cfg, "methods.mattnet_erase.config.erase.rate", 0.5) == mattnets
     cmsas = {"cmsa", "cmsa_concat"}  # cmsa_concat: `base: cmsa`, so it inherits the edit
     assert changed_stamps(cfg, "methods.cmsa.config.num_layers", 2) == cmsas
-    assert changed_stamps(cfg, "methods.cmsa_concat.config.fusion", "self_attention") == {
+    assert changed_stamps(cfg, "controls.cmsa_concat.config.fusion", "self_attention") == {
         "cmsa_concat"
     }
     assert changed_stamps(cfg, "teacher.projection_dim", 32) == {
@@ -122,7 +123,10 @@ def test_stamps_are_rewritten_only_when_they_change(cfg, tmp_path):
     (tmp_path / "gone.json").write_text("{}")  # a method no longer declared
 
     again = write_stamps(edited(cfg, "methods.cmsa.config.num_layers", 2), tmp_path)
-    cmsas = {"cmsa", "cmsa_concat"}  # cmsa_concat inherits the edit (`base: cmsa`)
+    cmsas = {
+        "cmsa"
+    }  # cmsa_concat inherits the edit, but controls get no stamp: dvc.yaml skips them
+    assert set(again) == set(cfg.all_methods) and "cmsa_concat" in cfg.controls
     assert {m for m, changed in again.items() if changed} == cmsas
     touched = {p.stem for p in tmp_path.glob("*.json") if p.stat().st_mtime_ns != 0}
     assert touched == cmsas and not (tmp_path / "gone.json").exists()
