@@ -65,6 +65,7 @@ METRICS = {
     "acc@0.5": lambda m: m.get("acc@0.5"),
     "mask mIoU": lambda m: m.get("mask", {}).get("mIoU"),
 }
+EVALUATION_ENTRY_POINT = "refvg.stages.evaluate:evaluate_method"  # its code is in the resume key
 SD_LIMIT = 0.01  # issue 17: seed-to-seed sd of val acc@0.5 <= 1 point for fully supervised methods
 
 
@@ -140,16 +141,22 @@ def result_path(work: Path, method: str, seed: int) -> Path:
 
 
 def config_key(cfg, method: str, work: Path) -> str:
-    """What a finished run's result must match to be reused: the method's whole run config and the
-    prepared data's fingerprint (not the detections or teacher files: remake those in a new
-    --work)."""
+    """What a finished run's result must match to be reused: what its training reads (the
+    `resolve` stage's stamp: the method's resolved config and the code it runs), the evaluation's
+    settings and code, and the prepared data's fingerprint (not the detections or teacher files:
+    remake those in a new --work). An edit to another method's entry or to unrelated code keeps
+    the run."""
     from refvg.data.dataset import prepared_fingerprint
     from refvg.data.prepare import prepared_path
+    from refvg.engine.fingerprint import method_stamp, sources_of
 
     data = prepared_fingerprint(work / prepared_path(cfg))  # relative paths are work's
-    run = cfg.for_method(method).model_dump(mode="json")
-    dump = json.dumps({"config": run, "data": data}, sort_keys=True)
-    return hashlib.sha256(dump.encode()).hexdigest()[:16]
+    evaluation = {
+        "eval": cfg.for_method(method).eval.model_dump(mode="json"),
+        "code": sources_of(EVALUATION_ENTRY_POINT),
+    }
+    key = {"training": method_stamp(cfg, method), "evaluation": evaluation, "data": data}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def finished(raw: dict, method: str, seed: int, work: Path) -> dict | None:

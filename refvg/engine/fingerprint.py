@@ -92,8 +92,14 @@ def training_sources(model: str) -> dict[str, str]:
         raise ConfigError(
             f"unknown model {model!r}; registered models: {', '.join(sorted(models))}"
         )
+    return sources_of(models[model], *TRAINING_ENTRY_POINTS)
+
+
+def sources_of(*entry_points: str) -> dict[str, str]:
+    """Digest of every refvg source file the entry points ("module" or "module:function") run,
+    following their refvg imports transitively (path -> sha256 prefix)."""
     files: set[Path] = set()
-    pending = [models[model], *TRAINING_ENTRY_POINTS]
+    pending = list(entry_points)
     while pending:
         module, _, function = pending.pop().partition(":")
         path = _module_path(module)

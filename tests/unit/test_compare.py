@@ -134,6 +134,21 @@ def test_a_finished_run_is_not_trained_again(two_methods, tmp_path, monkeypatch)
     assert spawned == [("transvg_blind", 1)]  # the one run without a result
     assert records[0]["a"] == [0.5, 0.6] and records[0]["b"] == [0.3, 0.2]
 
+    # an edit neither run reads (the storage section, a control's entry) keeps every result
+    spawned.clear()
+    unrelated = write_params(
+        tmp_path,
+        train={"epochs": 1},
+        storage={"prefix": "elsewhere"},
+        controls={"other": {"base": "transvg", "image_blind": True}},
+    )
+    compare.compare(unrelated, [("transvg", "transvg_blind")], [0], work, jobs=1)
+    assert spawned == []
+    # ... an evaluation setting does not: the saved metrics were scored otherwise
+    write_params(tmp_path, train={"epochs": 1}, eval={"iou_thresholds": [0.5, 0.75]})
+    compare.compare(unrelated, [("transvg", "transvg_blind")], [0], work, jobs=1)
+    assert spawned == [("transvg", 0), ("transvg_blind", 0)]
+
     # the same work folder under a changed config: every saved result is stale
     spawned.clear()
     changed = write_params(tmp_path, train={"epochs": 2})
