@@ -101,7 +101,7 @@ def _on_train_item(kill_at: int, term_at: int, started: Optional[Path]) -> None:
 
 def _kill_at_caption_pair(n: int) -> None:
     """The teacher's training: SIGKILL while fetching its n-th (image, caption) pair."""
-    from refvg.models.clip_teacher import CaptionPairs
+    from refvg.engine.teacher import CaptionPairs
 
     fetch, fetched = CaptionPairs.__getitem__, [0]
 

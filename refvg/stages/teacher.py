@@ -31,6 +31,7 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     from refvg.data.text import load_tokenizer
     from refvg.engine.distributed import env_rank
     from refvg.engine.runtime import resolve_device, seed_everything
+    from refvg.engine import teacher as tt
     from refvg.models import clip_teacher as ct
 
     t0 = time.perf_counter()
@@ -46,7 +47,7 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
         tokenizer = load_tokenizer(tcfg.pretrained)
         model = ct.load_teacher(tcfg.pretrained, tcfg.projection_dim).to(device)
         length = min(tcfg.max_text_tokens, model.config.text_config.max_position_embeddings)
-        view = lambda split: ct.TeacherView(PreparedSplit(prepared, split), tokenizer, length)  # noqa: E731
+        view = lambda split: tt.TeacherView(PreparedSplit(prepared, split), tokenizer, length)  # noqa: E731
     else:
         tokenizer = load_tokenizer(prepared / TOKENIZER_DIR)
         corpus = captions.build_corpus(
@@ -76,28 +77,28 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
             "caption_tokens": length,
             "images_shared_with_grounding": shared,
         }
-        view = lambda split: ct.TeacherView(PreparedSplit(prepared, split))  # noqa: E731
+        view = lambda split: tt.TeacherView(PreparedSplit(prepared, split))  # noqa: E731
     train_view = view("train")
     val_view = view("val") if "val" in manifest["splits"] else None
 
     def evaluate(m) -> dict:
         out = {}
         if not tcfg.pretrained:
-            own = ct.caption_retrieval_recall(m, held_out, tcfg.batch_size, device)
+            own = tt.caption_retrieval_recall(m, held_out, tcfg.batch_size, device)
             out |= {f"corpus/{k}": v for k, v in own.items()}
         if val_view is not None:
-            val = ct.crop_retrieval_recall(m, val_view, tcfg.batch_size, device)
+            val = tt.crop_retrieval_recall(m, val_view, tcfg.batch_size, device)
             out |= {f"val/{k}": v for k, v in val.items()}
         return out
 
     out = teacher_dir(cfg)
     history = []
     if not tcfg.pretrained:
-        history = ct.train_teacher(
+        history = tt.train_teacher(
             model,
             train_pairs,
             cfg,
-            out / ct.TRAINING_DIR,
+            out / tt.TRAINING_DIR,
             evaluate,
             on_epoch_end,
             data_fingerprint(prepared),
@@ -120,7 +121,7 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         ct.save_teacher(model, tokenizer, tmp / MODEL_DIR)
-        patch, sentence = ct.extract_features(model, train_view, tcfg.batch_size, device)
+        patch, sentence = tt.extract_features(model, train_view, tcfg.batch_size, device)
         write_features(tmp / FEATURES_DIR, "train", patch, sentence)
         fingerprint = data_fingerprint(prepared)
         meta = {
@@ -130,15 +131,15 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
             "splits": {"train": {"images": int(patch.shape[0]), "samples": int(sentence.shape[0])}},
             "grid": int(round(patch.shape[1] ** 0.5)),
             "dim": int(patch.shape[2]),
-            "teacher": ct.teacher_config_summary(cfg, model),
+            "teacher": tt.teacher_config_summary(cfg, model),
             "val": recall,
             "corpus": corpus_figures,
         }
         write_manifest(tmp / FEATURES_DIR, meta)
         if (
-            not tcfg.pretrained and (out / ct.TRAINING_DIR).exists()
+            not tcfg.pretrained and (out / tt.TRAINING_DIR).exists()
         ):  # kept: a rerun of this run finds it done
-            shutil.move(out / ct.TRAINING_DIR, tmp / ct.TRAINING_DIR)
+            shutil.move(out / tt.TRAINING_DIR, tmp / tt.TRAINING_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ from refvg import stages
 from refvg.config import load_config
 from refvg.engine.checkpoint import load_checkpoint
 from refvg.engine.trainer import BEST, LAST
+from refvg.engine import teacher as tt
 from refvg.models import clip_teacher as ct
 from tests.helpers import write_params
 from tests.faults import teacher_process
@@ -58,13 +59,13 @@ def test_teacher_killed_mid_epoch_resumes_bitwise(in_tiny):
     cfg = load_config("params.yaml")
     out = Path(cfg.teacher.out_dir)
     reference = stages.teacher(cfg)
-    ref_weights, ref_last = _weights(out), load_checkpoint(out / ct.TRAINING_DIR / LAST)
+    ref_weights, ref_last = _weights(out), load_checkpoint(out / tt.TRAINING_DIR / LAST)
     shutil.rmtree(out)
 
     # kill -9 while fetching the first pair of step 3: the step-2 checkpoint is the resume point
     killed = teacher_process(in_tiny, kill_at_item=2 * TEACHER["batch_size"] + 1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    state = load_checkpoint(out / ct.TRAINING_DIR / LAST)
+    state = load_checkpoint(out / tt.TRAINING_DIR / LAST)
     assert (state["epoch"], state["progress"]["step"]) == (0, 2)
     assert not (out / "model").exists()  # no half-written teacher
 
@@ -75,7 +76,7 @@ def test_teacher_killed_mid_epoch_resumes_bitwise(in_tiny):
     weights = _weights(out)
     assert weights.keys() == ref_weights.keys()
     assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
-    last = load_checkpoint(out / ct.TRAINING_DIR / LAST)
+    last = load_checkpoint(out / tt.TRAINING_DIR / LAST)
     assert all(torch.equal(last["model"][k], ref_last["model"][k]) for k in ref_last["model"])
     assert final["corpus"] == reference["corpus"] and final["val"] == reference["val"]
     assert _results(final["history"]) == _results(reference["history"])
@@ -96,8 +97,8 @@ def test_teacher_keeps_its_best_epoch_and_its_metric_names(in_tiny):
     ]
     # the teacher's own names, as before it trained through the shared loop
     assert {"train/loss", "corpus/text_recall@1", "val/recall@1", "lr"} <= set(epochs[0][1])
-    best = load_checkpoint(out / ct.TRAINING_DIR / BEST)
-    recalls = [h[ct.SELECT_METRIC] for h in result["history"]]
+    best = load_checkpoint(out / tt.TRAINING_DIR / BEST)
+    recalls = [h[tt.SELECT_METRIC] for h in result["history"]]
     assert best["best_epoch"] == 1 + recalls.index(max(recalls))
     saved = _weights(out)
     assert all(
@@ -130,7 +131,7 @@ def test_teacher_skips_a_non_finite_step(in_tiny, monkeypatch, caplog):
 def test_teacher_run_maps_its_section_onto_the_trainer(in_tiny):
     _teacher_params(in_tiny, epochs=4, lr=0.005, warmup_steps=7, seed=3)
     cfg = load_config("params.yaml")
-    run = ct.teacher_run(cfg).train
+    run = tt.teacher_run(cfg).train
     assert (run.epochs, run.batch_size, run.lr, run.warmup_steps, run.seed, run.schedule) == (
         4,
         16,

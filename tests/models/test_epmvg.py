@@ -15,6 +15,7 @@ from refvg import stages
 from refvg.config import Config, ConfigError, load_config
 from refvg.data.text import build_wordpiece_tokenizer, encode, load_tokenizer
 from refvg.losses import distillation_losses, feature_consistency_loss, similarity_structure_loss
+from refvg.engine import teacher as tt
 from refvg.models import build_model, clip_teacher as ct
 from refvg.models.epmvg import resample_tokens
 from tests.helpers import PAD, SMALL_TEACHER, VOCAB, make_batch, write_params
@@ -168,7 +169,7 @@ def test_retrieval_recall_hand_case():
         ]
     )  # right item (2) tied for first: a tie counts against
     correct = torch.tensor([0, 1, 2])
-    assert ct.retrieval_recall(similarity, correct, (1, 2, 3)) == pytest.approx(
+    assert tt.retrieval_recall(similarity, correct, (1, 2, 3)) == pytest.approx(
         {"recall@1": 1 / 3, "recall@2": 2 / 3, "recall@3": 1.0}
     )
 
@@ -306,8 +307,8 @@ def test_the_teachers_corpus_is_its_own_scenes_with_captions_and_no_box(in_tiny,
         seen["pairs"] = pairs
         return train(model, pairs, *args)
 
-    train = ct.train_teacher
-    monkeypatch.setattr(ct, "train_teacher", spy)
+    train = tt.train_teacher
+    monkeypatch.setattr(tt, "train_teacher", spy)
     result = stages.teacher(cfg)
     pairs = seen["pairs"]
     assert isinstance(pairs, captions.CorpusPairs) and len(pairs) == 48 - 16
