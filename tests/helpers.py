@@ -76,7 +76,7 @@ def project_copy(repo: Path, **params) -> Path:
     return repo
 
 
-def untrained_checkpoint(cfg, folder: Path, model_name: str = "transvg") -> Path:
+def untrained_checkpoint(cfg, folder: Path, model_name: str = "transvg", **flags) -> Path:
     """A checkpoint folder (best.pt + tokenizer) of an untrained model, for tests about loading,
     moving or drawing a model rather than about its accuracy (a real training run costs seconds)."""
     import shutil
@@ -100,7 +100,8 @@ def untrained_checkpoint(cfg, folder: Path, model_name: str = "transvg") -> Path
             "vocab_size": manifest["vocab_size"],
             "pad_token_id": manifest["pad_token_id"],
             "best_epoch": 0,
-        },
+        }
+        | flags,  # e.g. language_blind=True, image_blind=True: a control's checkpoint
         ckpt,
     )
     shutil.copytree(

@@ -71,10 +71,17 @@ class Grounder:
         expression = self._expression(0, expression)
         size = self.cfg.data.image_size
         lb = Letterbox(image.width, image.height, size)
+        pixels, padding = lb.image(image), lb.padding_mask()
+        # A control answers as it was trained (refvg.data.dataset.PreparedSplit): the language-blind
+        # one without the words, the image-blind one from a blank square with no padding.
+        if self.state.get("language_blind"):
+            expression = ""
+        if self.state.get("image_blind"):
+            pixels, padding = np.zeros_like(pixels), np.zeros_like(padding)
         ids, mask = encode(self.tokenizer, [expression], self.cfg.data.max_tokens)
         batch = {
-            "image": torch.from_numpy(lb.image(image))[None],
-            "pixel_mask": torch.from_numpy(lb.padding_mask())[None],
+            "image": torch.from_numpy(pixels)[None],
+            "pixel_mask": torch.from_numpy(padding)[None],
             "input_ids": torch.from_numpy(ids).long(),
             "attention_mask": torch.from_numpy(mask).long(),
         }

@@ -155,3 +155,28 @@ def test_predict_names_what_is_wrong_with_its_input(in_tiny, capsys):
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(SystemExit, match="foreign.pt: not a refvg checkpoint"):
         main(["predict", image_path, sentence, "--model", str(foreign)])
+
+
+def test_a_blind_control_predicts_as_it_was_trained(in_tiny):
+    """A language-blind checkpoint answers without the words, an image-blind one without the
+    pixels (blank square, no padding), as PreparedSplit fed them in training and evaluation."""
+    from refvg.engine.predict import Grounder
+
+    cfg = load_config("params.yaml")
+    image_path, sentence = _sample(cfg)
+    image = Image.open(image_path).convert("RGB")
+    other = Image.fromarray(np.asarray(image)[::-1].copy())  # other pixels, the same size
+
+    def boxes(**flags):
+        grounder = Grounder(untrained_checkpoint(cfg, in_tiny / str(flags), **flags), device="cpu")
+        return [
+            grounder.ground(img, text).box_xyxy
+            for img, text in [(image, sentence), (image, "the big blue square"), (other, sentence)]
+        ]
+
+    seeing, words, pixels = boxes()
+    assert not np.allclose(seeing, words) and not np.allclose(seeing, pixels)  # it reads both
+    seeing, words, pixels = boxes(language_blind=True)
+    assert np.array_equal(seeing, words) and not np.allclose(seeing, pixels)
+    seeing, words, pixels = boxes(image_blind=True)
+    assert np.array_equal(seeing, pixels) and not np.allclose(seeing, words)
