@@ -339,6 +339,9 @@ class TeacherConfig(_Strict):
         return self
 
 
+PRETRAINED = ("resnet", "swin", "text")  # the pretrain stage's folders under its out_dir
+
+
 class PretrainConfig(_Strict):
     """Stage `pretrain`: what every method's `pretrained:` backbone and text encoder start from when
     no hub can be reached. The small models of `model.visual` / `model.text` (their sizes are
@@ -349,7 +352,7 @@ class PretrainConfig(_Strict):
     bert-base-uncased would."""
 
     out_dir: str = "data/pretrained"  # <out_dir>/resnet, swin, text (+ metrics.json)
-    models: tuple[Literal["resnet", "swin", "text"], ...] = ("resnet", "swin", "text")
+    models: tuple[Literal[PRETRAINED], ...] = PRETRAINED
     # The corpus: scenes like `synthetic`'s, from SeedSequence([seed, PRETRAIN_STREAM])
     # (refvg.data.pretrain_corpus);
     # the last `held_out` images (and their texts) score the models.
@@ -510,6 +513,31 @@ class Config(_Strict):
                 ]
             except ValueError as err:
                 problems.append(f"{where}.model: {err}")
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _pretrained_folders_are_written(self) -> "Config":
+        # A `pretrained:` inside pretrain.out_dir names one of the pretrain stage's folders; one
+        # the stage does not write (pretrain.models lacks it) would fail late, in prepare or train.
+        out_dir = Path(self.pretrain.out_dir)
+        uses = [("model", self.model.model_dump())]
+        uses += [
+            (f"{t}.{name}.overrides.model", entry.overrides.get("model") or {})
+            for t in METHOD_TABLES
+            for name, entry in getattr(self, t).items()
+        ]
+        problems = []
+        for where, model in uses:
+            for part in ("visual", "text"):
+                folder = (model.get(part) or {}).get("pretrained")
+                if folder and Path(folder).parent == out_dir and Path(folder).name in PRETRAINED:
+                    if Path(folder).name not in self.pretrain.models:
+                        problems.append(
+                            f"{where}.{part}.pretrained: {folder} is the pretrain stage's, but "
+                            f"pretrain.models {list(self.pretrain.models)} does not write it"
+                        )
         if problems:
             raise ValueError("\n  ".join(problems))
         return self

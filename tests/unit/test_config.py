@@ -276,3 +276,19 @@ def test_yaml_spellings_that_mean_the_right_thing_still_parse(tmp_path):
         and cfg.train.compile is True
         and cfg.model.fusion.readout_radius is None
     )
+
+
+def test_a_pretrained_folder_the_pretrain_stage_does_not_write_is_refused():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["pretrain"]["models"] = ["resnet", "swin"]  # no text encoder pretrained
+    with pytest.raises(ConfigError) as err:
+        load_config_from(raw)
+    assert "model.text.pretrained: data/pretrained/text is the pretrain stage's" in str(err.value)
+    raw["model"]["text"]["pretrained"] = None  # from scratch: nothing asked of the stage
+    assert load_config_from(raw).pretrain.models == ("resnet", "swin")
+
+
+def load_config_from(raw: dict) -> Config:
+    from refvg.config import _validate
+
+    return _validate(raw, source="params.yaml")
