@@ -10,7 +10,6 @@ refvg.data.pretrain_corpus (scenes of their own random stream, never the groundi
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from refvg.config import Config
+from refvg.stages.paths import written_whole
 
 METRICS_FILE = "metrics.json"
 
@@ -32,9 +32,6 @@ def pretrain(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, 
     t0 = time.perf_counter()
     pcfg = cfg.pretrain
     out = Path(pcfg.out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     corpus = build_pretrain_corpus(
         cfg.synthetic,
         pcfg.corpus_images,
@@ -44,19 +41,14 @@ def pretrain(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, 
     )
     train_part, held_out = corpus.split(pcfg.held_out)
     metrics: dict = {"corpus_seconds": time.perf_counter() - t0}
-    for kind in ("resnet", "swin"):
-        if kind in pcfg.models:
-            metrics[kind] = _pretrain_visual(cfg, kind, train_part, held_out, tmp, on_epoch_end)
-    if "text" in pcfg.models:
-        metrics["text"] = _pretrain_text(cfg, train_part, held_out, tmp, on_epoch_end)
-    metrics["seconds"] = time.perf_counter() - t0
-    (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with written_whole(out) as tmp:
+        for kind in ("resnet", "swin"):
+            if kind in pcfg.models:
+                metrics[kind] = _pretrain_visual(cfg, kind, train_part, held_out, tmp, on_epoch_end)
+        if "text" in pcfg.models:
+            metrics["text"] = _pretrain_text(cfg, train_part, held_out, tmp, on_epoch_end)
+        metrics["seconds"] = time.perf_counter() - t0
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return {**metrics, "out_dir": str(out)}
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from refvg.config import Config
 from refvg.data.text import TOKENIZER_DIR
-from refvg.stages.paths import teacher_dir
+from refvg.stages.paths import teacher_dir, written_whole
 
 
 def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e: None) -> dict:
@@ -117,9 +117,7 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
     scores = evaluate(model)
     recall = {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("val/")}
     corpus_figures |= {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("corpus/")}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with written_whole(out) as tmp:
         ct.save_teacher(model, tokenizer, tmp / MODEL_DIR)
         patch, sentence = tt.extract_features(model, train_view, tcfg.batch_size, device)
         write_features(tmp / FEATURES_DIR, "train", patch, sentence)
@@ -136,16 +134,9 @@ def teacher(cfg: Config, on_epoch_end: Callable[[dict, int], None] = lambda m, e
             "corpus": corpus_figures,
         }
         write_manifest(tmp / FEATURES_DIR, meta)
-        if (
-            not tcfg.pretrained and (out / tt.TRAINING_DIR).exists()
-        ):  # kept: a rerun of this run finds it done
+        if not tcfg.pretrained and (out / tt.TRAINING_DIR).exists():
+            # kept: a rerun of this run finds it done
             shutil.move(out / tt.TRAINING_DIR, tmp / tt.TRAINING_DIR)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
     return {
         "out_dir": str(out),
         "features": meta,
