@@ -3,11 +3,12 @@ repeats.
 
     python benchmarks/train_step.py [--models transvg qrnet] [--image-size 64] [--batch 64]
                                     [--real-size] [--device auto] [--variants fp32-eager ...]
-                                    [--compare-with GIT_REF] [--json rows.json]
+                                    [--compare-with GIT_REF] [--rounds N] [--json rows.json]
     python benchmarks/train_step.py --ab GIT_REF [--models qrnet] [--pairs 8]
 
 Prints samples/s and peak memory for fp32 vs bf16 autocast and eager vs `torch.compile`, and each
-variant's speed relative to fp32 eager of the same model. Also how close to the hardware each runs:
+variant's speed relative to fp32 eager of the same model (`--rounds N`: every row N times,
+interleaved, medians). Also how close to the hardware each runs:
 the FLOPs of one step (forward + backward, counted by torch.utils.flop_counter.FlopCounterMode:
 matmuls, convolutions, attention; the optimizer's elementwise update is not counted), the achieved
 FLOP/s, and that over the machine's matmul peak measured in the same process with the same thread
@@ -240,6 +241,12 @@ def main() -> None:
         metavar="GIT_REF",
         help="also run refvg as of this git ref (e.g. HEAD~1), interleaved, and print ratios",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every (model, variant, code) this many times, interleaved; report medians",
+    )
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument(
         "--ab",
@@ -268,19 +275,56 @@ def main() -> None:
     codes = [("this tree", None)]
     if args.compare_with:
         codes.insert(0, (args.compare_with, export_tree(args.compare_with)))
-    rows = []
-    for model in args.models:
-        for variant in args.variants:
-            for (
-                label,
-                tree,
-            ) in codes:  # before and after side by side: the machine's load hits both alike
-                row = run_variant(model, variant, args, tree)
-                rows.append({**row, "code": label})
+    rounds = []
+    for i in range(args.rounds):
+        rows = []
+        for model in args.models:
+            for variant in args.variants:
+                # before and after side by side, the order alternating between rounds: the
+                # machine's load hits both alike
+                for label, tree in codes if i % 2 == 0 else codes[::-1]:
+                    row = run_variant(model, variant, args, tree)
+                    rows.append({**row, "code": label})
+        rounds.append(rows)
+    rows = median_rows(rounds) if args.rounds > 1 else rounds[0]
     print_tables(rows, args, [label for label, _ in codes])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (model, variant, code): samples/s, the matmul peak and the share of it as medians
+    over the rounds (a shared machine's load drifts between rounds; each round's own peak goes with
+    its own step rate)."""
+    out = []
+    for first in rounds[0]:
+        key = (first["model"], first["variant"], first.get("code"))
+        same = [
+            r
+            for rows in rounds
+            for r in rows
+            if (r["model"], r["variant"], r.get("code")) == key
+            and not r.get("timed_out")
+            and not r.get("failed")
+        ]
+        if not same:
+            out.append(first)
+            continue
+        share = statistics.median(r["achieved_flops"] / r["peak_flops"] for r in same)
+        peak = statistics.median(r["peak_flops"] for r in same)
+        out.append(
+            {
+                **same[0],
+                "samples_per_s": statistics.median(r["samples_per_s"] for r in same),
+                "peak_mib": statistics.median(r["peak_mib"] for r in same),
+                "warmup_s": statistics.median(r["warmup_s"] for r in same),
+                "peak_flops": peak,
+                "achieved_flops": share * peak,  # so the table's % is the median share
+                "rounds": len(same),
+            }
+        )
+    return out
 
 
 def export_tree(ref: str) -> str:
@@ -474,6 +518,7 @@ def print_tables(rows: list[dict], args, codes: list[str]) -> None:
     print(
         f"\ntrain step (forward + backward + AdamW), {args.image_size}x{args.image_size}, batch "
         f"{args.batch}, {size}, device {device}; median of {args.repeats} x {args.steps} steps"
+        + (f", then of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
     )
     code_col = len(codes) > 1
     head = f"{'model':<9}{'params M':>9}  {'variant':<15}" + (f"{'code':<12}" if code_col else "")

@@ -31,26 +31,6 @@ from refvg.models.transvg import TransVG
 from refvg.models.vl import downsample_mask
 
 
-class _MaskedAmax(torch.autograd.Function):
-    """x [B,N,C], valid bool [B,N] -> the max over the valid positions [B,C]; the gradient is amax's
-    (split evenly among tied maxima, none to padding), computed from a comparison instead of the
-    bool-to-float casts and the masked copy that masked_fill + amax's backward make of the whole
-    map."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        out = x.masked_fill(~valid.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
-        ctx.save_for_backward(x, valid, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, valid, out = ctx.saved_tensors
-        at_max = (x == out.unsqueeze(1)) & valid.unsqueeze(-1)
-        share = grad / at_max.sum(1, dtype=grad.dtype).clamp_min(1)
-        return torch.where(at_max, share.unsqueeze(1), 0), None
-
-
 class DynamicLinear(nn.Module):
     """x [B,...,C_in] -> [B,...,C_out] through a weight and bias generated from the query: [W; b](q)
     = U(q) V, U(q) [C_in+1, rank] a linear function of q, V [rank, C_out] learned. V starts at zero
@@ -75,6 +55,82 @@ class DynamicLinear(nn.Module):
         return torch.einsum("b...i,bio->b...o", x, weight) + bias
 
 
+class _MaskedPools(torch.autograd.Function):
+    """fmap [B,C,h,w], valid bool [B,h*w] -> (average, max) over the valid pixels, each [B,C]. The
+    max is amax's (a padding-only sample gets the float minimum) and so is its gradient: shared
+    evenly among tied maxima, none to padding. One autograd node, whose backward writes the
+    map-sized gradient once, in place; autograd's version of the same (a masked copy, an
+    outer-product bmm, a compare, an and, a where, and the sum of their map-sized gradients) cost
+    ~3x as much. Padding is masked by adding -inf per pixel, a broadcast add: masked_fill or where
+    with a per-pixel mask ran ~10x slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, fmap: torch.Tensor, valid: torch.Tensor):
+        x = fmap.flatten(2).transpose(1, 2)  # [B,N,C], a view in either memory format
+        keep = valid.to(x.dtype)
+        count = keep.sum(1, keepdim=True).clamp_min(1)
+        avg = torch.bmm(keep.unsqueeze(1), x).squeeze(1) / count
+        # clamped: a padding-only sample's max is not -inf, so no padding pixel equals it backward
+        peak = _masked(x, keep).amax(1).clamp_min(torch.finfo(x.dtype).min)
+        ctx.save_for_backward(fmap, keep, count, peak)
+        return avg, peak
+
+    @staticmethod
+    def backward(ctx, grad_avg: torch.Tensor, grad_peak: torch.Tensor):
+        fmap, keep, count, peak = ctx.saved_tensors
+        x = fmap.flatten(2).transpose(1, 2)
+        at_max = (_masked(x, keep) == peak.unsqueeze(1)).to(x.dtype)  # no padding: it is -inf
+        share = grad_peak.to(x.dtype) / at_max.sum(1).clamp_min(1)
+        grad = at_max.mul_(share.unsqueeze(1))
+        grad.addcmul_(keep.unsqueeze(-1), (grad_avg / count).to(x.dtype).unsqueeze(1))
+        return grad.transpose(1, 2).unflatten(2, fmap.shape[2:]), None
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x [B,N,C] with -inf on the padding pixels (keep 0)."""
+    return x + torch.zeros_like(keep).masked_fill_(keep == 0, float("-inf")).unsqueeze(-1)
+
+
+class _GateMap(torch.autograd.Function):
+    """fmap [B,C,h,w], channel [B,C], weight [B,C], bias [B] -> (fmap * channel * spatial, spatial)
+    with spatial = sigmoid(x @ weight + bias) [B,h*w], x the map's pixels x channels: QD-ATT's
+    spatial gate and output in one autograd node. Its backward makes one map-sized product (grad *
+    fmap: the gates' gradients are reductions of it) and the map's gradient in three in-place
+    passes; autograd's chain of mul and bmm nodes made ~8 map-sized tensors, two of them by K=1
+    outer-product bmms. All inputs in fmap's dtype."""
+
+    @staticmethod
+    def forward(ctx, fmap, channel, weight, bias):
+        b, c, h, w = fmap.shape
+        x = fmap.flatten(2).transpose(1, 2)  # [B,N,C]: the tokens of a channels-last map
+        logits = torch.bmm(x, weight.unsqueeze(-1)).squeeze(-1).to(fmap.dtype)
+        spatial = torch.sigmoid(logits + bias.unsqueeze(1))
+        out = fmap * channel.view(b, c, 1, 1)
+        out.mul_(spatial.view(b, 1, h, w))
+        ctx.save_for_backward(fmap, channel, weight, spatial)
+        ctx.set_materialize_grads(False)  # spatial is read by callers of `gates` only
+        return out, spatial
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, grad_spatial_out: torch.Tensor | None):
+        fmap, channel, weight, spatial = ctx.saved_tensors
+        b, c, h, w = fmap.shape
+        # Reductions over pixels as a row vector times the [N,C] tokens, over channels as the tokens
+        # times a column: both read a channels-last map in its memory order.
+        prod = (grad_out * fmap).flatten(2).transpose(1, 2)  # [B,N,C]
+        grad_channel = torch.bmm(spatial.unsqueeze(1), prod).squeeze(1)
+        grad_spatial = torch.bmm(prod, channel.unsqueeze(-1)).squeeze(-1)
+        if grad_spatial_out is not None:
+            grad_spatial = grad_spatial + grad_spatial_out
+        grad_logits = grad_spatial * spatial * (1 - spatial)
+        x = fmap.flatten(2).transpose(1, 2)
+        grad_weight = torch.bmm(grad_logits.unsqueeze(1), x).squeeze(1)
+        grad_fmap = grad_out * channel.view(b, c, 1, 1)
+        grad_fmap.mul_(spatial.view(b, 1, h, w))
+        grad_fmap.addcmul_(weight.view(b, c, 1, 1), grad_logits.view(b, 1, h, w))
+        return grad_fmap, grad_channel, grad_weight, grad_logits.sum(1)
+
+
 class QueryDynamicAttention(nn.Module):
     """QD-ATT on one map [B,C,h,w] -> the same shape: x * channel gate, then * spatial gate
     (computed on the channel-gated map). Pooling for the channel gate covers real pixels only (not
@@ -87,33 +143,37 @@ class QueryDynamicAttention(nn.Module):
         self.channel_out = DynamicLinear(hidden, channels, query_dim, rank)
         self.spatial = DynamicLinear(channels, 1, query_dim, rank)
 
+    def channel_gate(self, avg: torch.Tensor, peak: torch.Tensor, query: torch.Tensor):
+        """sigmoid(MLP(avg) + MLP(max)) [B,C]: both poolings through the shared MLP in one pass (its
+        weights are generated once)."""
+        hidden = F.relu(self.channel_in(torch.stack([avg, peak], 1), query))
+        return torch.sigmoid(self.channel_out(hidden, query).sum(1))
+
+    def spatial_weight(self, channel: torch.Tensor, query: torch.Tensor):
+        """The spatial layer on the channel-gated map, (x * channel) @ W = x @ (channel * W): the
+        gate folds into the generated weight instead of a gated copy of the map. -> ([B,C], [B])"""
+        weight, bias = self.spatial.weight_and_bias(query)
+        return (channel.unsqueeze(-1) * weight).squeeze(-1), bias.squeeze(-1)
+
     def gates(
         self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(channel [B,C], spatial [B,h*w]) gates in (0, 1); `valid` bool [B,h*w] (False on
         padding)."""
-        # Pixels x channels as a view of the map in either memory format (contiguous or
-        # channels-last: the Swin backbone's maps are views of its tokens); the batched matmuls read
-        # it strided, so no layout copy is made forward or backward.
-        x = fmap.flatten(2).transpose(1, 2)  # [B,N,C]
-        keep = valid.to(x.dtype)
-        avg = torch.bmm(keep.unsqueeze(1), x).squeeze(1) / keep.sum(1, keepdim=True).clamp_min(1)
-        peak = _MaskedAmax.apply(x, valid)
-        # Both poolings through the shared MLP in one pass: its weights are generated once.
-        hidden = F.relu(self.channel_in(torch.stack([avg, peak], 1), query))
-        channel = torch.sigmoid(self.channel_out(hidden, query).sum(1))
-        # The spatial layer on the channel-gated map, (x * channel) @ W = x @ (channel * W): the
-        # gate folds into the generated weight instead of a gated copy of the map.
-        weight, bias = self.spatial.weight_and_bias(query)
-        weight = (channel.unsqueeze(-1) * weight).to(x.dtype)
-        spatial = torch.sigmoid(torch.bmm(x, weight).squeeze(-1) + bias.to(x.dtype))
+        channel, spatial = self._gate(fmap, query, valid)[1:]
         return channel, spatial
 
+    def _gate(self, fmap, query, valid):
+        """(output map, channel gate, spatial gate)."""
+        avg, peak = _MaskedPools.apply(fmap, valid)
+        channel = self.channel_gate(avg, peak, query)
+        weight, bias = self.spatial_weight(channel, query)
+        dtype = fmap.dtype
+        out, spatial = _GateMap.apply(fmap, channel.to(dtype), weight.to(dtype), bias.to(dtype))
+        return out, channel, spatial
+
     def forward(self, fmap: torch.Tensor, query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        channel, spatial = self.gates(fmap, query, valid)
-        b, c, h, w = fmap.shape
-        channel, spatial = channel.to(fmap.dtype), spatial.to(fmap.dtype)
-        return fmap * channel.view(b, c, 1, 1) * spatial.view(b, 1, h, w)
+        return self._gate(fmap, query, valid)[0]
 
 
 def avg_down(fmap: torch.Tensor) -> torch.Tensor:

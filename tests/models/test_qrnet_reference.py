@@ -132,28 +132,78 @@ def test_qd_att_gates_do_not_depend_on_the_memory_format():
     torch.testing.assert_close(att(fmap, query, valid), att(last, query, valid))
 
 
-def test_masked_max_pooling_gradient_is_amaxs_with_ties_and_padding():
-    from refvg.models.qrnet import _MaskedAmax
+def _pools_by_autograd(x: torch.Tensor, valid: torch.Tensor):
+    """The masked average and max pooling as plain autograd ops (QD-ATT's before _MaskedPools)."""
+    keep = valid.to(x.dtype)
+    avg = torch.bmm(keep.unsqueeze(1), x).squeeze(1) / keep.sum(1, keepdim=True).clamp_min(1)
+    peak = x.masked_fill(~valid.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
+    return avg, peak
+
+
+def test_masked_pools_are_autograds_with_ties_and_padding():
+    from refvg.models.qrnet import _MaskedPools
 
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 12, 5, generator=g)
+    x = torch.randn(4, 12, 5, generator=g)
     x[0, 2:6] = 5.0  # a flat region: tied maxima share the gradient evenly
     x[1, 9:] = 9.0  # the largest values lie on padding: not the max, no gradient
-    valid = torch.ones(3, 12, dtype=torch.bool)
+    x[3, 4, 2] = torch.finfo(x.dtype).min  # a real pixel at the float minimum, as padding's fill
+    valid = torch.ones(4, 12, dtype=torch.bool)
     valid[1, 9:] = False
     valid[2] = False  # all padding
-    weight = torch.randn(3, 5, generator=g)
-    grads = []
+    weights = torch.randn(2, 4, 5, generator=g)
+    results = []
     for pool in (
-        lambda t: _MaskedAmax.apply(t, valid),
-        lambda t: t.masked_fill(~valid.unsqueeze(-1), torch.finfo(t.dtype).min).amax(1),
+        lambda t: _MaskedPools.apply(t.transpose(1, 2).unflatten(2, (3, 4)), valid),
+        lambda t: _pools_by_autograd(t, valid),
     ):
         t = x.clone().requires_grad_()
-        out = pool(t)
-        (out * weight).sum().backward()
-        grads.append((out, t.grad))
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
-    assert grads[0][1][0, 2:6].ne(0).all()
+        avg, peak = pool(t)
+        ((avg * weights[0]).sum() + (peak * weights[1]).sum()).backward()
+        results.append((avg, peak, t.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    assert results[0][2][0, 2:6].ne(0).all()
+    assert results[0][2][1, 9:].eq(0).all() and results[0][2][2].eq(0).all()
+
+
+def _qd_att_by_autograd(att, fmap, query, valid):
+    """QD-ATT as plain autograd ops (the code before _MaskedPools and _GateMap)."""
+    x = fmap.flatten(2).transpose(1, 2)
+    avg, peak = _pools_by_autograd(x, valid)
+    channel = att.channel_gate(avg, peak, query)
+    weight, bias = att.spatial.weight_and_bias(query)
+    spatial = torch.sigmoid(torch.bmm(x, channel.unsqueeze(-1) * weight).squeeze(-1) + bias)
+    b, c, h, w = fmap.shape
+    return fmap * channel.view(b, c, 1, 1) * spatial.view(b, 1, h, w)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_qd_att_autograd_nodes_compute_what_autograd_computed(memory_format):
+    """Outputs, the map's and every parameter's gradients, in float64 (float32 only reorders sums):
+    the fused nodes change the cost, not the maths."""
+    from refvg.models.qrnet import QueryDynamicAttention
+
+    torch.manual_seed(0)
+    att = QueryDynamicAttention(channels=16, query_dim=8, rank=4, reduction=4).double()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in att.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    fmap = torch.randn(3, 16, 5, 6, generator=g, dtype=torch.float64)
+    fmap = fmap.contiguous(memory_format=memory_format)
+    query = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    valid = torch.ones(3, 5, 6, dtype=torch.bool)
+    valid[0, :, 4:] = valid[1, 3:] = False
+    valid = valid.flatten(1)
+    upstream = torch.randn(3, 16, 5, 6, generator=g, dtype=torch.float64)
+    results = []
+    for run in (att, lambda *a: _qd_att_by_autograd(att, *a)):
+        att.zero_grad()
+        t = fmap.clone().requires_grad_()
+        out = run(t, query, valid)
+        out.backward(upstream)
+        results.append([out, t.grad] + [p.grad.clone() for p in att.parameters()])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("size", [(6, 6), (7, 5), (5, 8)])
