@@ -2,17 +2,17 @@
 happened: injected, recovered (the run ended in its designed safe state: resumed or completed, or
 stopped / refused with the input named), and data lost (must be 0).
 
-    python benchmarks/faults.py            # ~5-8 min on 2 cores (small trainings, 2 MLflow servers)
+    python benchmarks/faults.py  # ~2.5 min on 2 quiet cores, 12 min loaded (2 MLflow servers)
 
 Data lost, per fault: training — tensors and per-epoch results that differ from an uninterrupted run
-with the same seed (bitwise), plus 1 if a kill between the epoch end's two writes left last.pt
-naming a best epoch best.pt does not hold; non-finite steps — good steps whose update is missing,
-epochs missing from the history, non-finite tensors, and (divergence) tensors of last.pt that differ
-from the clean run's state after the same good steps; inputs — good records dropped besides the bad
-one; refused files (pickle, checkpoint, params) — files of the folder changed or removed by the
-attempt, and messages that do not name the file or key they claim to; tracking — logged values
-missing from the store once it is back (after `python -m refvg.tracking replay` where the stage
-ended while it was down).
+with the same seed (bitwise), plus 1 if a kill between the epoch end's writes left a best.pt that is
+not the best epoch last.pt names (or one while it names none); non-finite steps — good steps whose
+update is missing, epochs missing from the history, non-finite tensors, and (divergence) tensors of
+last.pt that differ from the clean run's state after the same good steps; inputs — good records
+dropped besides the bad one; refused files (pickle, checkpoint, params) — files of the folder
+changed or removed by the attempt, and messages that do not name the file or key they claim to;
+tracking — logged values missing from the store once it is back (after `python -m refvg.tracking
+replay` where the stage ended while it was down).
 
     python benchmarks/faults.py non_finite hostile_inputs   # only these groups
 The injectors are the tests' (tests/faults.py); the tests assert the same behaviour case by case.
@@ -52,6 +52,7 @@ from refvg.data.prepare import prepare_dataset  # noqa: E402
 from refvg.data.refer import BadRecordError, ReferDataset, load_refs  # noqa: E402
 from refvg.engine.checkpoint import CheckpointError, load_checkpoint, load_trained  # noqa: E402
 from refvg.engine.trainer import BEST, LAST, NonFiniteLossError, train  # noqa: E402
+from refvg.engine.hooks import NEXT_BEST  # noqa: E402
 from refvg.tracking import replay, stage_run  # noqa: E402
 from tests.conftest import write_params  # noqa: E402
 from tests.faults import (  # noqa: E402
@@ -119,6 +120,12 @@ def workdir(base: Path, name: str, **params):
 # ---------------------------------------------------------------- training
 
 
+def _point(state: dict) -> str:
+    """Where a last.pt resumes, in words: an epoch's end, or a step in the next epoch (1-based)."""
+    epoch, step = state["epoch"], state["progress"]["step"]
+    return f"epoch {epoch + 1} step {step}" if step else f"the end of epoch {epoch}"
+
+
 def kill_and_resume(base: Path) -> None:
     with workdir(base, "kill", train={"checkpoint_every_steps": 4}) as folder:
         cfg = load_config("params.yaml")
@@ -137,7 +144,7 @@ def kill_and_resume(base: Path) -> None:
             "kill -9 mid-epoch",
             killed.returncode == -signal.SIGKILL and done.returncode == 0 and lost == 0,
             lost,
-            f"resumed at epoch {at['epoch'] + 1} step {at['progress']['step']}, "
+            f"resumed from {_point(at)}, "
             f"{6 - at['progress']['step']} step(s) redone, bitwise equal "
             f"end ({time.perf_counter() - t0:.0f} s)",
         )
@@ -157,9 +164,8 @@ def kill_and_resume(base: Path) -> None:
             and done.returncode == 0
             and lost == 0,
             lost,
-            f"killed writing last.pt at the end of epoch 1: half-written "
-            f"temp left, last.pt intact (epoch "
-            f"{at['epoch'] + 1} step {at['progress']['step']}), resumed, bitwise equal end",
+            f"killed half-way through the 5th checkpoint write (epoch 2's first last.pt): "
+            f"half-written temp left, last.pt intact ({_point(at)}), resumed, bitwise equal end",
         )
 
         shutil.rmtree(ckpt)
@@ -168,13 +174,12 @@ def kill_and_resume(base: Path) -> None:
         )  # between epoch 1's two end writes
         on_disk = {
             name: load_checkpoint(ckpt / name)["epoch"]
-            for name in (LAST, BEST)
+            for name in (LAST, BEST, NEXT_BEST)
             if (ckpt / name).exists()
         }
         recorded = load_checkpoint(ckpt / LAST)["best_epoch"]
-        consistent = (
-            recorded < 1 or on_disk.get(BEST) == recorded
-        )  # no best epoch named that best.pt lacks
+        # best.pt is the epoch last.pt names as the best, and absent while it names none
+        consistent = on_disk.get(BEST) == (recorded if recorded >= 1 else None)
         done = train_process(folder)
         lost = differences(reference, load_checkpoint(ckpt / LAST)) + (not consistent)
         record(
@@ -184,7 +189,7 @@ def kill_and_resume(base: Path) -> None:
             f"killed after epoch 1's first end write: epochs done per "
             f"file {on_disk}, last.pt names "
             f"{f'best epoch {recorded}' if recorded >= 1 else 'no best epoch'}"
-            f"{'' if consistent else ', which best.pt does not hold'}; "
+            f"{'' if consistent else ', disagreeing with best.pt'}; "
             f"rerun resumed, bitwise equal end",
         )
 
@@ -197,8 +202,7 @@ def kill_and_resume(base: Path) -> None:
             "kill -9 during validation",
             killed.returncode == -signal.SIGKILL and done.returncode == 0 and lost == 0,
             lost,
-            f"killed in epoch 2's validation: resumed at epoch "
-            f"{at['epoch'] + 1} step {at['progress']['step']}, "
+            f"killed in epoch 2's validation: resumed from {_point(at)}, "
             f"the epoch finished and validated again, bitwise equal end",
         )
 

@@ -2,6 +2,7 @@
 the stage worker (flows/launcher.py).
 
     python benchmarks/overhead.py [--repeats 5] [--pipeline-wall SECONDS] [--stages N]
+                                  [--per-stage-only]
 
 - per stage: the `report` stage (almost no work of its own), each in a fresh process as DVC starts
 them, three
@@ -105,8 +106,11 @@ def _work_seconds(since: int) -> dict[bool, list[float]]:
     return out
 
 
-def measure(repeats: int = 5) -> dict[str, float]:
+def measure(repeats: int = 5, per_stage_only: bool = False) -> dict[str, float]:
     since = TIMINGS.stat().st_size if TIMINGS.exists() else 0
+    if per_stage_only:  # no fresh Prefect servers (each one's migrations take minutes when loaded)
+        wall([sys.executable, "-m", "flows.runtime", "url"])
+        return _per_stage(repeats, since)
     # The first stage of a pipeline on a fresh machine starts the Prefect server (new state);
     # through the worker path it also starts the worker, whose imports run while the server boots.
     with fresh_prefect_home() as env:
@@ -116,6 +120,20 @@ def measure(repeats: int = 5) -> dict[str, float]:
     wall(
         [sys.executable, "-m", "flows.runtime", "url"]
     )  # the project's server is up, as after a first run
+    c = _per_stage(repeats, since)
+    return {
+        **c,
+        "first_fresh_in_process": first_fresh_in_process,
+        "first_fresh_worker": first_fresh_worker,
+        "once_fresh_in_process": first_fresh_in_process - c["in_process_stage"],
+        "once_fresh_worker": first_fresh_worker - c["worker_stage"],
+        "server_start": cold_server_start(),
+    }
+
+
+def _per_stage(repeats: int, since: int) -> dict[str, float]:
+    """The interleaved rounds (the project's Prefect server up), the first stage of a later
+    pipeline (the worker idled out) and `dvc status`."""
     rounds: dict[str, list[float]] = {"bare": [], "in_process": [], "worker": []}
     with fresh_worker_dir() as env:
         first_later_worker = wall(
@@ -128,7 +146,6 @@ def measure(repeats: int = 5) -> dict[str, float]:
             rounds["worker"].append(wall(STAGE, env))
     work = _work_seconds(since)
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    dvc = statistics.median(wall(["dvc", "status"]) for _ in range(repeats))
     return {
         "bare_stage": med["bare"],
         "in_process_stage": med["in_process"],
@@ -137,14 +154,9 @@ def measure(repeats: int = 5) -> dict[str, float]:
         "worker_per_stage": med["worker"] - med["bare"],
         "in_process_outside_work": med["in_process"] - statistics.median(work[False]),
         "worker_outside_work": med["worker"] - statistics.median(work[True]),
-        "first_fresh_in_process": first_fresh_in_process,
-        "first_fresh_worker": first_fresh_worker,
         "first_later_worker": first_later_worker,
-        "once_fresh_in_process": first_fresh_in_process - med["in_process"],
-        "once_fresh_worker": first_fresh_worker - med["worker"],
         "once_later_worker": first_later_worker - med["worker"],
-        "server_start": cold_server_start(),
-        "dvc": dvc,
+        "dvc": statistics.median(wall(["dvc", "status"]) for _ in range(repeats)),
     }
 
 
@@ -176,24 +188,27 @@ def report(
         f"(below zero: its pre-imported libraries save more than orchestration costs)"
     )
     print("first stage of a pipeline (once per pipeline: the extra over the stages above):")
-    print(
-        f"  fresh machine, own process (starts the Prefect server):   "
-        f"   {c['first_fresh_in_process']:6.2f} s "
-        f"({c['once_fresh_in_process']:+.2f} s)"
-    )
-    print(
-        f"  fresh machine, worker path (starts server and worker):    "
-        f"   {c['first_fresh_worker']:6.2f} s "
-        f"({c['once_fresh_worker']:+.2f} s)"
-    )
+    if "first_fresh_worker" in c:
+        print(
+            f"  fresh machine, own process (starts the Prefect server):   "
+            f"   {c['first_fresh_in_process']:6.2f} s "
+            f"({c['once_fresh_in_process']:+.2f} s)"
+        )
+        print(
+            f"  fresh machine, worker path (starts server and worker):    "
+            f"   {c['first_fresh_worker']:6.2f} s "
+            f"({c['once_fresh_worker']:+.2f} s)"
+        )
     print(
         f"  later pipeline, worker path (server up, starts the "
         f"worker):  {c['first_later_worker']:6.2f} s "
         f"({c['once_later_worker']:+.2f} s)"
     )
-    print(
-        f"  the local Prefect server on fresh state, alone:              {c['server_start']:6.2f} s"
-    )
+    if "server_start" in c:
+        print(
+            f"  the local Prefect server on fresh state, alone:              "
+            f"{c['server_start']:6.2f} s"
+        )
     print(f"dvc status (DVC's own graph/hash check):                       {c['dvc']:6.2f} s")
     if not pipeline_wall:
         return
@@ -206,12 +221,12 @@ def report(
     for name, once, per_stage in (
         (
             "gross, fresh machine, own process per stage",
-            c["once_fresh_in_process"],
+            c.get("once_fresh_in_process"),
             c["in_process_per_stage"],
         ),
         (
             "gross, fresh machine, worker, outside work",
-            c["once_fresh_worker"],
+            c.get("once_fresh_worker"),
             c["worker_outside_work"],
         ),
         ("gross, later run, own process per stage", 0.0, c["in_process_per_stage"]),
@@ -220,9 +235,15 @@ def report(
             c["once_later_worker"],
             c["worker_outside_work"],
         ),
-        ("net vs bare, fresh machine, stage worker", c["once_fresh_worker"], c["worker_per_stage"]),
+        (
+            "net vs bare, fresh machine, stage worker",
+            c.get("once_fresh_worker"),
+            c["worker_per_stage"],
+        ),
         ("net vs bare, later run, stage worker", c["once_later_worker"], c["worker_per_stage"]),
     ):
+        if once is None:  # --per-stage-only: no fresh-machine figures
+            continue
         overhead = once + n * per_stage + c["dvc"]
         print(f"  {name:47s} {overhead:+5.0f} s = {100 * overhead / pipeline_wall:+5.1f} %")
     saving = n * (c["in_process_stage"] - c["worker_stage"])
@@ -243,8 +264,15 @@ def main() -> None:
     ap.add_argument(
         "--stages", type=int, help="stage processes in that pipeline (default: those of dvc.lock)"
     )
+    ap.add_argument(
+        "--per-stage-only",
+        action="store_true",
+        help="skip the fresh-machine first stages and the cold server start (the rounds, the "
+        "later pipeline's first stage and dvc status only)",
+    )
     args = ap.parse_args()
-    report(measure(args.repeats), args.pipeline_wall, args.repeats, args.stages)
+    costs = measure(args.repeats, args.per_stage_only)
+    report(costs, args.pipeline_wall, args.repeats, args.stages)
 
 
 if __name__ == "__main__":

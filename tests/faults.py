@@ -62,14 +62,12 @@ def inject(
     kill_at_item: SIGKILL while fetching the N-th training sample.
     kill_in_write: the K-th `torch.save` writes half its bytes, fsyncs them, then SIGKILL.
     kill_in_validation: SIGKILL inside the N-th validation, once it has computed its scores and
-    before the
-      trainer sees them.
-    kill_after_validation_write: after the N-th validation, SIGKILL right after the first checkpoint
-    write
-      that follows (whichever file it is): between the two writes of that epoch's end.
+      before the trainer sees them.
+    kill_after_validation_write: after the N-th validation, SIGKILL right after the first
+      checkpoint write that follows (best.pt.next when the epoch is the best so far, else last.pt):
+      between the writes of that epoch's end.
     term_at_item: at the N-th training sample, write the pid to `started` and wait for a SIGTERM
-    (the test
-      sends it), so the preemption lands in a known step without any timing.
+      (the test sends it), so the preemption lands in a known step without any timing.
     """
     if kill_at_item or term_at_item:
         _on_train_item(kill_at_item, term_at_item, Path(started) if started else None)

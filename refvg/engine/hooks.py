@@ -14,8 +14,8 @@ per-epoch validation and best-epoch selection, the per-epoch report, and preempt
 Hooks run in the order the trainer lists them, and that order is part of the contract: the
 checkpointer resumes before the report replays the history; at a step the guard stops a diverging
 run before a periodic checkpoint, which comes before a preemption check; at an epoch end validation
-picks the best epoch before the checkpointer writes best.pt (before last.pt), and the report comes
-last.
+picks the best epoch before the checkpointer writes best.pt (through best.pt.next, published once
+last.pt records it), and the report comes last.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from refvg.engine.checkpoint import (
 
 log = logging.getLogger(__name__)
 LAST, BEST = "last.pt", "best.pt"
+NEXT_BEST = "best.pt.next"  # a best epoch written, not yet recorded in last.pt
 RESUME_KEYS = (
     "model",
     "optimizer",
@@ -177,7 +178,12 @@ class HookBase:
 
 class Checkpointer(HookBase):
     """Resumes from last.pt when it belongs to this run; writes last.pt every `every_steps` steps
-    (0: epoch ends only) and at each epoch end, best.pt first when the epoch is the best so far."""
+    (0: epoch ends only) and at each epoch end. An epoch that is the best so far is written to
+    best.pt.next first, then last.pt (which records it as the best epoch), then renamed to best.pt:
+    best.pt is always the epoch last.pt names, whatever write a kill cuts. Writing best.pt before
+    last.pt left, after a kill between the two, a best.pt that last.pt did not name; a resumed run
+    that validated that epoch lower the second time (nondeterministic kernels) kept it and reported
+    another best epoch."""
 
     def __init__(self, every_steps: int):
         self.every_steps = every_steps
@@ -189,6 +195,8 @@ class Checkpointer(HookBase):
                 "previous checkpoint is intact)",
                 leftover,
             )
+        if state.main:
+            _settle_next_best(state.out_dir)
         _maybe_resume(state.out_dir / LAST, state)
 
     def after_step(self, state: LoopState) -> None:
@@ -204,13 +212,32 @@ class Checkpointer(HookBase):
         if not state.main:
             return
         ckpt = state.resume_state(state.epoch + 1)
-        if (
-            state.is_best
-        ):  # before last.pt: the resume point must never record a best epoch that is not on disk
-            save_checkpoint(
-                {k: v for k, v in ckpt.items() if k not in _RESUME_ONLY}, state.out_dir / BEST
-            )
+        if state.is_best:
+            best = {k: v for k, v in ckpt.items() if k not in _RESUME_ONLY}
+            save_checkpoint(best, state.out_dir / NEXT_BEST)
         save_checkpoint(ckpt, state.out_dir / LAST)
+        if state.is_best:
+            (state.out_dir / NEXT_BEST).replace(state.out_dir / BEST)
+
+
+def _settle_next_best(out_dir: Path) -> None:
+    """A best.pt.next a kill left between an epoch end's writes: published as best.pt when last.pt
+    records its epoch as the best (the kill came after last.pt), else removed (last.pt is still the
+    point before that epoch's end, which the resumed run validates again)."""
+    pending = out_dir / NEXT_BEST
+    if not pending.exists():
+        return
+    try:
+        epoch, key = (load_checkpoint(pending).get(k) for k in ("epoch", "run_key"))
+        last = load_checkpoint(out_dir / LAST) if (out_dir / LAST).exists() else {}
+    except CheckpointError:
+        epoch, last = None, {}  # not whole or not ours: never published
+    if epoch is not None and last.get("run_key") == key and last.get("best_epoch") == epoch:
+        pending.replace(out_dir / BEST)
+        log.warning("published %s as %s (a kill came after last.pt recorded it)", pending, BEST)
+    else:
+        pending.unlink()
+        log.warning("removed %s, an epoch end a kill cut short (it is redone)", pending)
 
 
 def _maybe_resume(path: Path, state: LoopState) -> None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,6 +234,74 @@ def test_resume_at_an_epoch_boundary_replays_the_history(in_tiny, tmp_path):
     assert _same_tensors(ref["model"], run["model"]) and _results(ref["history"]) == _results(
         run["history"]
     )
+
+
+class _Crash(Exception):
+    """A crash right after a checkpoint write: what is on disk is what a kill -9 there leaves."""
+
+
+def _crash_after_writing(monkeypatch, name: str, epochs_done: int) -> None:
+    from refvg.engine import hooks
+
+    save = hooks.save_checkpoint
+
+    def save_then_crash(state, path):
+        save(state, path)
+        if Path(path).name == name and state["epoch"] == epochs_done:
+            raise _Crash
+
+    monkeypatch.setattr(hooks, "save_checkpoint", save_then_crash)
+
+
+def _scores(*values: float):
+    """An `evaluate` giving these acc@0.5 in turn: a rerun's validation of an epoch can differ from
+    the first (nondeterministic kernels on a GPU)."""
+    it = iter(values)
+    return lambda model: {"acc@0.5": next(it)}
+
+
+def test_a_kill_between_the_epoch_end_writes_never_leaves_a_best_pt_last_pt_does_not_name(
+    in_tiny, tmp_path, monkeypatch
+):
+    """Epoch 2 beats epoch 1; the process dies after writing the new best, before last.pt. Before
+    the fix best.pt already held epoch 2 then; the rerun, validating epoch 2 lower, kept it while
+    reporting epoch 1 as the best."""
+    from refvg.engine.hooks import NEXT_BEST
+
+    cfg, build, data = small_training(in_tiny)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_after_writing(m, NEXT_BEST, epochs_done=2)
+        with pytest.raises(_Crash):
+            train(build(), data, cfg, out, method="t", evaluate=_scores(0.1, 0.2))
+    last, best = load_checkpoint(out / LAST), load_checkpoint(out / BEST)
+    assert (last["epoch"], last["best_epoch"], best["epoch"]) == (1, 1, 1)
+    epoch_1 = (out / BEST).read_bytes()
+
+    result = train(build(), data, cfg, out, method="t", evaluate=_scores(0.05))
+    assert result.resumed_from_epoch == 1 and result.best_epoch == 1
+    assert load_checkpoint(out / BEST)["epoch"] == 1 and (out / BEST).read_bytes() == epoch_1
+    assert not (out / NEXT_BEST).exists()
+
+
+def test_a_kill_after_last_pt_records_a_new_best_publishes_it_on_resume(
+    in_tiny, tmp_path, monkeypatch
+):
+    from refvg.engine.hooks import NEXT_BEST
+
+    cfg, build, data = small_training(in_tiny)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_after_writing(m, LAST, epochs_done=2)  # last.pt written, best.pt.next not renamed
+        with pytest.raises(_Crash):
+            train(build(), data, cfg, out, method="t", evaluate=_scores(0.1, 0.2))
+    assert load_checkpoint(out / LAST)["best_epoch"] == 2 and (out / NEXT_BEST).exists()
+
+    result = train(build(), data, cfg, out, method="t", evaluate=_scores())  # nothing left to do
+    assert (result.resumed_from_epoch, result.best_epoch) == (2, 2)
+    best, last = load_checkpoint(out / BEST), load_checkpoint(out / LAST)
+    assert best["epoch"] == 2 and _same_tensors(best["model"], last["model"])
+    assert not (out / NEXT_BEST).exists()
 
 
 def test_resume_refuses_a_damaged_checkpoint_and_restarts_a_changed_run(in_tiny, tmp_path, caplog):

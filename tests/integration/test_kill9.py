@@ -19,6 +19,7 @@ import torch
 from refvg import stages
 from refvg.config import load_config
 from refvg.engine.checkpoint import load_checkpoint
+from refvg.engine.hooks import NEXT_BEST
 from refvg.engine.trainer import BEST, LAST
 from tests.helpers import project_copy, write_params
 from tests.faults import FAULTS_ENV, sitecustomize_dir, torchrun_train_process, train_process
@@ -83,20 +84,21 @@ def reference(tiny_workdir, tmp_path_factory) -> Path:
 def test_kill_9_between_the_two_checkpoint_writes_of_an_epoch_end(in_tiny, reference):
     cfg = load_config(write_params(in_tiny, train=TRAIN))
     ckpt = stages.checkpoint_dir(cfg, "transvg")
-    killed = train_process(
-        in_tiny, kill_after_validation_write=1
-    )  # epoch 1's end: one file written, not both
+    # epoch 1's end (its best so far): killed after its first write, the best candidate
+    killed = train_process(in_tiny, kill_after_validation_write=1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     written = [
         name
-        for name in (LAST, BEST)
+        for name in (LAST, BEST, NEXT_BEST)
         if (ckpt / name).exists() and load_checkpoint(ckpt / name)["epoch"] == 1
     ]
-    assert len(written) == 1, f"epoch 1's end should have written exactly one file, not {written}"
+    assert written == [NEXT_BEST], f"epoch 1's end should have written best.pt.next only: {written}"
     _assert_best_on_disk(ckpt)
 
     done = train_process(in_tiny)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "removed" in done.stderr and NEXT_BEST in done.stderr  # last.pt did not name it
+    assert not (ckpt / NEXT_BEST).exists()
     _assert_best_on_disk(ckpt)
     _assert_same_end(reference, ckpt)
 
