@@ -366,6 +366,9 @@ class PretrainConfig(_Strict):
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
     mask_probability: float = Field(0.15, gt=0, lt=1)  # MLM: share of tokens chosen (80/10/10)
+    # MLM training sequences: "none", each text alone; "caption", each expression followed by its
+    # scene's caption (a masked attribute word has evidence; docs/pretrain.md)
+    text_context: Literal["none", "caption"] = "none"
 
     @model_validator(mode="after")
     def _held_out_leaves_training(self) -> "PretrainConfig":

@@ -129,20 +129,40 @@ def _pretrain_text(cfg: Config, train_part, held_out, out: Path, on_epoch_end) -
     # Every word of the grammar is a whole word of the vocabulary, drawn in the corpus or not (the
     # size cap is the whole list: model.text.vocab_size is the small from-scratch tokenizer's).
     tokenizer = build_wordpiece_tokenizer(train_texts + sorted(vocabulary()), vocab_size=1 << 20)
+    # Training sequences (pcfg.text_context "caption": each expression followed by its scene's
+    # caption, where a masked colour, size or place can be read); held out: single texts, as a
+    # grounding expression arrives, whatever the training sequences.
+    train_firsts, train_seconds = mlm_sequences(train_part.texts, pcfg.text_context == "caption")
     length = max(len(tokenizer(t)["input_ids"]) for t in train_texts + held_texts)
+    train_length = max(
+        [length]
+        + [len(tokenizer(a, b)["input_ids"]) for a, b in zip(train_firsts, train_seconds) if b]
+    )
     torch.manual_seed(pcfg.seed)
     model = BertForMaskedLM(
-        bert_config(tcfg, len(tokenizer), tokenizer.pad_token_id, max(cfg.data.max_tokens, length))
+        bert_config(
+            tcfg, len(tokenizer), tokenizer.pad_token_id, max(cfg.data.max_tokens, train_length)
+        )
     )
     special = torch.tensor(tokenizer.all_special_ids)
     words = (len(SPECIAL_TOKENS), len(tokenizer))  # what a "random word" is drawn from
 
-    def tensors(texts):
-        ids, mask = encode(tokenizer, texts, length)
+    def tensors(texts, seconds=None, size=length):
+        if seconds is None or not any(seconds):
+            ids, mask = encode(tokenizer, texts, size)
+        else:  # one segment (no token types): the grounding inputs have one
+            enc = [
+                tokenizer(a, b, padding="max_length", max_length=size)
+                if b
+                else tokenizer(a, padding="max_length", max_length=size)
+                for a, b in zip(texts, seconds)
+            ]
+            ids = np.array([e["input_ids"] for e in enc])
+            mask = np.array([e["attention_mask"] for e in enc])
         ids, mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
         return ids, mask, (mask > 0) & ~torch.isin(ids, special)
 
-    ids, mask, maskable = tensors(train_texts)
+    ids, mask, maskable = tensors(train_firsts, train_seconds, train_length)
 
     def mlm_loss(rows, generator):
         inputs, labels = mask_tokens(
@@ -188,6 +208,21 @@ def _pretrain_text(cfg: Config, train_part, held_out, out: Path, on_epoch_end) -
         "masked_tokens": int(chosen.sum()),
         "vocab_size": len(tokenizer),
     }
+
+
+def mlm_sequences(
+    texts_per_image: list[list[str]], caption_context: bool
+) -> tuple[list[str], list[str | None]]:
+    """(first texts, second texts or None): every text of every image; with `caption_context` each
+    expression is followed by its image's caption (the last text), which names every object's size,
+    colour, shape and place. Alone, "the red circle" gives MLM no clue to a masked colour (every
+    colour fits), and the tied embeddings learn one "some colour" vector (docs/pretrain.md)."""
+    firsts, seconds = [], []
+    for texts in texts_per_image:
+        for i, t in enumerate(texts):
+            firsts.append(t)
+            seconds.append(texts[-1] if caption_context and i < len(texts) - 1 else None)
+    return firsts, seconds
 
 
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
