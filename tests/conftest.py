@@ -22,6 +22,19 @@ disable_telemetry()
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# The suite runs on pytest-xdist workers (pyproject's addopts: `-n auto`): one per core this process
+# may use, at most 2. Each worker computes on one thread (above), so 2 workers fill CI's 2 cores.
+# More are untested: many tests run 2 processes at once themselves.
+MAX_WORKERS = 2
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook honours it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_WORKERS))
+
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory) -> Path:

@@ -215,10 +215,17 @@ if __name__ == "__main__":
 @pytest.mark.e2e
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the stage worker needs fork and unix sockets")
 def test_the_stage_worker_dies_its_stage_dies_and_an_idle_worker_exits(tmp_path):
+    import shutil
+    import tempfile
+
     from flows.launcher import DIR_ENV, IDLE_ENV, list_workers
 
-    project, workers = tmp_path / "project", tmp_path / "w"
+    project = tmp_path / "project"
     project.mkdir()
+    # A short path: the worker's unix socket goes in it, and under tmp_path (deeper on an xdist
+    # worker: .../popen-gw0/...) the socket's path passed the launcher's 100-byte limit, so the
+    # stage ran in-process with no worker to kill.
+    workers = Path(tempfile.mkdtemp(prefix="refvg-w-"))
     (project / "sleeper_stage.py").write_text(SLEEPER)
     env = _env(
         REFVG_PREFECT_SERVER="ephemeral",
@@ -274,6 +281,7 @@ def test_the_stage_worker_dies_its_stage_dies_and_an_idle_worker_exits(tmp_path)
         client.wait()
         for w in list_workers(workers) if workers.exists() else []:
             os.kill(w["pid"], signal.SIGKILL)
+        shutil.rmtree(workers, ignore_errors=True)
 
 
 def test_storage_setup_creates_the_bucket_when_asked(tmp_path, s3_bucket):
