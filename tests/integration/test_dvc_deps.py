@@ -78,9 +78,10 @@ def placeholders_for_every_stage(repo: Path) -> None:
             (path / "stand-in").write_text("stand-in\n")
 
 
-def recorded_repo(tmp_path: Path) -> tuple[Path, dict]:
+def recorded_repo(tmp_path: Path, prefect_api: str) -> tuple[Path, dict]:
     """The project as a git + DVC repository whose lock records every stage as run and up to
-    date."""
+    date. Its stages talk to the session's Prefect test server: a project server of its own would
+    boot for ~20 s and outlive the test."""
     repo = project_copy(tmp_path / "repo")
     shutil.copy(
         ROOT / "params.yaml", repo / "params.yaml"
@@ -92,6 +93,7 @@ def recorded_repo(tmp_path: Path) -> tuple[Path, dict]:
         "GIT_AUTHOR_EMAIL": "t@t",
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
+        "PREFECT_API_URL": prefect_api,
     }
     sh(["git", "init", "-q"], repo, env)
     dvc(["init", "-q"], repo, env)
@@ -130,8 +132,8 @@ def stale_runs(repo: Path, env: dict) -> set[str]:
     }
 
 
-def test_a_change_reruns_exactly_the_methods_that_read_it(tmp_path):
-    repo, env = recorded_repo(tmp_path)
+def test_a_change_reruns_exactly_the_methods_that_read_it(tmp_path, prefect_api):
+    repo, env = recorded_repo(tmp_path, prefect_api)
     params_path = repo / "params.yaml"
     original = params_path.read_text()
     params = yaml.safe_load(original)
