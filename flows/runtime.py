@@ -37,6 +37,9 @@ disable_telemetry()  # before prefect / mlflow are imported anywhere in this pro
 
 PREFECT_HOME = from_root(os.environ.get("REFVG_PREFECT_HOME", ".prefect")).resolve()
 SERVER_LOCK_TIMEOUT_S = 300.0  # another stage booting the server: ~18 s, minutes when thrashing
+# A booting server that is alive gets this long to answer (~18 s quiet; its database migrations took
+# over 90 s on a 2-core machine under load 10-15); a server that exits fails at once.
+SERVER_START_TIMEOUT_S = 300.0
 SERVER_STATE = PREFECT_HOME / "server.json"
 log = logging.getLogger("refvg.flows")
 
@@ -102,7 +105,10 @@ def spawn_local_server(home: Path = PREFECT_HOME) -> tuple[str, subprocess.Popen
 
 
 def wait_for_server(
-    url: str, proc: subprocess.Popen, home: Path = PREFECT_HOME, timeout: float = 90.0
+    url: str,
+    proc: subprocess.Popen,
+    home: Path = PREFECT_HOME,
+    timeout: float = SERVER_START_TIMEOUT_S,
 ) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
